@@ -1,0 +1,570 @@
+"""The graph pass: select Conv nodes, resolve their shapes, replace each with attention.
+
+Stages, in order: pin input shapes -> infer shapes -> select Convs (each refusal carries
+a reason) -> plan patches with the cost model -> emit the attention subgraphs -> clean
+up -> record what was done in ``metadata_props`` -> check the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from conv2attn import __version__
+from conv2attn.emit import emit_attention
+from conv2attn.errors import InputError, InternalError
+from conv2attn.geometry import (
+    AttentionPlan,
+    AutoPad,
+    ConvSpec,
+    GeometryError,
+    Order,
+    best_plan,
+    candidate_plans,
+    choose_plans,
+    plan_attention,
+    resolve_pads,
+    validate,
+)
+from conv2attn.modelio import PROTOBUF_LIMIT, load_model
+from conv2attn.weights import output_bias, output_projection
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "conv2attn"
+MIN_OPSET = 11
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+Patch = tuple[int, ...] | str
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What ``convert`` does; the CLI's options map onto these fields one to one."""
+
+    patch: Patch = "auto"
+    max_param_growth: float = 4.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One converted Conv."""
+
+    name: str
+    output: str
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    groups: int
+    in_channels: int
+    out_channels: int
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
+    patch: tuple[int, ...]
+    order: str
+    heads: int
+    token_grid: tuple[int, ...]
+    tokens: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class SkippedConv:
+    name: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, per Conv, with totals; ``to_dict`` is the JSON form."""
+
+    layers: list[LayerReport]
+    skipped: list[SkippedConv]
+    patch: str
+    max_param_growth: float
+    param_budget_met: bool
+
+    @property
+    def macs_before(self) -> int:
+        return sum(layer.macs_before for layer in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(layer.macs_after for layer in self.layers)
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "conv2attn_version": __version__,
+            "options": {"patch": self.patch, "max_param_growth": self.max_param_growth},
+            "param_budget_met": self.param_budget_met,
+            "layers": [asdict(layer) for layer in self.layers],
+            "skipped": [asdict(skip) for skip in self.skipped],
+            "totals": {
+                "converted": len(self.layers),
+                "skipped": len(self.skipped),
+                "macs_before": self.macs_before,
+                "macs_after": self.macs_after,
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+            },
+        }
+
+
+def parse_patch(text: str | int | Sequence[int]) -> Patch:
+    """``auto``, ``N`` (every axis) or ``NxM`` (one size per spatial axis)."""
+    if isinstance(text, int):
+        text = str(text)
+    if not isinstance(text, str):
+        sizes = tuple(int(v) for v in text)
+    elif text == "auto":
+        return "auto"
+    elif re.fullmatch(r"\d+(x\d+)*", text):
+        sizes = tuple(int(v) for v in text.split("x"))
+    else:
+        raise InputError(f"--patch '{text}': expected auto, N or NxM (e.g. 2 or 2x4)")
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--patch {text}: patch sizes must be positive")
+    return sizes
+
+
+def parse_input_shapes(texts: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """``NAME:1x3x224x224`` (trtexec syntax); several may be joined with commas."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        for item in filter(None, text.split(",")):
+            name, sep, dims = item.rpartition(":")
+            if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+                raise InputError(
+                    f"--input-shape '{item}': expected NAME:DIMS such as input:1x3x224x224"
+                )
+            shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
+
+
+def _pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    inputs = {value.name: value for value in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            known = ", ".join(sorted(inputs)) or "none"
+            raise InputError(f"--input-shape: the model has no input '{name}' (inputs: {known})")
+        tensor_type = inputs[name].type.tensor_type
+        current = tensor_type.shape.dim
+        if tensor_type.HasField("shape") and len(current) != len(dims):
+            raise InputError(
+                f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(current)}"
+            )
+        fixed = [d.dim_value if d.HasField("dim_value") else None for d in current]
+        for index, (model_size, size) in enumerate(zip(fixed, dims)):
+            if model_size is not None and model_size != size:
+                raise InputError(
+                    f"--input-shape {name}: dim {index} is fixed to {model_size} in the model, "
+                    f"{size} given"
+                )
+        del tensor_type.shape.dim[:]
+        for size in dims:
+            tensor_type.shape.dim.add().dim_value = size
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """Fill ``value_info`` by ONNX shape inference, without serialising the weights.
+
+    Large initializers are swapped out while inference runs (their dims are all it
+    needs), so models of any size infer in memory.
+    """
+    held: list[tuple[onnx.TensorProto, bytes]] = []
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > 4096:
+            held.append((tensor, tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "held-in-memory"
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as error:  # onnx raises several types; a partial result is still usable
+        log.warning("shape inference failed (%s); using the shapes stored in the model", error)
+        inferred = None
+    finally:
+        for tensor, data in held:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
+    if inferred is None:
+        return
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for original, typed in zip(model.graph.output, inferred.graph.output):
+        if typed.type.HasField("tensor_type") and typed.type.tensor_type.HasField("shape"):
+            original.type.CopyFrom(typed.type)
+
+
+def _constant_values(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
+    """Values of a tensor that is constant in the graph; None when computed at runtime.
+
+    Follows ``Constant`` nodes and chains of ``Identity`` and ``Cast`` (exporters route
+    deduplicated initializers through Identity).
+    """
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) != 1 or depth > 16:
+        return None
+    producer = tensor.inputs[0]
+    if producer.op == "Constant":
+        value = producer.attrs.get("value")
+        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+    if producer.op in ("Identity", "Cast") and producer.inputs:
+        values = _constant_values(producer.inputs[0], depth + 1)
+        if values is None or producer.op == "Identity":
+            return values
+        target = onnx.helper.tensor_dtype_to_np_dtype(int(producer.attrs["to"]))
+        return values.astype(target)
+    return None
+
+
+def _ints(node: gs.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in node.attrs.get(name, default))
+
+
+@dataclass
+class _Candidate:
+    node: gs.Node
+    spec: ConvSpec
+    weight: np.ndarray
+    bias: np.ndarray | None
+    batch: int | str | None
+
+
+def _inspect_conv(node: gs.Node) -> _Candidate | str:
+    """A convertible Conv, or the reason it is not converted."""
+    x = node.inputs[0]
+    weight = _constant_values(node.inputs[1])
+    if weight is None:
+        return f"weight '{node.inputs[1].name}' is computed at runtime, not a constant"
+    rank = weight.ndim - 2
+    if rank < 1:
+        return f"weight '{node.inputs[1].name}' has rank {weight.ndim}, expected 3 or more"
+    if np.dtype(weight.dtype) not in SUPPORTED_DTYPES:
+        return f"dtype {weight.dtype} is not supported (float32 and float16 are)"
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = _constant_values(node.inputs[2])
+        if bias is None:
+            return f"bias '{node.inputs[2].name}' is computed at runtime, not a constant"
+    if x.dtype is not None and np.dtype(x.dtype) != np.dtype(weight.dtype):
+        return f"input dtype {np.dtype(x.dtype)} differs from weight dtype {weight.dtype}"
+    shape = x.shape
+    if (
+        shape is None
+        or len(shape) != rank + 2
+        or not all(isinstance(d, (int, np.integer)) for d in shape[2:])
+    ):
+        raise InputError(
+            f"Conv '{node.name}': spatial size of input '{x.name}' is unknown "
+            f"(shape {shape}); pass --input-shape NAME:1x3x224x224 for the model's inputs"
+        )
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        log.warning("Conv '%s': weights contain NaN or Inf; converted as they are", node.name)
+    group = int(node.attrs.get("group", 1))
+    kernel = _ints(node, "kernel_shape", weight.shape[2:])
+    strides = _ints(node, "strides", (1,) * rank)
+    dilations = _ints(node, "dilations", (1,) * rank)
+    input_size = tuple(int(d) for d in shape[2:])
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    try:
+        if tuple(kernel) != tuple(weight.shape[2:]):
+            raise GeometryError(
+                f"kernel_shape {list(kernel)} does not match weight shape {list(weight.shape)}"
+            )
+        if auto_pad not in AutoPad.__members__:
+            raise GeometryError(f"auto_pad '{auto_pad}' is not an ONNX auto_pad value")
+        pads_begin, pads_end = resolve_pads(
+            auto_pad, input_size, kernel, strides, dilations, node.attrs.get("pads")
+        )
+        spec = ConvSpec(
+            in_channels=int(weight.shape[1]) * group,
+            out_channels=int(weight.shape[0]),
+            group=group,
+            kernel=kernel,
+            strides=strides,
+            dilations=dilations,
+            pads_begin=pads_begin,
+            pads_end=pads_end,
+            input_size=input_size,
+        )
+        validate(spec)
+        if isinstance(shape[1], (int, np.integer)) and shape[1] != spec.in_channels:
+            raise GeometryError(
+                f"input has {shape[1]} channels, weight expects {spec.in_channels} (group {group})"
+            )
+    except GeometryError as error:
+        raise InputError(f"Conv '{node.name}': {error}; the model is invalid") from None
+    return _Candidate(node, spec, weight, bias, shape[0])
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:
+    """None when selected, else the reason."""
+    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return "not matched by --include"
+    for pattern in exclude:
+        if fnmatch.fnmatchcase(name, pattern):
+            return f"excluded by --exclude {pattern}"
+    return None
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every Conv a unique, deterministic name: subgraph names derive from it."""
+    used = {node.name for node in graph.nodes if node.name}
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if node.op != "Conv":
+            continue
+        name = node.name or f"Conv_{index}"
+        if name in seen or (not node.name and name in used):
+            suffix = 1
+            while f"{name}_{suffix}" in used or f"{name}_{suffix}" in seen:
+                suffix += 1
+            name = f"{name}_{suffix}"
+        node.name = name
+        seen.add(name)
+        used.add(name)
+
+
+def _plan(
+    candidates: list[_Candidate], options: ConvertOptions
+) -> tuple[list[AttentionPlan], bool]:
+    if options.patch == "auto":
+        per_layer = [candidate_plans(c.spec) for c in candidates]
+        original = sum(c.spec.params for c in candidates)
+        plans, met = choose_plans(per_layer, original, options.max_param_growth)
+        if not met:
+            log.warning(
+                "parameter growth %.2fx exceeds --max-param-growth %g even with the smallest "
+                "patches; using them",
+                sum(p.params for p in plans) / max(original, 1),
+                options.max_param_growth,
+            )
+        return plans, met
+    plans = []
+    for c in candidates:
+        patch = options.patch
+        if len(patch) == 1:
+            patch = patch * c.spec.rank
+        if len(patch) != c.spec.rank:
+            raise InputError(
+                f"--patch {'x'.join(map(str, options.patch))} has {len(patch)} sizes, "
+                f"Conv '{c.node.name}' has {c.spec.rank} spatial axes"
+            )
+        plans.append(best_plan([plan_attention(c.spec, patch, order) for order in Order]))
+    return plans, True
+
+
+def _layer_report(c: _Candidate, plan: AttentionPlan, output: str) -> LayerReport:
+    spec = c.spec
+    return LayerReport(
+        name=c.node.name,
+        output=output,
+        kernel=spec.kernel,
+        strides=spec.strides,
+        dilations=spec.dilations,
+        groups=spec.group,
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        input_size=spec.input_size,
+        output_size=spec.output_size,
+        patch=plan.patch,
+        order=plan.order.value,
+        heads=plan.heads,
+        token_grid=plan.token_grid,
+        tokens=plan.tokens,
+        macs_before=spec.macs,
+        macs_after=plan.macs,
+        params_before=spec.params,
+        params_after=plan.params,
+    )
+
+
+def _check_opset(model: onnx.ModelProto) -> int:
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise InputError("the model imports no default-domain opset; is it an ONNX model?")
+    if versions[0] < MIN_OPSET:
+        raise InputError(
+            f"opset {versions[0]} is older than {MIN_OPSET}; upgrade the model first with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+    return versions[0]
+
+
+def _verify(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The output must pass the checker with full shape inference, as the input did."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return  # checked from the file by the writer; in memory protobuf cannot hold it
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        try:
+            onnx.checker.check_model(original, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+            log.warning("the input model fails strict shape inference too; checked structure only")
+            onnx.checker.check_model(model)
+            return
+        raise InternalError(f"converted model fails onnx.checker: {error}") from None
+
+
+def convert(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    patch: str | int | Sequence[int] = "auto",
+    max_param_growth: float = 4.0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+) -> tuple[onnx.ModelProto, ConversionReport]:
+    """Replace every selected Conv of ``model`` by exact multi-head self-attention.
+
+    ``model`` is a ModelProto (left unchanged) or a path. ``patch`` is ``"auto"``, ``N``
+    or ``NxM``; ``input_shapes`` maps input names to dims, or is a list of
+    ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
+    Raises InputError for anything wrong with the model or the options.
+    """
+    if isinstance(input_shapes, Mapping):
+        shapes = {name: tuple(int(d) for d in dims) for name, dims in input_shapes.items()}
+    else:
+        shapes = parse_input_shapes(input_shapes or ())
+    if max_param_growth <= 0:
+        raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
+    options = ConvertOptions(
+        patch=parse_patch(patch),
+        max_param_growth=float(max_param_growth),
+        include=tuple(include),
+        exclude=tuple(exclude),
+        input_shapes=shapes,
+    )
+    if isinstance(model, onnx.ModelProto):
+        original = model
+        model = copy.deepcopy(model)
+    else:
+        model = load_model(model)
+        original = copy.deepcopy(model)
+    return _convert(model, original, options)
+
+
+def _convert(
+    model: onnx.ModelProto, original: onnx.ModelProto, options: ConvertOptions
+) -> tuple[onnx.ModelProto, ConversionReport]:
+    _check_opset(model)
+    _pin_input_shapes(model, options.input_shapes)
+    _infer_shapes(model)
+    graph = gs.import_onnx(model)
+    _name_nodes(graph)
+
+    convs = [n for n in graph.nodes if n.op == "Conv" and n.domain in ("", "ai.onnx", None)]
+    if not convs:
+        raise InputError("the model has no Conv node; nothing to convert")
+    candidates: list[_Candidate] = []
+    skipped: list[SkippedConv] = []
+    for node in convs:
+        reason = _selected(node.name, options.include, options.exclude)
+        inspected = _inspect_conv(node) if reason is None else reason
+        if isinstance(inspected, str):
+            skipped.append(SkippedConv(node.name, inspected))
+            log.info("skipping Conv '%s': %s", node.name, inspected)
+        else:
+            candidates.append(inspected)
+    if not candidates:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise InputError(f"none of the {len(convs)} Conv nodes can be converted ({reasons})")
+
+    plans, budget_met = _plan(candidates, options)
+    layers = []
+    for candidate, plan in zip(candidates, plans):
+        node = candidate.node
+        x, y = node.inputs[0], node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        emit_attention(
+            graph,
+            f"{node.name}/attn",
+            x,
+            y,
+            plan,
+            output_projection(plan, candidate.weight),
+            output_bias(plan, candidate.bias, candidate.weight.dtype),
+            candidate.batch,
+        )
+        layers.append(_layer_report(candidate, plan, y.name))
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    converted = gs.export_onnx(graph)
+    for field_name in (
+        "ir_version",
+        "producer_name",
+        "producer_version",
+        "domain",
+        "model_version",
+        "doc_string",
+    ):
+        if original.HasField(field_name):
+            setattr(converted, field_name, getattr(original, field_name))
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(p for p in original.metadata_props if p.key != METADATA_KEY)
+    report = ConversionReport(
+        layers=layers,
+        skipped=skipped,
+        patch=options.patch
+        if isinstance(options.patch, str)
+        else "x".join(map(str, options.patch)),
+        max_param_growth=options.max_param_growth,
+        param_budget_met=budget_met,
+    )
+    record = {
+        "version": __version__,
+        "attention": "global",
+        "layers": [
+            {
+                "name": layer.name,
+                "output": layer.output,
+                "patch": list(layer.patch),
+                "heads": layer.heads,
+                "token_grid": list(layer.token_grid),
+                "order": layer.order,
+            }
+            for layer in layers
+        ],
+        "skipped": [asdict(s) for s in skipped],
+    }
+    onnx.helper.set_model_props(
+        converted,
+        {
+            **{p.key: p.value for p in converted.metadata_props},
+            METADATA_KEY: json.dumps(record, sort_keys=True),
+        },
+    )
+    _verify(converted, original)
+    return converted, report

@@ -1,0 +1,152 @@
+"""Reading and writing ONNX files: clear errors on bad input, atomic writes.
+
+Models may keep their weights in external data files (what ``torch.onnx.export(...,
+dynamo=True)`` writes). A model is written to a temporary folder next to its target,
+checked there, and only then renamed into place, so a failure never leaves a partial
+file and never touches the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from conv2attn.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a message of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _external_locations(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor stored outside the model file."""
+    found = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            found.append((tensor.name, info.location))
+    return found
+
+
+def _check_external_location(model_path: Path, tensor: str, location: str) -> Path:
+    """The data file of ``tensor``; refuse locations that leave the model's folder."""
+    folder = model_path.parent.resolve()
+    if os.path.isabs(location):
+        raise InputError(
+            f"{model_path}: tensor '{tensor}' points to external data at an absolute path "
+            f"'{location}'; refused: keep data files next to the model"
+        )
+    target = (folder / location).resolve()
+    if target != folder and folder not in target.parents:
+        raise InputError(
+            f"{model_path}: tensor '{tensor}' points to external data '{location}' outside "
+            f"the model's folder; refused: keep data files next to the model"
+        )
+    if not target.is_file():
+        raise InputError(
+            f"{model_path}: external data file '{location}' of tensor '{tensor}' is missing; "
+            f"copy it next to the model"
+        )
+    return target
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model and its external data, or raise InputError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: not readable (check its permissions)")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty, expected an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise InputError(
+            f"{path}: not a valid ONNX model (protobuf parse failed: {error}); "
+            f"is the file truncated or not ONNX?"
+        ) from None
+    if not model.graph.node and not model.graph.output:
+        raise InputError(
+            f"{path}: not an ONNX model (no graph found); is the file truncated or not ONNX?"
+        )
+    for tensor, location in _external_locations(model):
+        _check_external_location(path, tensor, location)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot read external data: {error}") from None
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(path))
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"{path}: fails onnx.checker: {first}") from None
+    return model
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[Path], force: bool) -> Path:
+    """Refuse an output path that would overwrite an input or an existing file."""
+    output = Path(output)
+    for source in inputs:
+        if output.resolve() == source.resolve() or (
+            output.exists() and source.exists() and output.samefile(source)
+        ):
+            raise InputError(f"{output}: output is the input model; choose another -o path")
+    if output.is_dir():
+        raise InputError(f"{output}: is a directory; give a file name for the output")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{output}: folder '{folder}' does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{output}: folder '{folder}' is not writable")
+    if output.exists() and not force:
+        raise InputError(f"{output}: already exists; pass --force to overwrite it")
+    return output
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike, external_threshold: int = PROTOBUF_LIMIT
+) -> list[Path]:
+    """Write ``model`` atomically; with external data from ``external_threshold`` bytes.
+
+    The data file is ``<name>.data`` next to the model. Writing external data moves the
+    tensors out of ``model``. Returns the files written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    external = model.ByteSize() >= external_threshold
+    data_name = path.name + ".data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        staged = staging / path.name
+        if external:
+            onnx.save_model(
+                model,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(staged))
+        written = [path]
+        if external:
+            os.replace(staging / data_name, folder / data_name)
+            written.insert(0, folder / data_name)
+        os.replace(staged, path)
+        return written
+    except OSError as error:
+        raise InputError(f"{path}: cannot write output: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""Weights of the attention that reproduces a Conv, in numpy (design note sections 2-3).
+
+Layouts, shared with the emitted graph:
+
+- a token is one input patch, flattened channel-major: feature ``(c, y, x)`` of group
+  ``k`` holds input channel ``k * Cg + c`` at pixel ``(y, x)`` of the patch;
+- heads are ordered as ``AttentionPlan.head_offsets`` (row-major over the offsets);
+- an output token is one output patch, flattened ``(co, u, v)`` within its group.
+
+The attention itself has no weights: W_Q = W_K = 0 and W_V = I, and the relative
+positional logits are built from the coordinate vectors returned here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conv2attn.geometry import AttentionPlan, Order
+
+# exp(-ALPHA) underflows to exactly 0 in float32 and float16, so softmax is one-hot
+# (section 2); logits are kept in float32 where ALPHA times any squared distance is finite.
+ALPHA = 200.0
+
+
+def _axis_selection(kernel: int, stride: int, dilation: int, patch: int, reach: int) -> np.ndarray:
+    """S[a, y, u, k] = 1 where output pixel u of a patch reads input pixel y of patch +a.
+
+    Along one axis: u * stride + dilation * k == a * in_patch + y (section 3).
+    """
+    in_patch = stride * patch
+    selection = np.zeros((reach + 1, in_patch, patch, kernel), dtype=np.float64)
+    for u in range(patch):
+        for k in range(kernel):
+            a, y = divmod(u * stride + dilation * k, in_patch)
+            selection[a, y, u, k] = 1.0
+    return selection
+
+
+def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
+    """W_O for ``plan.order``, one matrix per group, in the Conv weight's dtype.
+
+    Attend-first: ``[g, heads * Dg_in, Dg_out]``, rows ``(head, c, y..)``.
+    Project-first: ``[g, Dg_in, heads * Dg_out]``, columns ``(head, co, u..)``.
+    Each entry is a copy of one Conv weight or zero, so the construction is exact.
+    """
+    spec = plan.spec
+    rank = spec.rank
+    group = spec.group
+    cg_out = spec.out_channels // group
+    cg_in = spec.in_channels // group
+    expected = (spec.out_channels, cg_in, *spec.kernel)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"Conv weight has shape {list(weight.shape)}, expected {list(expected)}")
+
+    w = weight.astype(np.float64).reshape(group, cg_out, cg_in, *spec.kernel)
+    selections = [
+        _axis_selection(k, s, d, a.patch, a.reach)
+        for k, s, d, a in zip(spec.kernel, spec.strides, spec.dilations, plan.axes)
+    ]
+    # Letters per axis i: offset a_i, input pixel y_i, output pixel u_i, kernel tap k_i.
+    letters = "abcdefhijlmnpqrstvwxyz"[: 4 * rank]
+    offs, ins, outs, taps = (letters[i::4] for i in range(4))
+    terms = [f"{offs[i]}{ins[i]}{outs[i]}{taps[i]}" for i in range(rank)]
+    subscripts = ",".join(terms) + f",GOC{taps}" + f"->G{offs}C{ins}O{outs}"
+    projection = np.einsum(subscripts, *selections, w, optimize=True)
+    projection = projection.reshape(group, plan.heads * plan.group_in_dim, plan.group_out_dim)
+    if plan.order is Order.PROJECT_FIRST:
+        projection = (
+            projection.reshape(group, plan.heads, plan.group_in_dim, plan.group_out_dim)
+            .transpose(0, 2, 1, 3)
+            .reshape(group, plan.group_in_dim, plan.heads * plan.group_out_dim)
+        )
+    return np.ascontiguousarray(projection.astype(weight.dtype))
+
+
+def output_bias(plan: AttentionPlan, bias: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    """The Conv bias repeated over every pixel of an output patch: ``[g, 1, Dg_out]``."""
+    spec = plan.spec
+    values = (
+        np.zeros(spec.out_channels, dtype=np.float64) if bias is None else bias.astype(np.float64)
+    )
+    if values.shape != (spec.out_channels,):
+        raise ValueError(
+            f"Conv bias has shape {list(values.shape)}, expected [{spec.out_channels}]"
+        )
+    pixels = int(np.prod(plan.patch))
+    per_group = values.reshape(spec.group, 1, spec.out_channels // spec.group, 1)
+    return np.ascontiguousarray(
+        np.broadcast_to(per_group, (spec.group, 1, spec.out_channels // spec.group, pixels))
+        .reshape(spec.group, 1, plan.group_out_dim)
+        .astype(dtype)
+    )
+
+
+def token_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
+    """Per spatial axis, the grid coordinate of every token (row-major), as float32."""
+    grids = np.meshgrid(*(np.arange(t) for t in plan.token_grid), indexing="ij")
+    return [g.reshape(-1).astype(np.float32) for g in grids]
+
+
+def head_offset_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
+    """Per spatial axis, the key offset of every head, as float32."""
+    offsets = np.array(plan.head_offsets, dtype=np.float32).reshape(plan.heads, plan.spec.rank)
+    return [offsets[:, axis].copy() for axis in range(plan.spec.rank)]
+
+
+def attention_probabilities(plan: AttentionPlan) -> np.ndarray:
+    """Softmax of the quadratic relative logits, ``[N, heads, N]`` (query, head, key).
+
+    The reference for what the emitted graph computes in-graph; float64.
+    """
+    queries = token_coordinates(plan)
+    offsets = head_offset_coordinates(plan)
+    distance = np.zeros((plan.tokens, plan.heads, plan.tokens), dtype=np.float64)
+    for coord, offset in zip(queries, offsets):
+        delta = coord[None, None, :] - coord[:, None, None] - offset[None, :, None]
+        distance += delta.astype(np.float64) ** 2
+    logits = -ALPHA * distance
+    logits -= logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=-1, keepdims=True)

@@ -1,0 +1,94 @@
+"""Float64 numpy references: a direct N-D convolution and the attention construction.
+
+Both are written from the definitions, independently of the emitted graph, so the
+tests can check the weight construction exactly and the graph against them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from conv2attn.geometry import AttentionPlan, ConvSpec, Order
+from conv2attn.weights import attention_probabilities, output_bias, output_projection
+
+
+def direct_conv(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, spec: ConvSpec
+) -> np.ndarray:
+    """ONNX Conv semantics in float64, by explicit summation over kernel taps."""
+    x = x.astype(np.float64)
+    weight = weight.astype(np.float64)
+    batch = x.shape[0]
+    rank = spec.rank
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(spec.pads_begin, spec.pads_end)], mode="constant")
+    out_size = spec.output_size
+    group = spec.group
+    cg_in = spec.in_channels // group
+    cg_out = spec.out_channels // group
+    y = np.zeros((batch, spec.out_channels, *out_size), dtype=np.float64)
+    for tap in itertools.product(*(range(k) for k in spec.kernel)):
+        window = tuple(
+            slice(d * t, d * t + s * (n - 1) + 1, s)
+            for t, s, d, n in zip(tap, spec.strides, spec.dilations, out_size)
+        )
+        for k in range(group):
+            xs = padded[(slice(None), slice(k * cg_in, (k + 1) * cg_in), *window)]
+            ws = weight[(slice(k * cg_out, (k + 1) * cg_out), slice(None), *tap)]
+            y[:, k * cg_out : (k + 1) * cg_out] += np.einsum("bc...,oc->bo...", xs, ws)
+    if bias is not None:
+        y += bias.astype(np.float64).reshape(1, -1, *([1] * rank))
+    return y
+
+
+def attention_conv(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, plan: AttentionPlan
+) -> np.ndarray:
+    """The construction of sections 1-3 in float64: patchify, attend, project, un-patchify."""
+    spec = plan.spec
+    rank = spec.rank
+    x = x.astype(np.float64)
+    batch = x.shape[0]
+    group = spec.group
+    # Pad (or crop) to the token grid.
+    for axis, a in enumerate(plan.axes):
+        dim = 2 + axis
+        if a.pad_end < 0:
+            x = np.take(x, np.arange(x.shape[dim] + a.pad_end), axis=dim)
+    pad = [(0, 0), (0, 0)] + [(a.pad_begin, max(a.pad_end, 0)) for a in plan.axes]
+    x = np.pad(x, pad)
+    # [B, g, Cg, T1, P1, T2, P2, ...] -> [B, g, T1, T2, .., Cg, P1, P2, ..] -> [B, g, N, Dg_in]
+    split = [batch, group, spec.in_channels // group]
+    for a in plan.axes:
+        split += [a.tokens, a.in_patch]
+    x = x.reshape(split)
+    perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
+    tokens = x.transpose(perm).reshape(batch, group, plan.tokens, plan.group_in_dim)
+
+    probs = attention_probabilities(plan)  # [N, heads, N]
+    projection = output_projection(plan, weight.astype(np.float64))
+    if plan.order is Order.ATTEND_FIRST:
+        attended = np.einsum("qhk,bgkd->bgqhd", probs, tokens)
+        attended = attended.reshape(batch, group, plan.tokens, plan.heads * plan.group_in_dim)
+        out = attended @ projection
+    else:
+        projected = (tokens @ projection).reshape(
+            batch, group, plan.tokens, plan.heads, plan.group_out_dim
+        )
+        out = np.einsum("qhk,bgkhd->bgqd", probs, projected)
+    out = out + output_bias(plan, bias, np.float64)
+    # [B, g, T1, T2, .., Cg_out, p1, p2, ..] -> [B, C_out, T1*p1, T2*p2, ..] -> crop
+    split = [batch, group, *plan.token_grid, spec.out_channels // group, *plan.patch]
+    out = out.reshape(split)
+    perm = [
+        0,
+        1,
+        2 + rank,
+        *itertools.chain.from_iterable((2 + i, 3 + rank + i) for i in range(rank)),
+    ]
+    out = out.transpose(perm).reshape(
+        batch, spec.out_channels, *(a.tokens * a.patch for a in plan.axes)
+    )
+    crop = tuple(slice(0, a.output) for a in plan.axes)
+    return out[(slice(None), slice(None), *crop)]
