@@ -6,7 +6,7 @@ positional encoding (Li et al., arXiv:2111.01353; Cordonnier et al., ICLR 2020).
 
 __version__ = "0.1.0"
 
-from conv2attn.convert import ConversionReport, ConvertOptions, convert
+from conv2attn.graph_pass import ConversionReport, ConvertOptions, convert
 from conv2attn.modelio import load_model, save_model
 
 __all__ = [

@@ -122,7 +122,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from conv2attn.convert import convert
+    from conv2attn.graph_pass import convert
     from conv2attn.modelio import check_output_path, load_model, save_model
     from conv2attn.report import conversion_table
 

@@ -86,6 +86,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: cannot read external data: {error}") from None
+    for tensor in external_data_helper._get_all_tensors(model):
+        # The data is in memory now: the model no longer refers to any file.
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     try:
         onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(path))
     except onnx.checker.ValidationError as error:

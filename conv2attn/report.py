@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from conv2attn.convert import ConversionReport
+from conv2attn.graph_pass import ConversionReport
 
 
 def human(count: float) -> str:

@@ -1,0 +1,299 @@
+"""The graph pass on ONNX models: parity with onnxruntime's Conv, and what the output holds."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.backend.test.case.node import collect_testcases
+
+import conv2attn
+from conv2attn.errors import InputError
+from conv2attn.graph_pass import METADATA_KEY
+from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
+
+
+def convert_and_compare(model, batch=2, **options):
+    converted, report = conv2attn.convert(model, **options)
+    feeds = random_input(model, batch=batch)
+    assert_parity(run(model, feeds), run(converted, feeds))
+    return converted, report
+
+
+def ops(model):
+    return [node.op_type for node in model.graph.node]
+
+
+def conformance_cases():
+    return [pytest.param(case, id=case.name) for case in collect_testcases("Conv")]
+
+
+@pytest.mark.parametrize("case", conformance_cases())
+def test_onnx_conformance_case(case):
+    """The Conv cases shipped with onnx: weights become initializers, outputs must match."""
+    inputs, expected = case.data_sets[0]
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    graph = model.graph
+    weights = {v.name: array for v, array in zip(graph.input, inputs)}
+    data_name = graph.node[0].input[0]
+    for value in list(graph.input):
+        if value.name != data_name:
+            graph.initializer.append(numpy_helper.from_array(weights[value.name], value.name))
+            graph.input.remove(value)
+    converted, report = conv2attn.convert(model)
+    assert "Conv" not in ops(converted) and len(report.layers) == 1
+    (got,) = run(converted, {data_name: weights[data_name]})
+    assert_parity(expected, [got])
+
+
+# kernel, strides, dilations, pads, auto_pad, group, (in, out), size, bias, patch
+ATTRIBUTE_TABLE = {
+    "square-3x3": ((3, 3), None, None, [1, 1, 1, 1], None, 1, (4, 6), (9, 11), True, "auto"),
+    "rectangular-kernel": ((3, 5), None, None, [1, 2, 1, 2], None, 1, (4, 6), (9, 11), True, "2x3"),
+    "rectangular-patch": ((3, 3), None, None, [1, 1, 1, 1], None, 1, (4, 6), (9, 11), True, "1x4"),
+    "stride-2": ((3, 3), [2, 2], None, [1, 1, 1, 1], None, 1, (4, 6), (10, 11), True, "2"),
+    "stride-gt-kernel": ((2, 2), [3, 4], None, None, None, 1, (3, 5), (13, 14), False, "auto"),
+    "dilation": ((3, 3), None, [2, 3], [2, 3, 2, 3], None, 1, (4, 6), (12, 13), True, "2"),
+    "asymmetric-pads": ((3, 3), [2, 1], None, [0, 2, 1, 0], None, 1, (4, 6), (9, 11), True, "auto"),
+    "same-upper": ((4, 3), [2, 2], None, None, "SAME_UPPER", 1, (4, 6), (9, 11), True, "auto"),
+    "same-lower": ((4, 3), [2, 2], None, None, "SAME_LOWER", 1, (4, 6), (9, 11), True, "2x1"),
+    "valid": ((3, 3), [2, 1], None, None, "VALID", 1, (4, 6), (9, 11), True, "auto"),
+    "groups": ((3, 3), None, None, [1, 1, 1, 1], None, 2, (4, 6), (9, 11), True, "2"),
+    "depthwise": ((3, 3), [2, 2], None, [1, 1, 1, 1], None, 8, (8, 8), (12, 12), True, "2"),
+    "depthwise-multiplier": (
+        (5, 5),
+        None,
+        None,
+        [2, 2, 2, 2],
+        None,
+        4,
+        (4, 8),
+        (9, 9),
+        False,
+        "auto",
+    ),
+    "pointwise": ((1, 1), None, None, None, None, 1, (6, 5), (7, 8), True, "auto"),
+    "pointwise-stride-2": ((1, 1), [2, 2], None, None, None, 1, (6, 5), (7, 8), False, "1"),
+    "no-bias": ((3, 3), None, None, [1, 1, 1, 1], None, 1, (4, 6), (9, 11), False, "auto"),
+    "patch-beyond-output": ((3, 3), [2, 2], None, [1, 1, 1, 1], None, 1, (2, 3), (5, 5), True, "4"),
+    "kernel-equals-input": ((5, 5), None, None, None, None, 1, (2, 3), (5, 5), True, "auto"),
+    "one-pixel": ((3, 3), None, None, [1, 1, 1, 1], None, 1, (2, 3), (1, 1), True, "auto"),
+}
+
+
+@pytest.mark.parametrize("config", ATTRIBUTE_TABLE.values(), ids=ATTRIBUTE_TABLE.keys())
+def test_every_conv_attribute_matches_onnxruntime(config):
+    kernel, strides, dilations, pads, auto_pad, group, (cin, cout), size, bias, patch = config
+    model = conv_model(cin, cout, kernel, strides, dilations, pads, auto_pad, group, size, bias)
+    converted, report = convert_and_compare(model, batch=3, patch=patch)
+    assert "Conv" not in ops(converted)
+    assert ops(converted).count("Softmax") == 1
+    if patch != "auto":
+        sizes = tuple(int(v) for v in patch.split("x"))
+        assert report.layers[0].patch == (sizes * 2 if len(sizes) == 1 else sizes)
+
+
+def test_head_count_in_the_graph_is_four_for_3x3_with_patch_2():
+    converted, report = convert_and_compare(conv_model(size=(12, 12)), patch="2")
+    assert report.layers[0].heads == 4
+    offsets = numpy_helper.to_array(
+        next(
+            i
+            for i in converted.graph.initializer
+            if i.name == "conv/attn/logits/axis0/head_offsets"
+        )
+    )
+    assert offsets.size == 4
+
+
+def test_depthwise_uses_a_grouped_projection():
+    converted, _ = convert_and_compare(conv_model(8, 8, group=8, size=(12, 12)), patch="2")
+    projection = next(i for i in converted.graph.initializer if i.name == "conv/attn/W_O")
+    assert list(projection.dims) == [8, 4 * 4, 4]  # per channel; dense would be [128, 32]
+
+
+def test_float16_model_converts_with_float16_precision():
+    model = conv_model(8, 8, size=(12, 12), dtype=np.float16, pads=[1, 1, 1, 1])
+    converted, _ = conv2attn.convert(model, patch="2")
+    feeds = random_input(model, batch=2)
+    (reference,) = run(model, feeds)
+    (got,) = run(converted, feeds)
+    assert got.dtype == np.float16
+    # The attention copies values exactly; the projection sums the same products as the
+    # Conv in another order: allow two float16 roundings (2 * 2**-10) of the largest output.
+    assert_parity([reference], [got], rtol=2 * 2**-10, atol=0)
+    softmax = next(n for n in converted.graph.node if n.op_type == "Softmax")
+    assert softmax.name == "conv/attn/Softmax"
+    cast = next(n for n in converted.graph.node if n.op_type == "Cast")
+    assert cast.input[0] == softmax.output[0]  # logits and softmax stay in float32
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13, 17, 21])
+def test_model_opset_is_kept(opset):
+    model = chain_model(opset=opset)
+    converted, report = convert_and_compare(model)
+    assert [o.version for o in converted.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    assert len(report.layers) == 3
+
+
+def test_opset_10_is_refused_with_advice():
+    model = conv_model(opset=10)
+    with pytest.raises(InputError, match="opset 10 is older than 11; upgrade"):
+        conv2attn.convert(model)
+
+
+def test_output_structure_names_metadata_and_checks():
+    model = chain_model()
+    converted, report = convert_and_compare(model)
+    onnx.checker.check_model(converted, full_check=True)
+    assert "Conv" not in ops(converted)
+    assert ops(converted).count("Softmax") == 3
+    for node in converted.graph.node:
+        if node.op_type not in ("Relu", "Add") or node.name.startswith(("stem/", "down/", "skip/")):
+            assert node.name.split("/attn/")[0] in {"stem", "down", "skip"}, node.name
+    # the Conv outputs keep their names, so both models can be compared tensor by tensor
+    produced = {out for node in converted.graph.node for out in node.output}
+    assert {"c1", "c2", "c3"} <= produced
+    record = json.loads(next(p.value for p in converted.metadata_props if p.key == METADATA_KEY))
+    assert [layer["name"] for layer in record["layers"]] == ["stem", "down", "skip"]
+    first = record["layers"][0]
+    assert first["patch"] == list(report.layers[0].patch)
+    assert first["heads"] == report.layers[0].heads
+    assert first["token_grid"] == list(report.layers[0].token_grid)
+    assert first["output"] == "c1"
+
+
+def test_no_large_attention_constant_is_stored():
+    model = conv_model(8, 8, size=(24, 24), pads=[1, 1, 1, 1])
+    converted, report = conv2attn.convert(model, patch="1")
+    n = report.layers[0].tokens
+    sizes = {i.name: int(np.prod(i.dims)) for i in converted.graph.initializer}
+    # Only the projection is large; the logits come from length-N coordinate vectors.
+    assert max(size for name, size in sizes.items() if not name.endswith("W_O")) == n
+    assert max(sizes.values()) < n * n
+
+
+def test_symbolic_batch_is_preserved():
+    converted, _ = conv2attn.convert(conv_model(batch="batch_size"))
+    dim = converted.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param == "batch_size"
+    out = converted.graph.output[0].type.tensor_type.shape.dim[0]
+    assert out.dim_param == "batch_size"
+
+
+def test_include_and_exclude_select_by_node_name():
+    model = chain_model()
+    converted, report = convert_and_compare(model, include=["s*"], exclude=["skip"])
+    assert [layer.name for layer in report.layers] == ["stem"]
+    assert ops(converted).count("Conv") == 2
+    reasons = {skip.name: skip.reason for skip in report.skipped}
+    assert reasons == {"down": "not matched by --include", "skip": "excluded by --exclude skip"}
+
+
+def test_nothing_selected_is_an_error():
+    with pytest.raises(InputError, match="none of the 3 Conv nodes"):
+        conv2attn.convert(chain_model(), include=["nothing*"])
+
+
+def test_model_without_conv_is_an_error():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(InputError, match="no Conv node"):
+        conv2attn.convert(model)
+
+
+def test_unknown_spatial_size_names_the_node_and_input_shape_fixes_it():
+    model = conv_model(size=("H", "W"))
+    with pytest.raises(InputError, match=r"Conv 'conv'.*--input-shape"):
+        conv2attn.convert(model)
+    converted, _ = conv2attn.convert(model, input_shapes=["x:2x4x9x11"])
+    feeds = random_input(conv_model(size=(9, 11)), batch=2)
+    assert_parity(run(conv_model(size=(9, 11)), feeds), run(converted, feeds))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (["y:1x4x9x11"], "no input 'y'"),
+        (["x:1x4x9"], "3 dims given, the input has rank 4"),
+        (["x:1x5x9x11"], "dim 1 is fixed to 4"),
+        (["x=1x4"], "expected NAME:DIMS"),
+    ],
+)
+def test_bad_input_shapes_are_refused(shapes, message):
+    with pytest.raises(InputError, match=message):
+        conv2attn.convert(conv_model(), input_shapes=shapes)
+
+
+@pytest.mark.parametrize("patch", ["0", "2x", "ax2", "-1"])
+def test_bad_patch_is_refused(patch):
+    with pytest.raises(InputError, match="--patch"):
+        conv2attn.convert(conv_model(), patch=patch)
+
+
+def test_patch_with_wrong_rank_is_refused():
+    with pytest.raises(InputError, match="has 3 sizes, Conv 'conv' has 2 spatial axes"):
+        conv2attn.convert(conv_model(), patch="2x2x2")
+
+
+def test_weights_behind_identity_and_cast_are_constants():
+    """Exporters route shared initializers through Identity; Cast of a constant is a constant."""
+    model = conv_model(bias=True)
+    graph = model.graph
+    graph.node[0].input[1] = "w_identity"
+    graph.node[0].input[2] = "b_cast"
+    w16 = numpy_helper.to_array(graph.initializer[1]).astype(np.float16)
+    graph.initializer[1].CopyFrom(numpy_helper.from_array(w16, "b"))
+    graph.node.insert(0, helper.make_node("Identity", ["w"], ["w_identity"]))
+    graph.node.insert(1, helper.make_node("Cast", ["b"], ["b_cast"], to=TensorProto.FLOAT))
+    converted, report = convert_and_compare(model)
+    assert len(report.layers) == 1 and "Conv" not in ops(converted)
+
+
+def test_runtime_weight_is_skipped_with_reason():
+    model = chain_model()
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("w3_runtime", TensorProto.FLOAT, [8, 3, 1, 1]))
+    graph.node[3].input[1] = "w3_runtime"
+    converted, report = conv2attn.convert(model)
+    assert [s.name for s in report.skipped] == ["skip"]
+    assert "computed at runtime" in report.skipped[0].reason
+    assert ops(converted).count("Conv") == 1
+
+
+def test_unnamed_and_duplicate_conv_names_become_unique():
+    model = chain_model()
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            node.name = "" if node.output[0] == "c1" else "same"
+    converted, report = conv2attn.convert(model)
+    feeds = random_input(model)
+    assert_parity(run(chain_model(), feeds), run(converted, feeds))  # onnxruntime refuses `model`
+    names = [layer.name for layer in report.layers]
+    assert len(set(names)) == 3 and names[0] == "Conv_0"
+
+
+def test_input_model_is_not_modified():
+    model = chain_model()
+    before = model.SerializeToString()
+    conv2attn.convert(model)
+    assert model.SerializeToString() == before
+
+
+def test_conversion_is_deterministic():
+    first, _ = conv2attn.convert(chain_model())
+    second, _ = conv2attn.convert(chain_model())
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_invalid_conv_names_the_node():
+    model = conv_model(kernel=(3, 3), size=(2, 2))  # no padding: kernel larger than input
+    with pytest.raises(InputError, match=r"Conv .conv.: kernel .* larger than the padded input"):
+        conv2attn.convert(model)

@@ -1,0 +1,79 @@
+"""The emission stage on its own: both operation orders, names, and the lean layout."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from conv2attn.emit import emit_attention
+from conv2attn.geometry import ConvSpec, Order, plan_attention
+from conv2attn.validate import session
+from conv2attn.weights import output_bias, output_projection
+from tests.reference import direct_conv
+
+CASES = {
+    "dense": ConvSpec(4, 6, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (9, 10)),
+    "grouped-strided": ConvSpec(4, 6, 2, (3, 2), (2, 1), (1, 2), (0, 1), (2, 0), (11, 9)),
+    "depthwise": ConvSpec(6, 6, 6, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (10, 10)),
+}
+
+
+def build(spec, patch, order, dtype=np.float32):
+    plan = plan_attention(spec, patch, order)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((spec.out_channels, spec.in_channels // spec.group, *spec.kernel))
+    bias = rng.standard_normal(spec.out_channels)
+    x = gs.Variable("x", dtype=dtype, shape=["B", spec.in_channels, *spec.input_size])
+    y = gs.Variable("y", dtype=dtype, shape=["B", spec.out_channels, *spec.output_size])
+    graph = gs.Graph(inputs=[x], outputs=[y], opset=11)
+    emit_attention(
+        graph,
+        "layer/attn",
+        x,
+        y,
+        plan,
+        output_projection(plan, weight.astype(dtype)),
+        output_bias(plan, bias, dtype),
+        "B",
+    )
+    model = gs.export_onnx(graph.cleanup().toposort())
+    return model, weight, bias
+
+
+@pytest.mark.parametrize("order", list(Order))
+@pytest.mark.parametrize("name", CASES)
+def test_both_orders_compute_the_conv(name, order):
+    spec = CASES[name]
+    model, weight, bias = build(spec, (2, 3), order)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(1).standard_normal((2, spec.in_channels, *spec.input_size))
+    (got,) = session(model).run(None, {"x": x.astype(np.float32)})
+    expected = direct_conv(x, weight, bias, spec)
+    error = np.abs(got - expected).max()
+    # float32 inputs and weights: a few roundings of sums of at most Cin*K unit-sized products
+    assert error <= 1e-5 * np.abs(expected).max() + 1e-6, error
+
+
+@pytest.mark.parametrize("order", list(Order))
+def test_one_transpose_each_for_patchify_and_unpatchify(order):
+    model, _, _ = build(CASES["grouped-strided"], (2, 2), order)
+    data_transposes = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Transpose" and "/logits/" not in n.name and "/Softmax/" not in n.name
+    ]
+    assert data_transposes == ["layer/attn/patchify/Transpose", "layer/attn/unpatchify/Transpose"]
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    assert sorted(matmuls) == ["layer/attn/MatMul", "layer/attn/proj/MatMul"]  # all heads at once
+
+
+def test_every_node_is_named_after_the_layer():
+    model, _, _ = build(CASES["dense"], (2, 2), Order.ATTEND_FIRST)
+    assert all(n.name.startswith("layer/attn/") for n in model.graph.node)
+    assert all(i.name.startswith("layer/attn/") for i in model.graph.initializer)
+    assert {n.name for n in model.graph.node} >= {
+        "layer/attn/Softmax",
+        "layer/attn/MatMul",
+        "layer/attn/proj/MatMul",
+        "layer/attn/proj/Add",
+    }

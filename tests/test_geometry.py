@@ -1,0 +1,159 @@
+"""Geometry and cost model (design note sections 1 and 4): pure Python, no onnx."""
+
+import pytest
+
+from conv2attn.geometry import (
+    AutoPad,
+    ConvSpec,
+    GeometryError,
+    Order,
+    candidate_plans,
+    choose_plans,
+    plan_attention,
+    resolve_pads,
+)
+
+
+def spec(kernel, stride, size=56, cin=64, cout=64, group=1, dilation=1, pad=None):
+    pad = kernel // 2 if pad is None else pad
+    return ConvSpec(
+        cin,
+        cout,
+        group,
+        (kernel, kernel),
+        (stride, stride),
+        (dilation, dilation),
+        (pad, pad),
+        (pad, pad),
+        (size, size),
+    )
+
+
+# The head-count table of section 1.
+@pytest.mark.parametrize(
+    ("kernel", "stride", "patch", "heads"),
+    [
+        (3, 1, 1, 9),
+        (3, 1, 2, 4),
+        (3, 1, 4, 4),
+        (3, 1, 7, 4),
+        (7, 2, 2, 9),
+        (7, 2, 4, 4),
+        (1, 1, 1, 1),
+        (1, 2, 3, 1),
+        (1, 4, 2, 1),
+        (3, 2, 1, 4),
+    ],
+)
+def test_head_count_matches_design_table(kernel, stride, patch, heads):
+    plan = plan_attention(spec(kernel, stride, size=224), (patch, patch))
+    assert plan.heads == heads
+    assert len(plan.head_offsets) == heads
+
+
+def test_worked_example_resnet18_layer1():
+    plan = plan_attention(spec(3, 1), (2, 2))
+    assert (plan.in_patch, plan.reach, plan.token_grid) == ((2, 2), (1, 1), (29, 29))
+    assert plan.tokens == 841
+    assert (plan.in_dim, plan.out_dim) == (256, 256)
+    assert plan.attention_macs == 4 * 841**2 * 256  # 724.3 M
+    assert plan.projection_macs == 4 * 841 * 256 * 256  # 220.5 M
+    assert plan.spec.macs == 115_605_504
+
+    patch1 = plan_attention(spec(3, 1), (1, 1))
+    assert (patch1.reach, patch1.heads, patch1.tokens) == ((2, 2), 9, 58 * 58)
+
+
+def test_worked_example_resnet18_stem():
+    plan = plan_attention(spec(7, 2, size=224, cin=3, pad=3), (4, 4))
+    assert plan.in_patch == (8, 8)
+    assert plan.spec.output_size == (112, 112)
+    assert plan.axes[0].grid == 28
+    assert plan.reach == (1, 1)
+    assert plan.heads == 4 and plan.tokens == 841
+    assert plan.in_dim == 3 * 64 and plan.out_dim == 64 * 16
+
+
+def test_rectangular_and_nd_heads_multiply_per_axis():
+    rect = ConvSpec(2, 2, 1, (3, 1), (1, 1), (1, 1), (1, 0), (1, 0), (10, 10))
+    assert plan_attention(rect, (2, 3)).heads == 2  # R = (1, 0)
+    cube = ConvSpec(2, 2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1,) * 3, (1,) * 3, (6, 6, 6))
+    assert plan_attention(cube, (2, 2, 2)).heads == 8
+    line = ConvSpec(2, 2, 1, (5,), (1,), (2,), (4,), (4,), (20,))
+    assert plan_attention(line, (1,)).heads == 9
+
+
+def test_token_grid_covers_every_read_row():
+    """T * P is enough for every output read, and the end pad may be negative (a crop)."""
+    s = ConvSpec(1, 1, 1, (3, 3), (2, 2), (1, 1), (0, 0), (0, 0), (8, 8))  # last row unread
+    plan = plan_attention(s, (1, 1))
+    axis = plan.axes[0]
+    last_read = (s.output_size[0] - 1) * 2 + 2
+    assert axis.tokens_extent >= last_read + 1
+    assert axis.pad_end == axis.tokens_extent - 8
+
+
+@pytest.mark.parametrize(
+    ("mode", "begin", "end"),
+    [
+        (AutoPad.SAME_UPPER, (1, 0), (2, 1)),
+        (AutoPad.SAME_LOWER, (2, 1), (1, 0)),
+        (AutoPad.VALID, (0, 0), (0, 0)),
+    ],
+)
+def test_auto_pad(mode, begin, end):
+    # input 7x7, kernel 4x2, stride 1x2: outputs 7 and 4, total pads 6+4-7 = 3 and 6+2-7 = 1
+    assert resolve_pads(mode, (7, 7), (4, 2), (1, 2), (1, 1), None) == (begin, end)
+
+
+def test_explicit_pads_split_begin_end():
+    assert resolve_pads("NOTSET", (5, 5), (3, 3), (1, 1), (1, 1), [1, 2, 3, 4]) == ((1, 2), (3, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stride": 0}, "strides"),
+        ({"kernel": 9, "size": 4, "pad": 0}, "larger than the padded input"),
+        ({"group": 3}, "group 3 must divide"),
+        ({"pad": -1}, "must not be negative"),
+    ],
+)
+def test_invalid_conv_is_refused_with_reason(kwargs, message):
+    kernel = kwargs.pop("kernel", 3)
+    stride = kwargs.pop("stride", 1)
+    with pytest.raises(GeometryError, match=message):
+        plan_attention(spec(kernel, stride, **kwargs), (1, 1))
+
+
+def test_cost_formulas_of_both_orders():
+    s = spec(3, 1, size=14, cin=8, cout=16, group=2)
+    first = plan_attention(s, (2, 2), Order.ATTEND_FIRST)
+    second = plan_attention(s, (2, 2), Order.PROJECT_FIRST)
+    n, h = first.tokens, first.heads
+    projection = n * h * (8 // 2 * 4) * (16 // 2 * 4) * 2
+    assert first.macs == h * n * n * 8 * 4 + projection
+    assert second.macs == h * n * n * 16 * 4 + projection
+    assert first.params == second.params == h * (4 * 4) * (8 * 4) * 2
+
+
+def test_candidates_cover_rectangles_and_both_orders():
+    plans = candidate_plans(spec(3, 1, size=6))
+    patches = {p.patch for p in plans}
+    assert (2, 5) in patches and (6, 1) in patches and (7, 1) not in patches
+    assert {p.order for p in plans} == set(Order)
+
+
+def test_choice_respects_whole_model_parameter_budget():
+    layers = [candidate_plans(spec(3, 1, size=28, cin=32, cout=32)) for _ in range(3)]
+    original = 3 * layers[0][0].spec.params
+    unconstrained, met = choose_plans(layers, original, max_param_growth=1e9)
+    assert met
+    tight, met = choose_plans(layers, original, max_param_growth=1.0)
+    assert met
+    assert sum(p.params for p in tight) <= original
+    assert sum(p.macs for p in tight) >= sum(p.macs for p in unconstrained)
+    # 1x1 stride-2 Convs cannot stay at 1x their parameters: the budget is reported unmet.
+    strided = [candidate_plans(spec(1, 2, size=28, pad=0))]
+    plans, met = choose_plans(strided, strided[0][0].spec.params, max_param_growth=1.0)
+    assert not met and plans[0].params == min(p.params for p in strided[0])

@@ -1,0 +1,113 @@
+"""Model files: external data in and out, atomic writes, refusals."""
+
+import copy
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import conv2attn
+from conv2attn.errors import InputError
+from conv2attn.modelio import check_output_path, load_model, save_model
+from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
+
+
+def save_external(model, path):
+    """Save with every tensor in ``<name>.data``; ``model`` itself is left as it is."""
+    model = copy.deepcopy(model)  # onnx moves the tensors out of the proto it saves
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
+
+
+def test_external_data_model_loads_converts_and_saves(tmp_path):
+    source = tmp_path / "ext.onnx"
+    save_external(chain_model(), source)
+    assert (tmp_path / "ext.onnx.data").exists()
+    converted, report = conv2attn.convert(source)
+    assert len(report.layers) == 3
+    out = tmp_path / "out.onnx"
+    assert save_model(converted, out) == [out]  # small: one self-contained file
+    feeds = random_input(chain_model())
+    assert_parity(run(str(source), feeds), run(str(out), feeds))
+
+
+def test_output_over_the_limit_gets_external_data(tmp_path):
+    converted, _ = conv2attn.convert(chain_model())
+    out = tmp_path / "big.onnx"
+    size = converted.ByteSize()
+    # The limit is protobuf's 2 GiB; a lower one exercises the same path in a unit test.
+    written = save_model(converted, out, external_threshold=size // 2)
+    assert written == [tmp_path / "big.onnx.data", out]
+    header = onnx.load(str(out), load_external_data=False)
+    large = [t for t in header.graph.initializer if int(np.prod(t.dims)) * 4 > 1024]
+    assert large and all(t.data_location == onnx.TensorProto.EXTERNAL for t in large)
+    onnx.checker.check_model(str(out), full_check=True)
+    feeds = random_input(chain_model())
+    assert_parity(run(chain_model(), feeds), run(str(out), feeds))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+
+
+def test_missing_external_data_is_named(tmp_path):
+    source = tmp_path / "ext.onnx"
+    save_external(chain_model(), source)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(InputError, match=r"external data file 'ext\.onnx\.data' .* is missing"):
+        load_model(source)
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, location):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    model = conv_model()
+    weight = model.graph.initializer[0]
+    values = numpy_helper.to_array(weight)
+    (tmp_path / "outside.data").write_bytes(values.tobytes())
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", location
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match="refused"):
+        load_model(path)
+
+
+def test_model_failing_the_checker_is_refused(tmp_path):
+    model = conv_model()
+    model.graph.node[0].input[1] = "undefined_weight"
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=r"fails onnx\.checker"):
+        load_model(path)
+
+
+def test_check_output_path_refusals(tmp_path):
+    source = tmp_path / "in.onnx"
+    source.write_bytes(b"x")
+    with pytest.raises(InputError, match="output is the input"):
+        check_output_path(tmp_path / "." / "in.onnx", [source], force=True)
+    link = tmp_path / "link.onnx"
+    os.symlink(source, link)
+    with pytest.raises(InputError, match="output is the input"):
+        check_output_path(link, [source], force=True)
+    with pytest.raises(InputError, match="already exists"):
+        check_output_path(link, [tmp_path / "other.onnx"], force=False)
+    assert check_output_path(tmp_path / "new.onnx", [source], force=False) == tmp_path / "new.onnx"
+
+
+def test_loaded_weights_are_exact(tmp_path):
+    model = conv_model()
+    path = tmp_path / "m.onnx"
+    save_external(model, path)
+    loaded = load_model(path)
+    for a, b in zip(model.graph.initializer, loaded.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))

@@ -1,0 +1,118 @@
+"""Property test: random Conv configurations, converted graph vs onnxruntime's own Conv."""
+
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from onnx.reference import ReferenceEvaluator
+
+import conv2attn
+from conv2attn.geometry import AutoPad, ConvSpec, resolve_pads
+from tests.helpers import assert_parity, conv_model, random_input, run
+
+
+@st.composite
+def conv_configs(draw, ranks=(2,)):
+    rank = draw(st.sampled_from(ranks))
+    group = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans())
+    if depthwise:
+        group = draw(st.integers(2, 6))
+        cin, cout = group, group * draw(st.integers(1, 2))
+    else:
+        cin, cout = group * draw(st.integers(1, 3)), group * draw(st.integers(1, 3))
+    axis = st.integers(1, 5)
+    kernel = tuple(draw(axis) for _ in range(rank))
+    strides = tuple(draw(st.integers(1, 4)) for _ in range(rank))  # stride > kernel too
+    dilations = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    max_size = 13 if rank < 3 else 6
+    size = tuple(draw(st.integers(1, max_size)) for _ in range(rank))
+    auto_pad = draw(st.sampled_from([None, None, *AutoPad.__members__]))
+    pads = None if auto_pad else [draw(st.integers(0, 3)) for _ in range(2 * rank)]
+    mode = auto_pad or "NOTSET"
+    begin, end = resolve_pads(mode, size, kernel, strides, dilations, pads)
+    spec = ConvSpec(cin, cout, group, kernel, strides, dilations, begin, end, size)
+    assume(min(spec.output_size) >= 1)
+    patch = draw(
+        st.one_of(
+            st.just("auto"),
+            st.tuples(*[st.integers(1, 4)] * rank).map(lambda p: "x".join(map(str, p))),
+        )
+    )
+    return {
+        "model": dict(
+            in_channels=cin,
+            out_channels=cout,
+            kernel=kernel,
+            strides=list(strides),
+            dilations=list(dilations),
+            pads=pads,
+            auto_pad=auto_pad if auto_pad != "NOTSET" else None,
+            group=group,
+            size=size,
+            bias=draw(st.booleans()),
+            seed=draw(st.integers(0, 99)),
+        ),
+        "batch": draw(st.integers(1, 3)),
+        "patch": patch,
+    }
+
+
+def onnxruntime_deviates(m) -> bool:
+    """Where onnxruntime's Conv departs from the ONNX definition for SAME auto_pad.
+
+    It refuses dilation > 1, and when the stride exceeds the dilated kernel the padding
+    the spec computes is negative: onnxruntime then shifts the window, the definition
+    (onnx.reference) pads nothing.
+    """
+    if not (m["auto_pad"] or "").startswith("SAME"):
+        return False
+    if max(m["dilations"]) > 1:
+        return True
+    return any(
+        (-(-n // s) - 1) * s + (k - 1) * d + 1 < n
+        for n, k, s, d in zip(m["size"], m["kernel"], m["strides"], m["dilations"])
+    )
+
+
+def reference(model, feeds, config):
+    """onnxruntime's Conv, or the ONNX reference evaluator where onnxruntime deviates."""
+    if onnxruntime_deviates(config["model"]):
+        return ReferenceEvaluator(model).run(None, feeds)
+    return run(model, feeds)
+
+
+def check(config):
+    model = conv_model(**config["model"])
+    converted, report = conv2attn.convert(model, patch=config["patch"])
+    assert len(report.layers) == 1
+    assert "Conv" not in [n.op_type for n in converted.graph.node]
+    feeds = random_input(model, batch=config["batch"])
+    assert_parity(reference(model, feeds, config), run(converted, feeds))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(conv_configs())
+def test_random_2d_convs_match_onnxruntime(config):
+    check(config)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(conv_configs(ranks=(1, 3)))
+def test_random_1d_and_3d_convs_match_onnxruntime(config):
+    check(config)
+
+
+def test_property_strategy_reaches_the_hard_cases():
+    """The strategy must produce what the property is about, or the test proves little."""
+    seen = {"stride>kernel": False, "dilation>1": False, "depthwise": False, "same": False}
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(conv_configs())
+    def collect(config):
+        m = config["model"]
+        seen["stride>kernel"] |= any(s > k for s, k in zip(m["strides"], m["kernel"]))
+        seen["dilation>1"] |= max(m["dilations"]) > 1
+        seen["depthwise"] |= m["group"] == m["in_channels"] > 1
+        seen["same"] |= (m["auto_pad"] or "").startswith("SAME")
+
+    collect()
+    assert all(seen.values()), seen
