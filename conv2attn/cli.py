@@ -17,6 +17,7 @@ from pathlib import Path
 
 from conv2attn import __version__
 from conv2attn.errors import Conv2AttnError, InputError
+from conv2attn.modelio import check_output_path
 
 log = logging.getLogger("conv2attn")
 
@@ -27,6 +28,24 @@ examples:
   conv2attn convert detector.onnx -o out.onnx --input-shape images:1x3x640x640
   conv2attn convert model.onnx -o out.onnx --exclude '/backbone/stem*'
 """
+
+
+CHECK_EPILOG = """\
+examples:
+  conv2attn check resnet18.onnx resnet18_attn.onnx
+  conv2attn check digits_cnn.onnx digits_attn.onnx --inputs digits_test.npz
+  conv2attn check resnet18.onnx resnet18_attn.onnx --images photos/ --per-layer
+  conv2attn check model.onnx model_attn.onnx --input-shape x:1x3x256x256 --samples 8 --json r.json
+
+exit codes: 0 every output within tolerance, 1 not, 2 bad input, 3 internal error
+"""
+
+DEMO_EPILOG = """\
+example:
+  conv2attn demo -o demo_out/
+"""
+
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +121,105 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="overwrite an existing output")
     _common(convert)
     convert.set_defaults(run=run_convert)
+
+    check = commands.add_parser(
+        "check",
+        help="prove parity: run both models on the same inputs and compare",
+        description="Run the original and the converted model with onnxruntime on the same "
+        "inputs and compare every output; with --per-layer, every converted Conv too.",
+        epilog=CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("original", type=Path, help="the model before conversion")
+    check.add_argument("converted", type=Path, help="the model after conversion")
+    _add_input_options(check)
+    check.add_argument(
+        "--rtol", type=float, help="relative tolerance (default 1e-5; 1e-2 for fp16)"
+    )
+    check.add_argument(
+        "--atol", type=float, help="absolute tolerance (default 1e-6; 1e-3 for fp16)"
+    )
+    check.add_argument(
+        "--provider",
+        default="CPUExecutionProvider",
+        help="onnxruntime execution provider (default CPUExecutionProvider)",
+    )
+    check.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also compare every converted Conv's output, in graph order",
+    )
+    check.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    _common(check)
+    check.set_defaults(run=run_check)
+
+    demo = commands.add_parser(
+        "demo",
+        help="convert and check the shipped digits model",
+        description="Convert the shipped model (a residual CNN trained on scikit-learn's "
+        "digits) and check it on its held-out test split.",
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--model", type=Path, default=REPO_MODELS / "digits_cnn.onnx")
+    demo.add_argument("--data", type=Path, default=REPO_MODELS / "digits_test.npz")
+    demo.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        default=Path("."),
+        help="where the converted model goes (default: the current folder)",
+    )
+    demo.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _common(demo)
+    demo.set_defaults(run=run_demo)
     return parser
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inputs (random by default)")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="arrays named after the graph inputs, optionally 'labels'",
+    )
+    source.add_argument(
+        "--images", type=Path, metavar="DIR", help="a folder of .jpg/.png images (needs Pillow)"
+    )
+    group.add_argument("--samples", type=int, default=4, help="random samples (default 4)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="shape of a random input with dynamic dims, e.g. input:1x3x224x224 (repeatable)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="samples per run for models with a dynamic batch (default 16)",
+    )
+    group.add_argument("--size", type=int, help="with --images: resize to SIZE x SIZE")
+    group.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        metavar="M",
+        default=None,
+        help="with --images: per-channel mean after scaling to [0, 1] (default ImageNet's)",
+    )
+    group.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        metavar="S",
+        default=None,
+        help="with --images: per-channel standard deviation (default ImageNet's)",
+    )
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -123,7 +240,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from conv2attn.graph_pass import convert
-    from conv2attn.modelio import check_output_path, load_model, save_model
+    from conv2attn.modelio import load_model, save_model
     from conv2attn.report import conversion_table
 
     source = args.model
@@ -151,6 +268,96 @@ def run_convert(args: argparse.Namespace) -> int:
         files = " + ".join(str(p) for p in written)
         print(f"\nwrote {files} ({elapsed:.1f} s)")
     return 0
+
+
+def _samples(args: argparse.Namespace, model):
+    from conv2attn import inputs
+    from conv2attn.graph_pass import parse_input_shapes
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
+    graph_inputs = inputs.graph_inputs(model)
+    if args.inputs is not None:
+        return inputs.npz_samples(args.inputs, graph_inputs)
+    if args.images is not None:
+        channels = graph_inputs[0].dims[1] if graph_inputs and len(graph_inputs[0].dims) > 1 else 3
+        gray = channels == 1
+        mean = args.mean or ((0.5,) if gray else inputs.IMAGENET_MEAN)
+        std = args.std or ((0.5,) if gray else inputs.IMAGENET_STD)
+        return inputs.image_samples(args.images, graph_inputs, args.size, mean, std)
+    shapes = parse_input_shapes(args.input_shape)
+    return inputs.random_samples(graph_inputs, args.samples, args.seed, shapes)
+
+
+def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) -> int:
+    from conv2attn.modelio import load_model
+    from conv2attn.report import check_table
+    from conv2attn.validate import check
+
+    original = load_model(original_path)
+    converted = load_model(converted_path)
+    samples = _samples(args, original)
+    report = check(
+        original,
+        converted,
+        samples,
+        names=(str(original_path), str(converted_path)),
+        rtol=getattr(args, "rtol", None),
+        atol=getattr(args, "atol", None),
+        provider=getattr(args, "provider", "CPUExecutionProvider"),
+        per_layer=getattr(args, "per_layer", False),
+        batch_size=args.batch_size,
+    )
+    if getattr(args, "json", None) is not None:
+        _write_json_atomic(args.json, report.to_dict())
+    if not args.quiet:
+        print(check_table(report))
+    return 0 if report.passed else 1
+
+
+def run_check(args: argparse.Namespace) -> int:
+    for path in (args.original, args.converted):
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+    if args.json is not None:
+        check_output_path(args.json, [args.original, args.converted], force=True)
+    return _check(args, args.original, args.converted)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    for path in (args.model, args.data):
+        if not path.is_file():
+            raise InputError(
+                f"{path}: not found; the demo uses the repository's models/ folder "
+                f"(pass --model and --data to use other files)"
+            )
+    if not args.output_dir.is_dir():
+        raise InputError(f"{args.output_dir}: not a directory; create it first")
+    output = args.output_dir / f"{args.model.stem}_attn.onnx"
+    say = (lambda text: None) if args.quiet else print
+    say(f"== conv2attn convert {args.model} -o {output}")
+    convert_args = argparse.Namespace(
+        model=args.model,
+        output=output,
+        patch="auto",
+        max_param_growth=4.0,
+        include=[],
+        exclude=[],
+        input_shape=[],
+        report=None,
+        force=args.force,
+        quiet=args.quiet,
+    )
+    run_convert(convert_args)
+    say(f"\n== conv2attn check {args.model} {output} --inputs {args.data} --per-layer")
+    check_args = argparse.Namespace(
+        inputs=args.data,
+        images=None,
+        batch_size=64,
+        quiet=args.quiet,
+        per_layer=True,
+    )
+    return _check(check_args, args.model, output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from conv2attn.errors import InputError
+from conv2attn.errors import InputError, InternalError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,9 @@ def save_model(
     """Write ``model`` atomically; with external data from ``external_threshold`` bytes.
 
     The data file is ``<name>.data`` next to the model. Writing external data moves the
-    tensors out of ``model``. Returns the files written.
+    tensors out of ``model``; such a model is checked from the staged files (protobuf
+    cannot hold it in memory) before anything is renamed into place. Returns the files
+    written.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -143,6 +145,13 @@ def save_model(
                 location=data_name,
                 size_threshold=1024,
             )
+            # Too large to check in memory; the checker reads the staged files instead.
+            try:
+                onnx.checker.check_model(str(staged), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+                raise InternalError(
+                    f"{path}: converted model fails onnx.checker: {error}"
+                ) from None
         else:
             onnx.save_model(model, str(staged))
         written = [path]

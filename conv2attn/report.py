@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from conv2attn.graph_pass import ConversionReport
+from conv2attn.validate import CheckReport
 
 
 def human(count: float) -> str:
@@ -94,3 +95,66 @@ def conversion_table(report: ConversionReport) -> str:
             f"  {skip.name}: {skip.reason}" for skip in report.skipped
         )
     return text
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def check_table(report: CheckReport) -> str:
+    """Per output errors and agreement, per-layer errors, accuracy, and the verdict."""
+    lines = [
+        f"inputs: {report.samples} samples, {report.source}; onnxruntime {report.provider}",
+        "",
+    ]
+    rows = [["output", "max abs", "max rel", "mean abs", "top-1", "top-k", "tolerance", "within"]]
+    for o in report.outputs:
+        rows.append(
+            [
+                o.name,
+                f"{o.max_abs:.3g}",
+                f"{o.max_rel:.3g}",
+                f"{o.mean_abs:.3g}",
+                _percent(o.top1_agreement),
+                "-" if o.k is None else f"{_percent(o.topk_agreement)} (k={o.k})",
+                f"{o.rtol:g}*max+{o.atol:g}",
+                "yes" if o.within else "NO",
+            ]
+        )
+    lines.append(format_table(rows, [False, True, True, True, True, True, False, False]))
+    if report.layers is not None:
+        rows = [["converted Conv", "output tensor", "max abs", "max rel", "mean abs", "within"]]
+        for layer in report.layers:
+            rows.append(
+                [
+                    layer.name,
+                    layer.output,
+                    f"{layer.max_abs:.3g}",
+                    f"{layer.max_rel:.3g}",
+                    f"{layer.mean_abs:.3g}",
+                    "yes" if layer.within else "NO",
+                ]
+            )
+        lines += ["", format_table(rows, [False, False, True, True, True, False])]
+        failing = report.first_failing_layer
+        if failing is not None:
+            lines.append(
+                f"first layer over tolerance: {failing.name} (max rel {failing.max_rel:.3g})"
+            )
+    if report.accuracy is not None:
+        a = report.accuracy
+        lines += [
+            "",
+            f"accuracy on {a.samples} labelled samples ({a.output}): "
+            f"{report.original} {_percent(a.original)}, "
+            f"{report.converted} {_percent(a.converted)}, predictions changed: {a.changed}",
+        ]
+    lines += [f"note: {note}" for note in report.notes]
+    worst = max(report.outputs, key=lambda o: o.max_rel)
+    verdict = "PASS" if report.passed else "FAIL"
+    lines += [
+        "",
+        f"parity: {verdict} (worst output {worst.name}: max rel {worst.max_rel:.3g}, "
+        f"bound {worst.rtol:g} * max|ref| + {worst.atol:g})",
+    ]
+    return "\n".join(lines)

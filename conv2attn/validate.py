@@ -3,24 +3,42 @@
 The parity bound of the converter (fp32): ``max|diff| <= RTOL * max|reference| + ATOL``
 on every output. Sessions run with onnxruntime's graph optimisations off unless asked
 otherwise, so the runtime cannot hide or add differences.
+
+``check`` runs both models on the same samples and reports, per output, the largest and
+mean errors, the agreement of classifier outputs, accuracy against labels, and, per
+converted Conv, the error of its replacement (the converted model keeps each Conv's
+output tensor name, and records the mapping in its metadata).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from conv2attn.errors import InputError
+from conv2attn.graph_pass import METADATA_KEY
+from conv2attn.inputs import Samples, graph_inputs
 
 # One float32 rounding of the largest output, with headroom for a different summation
 # order of the same products (the projection sums what the Conv sums, in another order).
 RTOL = 1e-5
 ATOL = 1e-6
+# Float16 outputs of a whole network: each layer rounds to 11 bits, and a different
+# summation order changes which way; the differences add up over the layers.
+RTOL_FLOAT16 = 1e-2
+ATOL_FLOAT16 = 1e-3
+
+
+def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
+    if np.dtype(dtype).itemsize <= 2:
+        return RTOL_FLOAT16, ATOL_FLOAT16
+    return RTOL, ATOL
 
 
 @dataclass(frozen=True)
@@ -82,3 +100,272 @@ def parity(
     reference = reference_session.run(None, dict(feeds))
     actual = converted_session.run(names, dict(feeds))
     return [compare(n, r, a) for n, r, a in zip(names, reference, actual)]
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One model output: errors, the bound it is held to, and classifier agreement."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    max_reference: float
+    rtol: float
+    atol: float
+    within: bool
+    top1_agreement: float | None = None
+    topk_agreement: float | None = None
+    k: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """A converted Conv: its original output against its replacement's."""
+
+    name: str
+    output: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    within: bool
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    output: str
+    samples: int
+    original: float
+    converted: float
+    changed: int
+
+
+@dataclass
+class CheckReport:
+    """What ``check`` found; ``to_dict`` is the JSON form (``--json``)."""
+
+    original: str
+    converted: str
+    source: str
+    samples: int
+    provider: str
+    outputs: list[OutputCheck]
+    layers: list[LayerCheck] | None = None
+    accuracy: Accuracy | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.within for o in self.outputs)
+
+    @property
+    def first_failing_layer(self) -> LayerCheck | None:
+        return next((layer for layer in self.layers or [] if not layer.within), None)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["passed"] = self.passed
+        failing = self.first_failing_layer
+        data["first_failing_layer"] = failing.name if failing else None
+        return data
+
+
+def converted_layers(model: onnx.ModelProto) -> list[dict]:
+    """The conversion record: per converted Conv, its name and output tensor, in graph order."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)["layers"]
+    return []
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return model
+
+
+def _classifier_agreement(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float, int]:
+    """Share of samples with the same top-1 class, and with the same top-k set (k <= 5)."""
+    k = min(5, reference.shape[1])
+    same_top1 = reference.argmax(1) == actual.argmax(1)
+    top_ref = np.sort(np.argsort(-reference, axis=1, kind="stable")[:, :k], axis=1)
+    top_act = np.sort(np.argsort(-actual, axis=1, kind="stable")[:, :k], axis=1)
+    same_topk = (top_ref == top_act).all(axis=1)
+    return float(same_top1.mean()), float(same_topk.mean()), k
+
+
+def _describe(graph_input) -> str:
+    dims = "x".join("?" if d is None else str(d) for d in graph_input.dims)
+    return f"{graph_input.name} {graph_input.dtype} [{dims}]"
+
+
+def _check_same_inputs(
+    original: onnx.ModelProto, converted: onnx.ModelProto, names: tuple[str, str]
+) -> None:
+    """Both models must take the same inputs: names, dtypes and every fixed dim."""
+    first = {i.name: i for i in graph_inputs(original)}
+    second = {i.name: i for i in graph_inputs(converted)}
+
+    def compatible(a, b) -> bool:
+        return (
+            a.dtype == b.dtype
+            and len(a.dims) == len(b.dims)
+            and all(x is None or y is None or x == y for x, y in zip(a.dims, b.dims))
+        )
+
+    if first.keys() != second.keys() or not all(compatible(first[n], second[n]) for n in first):
+        raise InputError(
+            f"the models do not match: {names[0]} takes "
+            f"{', '.join(map(_describe, first.values()))}; {names[1]} takes "
+            f"{', '.join(map(_describe, second.values()))}"
+        )
+
+
+def _run(session: ort.InferenceSession, fetch: list[str], feeds: dict, name: str) -> list:
+    try:
+        return session.run(fetch, feeds)
+    except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as error:
+        first = " ".join(str(error).split())
+        raise InputError(f"{name}: onnxruntime refused the inputs: {first}") from None
+
+
+def check(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    samples: Samples,
+    *,
+    names: tuple[str, str] = ("original", "converted"),
+    rtol: float | None = None,
+    atol: float | None = None,
+    provider: str = "CPUExecutionProvider",
+    per_layer: bool = False,
+    batch_size: int = 16,
+) -> CheckReport:
+    """Run both models on ``samples`` and compare them; see the module docstring."""
+    _check_same_inputs(original, converted, names)
+    if len(original.graph.output) != len(converted.graph.output):
+        raise InputError(
+            f"the models do not match: {names[0]} has {len(original.graph.output)} outputs, "
+            f"{names[1]} has {len(converted.graph.output)}"
+        )
+    if provider not in ort.get_available_providers():
+        available = ", ".join(ort.get_available_providers())
+        raise InputError(f"--provider {provider} is not installed (available: {available})")
+
+    output_names = [o.name for o in original.graph.output]
+    converted_names = [o.name for o in converted.graph.output]
+    layers = converted_layers(converted) if per_layer else []
+    notes = []
+    if per_layer and not layers:
+        notes.append(f"{names[1]} has no conversion record: no per-layer errors")
+    layer_tensors = [layer["output"] for layer in layers]
+    if layer_tensors:
+        original = _with_outputs(original, layer_tensors)
+        converted = _with_outputs(converted, layer_tensors)
+    providers = (
+        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    )
+    reference_session = session(original, providers)
+    converted_session = session(converted, providers)
+
+    fixed = [
+        i.dims[0]
+        for model in (original, converted)
+        for i in graph_inputs(model)
+        if i.dims and i.dims[0] is not None
+    ]
+    step = fixed[0] if fixed else batch_size
+    fetch_ref = output_names + layer_tensors
+    fetch_conv = converted_names + layer_tensors
+    reference: list[list[np.ndarray]] = [[] for _ in fetch_ref]
+    actual: list[list[np.ndarray]] = [[] for _ in fetch_conv]
+    for feeds in samples.batches(step):
+        for store, result in (
+            (reference, _run(reference_session, fetch_ref, feeds, names[0])),
+            (actual, _run(converted_session, fetch_conv, feeds, names[1])),
+        ):
+            for index, array in enumerate(result):
+                store[index].append(array)
+    joined_ref = [np.concatenate(parts) for parts in reference]
+    joined_act = [np.concatenate(parts) for parts in actual]
+
+    outputs = []
+    for index, name in enumerate(output_names):
+        ref, act = joined_ref[index], joined_act[index]
+        bound = default_tolerance(ref.dtype)
+        r = bound[0] if rtol is None else rtol
+        a = bound[1] if atol is None else atol
+        error = compare(name, ref, act)
+        extra = {}
+        if ref.ndim == 2 and ref.shape[1] >= 2:
+            top1, topk, k = _classifier_agreement(ref, act)
+            extra = {"top1_agreement": top1, "topk_agreement": topk, "k": k}
+        outputs.append(
+            OutputCheck(
+                name,
+                error.max_abs,
+                error.max_rel,
+                error.mean_abs,
+                error.max_reference,
+                r,
+                a,
+                error.within(r, a),
+                **extra,
+            )
+        )
+
+    layer_checks = None
+    if layers:
+        layer_checks = []
+        for offset, layer in enumerate(layers):
+            index = len(output_names) + offset
+            ref = joined_ref[index]
+            bound = default_tolerance(ref.dtype)
+            error = compare(layer["output"], ref, joined_act[index])
+            layer_checks.append(
+                LayerCheck(
+                    layer["name"],
+                    layer["output"],
+                    error.max_abs,
+                    error.max_rel,
+                    error.mean_abs,
+                    error.within(
+                        bound[0] if rtol is None else rtol, bound[1] if atol is None else atol
+                    ),
+                )
+            )
+
+    accuracy = None
+    if samples.labels is not None:
+        classifier = next((i for i, o in enumerate(outputs) if o.top1_agreement is not None), None)
+        if classifier is None:
+            notes.append("labels given, but no output is [batch, classes]: no accuracy")
+        else:
+            ref_pred = joined_ref[classifier].argmax(1)
+            act_pred = joined_act[classifier].argmax(1)
+            if len(ref_pred) != len(samples.labels):
+                raise InputError(
+                    f"{len(samples.labels)} labels for {len(ref_pred)} predictions of output "
+                    f"'{output_names[classifier]}'"
+                )
+            accuracy = Accuracy(
+                output=output_names[classifier],
+                samples=len(samples.labels),
+                original=float((ref_pred == samples.labels).mean()),
+                converted=float((act_pred == samples.labels).mean()),
+                changed=int((ref_pred != act_pred).sum()),
+            )
+
+    return CheckReport(
+        original=names[0],
+        converted=names[1],
+        source=samples.source,
+        samples=samples.count,
+        provider=provider,
+        outputs=outputs,
+        layers=layer_checks,
+        accuracy=accuracy,
+        notes=notes,
+    )
