@@ -25,6 +25,7 @@ CONVERT_EPILOG = """\
 examples:
   conv2attn convert resnet18.onnx -o resnet18_attn.onnx
   conv2attn convert model.onnx -o out.onnx --patch 2x2 --report layers.json
+  conv2attn convert resnet50.onnx -o resnet50_local.onnx --attention local
   conv2attn convert detector.onnx -o out.onnx --input-shape images:1x3x640x640
   conv2attn convert model.onnx -o out.onnx --exclude '/backbone/stem*'
 """
@@ -85,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="auto|N|NxM",
         help="output patch per Conv: auto (cost model, default), N, or NxM",
+    )
+    convert.add_argument(
+        "--attention",
+        choices=["global", "local"],
+        default="global",
+        help="global: every token attends to every token, as in a ViT (default); local: "
+        "blocks of tokens attend to their block plus a halo (far cheaper, equally exact)",
+    )
+    convert.add_argument(
+        "--block",
+        default="auto",
+        metavar="auto|N|NxM",
+        help="with --attention local: query tokens per block (default: the cost model's choice)",
     )
     convert.add_argument(
         "--max-param-growth",
@@ -258,6 +272,8 @@ def run_convert(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         input_shapes=args.input_shape,
+        attention=args.attention,
+        block=args.block,
     )
     written = save_model(converted, output)
     elapsed = time.perf_counter() - start
@@ -334,30 +350,19 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.output_dir.is_dir():
         raise InputError(f"{args.output_dir}: not a directory; create it first")
     output = args.output_dir / f"{args.model.stem}_attn.onnx"
-    say = (lambda text: None) if args.quiet else print
-    say(f"== conv2attn convert {args.model} -o {output}")
-    convert_args = argparse.Namespace(
-        model=args.model,
-        output=output,
-        patch="auto",
-        max_param_growth=4.0,
-        include=[],
-        exclude=[],
-        input_shape=[],
-        report=None,
-        force=args.force,
-        quiet=args.quiet,
-    )
-    run_convert(convert_args)
-    say(f"\n== conv2attn check {args.model} {output} --inputs {args.data} --per-layer")
-    check_args = argparse.Namespace(
-        inputs=args.data,
-        images=None,
-        batch_size=64,
-        quiet=args.quiet,
-        per_layer=True,
-    )
-    return _check(check_args, args.model, output)
+    steps = [
+        ["convert", str(args.model), "-o", str(output), *(["--force"] if args.force else [])],
+        ["check", str(args.model), str(output), "--inputs", str(args.data), "--per-layer"],
+    ]
+    parser = build_parser()
+    for index, step in enumerate(steps):
+        if not args.quiet:
+            print(f"{chr(10) if index else ''}== conv2attn {' '.join(step)}")
+        step_args = parser.parse_args([*step, *(["-q"] if args.quiet else [])])
+        code = step_args.run(step_args)
+        if code:
+            return code
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

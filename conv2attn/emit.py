@@ -26,8 +26,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from conv2attn.geometry import AttentionPlan, Order
-from conv2attn.weights import ALPHA, head_offset_coordinates, token_coordinates
+from conv2attn.geometry import Attention, AttentionPlan, Order
+from conv2attn.weights import (
+    ALPHA,
+    head_offset_coordinates,
+    key_coordinates,
+    query_coordinates,
+    window_indices,
+)
 
 Dim = int | str | None
 
@@ -107,44 +113,44 @@ def _rearrange(
 def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
     """Softmax of the quadratic relative logits, built in-graph from coordinate vectors.
 
-    Attend-first: ``[N * heads, N]``, row ``(query, head)``. Project-first:
-    ``[N, N * heads]``, column ``(key, head)``. Each query row is one-hot (section 2).
-    Computed in float32 (differences first, then squares) and cast at the end, so no
-    intermediate overflows in float16; constant inputs only, so runtimes fold it.
+    For the ``q`` queries and ``K`` keys of one block (global: the kept queries and every
+    token). Attend-first: ``[q * heads, K]``, row ``(query, head)``. Project-first:
+    ``[q, K * heads]``, column ``(key, head)``. Each row is one-hot (section 2). Computed
+    in float32 (differences first, then squares) and cast at the end, so nothing
+    overflows in float16; its inputs are constants, so runtimes fold it at load time.
     """
-    n, heads = plan.tokens, plan.heads
+    q, k, heads = len(query_coordinates(plan)[0]), plan.keys, plan.heads
     squared = None
-    for axis, (coords, offsets) in enumerate(
-        zip(token_coordinates(plan), head_offset_coordinates(plan))
+    for axis, (queries, keys, offsets) in enumerate(
+        zip(query_coordinates(plan), key_coordinates(plan), head_offset_coordinates(plan))
     ):
         tag = f"logits/axis{axis}"
-        coords_const = b.constant(f"{tag}/token_coords", coords)
-        queries = b.static_reshape(f"{tag}/queries", coords_const, [n, 1, 1])
-        keys = b.static_reshape(f"{tag}/keys", coords_const, [1, 1, n])
-        relative = b.op("Sub", f"{tag}/relative", [keys, queries], [n, 1, n], np.float32)
+        query_pos = b.constant(f"{tag}/query_coords", queries.reshape(q, 1, 1))
+        key_pos = b.constant(f"{tag}/key_coords", keys.reshape(1, 1, k))
+        relative = b.op("Sub", f"{tag}/relative", [key_pos, query_pos], [q, 1, k], np.float32)
         offset_const = b.constant(f"{tag}/head_offsets", offsets.reshape(1, heads, 1))
-        delta = b.op("Sub", f"{tag}/delta", [relative, offset_const], [n, heads, n], np.float32)
-        square = b.op("Mul", f"{tag}/square", [delta, delta], [n, heads, n], np.float32)
+        delta = b.op("Sub", f"{tag}/delta", [relative, offset_const], [q, heads, k], np.float32)
+        square = b.op("Mul", f"{tag}/square", [delta, delta], [q, heads, k], np.float32)
         squared = (
             square
             if squared is None
-            else b.op("Add", f"{tag}/sum", [squared, square], [n, heads, n], np.float32)
+            else b.op("Add", f"{tag}/sum", [squared, square], [q, heads, k], np.float32)
         )
     scale = b.constant("logits/scale", np.array(-ALPHA, dtype=np.float32))
-    logits = b.op("Mul", "logits/Mul", [squared, scale], [n, heads, n], np.float32)
-    rows = b.static_reshape("logits/rows", logits, [n * heads, n])
-    probs = b.op("Softmax", "Softmax", [rows], [n * heads, n], np.float32, attrs={"axis": 1})
+    logits = b.op("Mul", "logits/Mul", [squared, scale], [q, heads, k], np.float32)
+    rows = b.static_reshape("logits/rows", logits, [q * heads, k])
+    probs = b.op("Softmax", "Softmax", [rows], [q * heads, k], np.float32, attrs={"axis": 1})
     if plan.order is Order.PROJECT_FIRST:
-        grouped = b.static_reshape("Softmax/by_head", probs, [n, heads, n])
+        grouped = b.static_reshape("Softmax/by_head", probs, [q, heads, k])
         keys_first = b.op(
             "Transpose",
             "Softmax/Transpose",
             [grouped],
-            [n, n, heads],
+            [q, k, heads],
             np.float32,
             {"perm": [0, 2, 1]},
         )
-        probs = b.static_reshape("Softmax/key_head", keys_first, [n, n * heads])
+        probs = b.static_reshape("Softmax/key_head", keys_first, [q, k * heads])
     if b.dtype != np.float32:
         to = helper.np_dtype_to_tensor_dtype(b.dtype)
         probs = b.op("Cast", "Softmax/Cast", [probs], probs.shape, attrs={"to": to})
@@ -173,11 +179,11 @@ def emit_attention(
     b = _Builder(graph, prefix, dtype)
     group = spec.group
     g = [group] if group > 1 else []
+    local = plan.attention is Attention.LOCAL
 
     # Crop what no output reads, pad with the Conv's zeros up to the token grid.
     extent = [a.tokens_extent for a in plan.axes]
-    crops = [a.pad_end < 0 for a in plan.axes]
-    if any(crops):
+    if any(a.pad_end < 0 for a in plan.axes):
         kept = [n + min(a.pad_end, 0) for n, a in zip(spec.input_size, plan.axes)]
         x = b.op(
             "Slice",
@@ -206,46 +212,67 @@ def emit_attention(
     for a in plan.axes:
         split += [a.tokens, a.in_patch]
     perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
-    tokens = _rearrange(b, "patchify", x, split, perm, [batch, *g, plan.tokens, plan.group_in_dim])
+    n = plan.tokens
+    tokens = _rearrange(b, "patchify", x, split, perm, [batch, *g, n, plan.group_in_dim])
 
-    n, heads = plan.tokens, plan.heads
+    # Local attention works on [B, g, blocks, ...]; global attention is one block.
+    q, k, heads = plan.block_queries, plan.keys, plan.heads
+    lead = [batch, *g, plan.blocks] if local else [batch, *g]
     attention = _attention_matrix(b, plan)
-    weight = b.constant("W_O", projection if group > 1 else projection[0])
+    if local:
+        indices = b.constant("window_indices", window_indices(plan))
+
+        def windows(values: gs.Variable, dim: int) -> gs.Variable:
+            # [B, g, N, dim] -> [B, g, blocks, K, dim]: each block's keys and its halo
+            return b.op(
+                "Gather", "Gather", [values, indices], [*lead, k, dim], attrs={"axis": len(g) + 1}
+            )
+
+    # projection: [g, rows, cols]; g == 1 drops the group axis, and grouped local
+    # attention projects [B, g, blocks, ..] so needs a broadcast axis for the blocks.
+    weight_shape = list(projection.shape) if g else list(projection.shape[1:])
+    if local and g and plan.order is Order.ATTEND_FIRST:
+        weight_shape.insert(1, 1)
+    weight = b.constant("W_O", projection.reshape(weight_shape))
     if plan.order is Order.ATTEND_FIRST:
+        keys = windows(tokens, plan.group_in_dim) if local else tokens
         # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
         attended = b.op(
-            "MatMul", "MatMul", [attention, tokens], [batch, *g, n * heads, plan.group_in_dim]
+            "MatMul", "MatMul", [attention, keys], [*lead, q * heads, plan.group_in_dim]
         )
-        heads_concat = b.reshape(
-            "concat_heads", attended, [batch, *g, n, heads * plan.group_in_dim]
-        )
+        heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * plan.group_in_dim])
         projected = b.op(
-            "MatMul", "proj/MatMul", [heads_concat, weight], [batch, *g, n, plan.group_out_dim]
+            "MatMul", "proj/MatMul", [heads_concat, weight], [*lead, q, plan.group_out_dim]
         )
     else:
         per_head = b.op(
             "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, n, heads * plan.group_out_dim]
         )
-        stacked = b.reshape("stack_heads", per_head, [batch, *g, n * heads, plan.group_out_dim])
-        projected = b.op(
-            "MatMul", "MatMul", [attention, stacked], [batch, *g, n, plan.group_out_dim]
-        )
-    bias_const = b.constant("bias", bias if group > 1 else bias.reshape(-1))
-    projected = b.op("Add", "proj/Add", [projected, bias_const], [batch, *g, n, plan.group_out_dim])
+        keys = windows(per_head, heads * plan.group_out_dim) if local else per_head
+        stacked = b.reshape("stack_heads", keys, [*lead, k * heads, plan.group_out_dim])
+        projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, plan.group_out_dim])
+    bias_shape = (
+        [group, *([1] if local else []), 1, plan.group_out_dim] if g else [plan.group_out_dim]
+    )
+    bias_const = b.constant("bias", bias.reshape(bias_shape))
+    projected = b.op("Add", "proj/Add", [projected, bias_const], [*lead, q, plan.group_out_dim])
 
-    # [B, g, T1, T2, Cg_out, p1, p2] -> [B, g, Cg_out, T1, p1, T2, p2] -> [B, C_out, T1*p1, T2*p2]
-    split = [batch, group, *plan.token_grid, spec.out_channels // group, *plan.patch]
+    # [B, g, nb1, nb2, b1, b2, Cg_out, p1, p2] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2]
+    #   -> [B, C_out, nb1*b1*p1, nb2*b2*p2]   (global: nb = 1, b = the query grid)
+    blocks = [a.blocks for a in plan.axes]
+    split = [batch, group, *blocks, *plan.block, spec.out_channels // group, *plan.patch]
     perm = [
         0,
         1,
-        2 + rank,
-        *itertools.chain.from_iterable((2 + i, 3 + rank + i) for i in range(rank)),
+        2 + 2 * rank,
+        *itertools.chain.from_iterable(
+            (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
+        ),
     ]
-    full = [a.tokens * a.patch for a in plan.axes]
+    full = [a.queries * a.patch for a in plan.axes]
     out_size = list(spec.output_size)
-    needs_crop = full != out_size
     merged = _rearrange(b, "unpatchify", projected, split, perm, [batch, spec.out_channels, *full])
-    if needs_crop:
+    if full != out_size:
         b.op(
             "Slice",
             "crop_output/Slice",
@@ -260,6 +287,5 @@ def emit_attention(
         )
     else:
         # Route the last node's output to y so everything downstream stays connected.
-        last = b.nodes[-1]
-        last.outputs = [y]
+        b.nodes[-1].outputs = [y]
     return b.nodes

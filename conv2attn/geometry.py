@@ -152,13 +152,15 @@ def validate(spec: ConvSpec) -> None:
 
 @dataclass(frozen=True)
 class AxisPlan:
-    """Section 1 along one spatial axis."""
+    """Section 1 (and section 5's blocks) along one spatial axis."""
 
     patch: int  # output patch p
     in_patch: int  # input patch P = s * p
     grid: int  # output patch grid G = ceil(out / p)
     reach: int  # R: output patch I reads input patches I .. I + R
-    tokens: int  # token grid T = G + R
+    block: int  # local attention: query tokens per block (global: the whole grid)
+    queries: int  # query tokens computed: G, or G rounded up to whole blocks
+    tokens: int  # token grid T = queries + R
     pad_begin: int  # zeros before the input (the Conv's own begin pad)
     pad_end: int  # zeros after the input; negative means crop
     output: int  # Conv output size along this axis
@@ -167,27 +169,72 @@ class AxisPlan:
     def tokens_extent(self) -> int:
         return self.tokens * self.in_patch
 
+    @property
+    def blocks(self) -> int:
+        return self.queries // self.block
+
+    @property
+    def window(self) -> int:
+        """Keys one query block attends to: its own tokens and the one-sided halo."""
+        return self.block + self.reach
+
 
 def plan_axis(
-    size: int, kernel: int, stride: int, dilation: int, pad_begin: int, output: int, patch: int
+    size: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    pad_begin: int,
+    output: int,
+    patch: int,
+    block: int | None = None,
 ) -> AxisPlan:
+    """``block=None`` plans global attention, an int plans local attention."""
     if patch < 1:
         raise GeometryError(f"patch size {patch} must be positive")
     in_patch = stride * patch
     grid = -(-output // patch)
     reach = (in_patch - stride + dilation * (kernel - 1)) // in_patch
-    tokens = grid + reach
+    if block is None:
+        block = queries = grid
+    else:
+        if block < 1:
+            raise GeometryError(f"block size {block} must be positive")
+        block = min(block, grid)
+        queries = -(-grid // block) * block
+    tokens = queries + reach
     pad_end = tokens * in_patch - pad_begin - size
-    return AxisPlan(patch, in_patch, grid, reach, tokens, pad_begin, pad_end, output)
+    return AxisPlan(
+        patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output
+    )
+
+
+class Attention(str, Enum):
+    """Section 2's global attention (every token attends to every token) or section 5's."""
+
+    GLOBAL = "global"
+    LOCAL = "local"
+
+
+# Elements moved by padding, Transposes and Gathers cost about this many multiply-adds
+# each on a CPU (onnxruntime, fp32: ~70 GMAC/s in MatMul against a few G elements/s
+# copied); the cost model adds them so that layout work is not free.
+TRAFFIC_COST = 16
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """How one Conv becomes multi-head self-attention: geometry, order and cost."""
+    """How one Conv becomes multi-head self-attention: geometry, order and cost.
+
+    Queries are the tokens whose output is kept (rows and columns beyond the output grid
+    would only be cropped, so they are not computed); keys are every token for global
+    attention and a block's window for local attention.
+    """
 
     spec: ConvSpec
     axes: tuple[AxisPlan, ...]
     order: Order = Order.ATTEND_FIRST
+    attention: Attention = Attention.GLOBAL
 
     @property
     def patch(self) -> tuple[int, ...]:
@@ -208,6 +255,37 @@ class AttentionPlan:
     @property
     def tokens(self) -> int:
         return math.prod(self.token_grid)
+
+    @property
+    def query_grid(self) -> tuple[int, ...]:
+        return tuple(a.queries for a in self.axes)
+
+    @property
+    def queries(self) -> int:
+        return math.prod(self.query_grid)
+
+    @property
+    def block(self) -> tuple[int, ...]:
+        return tuple(a.block for a in self.axes)
+
+    @property
+    def block_queries(self) -> int:
+        return math.prod(self.block)
+
+    @property
+    def blocks(self) -> int:
+        return math.prod(a.blocks for a in self.axes)
+
+    @property
+    def window_grid(self) -> tuple[int, ...]:
+        return tuple(a.window for a in self.axes)
+
+    @property
+    def keys(self) -> int:
+        """Keys each query attends to."""
+        if self.attention is Attention.GLOBAL:
+            return self.tokens
+        return math.prod(self.window_grid)
 
     @property
     def head_offsets(self) -> tuple[tuple[int, ...], ...]:
@@ -241,17 +319,34 @@ class AttentionPlan:
 
     @property
     def projection_macs(self) -> int:
-        return self.tokens * self.heads * self.group_in_dim * self.group_out_dim * self.group
+        # Attend first projects the queries; project first must project every key.
+        rows = self.queries if self.order is Order.ATTEND_FIRST else self.tokens
+        return rows * self.heads * self.group_in_dim * self.group_out_dim * self.group
 
     @property
     def attention_macs(self) -> int:
         dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
-        return self.heads * self.tokens * self.tokens * dim
+        return self.heads * self.queries * self.keys * dim
 
     @property
     def macs(self) -> int:
         """Multiply-adds per batch item (section 4)."""
         return self.attention_macs + self.projection_macs
+
+    @property
+    def moved(self) -> int:
+        """Elements copied per batch item by padding, patchify, gathers and un-patchify."""
+        padded = self.spec.in_channels * math.prod(a.tokens_extent for a in self.axes)
+        moved = 2 * padded + self.queries * self.out_dim
+        if self.attention is Attention.LOCAL:
+            dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
+            moved += self.blocks * self.keys * dim
+        return moved
+
+    @property
+    def cost(self) -> int:
+        """What the patch choice minimises: multiply-adds plus weighted data movement."""
+        return self.macs + TRAFFIC_COST * self.moved
 
     @property
     def params(self) -> int:
@@ -260,14 +355,26 @@ class AttentionPlan:
 
 
 def plan_attention(
-    spec: ConvSpec, patch: Sequence[int], order: Order = Order.ATTEND_FIRST
+    spec: ConvSpec,
+    patch: Sequence[int],
+    order: Order = Order.ATTEND_FIRST,
+    attention: Attention = Attention.GLOBAL,
+    block: Sequence[int] | None = None,
 ) -> AttentionPlan:
+    """The plan for one patch; local attention needs ``block`` (clamped to the grid)."""
     validate(spec)
+    attention = Attention(attention)
     if len(patch) != spec.rank:
         raise GeometryError(f"patch {list(patch)} has {len(patch)} axes, the Conv has {spec.rank}")
+    if attention is Attention.LOCAL:
+        if block is None or len(block) != spec.rank:
+            raise GeometryError(f"local attention needs a block size per axis, got {block}")
+        blocks: Sequence[int | None] = block
+    else:
+        blocks = [None] * spec.rank
     axes = tuple(
-        plan_axis(n, k, s, d, pb, out, p)
-        for n, k, s, d, pb, out, p in zip(
+        plan_axis(n, k, s, d, pb, out, p, b)
+        for n, k, s, d, pb, out, p, b in zip(
             spec.input_size,
             spec.kernel,
             spec.strides,
@@ -275,28 +382,60 @@ def plan_attention(
             spec.pads_begin,
             spec.output_size,
             patch,
+            blocks,
         )
     )
-    return AttentionPlan(spec, axes, Order(order))
+    return AttentionPlan(spec, axes, Order(order), attention)
 
 
 MAX_AUTO_PATCH = 8
+MAX_AUTO_BLOCK = 8
 
 
-def candidate_plans(spec: ConvSpec, max_patch: int = MAX_AUTO_PATCH) -> list[AttentionPlan]:
-    """Every patch up to ``max_patch`` per axis (never beyond the output), both orders."""
-    validate(spec)
-    ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
-    return [
-        plan_attention(spec, patch, order)
-        for patch in itertools.product(*ranges)
-        for order in Order
-    ]
+def _rank_key(plan: AttentionPlan) -> tuple:
+    return (plan.cost, plan.params, plan.patch, plan.order.value, plan.block)
 
 
 def best_plan(candidates: Sequence[AttentionPlan]) -> AttentionPlan:
-    """Fewest multiply-adds; ties go to fewer parameters, then the smaller patch."""
-    return min(candidates, key=lambda p: (p.macs, p.params, p.patch, p.order.value))
+    """Lowest cost; ties go to fewer parameters, then the smaller patch."""
+    return min(candidates, key=_rank_key)
+
+
+def candidate_plans(
+    spec: ConvSpec,
+    attention: Attention = Attention.GLOBAL,
+    patches: Sequence[Sequence[int]] | None = None,
+    block: Sequence[int] | None = None,
+    max_patch: int = MAX_AUTO_PATCH,
+) -> list[AttentionPlan]:
+    """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
+    output) unless ``patches`` is given, both orders, and for local attention the best
+    block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is."""
+    validate(spec)
+    attention = Attention(attention)
+    if patches is None:
+        ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
+        patches = list(itertools.product(*ranges))
+    plans = []
+    for patch in patches:
+        for order in Order:
+            if attention is Attention.GLOBAL:
+                plans.append(plan_attention(spec, patch, order))
+                continue
+            if block is not None:
+                plans.append(plan_attention(spec, patch, order, attention, block))
+                continue
+            grids = [-(-out // p) for out, p in zip(spec.output_size, patch)]
+            block_ranges = [range(1, min(MAX_AUTO_BLOCK, g) + 1) for g in grids]
+            plans.append(
+                best_plan(
+                    [
+                        plan_attention(spec, patch, order, attention, b)
+                        for b in itertools.product(*block_ranges)
+                    ]
+                )
+            )
+    return plans
 
 
 def choose_plans(
@@ -304,17 +443,14 @@ def choose_plans(
     original_params: int,
     max_param_growth: float,
 ) -> tuple[list[AttentionPlan], bool]:
-    """Per-layer plans minimising total multiply-adds under a whole-model parameter budget.
+    """Per-layer plans minimising the total cost under a whole-model parameter budget.
 
     Starts from each layer's cheapest plan; while the converted layers' parameters exceed
     ``max_param_growth * original_params``, applies the single switch that saves
-    parameters at the smallest multiply-add cost per parameter saved. Returns the plans and
+    parameters at the smallest cost increase per parameter saved. Returns the plans and
     whether the budget was met (when even the smallest plans exceed it, it is not).
     """
-    layers = [
-        sorted(c, key=lambda p: (p.macs, p.params, p.patch, p.order.value))
-        for c in candidates_per_layer
-    ]
+    layers = [sorted(c, key=_rank_key) for c in candidates_per_layer]
     chosen = [c[0] for c in layers]
     budget = max_param_growth * original_params
     total = sum(p.params for p in chosen)
@@ -325,7 +461,7 @@ def choose_plans(
                 saved = current.params - option.params
                 if saved <= 0:
                     continue
-                price = (option.macs - current.macs) / saved
+                price = (option.cost - current.cost) / saved
                 if best is None or price < best[0]:
                     best = (price, index, option)
         if best is None:

@@ -24,15 +24,14 @@ from conv2attn import __version__
 from conv2attn.emit import emit_attention
 from conv2attn.errors import InputError, InternalError
 from conv2attn.geometry import (
+    Attention,
     AttentionPlan,
     AutoPad,
     ConvSpec,
     GeometryError,
-    Order,
     best_plan,
     candidate_plans,
     choose_plans,
-    plan_attention,
     resolve_pads,
     validate,
 )
@@ -57,6 +56,8 @@ class ConvertOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    attention: Attention = Attention.GLOBAL
+    block: Patch = "auto"
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,19 @@ class LayerReport:
     output_size: tuple[int, ...]
     patch: tuple[int, ...]
     order: str
+    attention: str
+    block: tuple[int, ...] | None
     heads: int
     token_grid: tuple[int, ...]
     tokens: int
+    queries: int
+    keys: int
     macs_before: int
     macs_after: int
     params_before: int
     params_after: int
+    cost: int = 0  # what --patch auto minimises: MACs plus weighted data movement
+    alternatives: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class ConversionReport:
     patch: str
     max_param_growth: float
     param_budget_met: bool
+    attention: str = Attention.GLOBAL.value
+    block: str = "auto"
 
     @property
     def macs_before(self) -> int:
@@ -119,7 +128,12 @@ class ConversionReport:
     def to_dict(self) -> dict:
         return {
             "conv2attn_version": __version__,
-            "options": {"patch": self.patch, "max_param_growth": self.max_param_growth},
+            "options": {
+                "patch": self.patch,
+                "attention": self.attention,
+                "block": self.block,
+                "max_param_growth": self.max_param_growth,
+            },
             "param_budget_met": self.param_budget_met,
             "layers": [asdict(layer) for layer in self.layers],
             "skipped": [asdict(skip) for skip in self.skipped],
@@ -134,7 +148,7 @@ class ConversionReport:
         }
 
 
-def parse_patch(text: str | int | Sequence[int]) -> Patch:
+def parse_patch(text: str | int | Sequence[int], option: str = "--patch") -> Patch:
     """``auto``, ``N`` (every axis) or ``NxM`` (one size per spatial axis)."""
     if isinstance(text, int):
         text = str(text)
@@ -145,9 +159,9 @@ def parse_patch(text: str | int | Sequence[int]) -> Patch:
     elif re.fullmatch(r"\d+(x\d+)*", text):
         sizes = tuple(int(v) for v in text.split("x"))
     else:
-        raise InputError(f"--patch '{text}': expected auto, N or NxM (e.g. 2 or 2x4)")
+        raise InputError(f"{option} '{text}': expected auto, N or NxM (e.g. 2 or 2x4)")
     if not sizes or min(sizes) < 1:
-        raise InputError(f"--patch {text}: patch sizes must be positive")
+        raise InputError(f"{option} {text}: sizes must be positive")
     return sizes
 
 
@@ -355,36 +369,66 @@ def _name_nodes(graph: gs.Graph) -> None:
         used.add(name)
 
 
+def _per_axis(sizes: Patch, rank: int, option: str, node: str) -> tuple[int, ...] | None:
+    if sizes == "auto":
+        return None
+    if len(sizes) == 1:
+        return tuple(sizes) * rank
+    if len(sizes) != rank:
+        raise InputError(
+            f"{option} {'x'.join(map(str, sizes))} has {len(sizes)} sizes, "
+            f"Conv '{node}' has {rank} spatial axes"
+        )
+    return tuple(sizes)
+
+
 def _plan(
     candidates: list[_Candidate], options: ConvertOptions
-) -> tuple[list[AttentionPlan], bool]:
-    if options.patch == "auto":
-        per_layer = [candidate_plans(c.spec) for c in candidates]
-        original = sum(c.spec.params for c in candidates)
-        plans, met = choose_plans(per_layer, original, options.max_param_growth)
-        if not met:
-            log.warning(
-                "parameter growth %.2fx exceeds --max-param-growth %g even with the smallest "
-                "patches; using them",
-                sum(p.params for p in plans) / max(original, 1),
-                options.max_param_growth,
-            )
-        return plans, met
-    plans = []
+) -> tuple[list[AttentionPlan], list[list[AttentionPlan]], bool]:
+    """Each layer's plan, the candidates it was chosen from, and whether the budget held."""
+    per_layer = []
     for c in candidates:
-        patch = options.patch
-        if len(patch) == 1:
-            patch = patch * c.spec.rank
-        if len(patch) != c.spec.rank:
-            raise InputError(
-                f"--patch {'x'.join(map(str, options.patch))} has {len(patch)} sizes, "
-                f"Conv '{c.node.name}' has {c.spec.rank} spatial axes"
+        patch = _per_axis(options.patch, c.spec.rank, "--patch", c.node.name)
+        block = _per_axis(options.block, c.spec.rank, "--block", c.node.name)
+        per_layer.append(
+            candidate_plans(
+                c.spec, options.attention, patches=None if patch is None else [patch], block=block
             )
-        plans.append(best_plan([plan_attention(c.spec, patch, order) for order in Order]))
-    return plans, True
+        )
+    if options.patch != "auto":
+        return [best_plan(layer) for layer in per_layer], per_layer, True
+    original = sum(c.spec.params for c in candidates)
+    plans, met = choose_plans(per_layer, original, options.max_param_growth)
+    if not met:
+        log.warning(
+            "parameter growth %.2fx exceeds --max-param-growth %g even with the smallest "
+            "patches; using them",
+            sum(p.params for p in plans) / max(original, 1),
+            options.max_param_growth,
+        )
+    return plans, per_layer, met
 
 
-def _layer_report(c: _Candidate, plan: AttentionPlan, output: str) -> LayerReport:
+def _summary(plan: AttentionPlan) -> dict:
+    return {
+        "patch": list(plan.patch),
+        "order": plan.order.value,
+        "block": list(plan.block) if plan.attention is Attention.LOCAL else None,
+        "macs": plan.macs,
+        "params": plan.params,
+        "cost": plan.cost,
+    }
+
+
+def _alternatives(plan: AttentionPlan, candidates: list[AttentionPlan], count: int = 5) -> tuple:
+    """The cheapest plans that were not chosen, for the report."""
+    others = sorted((c for c in candidates if c != plan), key=lambda c: c.cost)
+    return tuple(_summary(c) for c in others[:count])
+
+
+def _layer_report(
+    c: _Candidate, plan: AttentionPlan, output: str, candidates: list[AttentionPlan]
+) -> LayerReport:
     spec = c.spec
     return LayerReport(
         name=c.node.name,
@@ -399,13 +443,19 @@ def _layer_report(c: _Candidate, plan: AttentionPlan, output: str) -> LayerRepor
         output_size=spec.output_size,
         patch=plan.patch,
         order=plan.order.value,
+        attention=plan.attention.value,
+        block=plan.block if plan.attention is Attention.LOCAL else None,
         heads=plan.heads,
         token_grid=plan.token_grid,
         tokens=plan.tokens,
+        queries=plan.queries,
+        keys=plan.keys,
         macs_before=spec.macs,
         macs_after=plan.macs,
         params_before=spec.params,
         params_after=plan.params,
+        cost=plan.cost,
+        alternatives=_alternatives(plan, candidates),
     )
 
 
@@ -445,11 +495,15 @@ def convert(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    attention: str = "global",
+    block: str | int | Sequence[int] = "auto",
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
-    ``model`` is a ModelProto (left unchanged) or a path. ``patch`` is ``"auto"``, ``N``
-    or ``NxM``; ``input_shapes`` maps input names to dims, or is a list of
+    ``model`` is a ModelProto (left unchanged) or a path. ``patch`` and ``block`` are
+    ``"auto"``, ``N`` or ``NxM``; ``attention`` is ``"global"`` (every token attends to
+    every token, as in a ViT) or ``"local"`` (blocks of queries attend to their block
+    plus a halo, section 5). ``input_shapes`` maps input names to dims, or is a list of
     ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
     Raises InputError for anything wrong with the model or the options.
     """
@@ -459,7 +513,13 @@ def convert(
         shapes = parse_input_shapes(input_shapes or ())
     if max_param_growth <= 0:
         raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
+    if attention not in {a.value for a in Attention}:
+        raise InputError(f"--attention {attention}: expected global or local")
+    if attention == Attention.GLOBAL.value and block != "auto":
+        raise InputError("--block applies to --attention local only")
     options = ConvertOptions(
+        attention=Attention(attention),
+        block=parse_patch(block, "--block"),
         patch=parse_patch(patch),
         max_param_growth=float(max_param_growth),
         include=tuple(include),
@@ -501,9 +561,9 @@ def _convert(
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
         raise InputError(f"none of the {len(convs)} Conv nodes can be converted ({reasons})")
 
-    plans, budget_met = _plan(candidates, options)
+    plans, considered, budget_met = _plan(candidates, options)
     layers = []
-    for candidate, plan in zip(candidates, plans):
+    for candidate, plan, alternatives in zip(candidates, plans, considered):
         node = candidate.node
         x, y = node.inputs[0], node.outputs[0]
         node.inputs.clear()
@@ -518,7 +578,7 @@ def _convert(
             output_bias(plan, candidate.bias, candidate.weight.dtype),
             candidate.batch,
         )
-        layers.append(_layer_report(candidate, plan, y.name))
+        layers.append(_layer_report(candidate, plan, y.name, alternatives))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     converted = gs.export_onnx(graph)
@@ -542,10 +602,14 @@ def _convert(
         else "x".join(map(str, options.patch)),
         max_param_growth=options.max_param_growth,
         param_budget_met=budget_met,
+        attention=options.attention.value,
+        block=options.block
+        if isinstance(options.block, str)
+        else "x".join(map(str, options.block)),
     )
     record = {
         "version": __version__,
-        "attention": "global",
+        "attention": options.attention.value,
         "layers": [
             {
                 "name": layer.name,
@@ -554,6 +618,7 @@ def _convert(
                 "heads": layer.heads,
                 "token_grid": list(layer.token_grid),
                 "order": layer.order,
+                "block": None if layer.block is None else list(layer.block),
             }
             for layer in layers
         ],

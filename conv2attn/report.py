@@ -40,6 +40,7 @@ def format_table(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
 
 def conversion_table(report: ConversionReport) -> str:
     """Per converted Conv: geometry, patch, heads, tokens and cost; totals at the bottom."""
+    local = report.attention == "local"
     header = [
         "Conv",
         "kernel",
@@ -47,6 +48,7 @@ def conversion_table(report: ConversionReport) -> str:
         "groups",
         "patch",
         "order",
+        "block",
         "heads",
         "tokens",
         "MACs",
@@ -64,6 +66,7 @@ def conversion_table(report: ConversionReport) -> str:
                 str(layer.groups),
                 _dims(layer.patch),
                 layer.order,
+                _dims(layer.block) if layer.block else "",
                 str(layer.heads),
                 _dims(layer.token_grid),
                 human(layer.macs_before),
@@ -75,20 +78,17 @@ def conversion_table(report: ConversionReport) -> str:
     rows.append(
         [
             f"total ({len(report.layers)} converted)",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
+            *[""] * 8,
             human(report.macs_before),
             f"{human(report.macs_after)} ({_ratio(report.macs_after, report.macs_before)})",
             human(report.params_before),
             f"{human(report.params_after)} ({_ratio(report.params_after, report.params_before)})",
         ]
     )
-    right = [False, False, False, True, False, False, True, False, True, True, True, True]
+    right = [False, False, False, True, False, False, False, True, False, True, True, True, True]
+    if not local:  # drop the empty block column
+        rows = [row[:6] + row[7:] for row in rows]
+        right = right[:6] + right[7:]
     text = format_table(rows, right)
     if report.skipped:
         text += "\n\nnot converted:\n" + "\n".join(

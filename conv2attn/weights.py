@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conv2attn.geometry import AttentionPlan, Order
+from conv2attn.geometry import Attention, AttentionPlan, Order
 
 # exp(-ALPHA) underflows to exactly 0 in float32 and float16, so softmax is one-hot
 # (section 2); logits are kept in float32 where ALPHA times any squared distance is finite.
@@ -92,10 +92,24 @@ def output_bias(plan: AttentionPlan, bias: np.ndarray | None, dtype: np.dtype) -
     )
 
 
-def token_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
-    """Per spatial axis, the grid coordinate of every token (row-major), as float32."""
-    grids = np.meshgrid(*(np.arange(t) for t in plan.token_grid), indexing="ij")
-    return [g.reshape(-1).astype(np.float32) for g in grids]
+def _grid_coordinates(grid: tuple[int, ...]) -> list[np.ndarray]:
+    mesh = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
+    return [m.reshape(-1).astype(np.float32) for m in mesh]
+
+
+def query_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
+    """Per axis, the grid position of every query of the attention pattern, as float32.
+
+    Global: the kept query tokens. Local: the tokens of one block, which share one pattern.
+    """
+    grid = plan.query_grid if plan.attention is Attention.GLOBAL else plan.block
+    return _grid_coordinates(grid)
+
+
+def key_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
+    """Per axis, the grid position of every key: all tokens, or one block's window."""
+    grid = plan.token_grid if plan.attention is Attention.GLOBAL else plan.window_grid
+    return _grid_coordinates(grid)
 
 
 def head_offset_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
@@ -104,17 +118,35 @@ def head_offset_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
     return [offsets[:, axis].copy() for axis in range(plan.spec.rank)]
 
 
-def attention_probabilities(plan: AttentionPlan) -> np.ndarray:
-    """Softmax of the quadratic relative logits, ``[N, heads, N]`` (query, head, key).
+def window_indices(plan: AttentionPlan) -> np.ndarray:
+    """Local attention: ``[blocks, window]`` row-major token indices of each block's keys."""
+    per_axis = []
+    for a in plan.axes:
+        starts = np.arange(a.blocks) * a.block
+        per_axis.append(starts[:, None] + np.arange(a.window)[None, :])  # [blocks, window]
+    strides = np.cumprod([1, *reversed(plan.token_grid[1:])])[::-1]
+    rank = plan.spec.rank
+    index = np.zeros([a.blocks for a in plan.axes] + [a.window for a in plan.axes], np.int64)
+    for axis, (rows, stride) in enumerate(zip(per_axis, strides)):
+        shape = [1] * (2 * rank)
+        shape[axis], shape[rank + axis] = rows.shape
+        index += (rows * stride).reshape(shape)
+    return index.reshape(plan.blocks, plan.keys)
 
-    The reference for what the emitted graph computes in-graph; float64.
+
+def attention_probabilities(plan: AttentionPlan) -> np.ndarray:
+    """Softmax of the quadratic relative logits, ``[queries, heads, keys]``, in float64.
+
+    The reference for what the emitted graph computes in-graph. For local attention it is
+    the pattern of one block, shared by every block.
     """
-    queries = token_coordinates(plan)
+    queries = query_coordinates(plan)
+    keys = key_coordinates(plan)
     offsets = head_offset_coordinates(plan)
-    distance = np.zeros((plan.tokens, plan.heads, plan.tokens), dtype=np.float64)
-    for coord, offset in zip(queries, offsets):
-        delta = coord[None, None, :] - coord[:, None, None] - offset[None, :, None]
-        distance += delta.astype(np.float64) ** 2
+    distance = 0.0
+    for q, k, offset in zip(queries, keys, offsets):
+        delta = k[None, None, :] - q[:, None, None] - offset[None, :, None]
+        distance = distance + delta.astype(np.float64) ** 2
     logits = -ALPHA * distance
     logits -= logits.max(axis=-1, keepdims=True)
     probs = np.exp(logits)

@@ -10,8 +10,13 @@ import itertools
 
 import numpy as np
 
-from conv2attn.geometry import AttentionPlan, ConvSpec, Order
-from conv2attn.weights import attention_probabilities, output_bias, output_projection
+from conv2attn.geometry import Attention, AttentionPlan, ConvSpec, Order
+from conv2attn.weights import (
+    attention_probabilities,
+    output_bias,
+    output_projection,
+    window_indices,
+)
 
 
 def direct_conv(
@@ -66,29 +71,37 @@ def attention_conv(
     perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
     tokens = x.transpose(perm).reshape(batch, group, plan.tokens, plan.group_in_dim)
 
-    probs = attention_probabilities(plan)  # [N, heads, N]
+    probs = attention_probabilities(plan)  # [queries, heads, keys] of one block
     projection = output_projection(plan, weight.astype(np.float64))
-    if plan.order is Order.ATTEND_FIRST:
-        attended = np.einsum("qhk,bgkd->bgqhd", probs, tokens)
-        attended = attended.reshape(batch, group, plan.tokens, plan.heads * plan.group_in_dim)
-        out = attended @ projection
+    if plan.attention is Attention.LOCAL:
+        keys = tokens[:, :, window_indices(plan)]  # [B, g, blocks, window, Dg_in]
     else:
-        projected = (tokens @ projection).reshape(
-            batch, group, plan.tokens, plan.heads, plan.group_out_dim
+        keys = tokens[:, :, None]  # one block whose window is every token
+    if plan.order is Order.ATTEND_FIRST:
+        attended = np.einsum("qhk,bgnkd->bgnqhd", probs, keys)
+        attended = attended.reshape(*attended.shape[:4], plan.heads * plan.group_in_dim)
+        out = attended @ projection[:, None]
+    else:
+        projected = (keys @ projection[:, None]).reshape(
+            *keys.shape[:4], plan.heads, plan.group_out_dim
         )
-        out = np.einsum("qhk,bgkhd->bgqd", probs, projected)
-    out = out + output_bias(plan, bias, np.float64)
-    # [B, g, T1, T2, .., Cg_out, p1, p2, ..] -> [B, C_out, T1*p1, T2*p2, ..] -> crop
-    split = [batch, group, *plan.token_grid, spec.out_channels // group, *plan.patch]
+        out = np.einsum("qhk,bgnkhd->bgnqd", probs, projected)
+    out = out + output_bias(plan, bias, np.float64)[:, None]
+    # [B, g, nb1, nb2, .., b1, b2, .., Cg_out, p1, p2, ..]
+    #   -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2, ..] -> [B, C_out, *(nb*b*p)] -> crop
+    blocks = [a.blocks for a in plan.axes]
+    split = [batch, group, *blocks, *plan.block, spec.out_channels // group, *plan.patch]
     out = out.reshape(split)
     perm = [
         0,
         1,
-        2 + rank,
-        *itertools.chain.from_iterable((2 + i, 3 + rank + i) for i in range(rank)),
+        2 + 2 * rank,
+        *itertools.chain.from_iterable(
+            (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
+        ),
     ]
     out = out.transpose(perm).reshape(
-        batch, spec.out_channels, *(a.tokens * a.patch for a in plan.axes)
+        batch, spec.out_channels, *(a.queries * a.patch for a in plan.axes)
     )
     crop = tuple(slice(0, a.output) for a in plan.axes)
     return out[(slice(None), slice(None), *crop)]

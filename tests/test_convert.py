@@ -29,8 +29,9 @@ def conformance_cases():
     return [pytest.param(case, id=case.name) for case in collect_testcases("Conv")]
 
 
+@pytest.mark.parametrize("attention", ["global", "local"])
 @pytest.mark.parametrize("case", conformance_cases())
-def test_onnx_conformance_case(case):
+def test_onnx_conformance_case(case, attention):
     """The Conv cases shipped with onnx: weights become initializers, outputs must match."""
     inputs, expected = case.data_sets[0]
     model = onnx.ModelProto()
@@ -42,8 +43,9 @@ def test_onnx_conformance_case(case):
         if value.name != data_name:
             graph.initializer.append(numpy_helper.from_array(weights[value.name], value.name))
             graph.input.remove(value)
-    converted, report = conv2attn.convert(model)
+    converted, report = conv2attn.convert(model, attention=attention)
     assert "Conv" not in ops(converted) and len(report.layers) == 1
+    assert report.layers[0].attention == attention
     (got,) = run(converted, {data_name: weights[data_name]})
     assert_parity(expected, [got])
 
@@ -83,11 +85,20 @@ ATTRIBUTE_TABLE = {
 }
 
 
+ATTENTION_MODES = {
+    "global": {"attention": "global"},
+    "local-auto": {"attention": "local"},
+    "local-block-2": {"attention": "local", "block": "2"},
+    "local-block-1x3": {"attention": "local", "block": "1x3"},
+}
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES.values(), ids=ATTENTION_MODES.keys())
 @pytest.mark.parametrize("config", ATTRIBUTE_TABLE.values(), ids=ATTRIBUTE_TABLE.keys())
-def test_every_conv_attribute_matches_onnxruntime(config):
+def test_every_conv_attribute_matches_onnxruntime(config, mode):
     kernel, strides, dilations, pads, auto_pad, group, (cin, cout), size, bias, patch = config
     model = conv_model(cin, cout, kernel, strides, dilations, pads, auto_pad, group, size, bias)
-    converted, report = convert_and_compare(model, batch=3, patch=patch)
+    converted, report = convert_and_compare(model, batch=3, patch=patch, **mode)
     assert "Conv" not in ops(converted)
     assert ops(converted).count("Softmax") == 1
     if patch != "auto":
@@ -297,3 +308,46 @@ def test_invalid_conv_names_the_node():
     model = conv_model(kernel=(3, 3), size=(2, 2))  # no padding: kernel larger than input
     with pytest.raises(InputError, match=r"Conv .conv.: kernel .* larger than the padded input"):
         conv2attn.convert(model)
+
+
+def test_local_attention_gathers_windows_and_stores_no_large_constant():
+    model = conv_model(8, 8, size=(24, 24), pads=[1, 1, 1, 1])
+    converted, report = convert_and_compare(model, attention="local", patch="1", block="4")
+    layer = report.layers[0]
+    assert (layer.attention, layer.block, layer.heads) == ("local", (4, 4), 9)
+    assert layer.keys == 6 * 6  # the block and a halo of R = 2 rows and columns
+    assert ops(converted).count("Gather") == 1 and ops(converted).count("Softmax") == 1
+    sizes = {i.name: int(np.prod(i.dims)) for i in converted.graph.initializer}
+    assert sizes["conv/attn/window_indices"] == 36 * 36  # blocks x window
+    assert max(sizes.values()) < layer.tokens**2
+    record = json.loads(next(p.value for p in converted.metadata_props if p.key == METADATA_KEY))
+    assert record["attention"] == "local" and record["layers"][0]["block"] == [4, 4]
+
+
+def test_local_attention_costs_less_than_global():
+    model = conv_model(16, 16, size=(32, 32), pads=[1, 1, 1, 1])
+    _, global_report = conv2attn.convert(model, patch="1")
+    _, local_report = conv2attn.convert(model, patch="1", attention="local")
+    assert local_report.macs_after < global_report.macs_after / 10
+
+
+def test_block_needs_local_attention():
+    with pytest.raises(InputError, match="--block applies to --attention local only"):
+        conv2attn.convert(conv_model(), block="2")
+    with pytest.raises(InputError, match="--attention"):
+        conv2attn.convert(conv_model(), attention="windowed")
+
+
+def test_report_lists_the_alternatives_the_cost_model_weighed():
+    _, report = conv2attn.convert(chain_model(), max_param_growth=1e9)  # budget not binding
+    for layer in report.layers:
+        costs = [a["cost"] for a in layer.alternatives]
+        assert 1 <= len(costs) <= 5 and costs == sorted(costs)
+        assert all(
+            {"patch", "order", "macs", "params", "cost"} <= set(a) for a in layer.alternatives
+        )
+        assert layer.cost <= costs[0]
+        chosen = (list(layer.patch), layer.order)
+        assert all((a["patch"], a["order"]) != chosen for a in layer.alternatives)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["layers"][0]["alternatives"][0]["cost"] == report.layers[0].alternatives[0]["cost"]

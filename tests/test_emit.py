@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from conv2attn.emit import emit_attention
-from conv2attn.geometry import ConvSpec, Order, plan_attention
+from conv2attn.geometry import Attention, ConvSpec, Order, plan_attention
 from conv2attn.validate import session
 from conv2attn.weights import output_bias, output_projection
 from tests.reference import direct_conv
@@ -18,8 +18,8 @@ CASES = {
 }
 
 
-def build(spec, patch, order, dtype=np.float32):
-    plan = plan_attention(spec, patch, order)
+def build(spec, patch, order, dtype=np.float32, attention=Attention.GLOBAL, block=None):
+    plan = plan_attention(spec, patch, order, attention, block)
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((spec.out_channels, spec.in_channels // spec.group, *spec.kernel))
     bias = rng.standard_normal(spec.out_channels)
@@ -40,11 +40,15 @@ def build(spec, patch, order, dtype=np.float32):
     return model, weight, bias
 
 
+MODES = {"global": (Attention.GLOBAL, None), "local": (Attention.LOCAL, (2, 1))}
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
 @pytest.mark.parametrize("order", list(Order))
 @pytest.mark.parametrize("name", CASES)
-def test_both_orders_compute_the_conv(name, order):
+def test_both_orders_compute_the_conv(name, order, mode):
     spec = CASES[name]
-    model, weight, bias = build(spec, (2, 3), order)
+    model, weight, bias = build(spec, (2, 3), order, np.float32, *mode)
     onnx.checker.check_model(model, full_check=True)
     x = np.random.default_rng(1).standard_normal((2, spec.in_channels, *spec.input_size))
     (got,) = session(model).run(None, {"x": x.astype(np.float32)})
@@ -54,9 +58,10 @@ def test_both_orders_compute_the_conv(name, order):
     assert error <= 1e-5 * np.abs(expected).max() + 1e-6, error
 
 
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
 @pytest.mark.parametrize("order", list(Order))
-def test_one_transpose_each_for_patchify_and_unpatchify(order):
-    model, _, _ = build(CASES["grouped-strided"], (2, 2), order)
+def test_one_transpose_each_for_patchify_and_unpatchify(order, mode):
+    model, _, _ = build(CASES["grouped-strided"], (2, 2), order, np.float32, *mode)
     data_transposes = [
         n.name
         for n in model.graph.node

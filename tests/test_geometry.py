@@ -56,8 +56,11 @@ def test_worked_example_resnet18_layer1():
     assert (plan.in_patch, plan.reach, plan.token_grid) == ((2, 2), (1, 1), (29, 29))
     assert plan.tokens == 841
     assert (plan.in_dim, plan.out_dim) == (256, 256)
-    assert plan.attention_macs == 4 * 841**2 * 256  # 724.3 M
-    assert plan.projection_macs == 4 * 841 * 256 * 256  # 220.5 M
+    # The design note counts all 841 tokens as queries (724.3 M + 220.5 M); the 57 tokens
+    # of the halo row and column are only cropped, so just the 784 kept ones are computed.
+    assert plan.queries == 28 * 28
+    assert plan.attention_macs == 4 * 784 * 841 * 256  # 675.2 M
+    assert plan.projection_macs == 4 * 784 * 256 * 256  # 205.5 M
     assert plan.spec.macs == 115_605_504
 
     patch1 = plan_attention(spec(3, 1), (1, 1))
@@ -130,10 +133,13 @@ def test_cost_formulas_of_both_orders():
     s = spec(3, 1, size=14, cin=8, cout=16, group=2)
     first = plan_attention(s, (2, 2), Order.ATTEND_FIRST)
     second = plan_attention(s, (2, 2), Order.PROJECT_FIRST)
-    n, h = first.tokens, first.heads
-    projection = n * h * (8 // 2 * 4) * (16 // 2 * 4) * 2
-    assert first.macs == h * n * n * 8 * 4 + projection
-    assert second.macs == h * n * n * 16 * 4 + projection
+    n, q, h = first.tokens, first.queries, first.heads
+    assert (n, q, h) == (8 * 8, 7 * 7, 4)
+    per_token = h * (8 // 2 * 4) * (16 // 2 * 4) * 2  # grouped: g blocks of Dg_in x Dg_out
+    # attend first: queries attend to all tokens, then the queries are projected
+    assert first.macs == h * q * n * 8 * 4 + q * per_token
+    # project first: every token is projected (they are all keys), then attended
+    assert second.macs == h * q * n * 16 * 4 + n * per_token
     assert first.params == second.params == h * (4 * 4) * (8 * 4) * 2
 
 

@@ -37,7 +37,18 @@ def conv_configs(draw, ranks=(2,)):
             st.tuples(*[st.integers(1, 4)] * rank).map(lambda p: "x".join(map(str, p))),
         )
     )
+    attention = draw(st.sampled_from(["global", "local"]))
+    block = "auto"
+    if attention == "local":
+        block = draw(
+            st.one_of(
+                st.just("auto"),
+                st.tuples(*[st.integers(1, 4)] * rank).map(lambda b: "x".join(map(str, b))),
+            )
+        )
     return {
+        "attention": attention,
+        "block": block,
         "model": dict(
             in_channels=cin,
             out_channels=cout,
@@ -82,7 +93,9 @@ def reference(model, feeds, config):
 
 def check(config):
     model = conv_model(**config["model"])
-    converted, report = conv2attn.convert(model, patch=config["patch"])
+    converted, report = conv2attn.convert(
+        model, patch=config["patch"], attention=config["attention"], block=config["block"]
+    )
     assert len(report.layers) == 1
     assert "Conv" not in [n.op_type for n in converted.graph.node]
     feeds = random_input(model, batch=config["batch"])
@@ -103,7 +116,14 @@ def test_random_1d_and_3d_convs_match_onnxruntime(config):
 
 def test_property_strategy_reaches_the_hard_cases():
     """The strategy must produce what the property is about, or the test proves little."""
-    seen = {"stride>kernel": False, "dilation>1": False, "depthwise": False, "same": False}
+    seen = {
+        "stride>kernel": False,
+        "dilation>1": False,
+        "depthwise": False,
+        "same": False,
+        "local": False,
+        "global": False,
+    }
 
     @settings(max_examples=200, deadline=None, database=None)
     @given(conv_configs())
@@ -113,6 +133,7 @@ def test_property_strategy_reaches_the_hard_cases():
         seen["dilation>1"] |= max(m["dilations"]) > 1
         seen["depthwise"] |= m["group"] == m["in_channels"] > 1
         seen["same"] |= (m["auto_pad"] or "").startswith("SAME")
+        seen[config["attention"]] = True
 
     collect()
     assert all(seen.values()), seen

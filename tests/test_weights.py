@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conv2attn.geometry import ConvSpec, Order, plan_attention
+from conv2attn.geometry import Attention, ConvSpec, Order, plan_attention
 from conv2attn.weights import attention_probabilities, output_bias, output_projection
 from tests.reference import attention_conv, direct_conv
 
@@ -21,12 +21,23 @@ CONFIGS = [
 ]
 
 
+ATTENTION = {
+    "global": (Attention.GLOBAL, None),
+    "local-block-1": (Attention.LOCAL, 1),
+    "local-block-2": (Attention.LOCAL, 2),
+    "local-block-3": (Attention.LOCAL, 3),
+}
+
+
+@pytest.mark.parametrize("attention", ATTENTION.values(), ids=ATTENTION.keys())
 @pytest.mark.parametrize("order", list(Order))
 @pytest.mark.parametrize("config", CONFIGS)
-def test_construction_equals_direct_conv_float64(config, order):
+def test_construction_equals_direct_conv_float64(config, order, attention):
     cin, cout, group, kernel, stride, dilation, pb, pe, size, patch = config
     spec = ConvSpec(cin, cout, group, kernel, stride, dilation, pb, pe, size)
-    plan = plan_attention(spec, patch, order)
+    mode, block = attention
+    blocks = None if block is None else (block,) * spec.rank
+    plan = plan_attention(spec, patch, order, mode, blocks)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, cin, *size))
     w = rng.standard_normal((cout, cin // group, *kernel))
@@ -41,11 +52,12 @@ def test_construction_equals_direct_conv_float64(config, order):
 def test_attention_is_one_hot_at_the_head_offset():
     spec = ConvSpec(1, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (6, 6))
     plan = plan_attention(spec, (2, 2))
-    probs = attention_probabilities(plan)  # [N, heads, N]
+    probs = attention_probabilities(plan)  # [queries, heads, tokens]
     t_h, t_w = plan.token_grid
+    _, g_w = plan.query_grid
     checked = 0
-    for query in range(plan.tokens):
-        r, c = divmod(query, t_w)
+    for query in range(plan.queries):
+        r, c = divmod(query, g_w)
         for head, (a, b) in enumerate(plan.head_offsets):
             if r + a < t_h and c + b < t_w:
                 key = (r + a) * t_w + (c + b)
@@ -53,7 +65,7 @@ def test_attention_is_one_hot_at_the_head_offset():
                 others = np.delete(probs[query, head], key)
                 assert others.max() < 1e-80  # exp(-ALPHA) in float64; exactly 0 in float32
                 checked += 1
-    assert checked == sum((t_h - a) * (t_w - b) for a, b in plan.head_offsets)
+    assert checked == plan.queries * plan.heads  # every kept query finds its key
 
 
 def test_projection_entries_are_copies_of_the_conv_weights():
