@@ -19,14 +19,13 @@ are left out of the emitted shapes):
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from conv2attn.geometry import Attention, AttentionPlan, Order
+from conv2attn.geometry import Attention, AttentionPlan, Order, Rearrange
 from conv2attn.weights import (
     ALPHA,
     head_offset_coordinates,
@@ -85,29 +84,24 @@ class _Builder:
         return self.op("Reshape", part, [x, self.int64(f"{part}/shape", shape)], shape, x.dtype)
 
 
-def _compact(shape: Sequence[Dim], perm: Sequence[int]) -> tuple[list[Dim], list[int]]:
-    """Drop size-1 axes (never the batch axis) from a reshape target and its permutation."""
-    kept = [axis for axis, size in enumerate(shape) if axis == 0 or size != 1]
-    position = {axis: index for index, axis in enumerate(kept)}
-    return [shape[a] for a in kept], [position[a] for a in perm if a in position]
-
-
 def _rearrange(
-    b: _Builder,
-    part: str,
-    x: gs.Variable,
-    split: Sequence[Dim],
-    perm: Sequence[int],
-    merged: Sequence[Dim],
+    b: _Builder, part: str, x: gs.Variable, step: Rearrange, merged: Sequence[Dim], batch: Dim
 ) -> gs.Variable:
-    """Reshape to ``split``, permute, reshape to ``merged``: the patchify idiom."""
-    split, perm = _compact(split, perm)
-    if perm != sorted(perm):
+    """Reshape to ``step.split``, permute, reshape to ``merged``; size-1 axes left out."""
+    split, perm = step.compact()
+    split = [batch, *split[1:]]
+    if not step.is_identity:
         x = b.reshape(f"{part}/split", x, split)
         x = b.op(
             "Transpose", f"{part}/Transpose", [x], [split[p] for p in perm], attrs={"perm": perm}
         )
     return b.reshape(f"{part}/merge", x, merged)
+
+
+def _route(b: _Builder, tensor: gs.Variable, y: gs.Variable) -> None:
+    """Make the node that produced ``tensor`` produce ``y``, the Conv's output, instead."""
+    producer = next(node for node in reversed(b.nodes) if tensor in node.outputs)
+    producer.outputs = [y]
 
 
 def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
@@ -157,6 +151,102 @@ def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
     return probs
 
 
+def _subsample(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
+    """Every s-th row of the padded input along kernel-1 axes (``geometry.subsampled``)."""
+    source, rank = plan.source, plan.spec.rank
+    axes = [i for i, step in enumerate(plan.input_steps) if step > 1]
+    begin = [source.pads_begin[i] if i in axes else 0 for i in range(rank)]
+    end = [source.pads_end[i] if i in axes else 0 for i in range(rank)]
+    if any(begin) or any(end):
+        padded = [n + pb + pe for n, pb, pe in zip(source.input_size, begin, end)]
+        x = b.op(
+            "Pad",
+            "subsample/Pad",
+            [x, b.int64("subsample/pads", [0, 0, *begin, 0, 0, *end])],
+            [batch, source.in_channels, *padded],
+            attrs={"mode": "constant"},
+        )
+    out = source.output_size
+    return b.op(
+        "Slice",
+        "subsample/Slice",
+        [
+            x,
+            b.int64("subsample/starts", [0] * len(axes)),
+            b.int64("subsample/ends", [(out[i] - 1) * source.strides[i] + 1 for i in axes]),
+            b.int64("subsample/axes", [2 + i for i in axes]),
+            b.int64("subsample/steps", [source.strides[i] for i in axes]),
+        ],
+        [batch, source.in_channels, *plan.spec.input_size],
+    )
+
+
+def _patchify(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
+    """The padded input [B, C, T1*P1, T2*P2] as tokens [B, (g,) N, Dg_in].
+
+    The steps are ``plan.patchify_layout()``. Ungrouped, channels-last: NCHW -> NHWC, then
+    whole pixel rows move into patch order (onnxruntime moves contiguous runs an order of
+    magnitude faster than single elements). Grouped, channel-major: one Transpose, none
+    for 1x1 patches of depthwise Convs.
+    """
+    spec = plan.spec
+    layout = plan.patchify_layout()
+    tokens = [batch, plan.tokens, plan.group_in_dim]
+    if plan.channels_last:
+        to_nhwc, shuffle = layout
+        extent = [a.tokens_extent for a in plan.axes]
+        x = _rearrange(b, "patchify/to_nhwc", x, to_nhwc, [batch, *extent, spec.in_channels], batch)
+        return _rearrange(b, "patchify", x, shuffle, tokens, batch)
+    return _rearrange(b, "patchify", x, layout[0], [batch, spec.group, *tokens[1:]], batch)
+
+
+def _unpatchify(
+    b: _Builder, values: gs.Variable, plan: AttentionPlan, batch: Dim, y: gs.Variable
+) -> None:
+    """Output tokens [B, (g,) (blocks,) q, Dg_out] as the Conv's output ``y`` [B, C_out, Ho, Wo].
+
+    The steps are ``plan.unpatchify_layout()``; global attention is one block whose
+    queries are the output patch grid. Channels-last crops before returning to NCHW.
+    """
+    spec = plan.spec
+    full = [a.queries * a.patch for a in plan.axes]
+    out_size = list(spec.output_size)
+    channels = spec.out_channels
+    layout = plan.unpatchify_layout()
+    if plan.channels_last:
+        shuffle, to_nchw = layout
+        out = _rearrange(b, "unpatchify", values, shuffle, [batch, *full, channels], batch)
+        if full != out_size:
+            out = _slice(
+                b, "crop_output", out, out_size, first_axis=1, shape=[batch, *out_size, channels]
+            )
+        out = _rearrange(b, "unpatchify/to_nchw", out, to_nchw, [batch, channels, *out_size], batch)
+    else:
+        out = _rearrange(b, "unpatchify", values, layout[0], [batch, channels, *full], batch)
+        if full != out_size:
+            out = _slice(
+                b, "crop_output", out, out_size, first_axis=2, shape=[batch, channels, *out_size]
+            )
+    _route(b, out, y)
+
+
+def _slice(
+    b: _Builder, part: str, x: gs.Variable, ends: list[int], first_axis: int, shape: list[Dim]
+) -> gs.Variable:
+    rank = len(ends)
+    return b.op(
+        "Slice",
+        f"{part}/Slice",
+        [
+            x,
+            b.int64(f"{part}/starts", [0] * rank),
+            b.int64(f"{part}/ends", ends),
+            b.int64(f"{part}/axes", list(range(first_axis, first_axis + rank))),
+        ],
+        shape,
+    )
+
+
 def emit_attention(
     graph: gs.Graph,
     prefix: str,
@@ -180,6 +270,9 @@ def emit_attention(
     group = spec.group
     g = [group] if group > 1 else []
     local = plan.attention is Attention.LOCAL
+
+    if plan.subsamples:
+        x = _subsample(b, x, plan, batch)
 
     # Crop what no output reads, pad with the Conv's zeros up to the token grid.
     extent = [a.tokens_extent for a in plan.axes]
@@ -207,13 +300,8 @@ def emit_attention(
             attrs={"mode": "constant"},
         )
 
-    # [B, g, Cg, T1, P1, T2, P2] -> [B, g, T1, T2, Cg, P1, P2] -> [B, g, N, Dg_in]
-    split = [batch, group, spec.in_channels // group]
-    for a in plan.axes:
-        split += [a.tokens, a.in_patch]
-    perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
     n = plan.tokens
-    tokens = _rearrange(b, "patchify", x, split, perm, [batch, *g, n, plan.group_in_dim])
+    tokens = _patchify(b, x, plan, batch)
 
     # Local attention works on [B, g, blocks, ...]; global attention is one block.
     q, k, heads = plan.block_queries, plan.keys, plan.heads
@@ -257,35 +345,5 @@ def emit_attention(
     bias_const = b.constant("bias", bias.reshape(bias_shape))
     projected = b.op("Add", "proj/Add", [projected, bias_const], [*lead, q, plan.group_out_dim])
 
-    # [B, g, nb1, nb2, b1, b2, Cg_out, p1, p2] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2]
-    #   -> [B, C_out, nb1*b1*p1, nb2*b2*p2]   (global: nb = 1, b = the query grid)
-    blocks = [a.blocks for a in plan.axes]
-    split = [batch, group, *blocks, *plan.block, spec.out_channels // group, *plan.patch]
-    perm = [
-        0,
-        1,
-        2 + 2 * rank,
-        *itertools.chain.from_iterable(
-            (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
-        ),
-    ]
-    full = [a.queries * a.patch for a in plan.axes]
-    out_size = list(spec.output_size)
-    merged = _rearrange(b, "unpatchify", projected, split, perm, [batch, spec.out_channels, *full])
-    if full != out_size:
-        b.op(
-            "Slice",
-            "crop_output/Slice",
-            [
-                merged,
-                b.int64("crop_output/starts", [0] * rank),
-                b.int64("crop_output/ends", out_size),
-                b.int64("crop_output/axes", list(range(2, 2 + rank))),
-            ],
-            None,
-            output=y,
-        )
-    else:
-        # Route the last node's output to y so everything downstream stays connected.
-        b.nodes[-1].outputs = [y]
+    _unpatchify(b, projected, plan, batch, y)
     return b.nodes

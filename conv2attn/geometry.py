@@ -150,6 +150,38 @@ def validate(spec: ConvSpec) -> None:
         )
 
 
+def subsampled(spec: ConvSpec) -> tuple[ConvSpec, tuple[int, ...]]:
+    """An equivalent Conv on a strided subsample of the padded input, and the steps.
+
+    Along an axis with kernel 1 and stride s > 1, output row y reads only padded row
+    y * s: slicing every s-th padded row first leaves a kernel-1, stride-1 Conv with no
+    padding there. The patches then hold no pixel the Conv never reads.
+    """
+    steps = tuple(s if k == 1 and s > 1 else 1 for k, s in zip(spec.kernel, spec.strides))
+    if all(step == 1 for step in steps):
+        return spec, steps
+
+    def pick(values: tuple[int, ...], subsampled_value) -> tuple[int, ...]:
+        return tuple(
+            (subsampled_value(i) if step > 1 else v)
+            for i, (v, step) in enumerate(zip(values, steps))
+        )
+
+    output = spec.output_size
+    effective = ConvSpec(
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        group=spec.group,
+        kernel=spec.kernel,
+        strides=pick(spec.strides, lambda i: 1),
+        dilations=pick(spec.dilations, lambda i: 1),
+        pads_begin=pick(spec.pads_begin, lambda i: 0),
+        pads_end=pick(spec.pads_end, lambda i: 0),
+        input_size=pick(spec.input_size, lambda i: output[i]),
+    )
+    return effective, steps
+
+
 @dataclass(frozen=True)
 class AxisPlan:
     """Section 1 (and section 5's blocks) along one spatial axis."""
@@ -217,9 +249,54 @@ class Attention(str, Enum):
 
 
 # Elements moved by padding, Transposes and Gathers cost about this many multiply-adds
-# each on a CPU (onnxruntime, fp32: ~70 GMAC/s in MatMul against a few G elements/s
-# copied); the cost model adds them so that layout work is not free.
+# each on a CPU (onnxruntime, fp32, 2 cores: ~160 GMAC/s in MatMul against ~12 G elements/s
+# copied in runs of 16 floats or more); the cost model adds them so layout work is not free.
 TRAFFIC_COST = 16
+# Transposes that move runs shorter than this many elements are much slower (measured:
+# 0.2-0.5 G elements/s), except a plain swap of two blocks such as NCHW <-> NHWC (~5).
+SHORT_RUN = 16
+SHORT_RUN_FACTOR = 25
+SWAP_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Rearrange:
+    """Reshape to ``split`` (batch axis first), permute by ``perm``: one layout step."""
+
+    split: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    def compact(self) -> tuple[list[int], list[int]]:
+        """``split`` and ``perm`` without size-1 axes (the batch axis always stays)."""
+        kept = [axis for axis, size in enumerate(self.split) if axis == 0 or size != 1]
+        position = {axis: index for index, axis in enumerate(kept)}
+        return [self.split[a] for a in kept], [position[a] for a in self.perm if a in position]
+
+    @property
+    def is_identity(self) -> bool:
+        _, perm = self.compact()
+        return perm == sorted(perm)
+
+    def moved(self, batch: int = 1) -> float:
+        """Elements moved, weighted by how fast onnxruntime moves runs of this length."""
+        if self.is_identity:
+            return 0.0
+        shape, perm = self.compact()
+        elements = batch * math.prod(shape[1:])
+        # Merge source axes that stay adjacent; count the innermost run that stays put.
+        groups: list[list[int]] = []
+        for axis in perm:
+            if groups and groups[-1][-1] + 1 == axis:
+                groups[-1].append(axis)
+            else:
+                groups.append([axis])
+        last = groups[-1]
+        run = math.prod(shape[a] for a in last) if last[-1] == len(shape) - 1 else 1
+        if run >= SHORT_RUN:
+            return float(elements)
+        if len(groups) <= 3 and groups[0] == [0]:  # [B, X, Y] -> [B, Y, X]
+            return SWAP_FACTOR * elements
+        return SHORT_RUN_FACTOR * elements
 
 
 @dataclass(frozen=True)
@@ -231,10 +308,21 @@ class AttentionPlan:
     attention and a block's window for local attention.
     """
 
-    spec: ConvSpec
+    spec: ConvSpec  # the Conv the attention computes (after any subsampling)
     axes: tuple[AxisPlan, ...]
     order: Order = Order.ATTEND_FIRST
     attention: Attention = Attention.GLOBAL
+    source: ConvSpec | None = None  # the Conv node's own attributes
+    input_steps: tuple[int, ...] | None = None  # subsampling steps (see ``subsampled``)
+
+    @property
+    def channels_last(self) -> bool:
+        """Token features ``(pixel, channel)``: ungrouped Convs; see ``weights``."""
+        return self.spec.group == 1
+
+    @property
+    def subsamples(self) -> bool:
+        return self.input_steps is not None and max(self.input_steps) > 1
 
     @property
     def patch(self) -> tuple[int, ...]:
@@ -333,11 +421,77 @@ class AttentionPlan:
         """Multiply-adds per batch item (section 4)."""
         return self.attention_macs + self.projection_macs
 
+    def patchify_layout(self) -> list[Rearrange]:
+        """Padded input [B, C, T1*P1, ..] -> tokens [B, (g,) N, Dg_in]; see ``weights``."""
+        spec, rank = self.spec, self.spec.rank
+        if self.channels_last:
+            extent = [a.tokens_extent for a in self.axes]
+            patches = [size for a in self.axes for size in (a.tokens, a.in_patch)]
+            return [
+                Rearrange((1, spec.in_channels, *extent), (0, *range(2, 2 + rank), 1)),
+                # [B, T1, P1, T2, P2, C] -> [B, T1, T2, P1, P2, C]
+                Rearrange(
+                    (1, *patches, spec.in_channels),
+                    (
+                        0,
+                        *(1 + 2 * i for i in range(rank)),
+                        *(2 + 2 * i for i in range(rank)),
+                        1 + 2 * rank,
+                    ),
+                ),
+            ]
+        group = spec.group
+        patches = [size for a in self.axes for size in (a.tokens, a.in_patch)]
+        # [B, g, Cg, T1, P1, T2, P2] -> [B, g, T1, T2, Cg, P1, P2]
+        return [
+            Rearrange(
+                (1, group, spec.in_channels // group, *patches),
+                (0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))),
+            )
+        ]
+
+    def unpatchify_layout(self) -> list[Rearrange]:
+        """Output tokens [B, (g,) (blocks,) q, Dg_out] -> [B, C_out, ..] (before the crop)."""
+        spec, rank = self.spec, self.spec.rank
+        blocks = [a.blocks for a in self.axes]
+        if self.channels_last:
+            full = [a.queries * a.patch for a in self.axes]
+            # [B, nb1, nb2, b1, b2, p1, p2, C] -> [B, nb1, b1, p1, nb2, b2, p2, C] = NHWC
+            interleave = itertools.chain.from_iterable(
+                (1 + i, 1 + rank + i, 1 + 2 * rank + i) for i in range(rank)
+            )
+            return [
+                Rearrange(
+                    (1, *blocks, *self.block, *self.patch, spec.out_channels),
+                    (0, *interleave, 1 + 3 * rank),
+                ),
+                Rearrange(
+                    (1, *spec.output_size, spec.out_channels), (0, 1 + rank, *range(1, 1 + rank))
+                )
+                if full != list(spec.output_size)
+                else Rearrange((1, *full, spec.out_channels), (0, 1 + rank, *range(1, 1 + rank))),
+            ]
+        group = spec.group
+        # [B, g, nb1, nb2, b1, b2, Cg_out, p1, p2] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2]
+        interleave = itertools.chain.from_iterable(
+            (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
+        )
+        return [
+            Rearrange(
+                (1, group, *blocks, *self.block, spec.out_channels // group, *self.patch),
+                (0, 1, 2 + 2 * rank, *interleave),
+            )
+        ]
+
     @property
-    def moved(self) -> int:
-        """Elements copied per batch item by padding, patchify, gathers and un-patchify."""
-        padded = self.spec.in_channels * math.prod(a.tokens_extent for a in self.axes)
-        moved = 2 * padded + self.queries * self.out_dim
+    def moved(self) -> float:
+        """Elements copied per batch item by padding, layout changes and gathers, weighted
+        by how fast onnxruntime copies them (see ``Rearrange.moved``)."""
+        moved = float(self.spec.in_channels * math.prod(a.tokens_extent for a in self.axes))
+        if self.subsamples:
+            moved += self.spec.in_channels * math.prod(self.spec.input_size)
+        for step in self.patchify_layout() + self.unpatchify_layout():
+            moved += step.moved()
         if self.attention is Attention.LOCAL:
             dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
             moved += self.blocks * self.keys * dim
@@ -346,7 +500,7 @@ class AttentionPlan:
     @property
     def cost(self) -> int:
         """What the patch choice minimises: multiply-adds plus weighted data movement."""
-        return self.macs + TRAFFIC_COST * self.moved
+        return int(self.macs + TRAFFIC_COST * self.moved)
 
     @property
     def params(self) -> int:
@@ -363,6 +517,8 @@ def plan_attention(
 ) -> AttentionPlan:
     """The plan for one patch; local attention needs ``block`` (clamped to the grid)."""
     validate(spec)
+    source = spec
+    spec, steps = subsampled(spec)
     attention = Attention(attention)
     if len(patch) != spec.rank:
         raise GeometryError(f"patch {list(patch)} has {len(patch)} axes, the Conv has {spec.rank}")
@@ -385,7 +541,7 @@ def plan_attention(
             blocks,
         )
     )
-    return AttentionPlan(spec, axes, Order(order), attention)
+    return AttentionPlan(spec, axes, Order(order), attention, source, steps)
 
 
 MAX_AUTO_PATCH = 8

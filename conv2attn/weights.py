@@ -2,10 +2,12 @@
 
 Layouts, shared with the emitted graph:
 
-- a token is one input patch, flattened channel-major: feature ``(c, y, x)`` of group
-  ``k`` holds input channel ``k * Cg + c`` at pixel ``(y, x)`` of the patch;
+- a token is one input patch. Ungrouped Convs flatten it channels-last, feature
+  ``(y, x, c)``, so that patchify is an NCHW->NHWC transpose plus moves of whole pixel
+  rows; grouped Convs flatten it channel-major, feature ``(c, y, x)`` of group ``k``
+  holding input channel ``k * Cg + c`` (``AttentionPlan.channels_last`` tells which);
 - heads are ordered as ``AttentionPlan.head_offsets`` (row-major over the offsets);
-- an output token is one output patch, flattened ``(co, u, v)`` within its group.
+- an output token is one output patch, flattened ``(u, v, co)`` or ``(co, u, v)`` alike.
 
 The attention itself has no weights: W_Q = W_K = 0 and W_V = I, and the relative
 positional logits are built from the coordinate vectors returned here.
@@ -61,7 +63,8 @@ def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
     letters = "abcdefhijlmnpqrstvwxyz"[: 4 * rank]
     offs, ins, outs, taps = (letters[i::4] for i in range(4))
     terms = [f"{offs[i]}{ins[i]}{outs[i]}{taps[i]}" for i in range(rank)]
-    subscripts = ",".join(terms) + f",GOC{taps}" + f"->G{offs}C{ins}O{outs}"
+    rows, cols = (f"{ins}C", f"{outs}O") if plan.channels_last else (f"C{ins}", f"O{outs}")
+    subscripts = ",".join(terms) + f",GOC{taps}" + f"->G{offs}{rows}{cols}"
     projection = np.einsum(subscripts, *selections, w, optimize=True)
     projection = projection.reshape(group, plan.heads * plan.group_in_dim, plan.group_out_dim)
     if plan.order is Order.PROJECT_FIRST:
@@ -84,12 +87,16 @@ def output_bias(plan: AttentionPlan, bias: np.ndarray | None, dtype: np.dtype) -
             f"Conv bias has shape {list(values.shape)}, expected [{spec.out_channels}]"
         )
     pixels = int(np.prod(plan.patch))
-    per_group = values.reshape(spec.group, 1, spec.out_channels // spec.group, 1)
-    return np.ascontiguousarray(
-        np.broadcast_to(per_group, (spec.group, 1, spec.out_channels // spec.group, pixels))
-        .reshape(spec.group, 1, plan.group_out_dim)
-        .astype(dtype)
-    )
+    cg_out = spec.out_channels // spec.group
+    if plan.channels_last:  # (u, v, co)
+        repeated = np.broadcast_to(
+            values.reshape(spec.group, 1, 1, cg_out), (spec.group, 1, pixels, cg_out)
+        )
+    else:  # (co, u, v)
+        repeated = np.broadcast_to(
+            values.reshape(spec.group, 1, cg_out, 1), (spec.group, 1, cg_out, pixels)
+        )
+    return np.ascontiguousarray(repeated.reshape(spec.group, 1, plan.group_out_dim).astype(dtype))
 
 
 def _grid_coordinates(grid: tuple[int, ...]) -> list[np.ndarray]:

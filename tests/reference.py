@@ -56,6 +56,15 @@ def attention_conv(
     x = x.astype(np.float64)
     batch = x.shape[0]
     group = spec.group
+    if plan.subsamples:  # every s-th padded row along kernel-1 axes
+        source, steps = plan.source, plan.input_steps
+        pads = [
+            (pb, pe) if s > 1 else (0, 0)
+            for pb, pe, s in zip(source.pads_begin, source.pads_end, steps)
+        ]
+        x = np.pad(x, [(0, 0), (0, 0), *pads])
+        x = x[(slice(None), slice(None), *(slice(0, None, s) for s in steps))]
+        x = x[(slice(None), slice(None), *(slice(0, n) for n in spec.input_size))]
     # Pad (or crop) to the token grid.
     for axis, a in enumerate(plan.axes):
         dim = 2 + axis
@@ -63,13 +72,17 @@ def attention_conv(
             x = np.take(x, np.arange(x.shape[dim] + a.pad_end), axis=dim)
     pad = [(0, 0), (0, 0)] + [(a.pad_begin, max(a.pad_end, 0)) for a in plan.axes]
     x = np.pad(x, pad)
-    # [B, g, Cg, T1, P1, T2, P2, ...] -> [B, g, T1, T2, .., Cg, P1, P2, ..] -> [B, g, N, Dg_in]
+    # [B, g, Cg, T1, P1, T2, P2, ..] -> tokens [B, g, N, Dg_in], features (y, x, .., c) when
+    # channels-last, else (c, y, x, ..)
     split = [batch, group, spec.in_channels // group]
     for a in plan.axes:
         split += [a.tokens, a.in_patch]
     x = x.reshape(split)
-    perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
-    tokens = x.transpose(perm).reshape(batch, group, plan.tokens, plan.group_in_dim)
+    token_axes = [3 + 2 * i for i in range(rank)]
+    pixel_axes = [4 + 2 * i for i in range(rank)]
+    feature_axes = [*pixel_axes, 2] if plan.channels_last else [2, *pixel_axes]
+    tokens = x.transpose([0, 1, *token_axes, *feature_axes])
+    tokens = tokens.reshape(batch, group, plan.tokens, plan.group_in_dim)
 
     probs = attention_probabilities(plan)  # [queries, heads, keys] of one block
     projection = output_projection(plan, weight.astype(np.float64))
@@ -87,18 +100,19 @@ def attention_conv(
         )
         out = np.einsum("qhk,bgnkhd->bgnqd", probs, projected)
     out = out + output_bias(plan, bias, np.float64)[:, None]
-    # [B, g, nb1, nb2, .., b1, b2, .., Cg_out, p1, p2, ..]
+    # [B, g, nb1, nb2, .., b1, b2, .., (Cg_out, p1, p2, .. | p1, p2, .., Cg_out)]
     #   -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2, ..] -> [B, C_out, *(nb*b*p)] -> crop
     blocks = [a.blocks for a in plan.axes]
-    split = [batch, group, *blocks, *plan.block, spec.out_channels // group, *plan.patch]
-    out = out.reshape(split)
+    cg_out = spec.out_channels // group
+    features = [*plan.patch, cg_out] if plan.channels_last else [cg_out, *plan.patch]
+    out = out.reshape([batch, group, *blocks, *plan.block, *features])
+    channel = 2 + 3 * rank if plan.channels_last else 2 + 2 * rank
+    first_pixel = 2 + 2 * rank if plan.channels_last else 3 + 2 * rank
     perm = [
         0,
         1,
-        2 + 2 * rank,
-        *itertools.chain.from_iterable(
-            (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
-        ),
+        channel,
+        *itertools.chain.from_iterable((2 + i, 2 + rank + i, first_pixel + i) for i in range(rank)),
     ]
     out = out.transpose(perm).reshape(
         batch, spec.out_channels, *(a.queries * a.patch for a in plan.axes)

@@ -58,18 +58,46 @@ def test_both_orders_compute_the_conv(name, order, mode):
     assert error <= 1e-5 * np.abs(expected).max() + 1e-6, error
 
 
-@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
-@pytest.mark.parametrize("order", list(Order))
-def test_one_transpose_each_for_patchify_and_unpatchify(order, mode):
-    model, _, _ = build(CASES["grouped-strided"], (2, 2), order, np.float32, *mode)
-    data_transposes = [
+def data_transposes(model):
+    return [
         n.name
         for n in model.graph.node
         if n.op_type == "Transpose" and "/logits/" not in n.name and "/Softmax/" not in n.name
     ]
-    assert data_transposes == ["layer/attn/patchify/Transpose", "layer/attn/unpatchify/Transpose"]
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("order", list(Order))
+def test_grouped_convs_take_one_transpose_each_way(order, mode):
+    model, _, _ = build(CASES["grouped-strided"], (2, 2), order, np.float32, *mode)
+    assert data_transposes(model) == [
+        "layer/attn/patchify/Transpose",
+        "layer/attn/unpatchify/Transpose",
+    ]
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     assert sorted(matmuls) == ["layer/attn/MatMul", "layer/attn/proj/MatMul"]  # all heads at once
+
+
+@pytest.mark.parametrize("order", list(Order))
+def test_ungrouped_convs_move_whole_pixels(order):
+    """Channels-last tokens: NCHW<->NHWC plus patch moves that keep channels innermost."""
+    model, _, _ = build(CASES["dense"], (2, 3), order)
+    assert data_transposes(model) == [
+        "layer/attn/patchify/to_nhwc/Transpose",
+        "layer/attn/patchify/Transpose",
+        "layer/attn/unpatchify/Transpose",
+        "layer/attn/unpatchify/to_nchw/Transpose",
+    ]
+    for node in model.graph.node:
+        if node.name in ("layer/attn/patchify/Transpose", "layer/attn/unpatchify/Transpose"):
+            perm = list(next(a for a in node.attribute if a.name == "perm").ints)
+            assert perm[-1] == len(perm) - 1  # channels stay innermost
+    # 1x1 patches need no patch moves at all, only the layout change
+    model, _, _ = build(CASES["dense"], (1, 1), order)
+    assert data_transposes(model) == [
+        "layer/attn/patchify/to_nhwc/Transpose",
+        "layer/attn/unpatchify/to_nchw/Transpose",
+    ]
 
 
 def test_every_node_is_named_after_the_layer():

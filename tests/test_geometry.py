@@ -159,7 +159,20 @@ def test_choice_respects_whole_model_parameter_budget():
     assert met
     assert sum(p.params for p in tight) <= original
     assert sum(p.macs for p in tight) >= sum(p.macs for p in unconstrained)
-    # 1x1 stride-2 Convs cannot stay at 1x their parameters: the budget is reported unmet.
-    strided = [candidate_plans(spec(1, 2, size=28, pad=0))]
+    # 3x3 stride-2 Convs cannot stay at 1x their parameters: the budget is reported unmet.
+    strided = [candidate_plans(spec(3, 2, size=28))]
     plans, met = choose_plans(strided, strided[0][0].spec.params, max_param_growth=1.0)
     assert not met and plans[0].params == min(p.params for p in strided[0])
+
+
+def test_kernel_1_axes_subsample_instead_of_reading_whole_patches():
+    downsample = spec(1, 2, size=56, cin=64, cout=128, pad=0)
+    plan = plan_attention(downsample, (1, 1))
+    assert plan.input_steps == (2, 2) and plan.spec.strides == (1, 1)
+    assert plan.spec.input_size == (28, 28) and plan.in_patch == (1, 1)
+    assert plan.params == downsample.params  # no weights for pixels the Conv never reads
+    mixed = ConvSpec(4, 4, 1, (1, 3), (3, 2), (1, 1), (1, 1), (2, 1), (10, 9))
+    plan = plan_attention(mixed, (1, 1))
+    assert plan.input_steps == (3, 1)
+    assert plan.spec.input_size == (mixed.output_size[0], 9)
+    assert plan.spec.pads_begin == (0, 1) and plan.spec.output_size == mixed.output_size
