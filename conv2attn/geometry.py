@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 
 class GeometryError(ValueError):
@@ -340,7 +341,7 @@ class AttentionPlan:
     def token_grid(self) -> tuple[int, ...]:
         return tuple(a.tokens for a in self.axes)
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         return math.prod(self.token_grid)
 
@@ -348,7 +349,7 @@ class AttentionPlan:
     def query_grid(self) -> tuple[int, ...]:
         return tuple(a.queries for a in self.axes)
 
-    @property
+    @cached_property
     def queries(self) -> int:
         return math.prod(self.query_grid)
 
@@ -360,7 +361,7 @@ class AttentionPlan:
     def block_queries(self) -> int:
         return math.prod(self.block)
 
-    @property
+    @cached_property
     def blocks(self) -> int:
         return math.prod(a.blocks for a in self.axes)
 
@@ -368,19 +369,19 @@ class AttentionPlan:
     def window_grid(self) -> tuple[int, ...]:
         return tuple(a.window for a in self.axes)
 
-    @property
+    @cached_property
     def keys(self) -> int:
         """Keys each query attends to."""
         if self.attention is Attention.GLOBAL:
             return self.tokens
         return math.prod(self.window_grid)
 
-    @property
+    @cached_property
     def head_offsets(self) -> tuple[tuple[int, ...], ...]:
         """One head per offset of the key patch relative to the query patch."""
         return tuple(itertools.product(*(range(r + 1) for r in self.reach)))
 
-    @property
+    @cached_property
     def heads(self) -> int:
         return math.prod(r + 1 for r in self.reach)
 
@@ -388,35 +389,35 @@ class AttentionPlan:
     def group(self) -> int:
         return self.spec.group
 
-    @property
+    @cached_property
     def group_in_dim(self) -> int:
         """Token features of one group: input channels of the group times the patch."""
         return self.spec.in_channels // self.group * math.prod(self.in_patch)
 
-    @property
+    @cached_property
     def group_out_dim(self) -> int:
         return self.spec.out_channels // self.group * math.prod(self.patch)
 
-    @property
+    @cached_property
     def in_dim(self) -> int:
         return self.group_in_dim * self.group
 
-    @property
+    @cached_property
     def out_dim(self) -> int:
         return self.group_out_dim * self.group
 
-    @property
+    @cached_property
     def projection_macs(self) -> int:
         # Attend first projects the queries; project first must project every key.
         rows = self.queries if self.order is Order.ATTEND_FIRST else self.tokens
         return rows * self.heads * self.group_in_dim * self.group_out_dim * self.group
 
-    @property
+    @cached_property
     def attention_macs(self) -> int:
         dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
         return self.heads * self.queries * self.keys * dim
 
-    @property
+    @cached_property
     def macs(self) -> int:
         """Multiply-adds per batch item (section 4)."""
         return self.attention_macs + self.projection_macs
@@ -483,7 +484,7 @@ class AttentionPlan:
             )
         ]
 
-    @property
+    @cached_property
     def moved(self) -> float:
         """Elements copied per batch item by padding, layout changes and gathers, weighted
         by how fast onnxruntime copies them (see ``Rearrange.moved``)."""
@@ -497,12 +498,12 @@ class AttentionPlan:
             moved += self.blocks * self.keys * dim
         return moved
 
-    @property
+    @cached_property
     def cost(self) -> int:
         """What the patch choice minimises: multiply-adds plus weighted data movement."""
         return int(self.macs + TRAFFIC_COST * self.moved)
 
-    @property
+    @cached_property
     def params(self) -> int:
         """Output projection weights; the grouped projection stores no zero blocks."""
         return self.heads * self.group_in_dim * self.group_out_dim * self.group
@@ -581,17 +582,31 @@ def candidate_plans(
             if block is not None:
                 plans.append(plan_attention(spec, patch, order, attention, block))
                 continue
-            grids = [-(-out // p) for out, p in zip(spec.output_size, patch)]
-            block_ranges = [range(1, min(MAX_AUTO_BLOCK, g) + 1) for g in grids]
-            plans.append(
-                best_plan(
-                    [
-                        plan_attention(spec, patch, order, attention, b)
-                        for b in itertools.product(*block_ranges)
-                    ]
-                )
-            )
+            plans.append(_best_block(spec, patch, order))
     return plans
+
+
+def _best_block(spec: ConvSpec, patch: Sequence[int], order: Order) -> AttentionPlan:
+    """Local attention's cheapest block for one patch and order, by descent from 1 x 1.
+
+    Each step tries every block one larger or smaller along one axis (up to
+    ``MAX_AUTO_BLOCK`` and the patch grid) and moves while the cost falls.
+    """
+    grids = [-(-out // p) for out, p in zip(spec.output_size, patch)]
+    limits = [min(MAX_AUTO_BLOCK, g) for g in grids]
+    current = plan_attention(spec, patch, order, Attention.LOCAL, [1] * spec.rank)
+    while True:
+        neighbours = []
+        for axis, limit in enumerate(limits):
+            for step in (1, -1):
+                block = list(current.block)
+                block[axis] += step
+                if 1 <= block[axis] <= limit:
+                    neighbours.append(plan_attention(spec, patch, order, Attention.LOCAL, block))
+        best = min([current, *neighbours], key=_rank_key)
+        if best is current:
+            return current
+        current = best
 
 
 def choose_plans(

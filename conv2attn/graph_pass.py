@@ -108,6 +108,7 @@ class ConversionReport:
     param_budget_met: bool
     attention: str = Attention.GLOBAL.value
     block: str = "auto"
+    strict_checked: bool = True  # the input passed strict shape inference, so must the output
 
     @property
     def macs_before(self) -> int:
@@ -203,37 +204,83 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ..
             tensor_type.shape.dim.add().dim_value = size
 
 
-def _infer_shapes(model: onnx.ModelProto) -> None:
-    """Fill ``value_info`` by ONNX shape inference, without serialising the weights.
+# Initializers larger than this are left out of skeletons; smaller ones (shapes, axes)
+# stay, since shape inference reads their values.
+SKELETON_MAX_BYTES = 4096
 
-    Large initializers are swapped out while inference runs (their dims are all it
-    needs), so models of any size infer in memory.
+
+def _copy_fields(target, source, skip: tuple[str, ...] = ()) -> None:
+    for field_descriptor, value in source.ListFields():
+        if field_descriptor.name in skip:
+            continue
+        repeated = getattr(field_descriptor, "is_repeated", None)
+        if repeated is None:  # protobuf before 5.28
+            repeated = field_descriptor.label == field_descriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, field_descriptor.name).extend(value)
+        elif field_descriptor.message_type is not None:
+            getattr(target, field_descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, field_descriptor.name, value)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the data of its large initializers (marked external).
+
+    Shape inference needs only their dims, so it runs on the skeleton without copying
+    the weights; the skeleton is never saved.
     """
-    held: list[tuple[onnx.TensorProto, bytes]] = []
+    copied = onnx.ModelProto()
+    _copy_fields(copied, model, skip=("graph",))
+    _copy_fields(copied.graph, model.graph, skip=("initializer",))
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) > 4096:
-            held.append((tensor, tensor.raw_data))
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            entry = tensor.external_data.add()
-            entry.key, entry.value = "location", "held-in-memory"
+        if tensor.ByteSize() <= SKELETON_MAX_BYTES:
+            copied.graph.initializer.append(tensor)
+            continue
+        stub = copied.graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "not-loaded"
+    return copied
+
+
+def _infer_shapes(model: onnx.ModelProto, bare: onnx.ModelProto) -> None:
+    """Fill ``value_info`` (and graph output types) of ``model`` from its skeleton ``bare``."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as error:  # onnx raises several types; a partial result is still usable
+        inferred = onnx.shape_inference.infer_shapes(bare, data_prop=True)
+    except Exception as error:  # onnx raises several types; the stored shapes still serve
         log.warning("shape inference failed (%s); using the shapes stored in the model", error)
-        inferred = None
-    finally:
-        for tensor, data in held:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = data
-    if inferred is None:
         return
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     for original, typed in zip(model.graph.output, inferred.graph.output):
         if typed.type.HasField("tensor_type") and typed.type.tensor_type.HasField("shape"):
             original.type.CopyFrom(typed.type)
+
+
+def passes_strict_inference(model: onnx.ModelProto) -> bool:
+    """Whether strict shape inference accepts ``model`` (a skeleton is enough)."""
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return False
+    return True
+
+
+def verify(model: onnx.ModelProto | str | os.PathLike, strict: bool) -> None:
+    """Check a converted model (in memory, or a file for any size).
+
+    ``strict``: also full shape inference, which the output must pass whenever the input
+    did; an input that fails it (custom ops, say) is held to the structural check only.
+    """
+    source = str(model) if isinstance(model, (str, os.PathLike)) else model
+    try:
+        onnx.checker.check_model(source, full_check=strict)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise InternalError(f"converted model fails onnx.checker: {first}") from None
 
 
 def _constant_values(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
@@ -471,22 +518,6 @@ def _check_opset(model: onnx.ModelProto) -> int:
     return versions[0]
 
 
-def _verify(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """The output must pass the checker with full shape inference, as the input did."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        return  # checked from the file by the writer; in memory protobuf cannot hold it
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        try:
-            onnx.checker.check_model(original, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
-            log.warning("the input model fails strict shape inference too; checked structure only")
-            onnx.checker.check_model(model)
-            return
-        raise InternalError(f"converted model fails onnx.checker: {error}") from None
-
-
 def convert(
     model: onnx.ModelProto | str | os.PathLike,
     *,
@@ -497,6 +528,7 @@ def convert(
     input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     attention: str = "global",
     block: str | int | Sequence[int] = "auto",
+    check: bool = True,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -505,6 +537,8 @@ def convert(
     every token, as in a ViT) or ``"local"`` (blocks of queries attend to their block
     plus a halo, section 5). ``input_shapes`` maps input names to dims, or is a list of
     ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
+    ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
+    instead, which needs less memory and works at any size).
     Raises InputError for anything wrong with the model or the options.
     """
     if isinstance(input_shapes, Mapping):
@@ -526,21 +560,28 @@ def convert(
         exclude=tuple(exclude),
         input_shapes=shapes,
     )
-    if isinstance(model, onnx.ModelProto):
-        original = model
-        model = copy.deepcopy(model)
-    else:
-        model = load_model(model)
-        original = copy.deepcopy(model)
-    return _convert(model, original, options)
+    model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
+    converted, report = _convert(model, options)
+    if check:
+        if converted.ByteSize() < PROTOBUF_LIMIT:
+            verify(converted, report.strict_checked)
+        else:
+            log.info("the converted model is too large to check in memory; verify() its file")
+    return converted, report
 
 
 def _convert(
-    model: onnx.ModelProto, original: onnx.ModelProto, options: ConvertOptions
+    model: onnx.ModelProto, options: ConvertOptions
 ) -> tuple[onnx.ModelProto, ConversionReport]:
+    """Convert ``model`` (consumed: its graph is rewritten in place)."""
     _check_opset(model)
     _pin_input_shapes(model, options.input_shapes)
-    _infer_shapes(model)
+    bare = skeleton(model)
+    strict = passes_strict_inference(bare)
+    _infer_shapes(model, bare)
+    del bare
+    header = onnx.ModelProto()
+    _copy_fields(header, model, skip=("graph", "functions", "training_info"))
     graph = gs.import_onnx(model)
     _name_nodes(graph)
 
@@ -563,7 +604,7 @@ def _convert(
 
     plans, considered, budget_met = _plan(candidates, options)
     layers = []
-    for candidate, plan, alternatives in zip(candidates, plans, considered):
+    for candidate, plan, alternatives in zip(candidates, plans, considered, strict=True):
         node = candidate.node
         x, y = node.inputs[0], node.outputs[0]
         node.inputs.clear()
@@ -579,9 +620,11 @@ def _convert(
             candidate.batch,
         )
         layers.append(_layer_report(candidate, plan, y.name, alternatives))
+        candidate.weight = candidate.bias = None  # the projection replaces them
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     converted = gs.export_onnx(graph)
+    del graph, candidates
     for field_name in (
         "ir_version",
         "producer_name",
@@ -590,10 +633,10 @@ def _convert(
         "model_version",
         "doc_string",
     ):
-        if original.HasField(field_name):
-            setattr(converted, field_name, getattr(original, field_name))
+        if header.HasField(field_name):
+            setattr(converted, field_name, getattr(header, field_name))
     del converted.metadata_props[:]
-    converted.metadata_props.extend(p for p in original.metadata_props if p.key != METADATA_KEY)
+    converted.metadata_props.extend(p for p in header.metadata_props if p.key != METADATA_KEY)
     report = ConversionReport(
         layers=layers,
         skipped=skipped,
@@ -606,6 +649,7 @@ def _convert(
         block=options.block
         if isinstance(options.block, str)
         else "x".join(map(str, options.block)),
+        strict_checked=strict,
     )
     record = {
         "version": __version__,
@@ -631,5 +675,4 @@ def _convert(
             METADATA_KEY: json.dumps(record, sort_keys=True),
         },
     )
-    _verify(converted, original)
     return converted, report

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -92,7 +93,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     try:
-        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(path))
+        # From the file: checking in memory would serialise the whole model once more.
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
         first = str(error).strip().splitlines()[0]
         raise InputError(f"{path}: fails onnx.checker: {first}") from None
@@ -120,14 +122,17 @@ def check_output_path(output: str | os.PathLike, inputs: list[Path], force: bool
 
 
 def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike, external_threshold: int = PROTOBUF_LIMIT
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    external_threshold: int = PROTOBUF_LIMIT,
+    verify: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write ``model`` atomically; with external data from ``external_threshold`` bytes.
 
     The data file is ``<name>.data`` next to the model. Writing external data moves the
-    tensors out of ``model``; such a model is checked from the staged files (protobuf
-    cannot hold it in memory) before anything is renamed into place. Returns the files
-    written.
+    tensors out of ``model``. ``verify`` is called with the staged file before anything is
+    renamed into place (a model with external data is always checked that way, since
+    protobuf cannot hold it in memory). Returns the files written.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from conv2attn.graph_pass import ConversionReport
+from conv2attn.profile import ProfileReport
 from conv2attn.validate import CheckReport
 
 
@@ -157,4 +158,42 @@ def check_table(report: CheckReport) -> str:
         f"parity: {verdict} (worst output {worst.name}: max rel {worst.max_rel:.3g}, "
         f"bound {worst.rtol:g} * max|ref| + {worst.atol:g})",
     ]
+    return "\n".join(lines)
+
+
+def profile_table(report: ProfileReport, top: int = 15) -> str:
+    """Latency per model with the ratio to the first; per-layer shares when measured."""
+    rows = [
+        ["model", "batch", "median ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio", "runs"]
+    ]
+    for m in report.models:
+        s = m.stats
+        rows.append(
+            [
+                m.path,
+                str(s.batch),
+                f"{s.median_ms:.2f}",
+                f"{s.p90_ms:.2f}",
+                f"{s.p99_ms:.2f}",
+                f"{s.mean_ms:.2f}",
+                f"{s.throughput:.1f}",
+                f"{m.ratio:.2f}x",
+                str(s.runs),
+            ]
+        )
+    lines = [
+        f"{report.backend}, {report.threads} threads",
+        "",
+        format_table(rows, [False, True, True, True, True, True, True, True, True]),
+    ]
+    for m in report.models:
+        if not m.layers:
+            continue
+        ranked = sorted(m.layers, key=lambda layer: -layer.ms)
+        rows = [["layer (source Conv)", "ms", "share"]]
+        rows += [
+            [layer.name, f"{layer.ms:.3f}", f"{100 * layer.share:.1f}%"] for layer in ranked[:top]
+        ]
+        lines += ["", f"{m.path}: kernel time by source Conv (top {min(top, len(ranked))})"]
+        lines.append(format_table(rows, [False, True, True]))
     return "\n".join(lines)

@@ -2,65 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 
-
-def _exportable(name: str, seed: int):
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)().eval()
-    # Random initialisation leaves BatchNorm at identity statistics and some classifiers at
-    # tiny scale (mobilenet_v2's logits are ~1e-9), where any parity bound passes through
-    # its absolute term. Trained-like statistics keep activations of order one.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
-    return model
-
-
-def export_torchvision(name: str, path: Path, dynamo: bool, seed: int = 0) -> Path:
-    """Export a torchvision model at 224x224 with a dynamic batch dimension."""
-    import torch
-
-    model = _exportable(name, seed)
-    example = torch.randn(1, 3, 224, 224)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            # The new exporter writes the weights as external data next to the model.
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=True,
-                input_names=["input"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-            )
-        else:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}},
-                opset_version=13,
-            )
-    return path
+from tools.torchvision_models import export
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +18,7 @@ def torchvision_model(tmp_path_factory):
         key = (name, dynamo)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"{name}_{'dynamo' if dynamo else 'legacy'}")
-            cache[key] = export_torchvision(name, folder / f"{name}.onnx", dynamo)
+            cache[key] = export(name, folder / f"{name}.onnx", dynamo)
         return cache[key]
 
     return get

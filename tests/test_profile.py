@@ -1,0 +1,138 @@
+"""`conv2attn profile`: statistics, block scheduling, per-layer attribution, bad input."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import conv2attn
+from conv2attn.cli import main
+from conv2attn.errors import InputError
+from conv2attn.profile import latency_stats, time_models
+from tests.helpers import chain_model, conv_model
+
+
+def test_latency_statistics():
+    seconds = [i / 1000 for i in range(1, 101)]  # 1 .. 100 ms
+    stats = latency_stats(seconds, batch=8)
+    assert stats.runs == 100
+    assert stats.median_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.mean_ms == pytest.approx(50.5) and stats.min_ms == pytest.approx(1.0)
+    assert stats.throughput == pytest.approx(8 * 1000 / 50.5)
+
+
+class RecordingSession:
+    """Stands in for an onnxruntime session: records the order of runs."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def run(self, outputs, feeds):
+        self.log.append(self.name)
+
+
+def test_models_alternate_in_blocks_and_each_block_drops_its_first_run():
+    log = []
+    sessions = [RecordingSession("a", log), RecordingSession("b", log)]
+    times = time_models(sessions, [{}, {}], iterations=10, duration=None, block=6, warmup=0)
+    warmup = log[:6]
+    assert warmup == ["a"] * 3 + ["b"] * 3  # three warm-up runs each, then timing
+    timed = log[6:]
+    assert timed[:12] == ["a"] * 6 + ["b"] * 6
+    assert len(timed) == 2 * 6 * 2  # two rounds of a block each to reach 10 kept runs
+    assert [len(t) for t in times] == [10, 10]  # 5 kept per block of 6
+
+
+def test_block_of_one_run_is_refused():
+    with pytest.raises(InputError, match="at least 2"):
+        time_models(
+            [RecordingSession("a", [])], [{}], iterations=1, duration=None, block=1, warmup=0
+        )
+
+
+@pytest.fixture
+def pair(tmp_path):
+    original = tmp_path / "chain.onnx"
+    onnx.save(chain_model(), str(original))
+    converted = tmp_path / "chain_attn.onnx"
+    onnx.save(conv2attn.convert(chain_model())[0], str(converted))
+    return original, converted
+
+
+def test_profile_reports_every_model_with_ratio_to_the_first(pair, tmp_path, capsys):
+    original, converted = pair
+    out = tmp_path / "p.json"
+    args = [
+        "profile",
+        str(original),
+        str(converted),
+        "--iterations",
+        "5",
+        "--warmup",
+        "0",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "ratio" in printed
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1
+    first, second = report["models"]
+    assert first["ratio"] == 1.0
+    assert second["ratio"] == pytest.approx(
+        second["stats"]["median_ms"] / first["stats"]["median_ms"]
+    )
+    for model in report["models"]:
+        stats = model["stats"]
+        assert stats["runs"] >= 5 and stats["batch"] == 2
+        assert stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+
+
+def test_per_layer_attributes_kernel_time_to_source_convs(pair, tmp_path):
+    _, converted = pair
+    out = tmp_path / "p.json"
+    args = [
+        "profile",
+        str(converted),
+        "--iterations",
+        "3",
+        "--warmup",
+        "0",
+        "--per-layer",
+        "--json",
+        str(out),
+        "-q",
+    ]
+    assert main(args) == 0
+    layers = json.loads(out.read_text())["models"][0]["layers"]
+    names = [layer["name"] for layer in layers]
+    assert {"stem", "down", "skip"} <= set(names)
+    assert set(names) <= {"stem", "down", "skip", "(not converted)"}
+    assert sum(layer["share"] for layer in layers) == pytest.approx(1.0)
+    assert all(layer["ms"] > 0 for layer in layers)
+
+
+def test_fixed_batch_conflicts_with_batch_option(tmp_path):
+    path = tmp_path / "fixed.onnx"
+    onnx.save(conv_model(batch=1), str(path))
+    assert main(["profile", str(path), "--batch", "4", "-q"]) == 2
+
+
+def test_profile_of_a_missing_model_is_an_input_error(tmp_path, capsys):
+    assert main(["profile", str(tmp_path / "none.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_random_feeds_follow_the_batch():
+    from conv2attn.profile import model_feeds
+
+    feeds = model_feeds(chain_model(), batch=3, shapes={})
+    assert feeds["x"].shape == (3, 3, 16, 16) and feeds["x"].dtype == np.float32

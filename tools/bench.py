@@ -1,0 +1,156 @@
+"""Benchmark: torchvision CNNs against their global and local attention conversions.
+
+For each model (224x224, random weights with trained-like BatchNorm statistics): export,
+convert with ``--attention global`` and ``--attention local`` in a fresh process each
+(conversion time and peak memory of that process), then time the original and both
+conversions side by side with onnxruntime on the CPU at each batch size, alternating in
+blocks of runs with each block's first run dropped. Prints one table.
+
+    python tools/bench.py                       # resnet18, resnet50, mobilenet_v2
+    python tools/bench.py --models resnet18 --batches 1 --iterations 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from conv2attn.profile import profile  # noqa: E402
+from conv2attn.report import format_table  # noqa: E402
+from tools.torchvision_models import export  # noqa: E402
+
+
+def convert(source: Path, output: Path, attention: str) -> dict:
+    """Run ``conv2attn convert`` in its own process: wall time and peak resident memory."""
+    report = output.with_suffix(".json")
+    command = [
+        sys.executable,
+        "-m",
+        "conv2attn",
+        "convert",
+        str(source),
+        "-o",
+        str(output),
+        "--attention",
+        attention,
+        "--report",
+        str(report),
+        "--force",
+        "-q",
+    ]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"conversion failed: {child.stderr.read().decode()}")
+    totals = json.loads(report.read_text())["totals"]
+    size = output.stat().st_size + sum(
+        p.stat().st_size for p in output.parent.glob(output.name + ".data")
+    )
+    return {
+        "seconds": seconds,
+        "peak_mb": usage.ru_maxrss / 1024,
+        "size": size,
+        "mac_ratio": totals["macs_after"] / totals["macs_before"],
+        "param_ratio": totals["params_after"] / totals["params_before"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--iterations", type=int, default=30, help="timed runs per model and batch")
+    parser.add_argument("--block-runs", type=int, default=6, help="runs per block, first dropped")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    parser.add_argument("--json", type=Path, help="write all measurements as JSON")
+    args = parser.parse_args()
+
+    rows = [
+        [
+            "model",
+            "attention",
+            "convert s",
+            "peak MB",
+            "peak/size",
+            "size x",
+            "MACs x",
+            "params x",
+            *[f"latency x b{b}" for b in args.batches],
+        ]
+    ]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="conv2attn-bench-") as folder:
+        folder = Path(folder)
+        for name in args.models:
+            source = export(name, folder / f"{name}.onnx", dynamo=False)
+            original_size = source.stat().st_size
+            paths, conversions = [source], {}
+            for attention in ("global", "local"):
+                output = folder / f"{name}_{attention}.onnx"
+                conversions[attention] = convert(source, output, attention)
+                paths.append(output)
+            models = [onnx.load(str(p)) for p in paths]
+            latency = {}
+            for batch in args.batches:
+                report = profile(
+                    paths,
+                    models,
+                    batch=batch,
+                    threads=args.threads,
+                    iterations=args.iterations,
+                    block=args.block_runs,
+                )
+                latency[batch] = [m.ratio for m in report.models]
+                medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
+                print(
+                    f"{name} batch {batch}: median ms (original, global, local) = {medians}",
+                    flush=True,
+                )
+            for index, attention in enumerate(("global", "local"), start=1):
+                c = conversions[attention]
+                rows.append(
+                    [
+                        name,
+                        attention,
+                        f"{c['seconds']:.1f}",
+                        f"{c['peak_mb']:.0f}",
+                        f"{c['peak_mb'] * 2**20 / c['size']:.1f}",
+                        f"{c['size'] / original_size:.2f}",
+                        f"{c['mac_ratio']:.2f}",
+                        f"{c['param_ratio']:.2f}",
+                        *[f"{latency[b][index]:.2f}" for b in args.batches],
+                    ]
+                )
+                results.append(
+                    {
+                        "model": name,
+                        "attention": attention,
+                        **c,
+                        "size_ratio": c["size"] / original_size,
+                        "latency_ratio": {str(b): latency[b][index] for b in args.batches},
+                    }
+                )
+    print()
+    machine = platform.processor() or platform.machine()
+    print(f"onnxruntime CPU, fp32, {args.threads or os.cpu_count()} threads, {machine}")
+    print(format_table(rows, [False, False, *[True] * (len(rows[0]) - 2)]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
