@@ -19,6 +19,7 @@ are left out of the emitted shapes):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ class _Builder:
         self.graph = graph
         self.prefix = prefix
         self.dtype = dtype
+        self.opset = graph.opset
         self.nodes: list[gs.Node] = []
 
     def constant(self, part: str, values: np.ndarray) -> gs.Constant:
@@ -191,13 +193,14 @@ def _patchify(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> g
     """
     spec = plan.spec
     layout = plan.patchify_layout()
-    tokens = [batch, plan.tokens, plan.group_in_dim]
     if plan.channels_last:
+        tokens = [batch, plan.tokens, plan.in_dim]
         to_nhwc, shuffle = layout
         extent = [a.tokens_extent for a in plan.axes]
         x = _rearrange(b, "patchify/to_nhwc", x, to_nhwc, [batch, *extent, spec.in_channels], batch)
         return _rearrange(b, "patchify", x, shuffle, tokens, batch)
-    return _rearrange(b, "patchify", x, layout[0], [batch, spec.group, *tokens[1:]], batch)
+    tokens = [batch, spec.group, plan.tokens, plan.group_in_dim]
+    return _rearrange(b, "patchify", x, layout[0], tokens, batch)
 
 
 def _unpatchify(
@@ -245,6 +248,58 @@ def _slice(
         ],
         shape,
     )
+
+
+def _depthwise_projection(
+    b: _Builder,
+    attended: gs.Variable,
+    plan: AttentionPlan,
+    lead: list[Dim],
+    projection: np.ndarray,
+    bias: np.ndarray,
+) -> gs.Variable:
+    """Per-channel output projection of a depthwise Conv, as a broadcast Mul and a ReduceSum.
+
+    ``attended`` [.., q * heads, P * C] (one attention for every channel) becomes
+    [.., q, heads * P, 1, C, 1]; W_O, per channel ``[C, heads * P, p * m]``, is stored as
+    ``[heads * P, p, C, m]``; the sum over (head, input pixel) leaves [.., q, p, C, m],
+    the channels-last output patch. No zero blocks are stored or multiplied.
+    """
+    spec = plan.spec
+    channels, multiplier = spec.in_channels, spec.out_channels // spec.group
+    taps = plan.heads * math.prod(plan.in_patch)
+    pixels = math.prod(plan.patch)
+    q = plan.block_queries
+    split = b.reshape("concat_heads", attended, [*lead, q, taps, 1, channels, 1])
+    weight = projection.reshape(channels, taps, pixels, multiplier).transpose(1, 2, 0, 3)
+    product = b.op(
+        "Mul",
+        "proj/Mul",
+        [split, b.constant("W_O", weight)],
+        [*lead, q, taps, pixels, channels, multiplier],
+    )
+    axis = len(lead) + 1
+    summed_shape = [*lead, q, pixels, channels, multiplier]
+    if b.opset >= 13:
+        summed = b.op(
+            "ReduceSum",
+            "proj/ReduceSum",
+            [product, b.int64("proj/axes", [axis])],
+            summed_shape,
+            attrs={"keepdims": 0},
+        )
+    else:
+        summed = b.op(
+            "ReduceSum",
+            "proj/ReduceSum",
+            [product],
+            summed_shape,
+            attrs={"axes": [axis], "keepdims": 0},
+        )
+    flat = b.reshape("proj/merge", summed, [*lead, q, plan.out_dim])
+    # bias per (p, m) of each channel -> (p, C, m), the channels-last output features
+    bias = bias.reshape(channels, pixels, multiplier).transpose(1, 0, 2).reshape(-1)
+    return b.op("Add", "proj/Add", [flat, b.constant("bias", bias)], [*lead, q, plan.out_dim])
 
 
 def emit_attention(
@@ -302,6 +357,9 @@ def emit_attention(
 
     n = plan.tokens
     tokens = _patchify(b, x, plan, batch)
+    if plan.channels_last:
+        g = []  # one token holds every channel
+    dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
 
     # Local attention works on [B, g, blocks, ...]; global attention is one block.
     q, k, heads = plan.block_queries, plan.keys, plan.heads
@@ -316,6 +374,13 @@ def emit_attention(
                 "Gather", "Gather", [values, indices], [*lead, k, dim], attrs={"axis": len(g) + 1}
             )
 
+    if plan.depthwise:
+        keys = windows(tokens, dim_in) if local else tokens
+        attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
+        projected = _depthwise_projection(b, attended, plan, lead, projection, bias)
+        _unpatchify(b, projected, plan, batch, y)
+        return b.nodes
+
     # projection: [g, rows, cols]; g == 1 drops the group axis, and grouped local
     # attention projects [B, g, blocks, ..] so needs a broadcast axis for the blocks.
     weight_shape = list(projection.shape) if g else list(projection.shape[1:])
@@ -323,12 +388,10 @@ def emit_attention(
         weight_shape.insert(1, 1)
     weight = b.constant("W_O", projection.reshape(weight_shape))
     if plan.order is Order.ATTEND_FIRST:
-        keys = windows(tokens, plan.group_in_dim) if local else tokens
+        keys = windows(tokens, dim_in) if local else tokens
         # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
-        attended = b.op(
-            "MatMul", "MatMul", [attention, keys], [*lead, q * heads, plan.group_in_dim]
-        )
-        heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * plan.group_in_dim])
+        attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
+        heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * dim_in])
         projected = b.op(
             "MatMul", "proj/MatMul", [heads_concat, weight], [*lead, q, plan.group_out_dim]
         )

@@ -258,6 +258,7 @@ TRAFFIC_COST = 16
 SHORT_RUN = 16
 SHORT_RUN_FACTOR = 25
 SWAP_FACTOR = 2
+DEPTHWISE_PRODUCT_MOVES = 5
 
 
 @dataclass(frozen=True)
@@ -318,8 +319,23 @@ class AttentionPlan:
 
     @property
     def channels_last(self) -> bool:
-        """Token features ``(pixel, channel)``: ungrouped Convs; see ``weights``."""
-        return self.spec.group == 1
+        """Token features ``(pixel, channel)`` over all channels: ungrouped and depthwise
+        Convs (see ``weights``); other grouped Convs use per-group channel-major tokens."""
+        return self.spec.group == 1 or self.depthwise
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group, local attention attending first: one attention is
+        shared by all channels and only the projection is per channel. (Per-group
+        attention would be thousands of tiny matrix products per block; global attention
+        and project-first keep per-group channel-major tokens, whose batched products
+        measure faster there.)"""
+        return (
+            self.spec.group > 1
+            and self.spec.in_channels == self.spec.group
+            and self.order is Order.ATTEND_FIRST
+            and self.attention is Attention.LOCAL
+        )
 
     @property
     def subsamples(self) -> bool:
@@ -496,6 +512,10 @@ class AttentionPlan:
         if self.attention is Attention.LOCAL:
             dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
             moved += self.blocks * self.keys * dim
+        if self.depthwise:
+            # The per-channel projection is a broadcast Mul and a ReduceSum: each product is
+            # written and read back (measured ~2 G elements/s, ~80 MatMul multiply-adds).
+            moved += DEPTHWISE_PRODUCT_MOVES * self.projection_macs
         return moved
 
     @cached_property
@@ -573,9 +593,13 @@ def candidate_plans(
     if patches is None:
         ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
         patches = list(itertools.product(*ranges))
+    # Depthwise Convs share one attention across channels only when attending first.
+    orders = (
+        [Order.ATTEND_FIRST] if spec.group > 1 and spec.in_channels == spec.group else list(Order)
+    )
     plans = []
     for patch in patches:
-        for order in Order:
+        for order in orders:
             if attention is Attention.GLOBAL:
                 plans.append(plan_attention(spec, patch, order))
                 continue

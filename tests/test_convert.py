@@ -120,9 +120,20 @@ def test_head_count_in_the_graph_is_four_for_3x3_with_patch_2():
 
 
 def test_depthwise_uses_a_grouped_projection():
-    converted, _ = convert_and_compare(conv_model(8, 8, group=8, size=(12, 12)), patch="2")
-    projection = next(i for i in converted.graph.initializer if i.name == "conv/attn/W_O")
-    assert list(projection.dims) == [8, 4 * 4, 4]  # per channel; dense would be [128, 32]
+    model = conv_model(8, 8, group=8, size=(12, 12))
+
+    def projection(converted):
+        return next(i for i in converted.graph.initializer if i.name == "conv/attn/W_O")
+
+    # Global attention: per-channel tokens and one small projection per channel, batched.
+    converted, _ = convert_and_compare(model, patch="2")
+    assert list(projection(converted).dims) == [8, 4 * 4, 4]  # dense would be [128, 32]
+    # Local attention: one attention shared by all channels, then the per-channel
+    # projection as a broadcast Mul and a ReduceSum; still no zero blocks.
+    converted, _ = convert_and_compare(model, patch="2", attention="local")
+    assert list(projection(converted).dims) == [4 * 4, 4, 8, 1]
+    kinds = ops(converted)
+    assert "ReduceSum" in kinds and kinds.count("MatMul") == 1
 
 
 def test_float16_model_converts_with_float16_precision():

@@ -90,12 +90,17 @@ def test_grouped_projection_stores_no_zero_blocks():
     assert projection.shape == (32, 4 * 4, 4)
 
 
-def test_bias_repeats_over_the_output_patch():
-    spec = ConvSpec(2, 4, 2, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (4, 4))
-    plan = plan_attention(spec, (1, 2))
+def test_bias_repeats_over_the_output_patch_in_the_token_layout():
+    grouped = ConvSpec(4, 4, 2, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (4, 4))
+    plan = plan_attention(grouped, (1, 2))
+    assert not plan.channels_last  # two input channels per group: channel-major (co, u, v)
     bias = output_bias(plan, np.array([1, 2, 3, 4], dtype=np.float32), np.float16)
     assert bias.dtype == np.float16
     assert bias.tolist() == [[[1, 1, 2, 2]], [[3, 3, 4, 4]]]
+    dense = ConvSpec(2, 2, 1, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (4, 4))
+    plan = plan_attention(dense, (1, 2))
+    assert plan.channels_last  # (u, v, co)
+    assert output_bias(plan, np.array([1, 2], np.float32), np.float32).tolist() == [[[1, 2, 1, 2]]]
 
 
 def test_weight_shape_mismatch_is_refused():
