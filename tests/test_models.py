@@ -21,15 +21,22 @@ def cli(*args):
 
 
 @pytest.mark.parametrize(
-    ("name", "dynamo", "convs"),
+    ("name", "dynamo", "convs", "attention"),
     [
-        ("resnet18", False, 20),
-        ("mobilenet_v2", True, 52),
+        ("resnet18", False, 20, "global"),
+        ("resnet18", False, 20, "local"),
+        ("mobilenet_v2", True, 52, "global"),
+        ("mobilenet_v2", True, 52, "local"),
     ],
-    ids=["resnet18-legacy-export", "mobilenet_v2-dynamo-external-data"],
+    ids=[
+        "resnet18-legacy-export-global",
+        "resnet18-legacy-export-local",
+        "mobilenet_v2-dynamo-external-data-global",
+        "mobilenet_v2-dynamo-external-data-local",
+    ],
 )
 def test_torchvision_model_converts_completely_with_parity(
-    torchvision_model, tmp_path, name, dynamo, convs
+    torchvision_model, tmp_path, name, dynamo, convs, attention
 ):
     source = torchvision_model(name, dynamo)
     if dynamo:
@@ -39,7 +46,7 @@ def test_torchvision_model_converts_completely_with_parity(
 
     output = tmp_path / f"{name}_attn.onnx"
     report_path = tmp_path / "report.json"
-    result = cli("convert", source, "-o", output, "--report", report_path)
+    result = cli("convert", source, "-o", output, "--report", report_path, "--attention", attention)
     assert result.returncode == 0, result.stderr
     assert f"total ({convs} converted)" in result.stdout
 
@@ -49,7 +56,7 @@ def test_torchvision_model_converts_completely_with_parity(
     assert op_types.count("Conv") == 0
     assert op_types.count("Softmax") == convs
     record = json.loads(next(p.value for p in converted.metadata_props if p.key == METADATA_KEY))
-    assert len(record["layers"]) == convs
+    assert len(record["layers"]) == convs and record["attention"] == attention
     report = json.loads(report_path.read_text())
     assert report["totals"]["converted"] == convs and report["skipped"] == []
 
