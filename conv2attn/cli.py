@@ -48,6 +48,14 @@ examples:
   conv2attn profile resnet18_attn.onnx --per-layer --json profile.json
 """
 
+REPORT_EPILOG = """\
+examples:
+  conv2attn report resnet18.onnx resnet18_attn.onnx -o report.html
+  conv2attn report resnet18.onnx resnet18_attn.onnx -o r.html --layer /layer1/layer1.0/conv1/Conv
+  conv2attn profile resnet18.onnx resnet18_attn.onnx --per-layer --json p.json
+  conv2attn report resnet18.onnx resnet18_attn.onnx -o report.html --profile p.json --png charts/
+"""
+
 DEMO_EPILOG = """\
 example:
   conv2attn demo -o demo_out/
@@ -215,11 +223,44 @@ def build_parser() -> argparse.ArgumentParser:
     _common(profile)
     profile.set_defaults(run=run_profile)
 
+    report = commands.add_parser(
+        "report",
+        help="write a one-page HTML report of a conversion",
+        description="Write one self-contained HTML file: summary, a sortable per-layer table, "
+        "how one layer's heads attend (computed by running the converted graph) next to "
+        "the Conv kernel, and charts of parity, growth and (with --profile) latency.",
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("original", type=Path, help="the model before conversion")
+    report.add_argument("converted", type=Path, help="the model after conversion")
+    report.add_argument("-o", "--output", type=Path, required=True, help="the .html file to write")
+    report.add_argument("--layer", help="the layer to picture (default: the first converted Conv)")
+    report.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE.json",
+        help="conv2attn profile --per-layer --json output",
+    )
+    report.add_argument(
+        "--png", type=Path, metavar="DIR", help="also write every chart as a PNG into DIR"
+    )
+    report.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="shape of an input with dynamic dims other than the batch (repeatable)",
+    )
+    report.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _common(report)
+    report.set_defaults(run=run_report)
+
     demo = commands.add_parser(
         "demo",
         help="convert and check the shipped digits model",
         description="Convert the shipped model (a residual CNN trained on scikit-learn's "
-        "digits) and check it on its held-out test split.",
+        "digits), check it on its held-out test split and write the HTML report.",
         epilog=DEMO_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -420,6 +461,31 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from conv2attn import inputs
+    from conv2attn.graph_pass import parse_input_shapes
+    from conv2attn.modelio import load_model
+    from conv2attn.visual_report import gather, write_report
+
+    check_output_path(args.output, [args.original, args.converted], args.force)
+    profile = None
+    if args.profile is not None:
+        try:
+            profile = json.loads(args.profile.read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"{args.profile}: not a readable profile JSON ({error})") from None
+    original = load_model(args.original)
+    converted = load_model(args.converted)
+    samples = inputs.random_samples(
+        inputs.graph_inputs(original), 2, 0, parse_input_shapes(args.input_shape)
+    )
+    data = gather(args.original, args.converted, original, converted, samples, args.layer, profile)
+    written = write_report(data, args.output, args.png)
+    if not args.quiet:
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     for path in (args.model, args.data):
         if not path.is_file():
@@ -430,9 +496,12 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.output_dir.is_dir():
         raise InputError(f"{args.output_dir}: not a directory; create it first")
     output = args.output_dir / f"{args.model.stem}_attn.onnx"
+    page = args.output_dir / f"{args.model.stem}_report.html"
+    force = ["--force"] if args.force else []
     steps = [
-        ["convert", str(args.model), "-o", str(output), *(["--force"] if args.force else [])],
+        ["convert", str(args.model), "-o", str(output), *force],
         ["check", str(args.model), str(output), "--inputs", str(args.data), "--per-layer"],
+        ["report", str(args.model), str(output), "-o", str(page), *force],
     ]
     parser = build_parser()
     for index, step in enumerate(steps):

@@ -79,7 +79,9 @@ class LayerReport:
     attention: str
     block: tuple[int, ...] | None
     heads: int
+    reach: tuple[int, ...]
     token_grid: tuple[int, ...]
+    query_grid: tuple[int, ...]
     tokens: int
     queries: int
     keys: int
@@ -493,7 +495,9 @@ def _layer_report(
         attention=plan.attention.value,
         block=plan.block if plan.attention is Attention.LOCAL else None,
         heads=plan.heads,
+        reach=plan.reach,
         token_grid=plan.token_grid,
+        query_grid=plan.query_grid,
         tokens=plan.tokens,
         queries=plan.queries,
         keys=plan.keys,
@@ -661,8 +665,20 @@ def _convert(
                 "patch": list(layer.patch),
                 "heads": layer.heads,
                 "token_grid": list(layer.token_grid),
+                "query_grid": list(layer.query_grid),
+                "reach": list(layer.reach),
                 "order": layer.order,
                 "block": None if layer.block is None else list(layer.block),
+                "kernel": list(layer.kernel),
+                "strides": list(layer.strides),
+                "dilations": list(layer.dilations),
+                "groups": layer.groups,
+                "queries": layer.queries,
+                "keys": layer.keys,
+                "macs_before": layer.macs_before,
+                "macs_after": layer.macs_after,
+                "params_before": layer.params_before,
+                "params_after": layer.params_after,
             }
             for layer in layers
         ],

@@ -20,6 +20,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Refuse images larger than this many pixels before decoding them (decompression bombs).
+# Checked from the image header; Pillow's own, larger guard stays as it is.
 MAX_IMAGE_PIXELS = 100_000_000
 
 
@@ -199,7 +200,6 @@ def image_samples(
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: no images (.jpg or .png) in the directory")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     images = []
     for path in files:
         try:

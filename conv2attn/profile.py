@@ -156,14 +156,49 @@ def time_models(
             return times
 
 
+# Activations onnxruntime fuses into a preceding Conv; the fused node is then named
+# after the activation's output.
+FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish"}
+
+
+def original_node_owners(model: onnx.ModelProto, layers: Sequence[dict]) -> dict[str, str]:
+    """onnxruntime node names of each converted layer's original Conv, to its layer name.
+
+    A Conv is found by its output tensor (kept by the conversion). onnxruntime may keep
+    the node's name, or rename it after its output (``<output>_nchwc``), or after the
+    output of an activation it fused.
+    """
+    by_output = {layer["output"]: layer["name"] for layer in layers}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    owners = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.output[0] not in by_output:
+            continue
+        layer = by_output[node.output[0]]
+        names = [node.name, node.output[0]]
+        following = consumers.get(node.output[0], [])
+        if len(following) == 1 and following[0].op_type in FUSED_ACTIVATIONS:
+            names.append(following[0].output[0])
+        owners.update({key: layer for key in (node.name, *(f"{n}_nchwc" for n in names[1:]))})
+    return owners
+
+
 def layer_times(
     path: str | os.PathLike,
     layers: Sequence[str],
     feed: Mapping[str, np.ndarray],
     threads: int,
     runs: int,
+    owners: Mapping[str, str] | None = None,
 ) -> list[LayerTime]:
-    """Kernel time per converted Conv (by node name prefix), plus one row for the rest."""
+    """Kernel time per converted Conv, plus one row for the rest.
+
+    Nodes of a converted model are found by their name prefix ``<conv>/attn/``; nodes of
+    an original model through ``owners`` (``original_node_owners``).
+    """
     with tempfile.TemporaryDirectory(prefix="conv2attn-profile-") as folder:
         session = _session(path, threads, str(Path(folder) / "profile"))
         for _ in range(runs + 1):
@@ -171,6 +206,7 @@ def layer_times(
         events = json.loads(Path(session.end_profiling()).read_text())
     # Longest names first, so "a/b" does not claim the nodes of "a/b_1".
     prefixes = sorted(((f"{name}/attn/", name) for name in layers), key=lambda p: -len(p[0]))
+    rest = "(not converted)" if owners is None else "(other nodes)"
     totals: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     for event in events:
@@ -180,12 +216,15 @@ def layer_times(
         seen[node] += 1
         if seen[node] == 1:
             continue  # the first run does one-off work (allocation, prepacking)
-        owner = next((name for prefix, name in prefixes if node.startswith(prefix)), None)
-        totals[owner if owner is not None else "(not converted)"] += event["dur"]
+        if owners is not None:
+            owner = owners.get(node)
+        else:
+            owner = next((name for prefix, name in prefixes if node.startswith(prefix)), None)
+        totals[owner if owner is not None else rest] += event["dur"]
     total = sum(totals.values()) or 1
     return [
         LayerTime(name, totals[name] / runs / 1e3, totals[name] / total)
-        for name in [*layers, "(not converted)"]
+        for name in [*layers, rest]
         if name in totals
     ]
 
@@ -216,11 +255,20 @@ def profile(
         sessions, feeds, iterations=iterations, duration=duration, block=block, warmup=warmup
     )
     stats = [latency_stats(t, batch) for t in times]
+    # A model without a conversion record is attributed through the others' records.
+    records = [converted_layers(model) for model in models]
+    known = next((record for record in records if record), [])
     results = []
-    for path, model, feed, stat in zip(paths, models, feeds, stats):
+    for path, model, feed, stat, record in zip(paths, models, feeds, stats, records):
         layers = None
         if per_layer:
-            names = [layer["name"] for layer in converted_layers(model)]
-            layers = layer_times(path, names, feed, threads, runs=max(5, min(iterations, 20)))
+            runs = max(5, min(iterations, 20))
+            if record:
+                names = [layer["name"] for layer in record]
+                layers = layer_times(path, names, feed, threads, runs)
+            elif known:
+                names = [layer["name"] for layer in known]
+                owners = original_node_owners(model, known)
+                layers = layer_times(path, names, feed, threads, runs, owners)
         results.append(ModelProfile(str(path), stat, stat.median_ms / stats[0].median_ms, layers))
     return ProfileReport(backend="onnxruntime-cpu", threads=threads, models=results)
