@@ -101,6 +101,17 @@ def resolve_pads(
     ``pads`` is the ONNX attribute ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]``.
     """
     rank = len(kernel)
+    for name, values in (
+        ("strides", strides),
+        ("dilations", dilations),
+        ("input size", input_size),
+    ):
+        if len(values) != rank:
+            raise GeometryError(f"{name} has {len(values)} entries, kernel_shape has {rank}")
+    if min(strides, default=1) < 1 or min(dilations, default=1) < 1:
+        raise GeometryError(
+            f"strides {list(strides)} and dilations {list(dilations)} must be positive"
+        )
     mode = AutoPad(auto_pad)
     if mode is AutoPad.NOTSET:
         pads = list(pads) if pads else [0] * (2 * rank)

@@ -35,7 +35,7 @@ from conv2attn.geometry import (
     resolve_pads,
     validate,
 )
-from conv2attn.modelio import PROTOBUF_LIMIT, load_model
+from conv2attn.modelio import PROTOBUF_LIMIT, is_repeated, load_model
 from conv2attn.weights import output_bias, output_projection
 
 log = logging.getLogger(__name__)
@@ -215,10 +215,7 @@ def _copy_fields(target, source, skip: tuple[str, ...] = ()) -> None:
     for field_descriptor, value in source.ListFields():
         if field_descriptor.name in skip:
             continue
-        repeated = getattr(field_descriptor, "is_repeated", None)
-        if repeated is None:  # protobuf before 5.28
-            repeated = field_descriptor.label == field_descriptor.LABEL_REPEATED
-        if repeated:
+        if is_repeated(field_descriptor):
             getattr(target, field_descriptor.name).extend(value)
         elif field_descriptor.message_type is not None:
             getattr(target, field_descriptor.name).CopyFrom(value)
@@ -381,6 +378,11 @@ def _inspect_conv(node: gs.Node) -> _Candidate | str:
             input_size=input_size,
         )
         validate(spec)
+        if bias is not None and bias.shape != (spec.out_channels,):
+            raise GeometryError(
+                f"bias has shape {list(bias.shape)}, expected [{spec.out_channels}] "
+                f"(one per output channel)"
+            )
         if isinstance(shape[1], (int, np.integer)) and shape[1] != spec.in_channels:
             raise GeometryError(
                 f"input has {shape[1]} channels, weight expects {spec.in_channels} (group {group})"

@@ -9,12 +9,14 @@ file and never touches the input.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
@@ -59,6 +61,92 @@ def _check_external_location(model_path: Path, tensor: str, location: str) -> Pa
     return target
 
 
+def is_repeated(field_descriptor) -> bool:
+    repeated = getattr(field_descriptor, "is_repeated", None)
+    if repeated is None:  # protobuf before 5.28
+        repeated = field_descriptor.label == field_descriptor.LABEL_REPEATED
+    return bool(repeated)
+
+
+_TENSOR_PAYLOAD = {
+    "raw_data",
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+}
+
+
+def _decode_text(message) -> None:
+    """Every text field must be valid UTF-8. Protobuf decodes a field only when Python
+    reads it, and then raises or, for proto2 fields, hands back ``bytes``; either would
+    fail later, in the middle of a conversion. Tensor payloads are never read."""
+    for field_descriptor, value in message.ListFields():
+        repeated = is_repeated(field_descriptor)
+        items = list(value) if repeated else [value]
+        if field_descriptor.message_type is None:
+            if field_descriptor.type == field_descriptor.TYPE_STRING:
+                if any(not isinstance(item, str) for item in items):
+                    raise UnicodeDecodeError("utf-8", b"", 0, 1, field_descriptor.full_name)
+            elif isinstance(message, onnx.AttributeProto) and field_descriptor.name in (
+                "s",
+                "strings",
+            ):
+                for item in items:  # text attributes are bytes in the proto, UTF-8 by convention
+                    item.decode("utf-8")
+            continue
+        if field_descriptor.message_type.name == "TensorProto":
+            for tensor in items:
+                for inner, inner_value in tensor.ListFields():
+                    if inner.name in _TENSOR_PAYLOAD:
+                        continue
+                    if inner.type == inner.TYPE_STRING and not isinstance(inner_value, str):
+                        raise UnicodeDecodeError("utf-8", b"", 0, 1, inner.full_name)
+                    if inner.message_type is not None:
+                        for item in inner_value:
+                            _decode_text(item)
+            continue
+        for item in items:
+            _decode_text(item)
+
+
+# Typed storage of each data type when not in raw_data (see onnx.proto).
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data",
+    onnx.TensorProto.UINT64: "uint64_data",
+    onnx.TensorProto.INT32: "int32_data",
+}
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Each initializer's data must hold exactly as many elements as its dims say."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        elements = math.prod(tensor.dims)
+        if tensor.HasField("raw_data"):
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                continue  # packed or exotic types: left to the tools that read them
+            if itemsize < 1 or tensor.data_type == onnx.TensorProto.STRING:
+                continue
+            have = len(tensor.raw_data) / itemsize
+        elif tensor.data_type in _TYPED_FIELDS:
+            have = len(getattr(tensor, _TYPED_FIELDS[tensor.data_type]))
+        else:
+            continue
+        if have != elements:
+            raise InputError(
+                f"{path}: initializer '{tensor.name}' has dims {list(tensor.dims)} "
+                f"({elements} elements) but holds {have:g}; is the file corrupted?"
+            )
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model and its external data, or raise InputError saying why not."""
     path = Path(path)
@@ -77,6 +165,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path}: not a valid ONNX model (protobuf parse failed: {error}); "
             f"is the file truncated or not ONNX?"
         ) from None
+    try:
+        _decode_text(model)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path}: text in {error.reason} is not valid UTF-8; is the file corrupted?"
+        ) from None
     if not model.graph.node and not model.graph.output:
         raise InputError(
             f"{path}: not an ONNX model (no graph found); is the file truncated or not ONNX?"
@@ -92,12 +186,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
+    _check_tensor_sizes(model, path)
     try:
         # From the file: checking in memory would serialise the whole model once more.
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
         first = str(error).strip().splitlines()[0]
         raise InputError(f"{path}: fails onnx.checker: {first}") from None
+    except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
+        raise InputError(
+            f"{path}: fails onnx.checker on a name that is not valid UTF-8; is the file corrupted?"
+        ) from None
     return model
 
 

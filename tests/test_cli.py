@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
 from conv2attn import graph_pass
@@ -221,3 +222,19 @@ def test_shipped_digits_model_converts(tmp_path):
     assert main(["convert", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-q"]) == 0
     model = onnx.load(str(out))
     assert "Conv" not in [n.op_type for n in model.graph.node]
+
+
+def test_non_finite_weights_convert_with_a_warning(tmp_path):
+    model = conv_model()
+    weight = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    weight[0, 0, 0, 0] = np.inf
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))
+    path = tmp_path / "inf.onnx"
+    onnx.save(model, str(path))
+    result = subprocess.run(
+        [sys.executable, "-m", "conv2attn", "convert", str(path), "-o", str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0
+    assert "Conv 'conv': weights contain NaN or Inf" in result.stderr

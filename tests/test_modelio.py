@@ -111,3 +111,14 @@ def test_loaded_weights_are_exact(tmp_path):
     loaded = load_model(path)
     for a, b in zip(model.graph.initializer, loaded.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_names_that_are_not_utf8_are_refused_at_load(tmp_path):
+    """Protobuf hands back bytes for such a name; it would fail mid-conversion."""
+    data = bytearray(chain_model().SerializeToString())
+    at = data.index(b"\x1a\x04relu") + 2  # NodeProto.name (field 3, 4 bytes): "relu"
+    data[at] = 0xF2  # now b"\xf2elu", as a fuzzed file had it
+    path = tmp_path / "m.onnx"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"onnx\.NodeProto\.name is not valid UTF-8"):
+        load_model(path)
