@@ -35,7 +35,7 @@ from conv2attn.geometry import (
     resolve_pads,
     validate,
 )
-from conv2attn.modelio import PROTOBUF_LIMIT, is_repeated, load_model
+from conv2attn.modelio import PROTOBUF_LIMIT, is_repeated, load_model, model_size
 from conv2attn.weights import output_bias, output_projection
 
 log = logging.getLogger(__name__)
@@ -195,10 +195,10 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ..
                 f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(current)}"
             )
         fixed = [d.dim_value if d.HasField("dim_value") else None for d in current]
-        for index, (model_size, size) in enumerate(zip(fixed, dims)):
-            if model_size is not None and model_size != size:
+        for index, (fixed_size, size) in enumerate(zip(fixed, dims)):
+            if fixed_size is not None and fixed_size != size:
                 raise InputError(
-                    f"--input-shape {name}: dim {index} is fixed to {model_size} in the model, "
+                    f"--input-shape {name}: dim {index} is fixed to {fixed_size} in the model, "
                     f"{size} given"
                 )
         del tensor_type.shape.dim[:]
@@ -569,7 +569,7 @@ def convert(
     model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     converted, report = _convert(model, options)
     if check:
-        if converted.ByteSize() < PROTOBUF_LIMIT:
+        if model_size(converted) < PROTOBUF_LIMIT:
             verify(converted, report.strict_checked)
         else:
             log.info("the converted model is too large to check in memory; verify() its file")
@@ -629,8 +629,23 @@ def _convert(
         candidate.weight = candidate.bias = None  # the projection replaces them
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
+    # The projections are most of the output. Exporting them with the graph would hold
+    # every one twice at once, plus copies; instead each is moved in after the export
+    # and released at once, so at most one is held twice.
+    projections = {}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name.endswith("/attn/W_O"):
+            projections[tensor.name] = tensor.values
+            tensor.values = np.zeros(0, dtype=tensor.values.dtype)
     converted = gs.export_onnx(graph)
     del graph, candidates
+    for initializer in converted.graph.initializer:
+        values = projections.pop(initializer.name, None)
+        if values is not None:
+            del initializer.dims[:]
+            initializer.dims.extend(values.shape)
+            initializer.raw_data = values.tobytes()
+            del values
     for field_name in (
         "ir_version",
         "producer_name",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper
 
 from conv2attn.errors import InputError, InternalError
@@ -59,6 +59,15 @@ def _check_external_location(model_path: Path, tensor: str, location: str) -> Pa
             f"copy it next to the model"
         )
     return target
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialised size in bytes; protobuf cannot even measure a model of 2 GiB or more,
+    so those report ``PROTOBUF_LIMIT``."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return PROTOBUF_LIMIT
 
 
 def is_repeated(field_descriptor) -> bool:
@@ -235,7 +244,7 @@ def save_model(
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    external = model.ByteSize() >= external_threshold
+    external = model_size(model) >= external_threshold
     data_name = path.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
@@ -260,6 +269,9 @@ def save_model(
             onnx.save_model(model, str(staged))
         written = [path]
         if external:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging / data_name, 0o666 & ~umask)  # onnx creates it owner-only
             os.replace(staging / data_name, folder / data_name)
             written.insert(0, folder / data_name)
         os.replace(staged, path)

@@ -54,9 +54,13 @@ def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
     if tuple(weight.shape) != expected:
         raise ValueError(f"Conv weight has shape {list(weight.shape)}, expected {list(expected)}")
 
-    w = weight.astype(np.float64).reshape(group, cg_out, cg_in, *spec.kernel)
+    # Every entry is one weight times 1 plus zeros, exact in any float type, so the
+    # product is formed in the weights' own precision (float32 for float16: numpy's
+    # float16 einsum is slow) and never in a wider, larger temporary.
+    compute = np.float32 if weight.dtype == np.float16 else weight.dtype
+    w = weight.astype(compute, copy=False).reshape(group, cg_out, cg_in, *spec.kernel)
     selections = [
-        _axis_selection(k, s, d, a.patch, a.reach)
+        _axis_selection(k, s, d, a.patch, a.reach).astype(compute)
         for k, s, d, a in zip(spec.kernel, spec.strides, spec.dilations, plan.axes)
     ]
     # Letters per axis i: offset a_i, input pixel y_i, output pixel u_i, kernel tap k_i.
@@ -73,7 +77,7 @@ def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
             .transpose(0, 2, 1, 3)
             .reshape(group, plan.group_in_dim, plan.heads * plan.group_out_dim)
         )
-    return np.ascontiguousarray(projection.astype(weight.dtype))
+    return np.ascontiguousarray(projection.astype(weight.dtype, copy=False))
 
 
 def output_bias(plan: AttentionPlan, bias: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
