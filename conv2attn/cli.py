@@ -18,6 +18,7 @@ from pathlib import Path
 from conv2attn import __version__
 from conv2attn.errors import Conv2AttnError, InputError
 from conv2attn.modelio import check_output_path
+from conv2attn.terminal import Progress, use_colour
 
 log = logging.getLogger("conv2attn")
 
@@ -62,6 +63,16 @@ example:
 """
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _input_shape_option(parser, help: str) -> None:
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME:DIMS", help=help
+    )
+
+
+def _force_option(parser) -> None:
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -137,17 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="leave Conv nodes whose name matches (repeatable)",
     )
+    _input_shape_option(convert, "pin a graph input's shape, e.g. input:1x3x224x224 (repeatable)")
     convert.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:DIMS",
-        help="pin a graph input's shape, e.g. input:1x3x224x224 (repeatable)",
+        "--report",
+        "--json",
+        dest="report",
+        type=Path,
+        metavar="FILE.json",
+        help="write the per-layer report as JSON (schema in the README)",
     )
-    convert.add_argument(
-        "--report", type=Path, metavar="FILE.json", help="write the per-layer report"
-    )
-    convert.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _force_option(convert)
     _common(convert)
     convert.set_defaults(run=run_convert)
 
@@ -211,12 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--block-runs", type=int, default=6, help="runs per block, the first dropped (default 6)"
     )
-    profile.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:DIMS",
-        help="shape of an input with dynamic dims other than the batch (repeatable)",
+    _input_shape_option(
+        profile, "shape of an input with dynamic dims other than the batch (repeatable)"
     )
     profile.add_argument("--per-layer", action="store_true", help="kernel time by source Conv")
     profile.add_argument("--json", type=Path, metavar="FILE", help="write the measurements as JSON")
@@ -245,14 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--png", type=Path, metavar="DIR", help="also write every chart as a PNG into DIR"
     )
-    report.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:DIMS",
-        help="shape of an input with dynamic dims other than the batch (repeatable)",
+    _input_shape_option(
+        report, "shape of an input with dynamic dims other than the batch (repeatable)"
     )
-    report.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _force_option(report)
     _common(report)
     report.set_defaults(run=run_report)
 
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("."),
         help="where the converted model goes (default: the current folder)",
     )
-    demo.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _force_option(demo)
     _common(demo)
     demo.set_defaults(run=run_demo)
     return parser
@@ -293,12 +295,8 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--samples", type=int, default=4, help="random samples (default 4)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    group.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:DIMS",
-        help="shape of a random input with dynamic dims, e.g. input:1x3x224x224 (repeatable)",
+    _input_shape_option(
+        group, "shape of a random input with dynamic dims, e.g. input:1x3x224x224 (repeatable)"
     )
     group.add_argument(
         "--batch-size",
@@ -354,6 +352,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model = load_model(source)
+    progress = Progress("converting", enabled=not args.quiet)
     converted, report = convert(
         model,
         patch=args.patch,
@@ -364,7 +363,9 @@ def run_convert(args: argparse.Namespace) -> int:
         attention=args.attention,
         block=args.block,
         check=False,  # checked below from the staged file: less memory, any size
+        progress=progress,
     )
+    progress.close()
     del model
     written = save_model(
         converted, output, verify=lambda staged: verify(staged, report.strict_checked)
@@ -373,7 +374,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.report is not None:
         _write_json_atomic(args.report, report.to_dict())
     if not args.quiet:
-        print(conversion_table(report))
+        print(conversion_table(report, use_colour()))
         files = " + ".join(str(p) for p in written)
         print(f"\nwrote {files} ({elapsed:.1f} s)")
     return 0
@@ -406,6 +407,7 @@ def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) 
     original = load_model(original_path)
     converted = load_model(converted_path)
     samples = _samples(args, original)
+    progress = Progress("checking", enabled=not args.quiet)
     report = check(
         original,
         converted,
@@ -416,11 +418,13 @@ def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) 
         provider=getattr(args, "provider", "CPUExecutionProvider"),
         per_layer=getattr(args, "per_layer", False),
         batch_size=args.batch_size,
+        progress=progress,
     )
+    progress.close()
     if getattr(args, "json", None) is not None:
         _write_json_atomic(args.json, report.to_dict())
     if not args.quiet:
-        print(check_table(report))
+        print(check_table(report, use_colour()))
     return 0 if report.passed else 1
 
 
@@ -457,7 +461,7 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.json is not None:
         _write_json_atomic(args.json, report.to_dict())
     if not args.quiet:
-        print(profile_table(report))
+        print(profile_table(report, colour=use_colour()))
     return 0
 
 

@@ -159,15 +159,8 @@ def _subsample(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> 
     axes = [i for i, step in enumerate(plan.input_steps) if step > 1]
     begin = [source.pads_begin[i] if i in axes else 0 for i in range(rank)]
     end = [source.pads_end[i] if i in axes else 0 for i in range(rank)]
-    if any(begin) or any(end):
-        padded = [n + pb + pe for n, pb, pe in zip(source.input_size, begin, end)]
-        x = b.op(
-            "Pad",
-            "subsample/Pad",
-            [x, b.int64("subsample/pads", [0, 0, *begin, 0, 0, *end])],
-            [batch, source.in_channels, *padded],
-            attrs={"mode": "constant"},
-        )
+    padded = [n + pb + pe for n, pb, pe in zip(source.input_size, begin, end)]
+    x = _pad(b, "subsample", x, begin, end, [batch, source.in_channels, *padded])
     out = source.output_size
     return b.op(
         "Slice",
@@ -231,6 +224,21 @@ def _unpatchify(
                 b, "crop_output", out, out_size, first_axis=2, shape=[batch, channels, *out_size]
             )
     _route(b, out, y)
+
+
+def _pad(
+    b: _Builder, part: str, x: gs.Variable, begin: list[int], end: list[int], shape: list[Dim]
+) -> gs.Variable:
+    """Zero padding of the spatial axes; nothing when there is none."""
+    if not any(begin) and not any(end):
+        return x
+    return b.op(
+        "Pad",
+        f"{part}/Pad",
+        [x, b.int64(f"{part}/pads", [0, 0, *begin, 0, 0, *end])],
+        shape,
+        attrs={"mode": "constant"},
+    )
 
 
 def _slice(
@@ -319,7 +327,6 @@ def emit_attention(
     The caller detaches the Conv that produced ``y``.
     """
     spec = plan.spec
-    rank = spec.rank
     dtype = np.dtype(projection.dtype)
     b = _Builder(graph, prefix, dtype)
     group = spec.group
@@ -333,27 +340,10 @@ def emit_attention(
     extent = [a.tokens_extent for a in plan.axes]
     if any(a.pad_end < 0 for a in plan.axes):
         kept = [n + min(a.pad_end, 0) for n, a in zip(spec.input_size, plan.axes)]
-        x = b.op(
-            "Slice",
-            "crop_input/Slice",
-            [
-                x,
-                b.int64("crop_input/starts", [0] * rank),
-                b.int64("crop_input/ends", kept),
-                b.int64("crop_input/axes", list(range(2, 2 + rank))),
-            ],
-            [batch, spec.in_channels, *kept],
-        )
+        x = _slice(b, "crop_input", x, kept, first_axis=2, shape=[batch, spec.in_channels, *kept])
     pads_begin = [a.pad_begin for a in plan.axes]
     pads_end = [max(a.pad_end, 0) for a in plan.axes]
-    if any(pads_begin) or any(pads_end):
-        x = b.op(
-            "Pad",
-            "pad/Pad",
-            [x, b.int64("pad/pads", [0, 0, *pads_begin, 0, 0, *pads_end])],
-            [batch, spec.in_channels, *extent],
-            attrs={"mode": "constant"},
-        )
+    x = _pad(b, "pad", x, pads_begin, pads_end, [batch, spec.in_channels, *extent])
 
     n = plan.tokens
     tokens = _patchify(b, x, plan, batch)

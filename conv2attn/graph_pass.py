@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -535,6 +535,7 @@ def convert(
     attention: str = "global",
     block: str | int | Sequence[int] = "auto",
     check: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -544,7 +545,8 @@ def convert(
     plus a halo, section 5). ``input_shapes`` maps input names to dims, or is a list of
     ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
     ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
-    instead, which needs less memory and works at any size).
+    instead, which needs less memory and works at any size). ``progress(done, total,
+    name)`` is called as each Conv is replaced.
     Raises InputError for anything wrong with the model or the options.
     """
     if isinstance(input_shapes, Mapping):
@@ -567,7 +569,7 @@ def convert(
         input_shapes=shapes,
     )
     model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
-    converted, report = _convert(model, options)
+    converted, report = _convert(model, options, progress)
     if check:
         if model_size(converted) < PROTOBUF_LIMIT:
             verify(converted, report.strict_checked)
@@ -577,7 +579,9 @@ def convert(
 
 
 def _convert(
-    model: onnx.ModelProto, options: ConvertOptions
+    model: onnx.ModelProto,
+    options: ConvertOptions,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (consumed: its graph is rewritten in place)."""
     _check_opset(model)
@@ -610,8 +614,12 @@ def _convert(
 
     plans, considered, budget_met = _plan(candidates, options)
     layers = []
-    for candidate, plan, alternatives in zip(candidates, plans, considered, strict=True):
+    for index, (candidate, plan, alternatives) in enumerate(
+        zip(candidates, plans, considered, strict=True)
+    ):
         node = candidate.node
+        if progress is not None:
+            progress(index, len(candidates), node.name)
         x, y = node.inputs[0], node.outputs[0]
         node.inputs.clear()
         node.outputs.clear()

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from conv2attn.graph_pass import ConversionReport
 from conv2attn.profile import ProfileReport
+from conv2attn.terminal import BOLD, GREEN, RED, paint
 from conv2attn.validate import CheckReport
 
 
@@ -25,21 +26,26 @@ def _ratio(after: float, before: float) -> str:
     return f"{after / before:.2f}x" if before else "-"
 
 
-def format_table(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+def format_table(rows: Sequence[Sequence[str]], right: Sequence[bool], colour: bool = False) -> str:
+    """Aligned columns; with ``colour``, a bold header and red "NO" cells."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
-        cells = [
-            cell.rjust(width) if align else cell.ljust(width)
-            for cell, width, align in zip(row, widths, right)
-        ]
+        cells = []
+        for cell, width, align in zip(row, widths, right):
+            text = cell.rjust(width) if align else cell.ljust(width)
+            if index == 0:
+                text = paint(text, BOLD, colour)
+            elif cell == "NO":
+                text = paint(text, RED, colour)
+            cells.append(text)
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def conversion_table(report: ConversionReport) -> str:
+def conversion_table(report: ConversionReport, colour: bool = False) -> str:
     """Per converted Conv: geometry, patch, heads, tokens and cost; totals at the bottom."""
     local = report.attention == "local"
     header = [
@@ -90,7 +96,7 @@ def conversion_table(report: ConversionReport) -> str:
     if not local:  # drop the empty block column
         rows = [row[:6] + row[7:] for row in rows]
         right = right[:6] + right[7:]
-    text = format_table(rows, right)
+    text = format_table(rows, right, colour)
     if report.skipped:
         text += "\n\nnot converted:\n" + "\n".join(
             f"  {skip.name}: {skip.reason}" for skip in report.skipped
@@ -102,7 +108,7 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def check_table(report: CheckReport) -> str:
+def check_table(report: CheckReport, colour: bool = False) -> str:
     """Per output errors and agreement, per-layer errors, accuracy, and the verdict."""
     lines = [
         f"inputs: {report.samples} samples, {report.source}; onnxruntime {report.provider}",
@@ -122,7 +128,7 @@ def check_table(report: CheckReport) -> str:
                 "yes" if o.within else "NO",
             ]
         )
-    lines.append(format_table(rows, [False, True, True, True, True, True, False, False]))
+    lines.append(format_table(rows, [False, True, True, True, True, True, False, False], colour))
     if report.layers is not None:
         rows = [["converted Conv", "output tensor", "max abs", "max rel", "mean abs", "within"]]
         for layer in report.layers:
@@ -136,7 +142,7 @@ def check_table(report: CheckReport) -> str:
                     "yes" if layer.within else "NO",
                 ]
             )
-        lines += ["", format_table(rows, [False, False, True, True, True, False])]
+        lines += ["", format_table(rows, [False, False, True, True, True, False], colour)]
         failing = report.first_failing_layer
         if failing is not None:
             lines.append(
@@ -152,7 +158,7 @@ def check_table(report: CheckReport) -> str:
         ]
     lines += [f"note: {note}" for note in report.notes]
     worst = max(report.outputs, key=lambda o: o.max_rel)
-    verdict = "PASS" if report.passed else "FAIL"
+    verdict = paint("PASS", GREEN, colour) if report.passed else paint("FAIL", RED, colour)
     lines += [
         "",
         f"parity: {verdict} (worst output {worst.name}: max rel {worst.max_rel:.3g}, "
@@ -161,7 +167,7 @@ def check_table(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
-def profile_table(report: ProfileReport, top: int = 15) -> str:
+def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) -> str:
     """Latency per model with the ratio to the first; per-layer shares when measured."""
     rows = [
         ["model", "batch", "median ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio", "runs"]
@@ -184,7 +190,7 @@ def profile_table(report: ProfileReport, top: int = 15) -> str:
     lines = [
         f"{report.backend}, {report.threads} threads",
         "",
-        format_table(rows, [False, True, True, True, True, True, True, True, True]),
+        format_table(rows, [False, True, True, True, True, True, True, True, True], colour),
     ]
     for m in report.models:
         if not m.layers:
@@ -195,5 +201,5 @@ def profile_table(report: ProfileReport, top: int = 15) -> str:
             [layer.name, f"{layer.ms:.3f}", f"{100 * layer.share:.1f}%"] for layer in ranked[:top]
         ]
         lines += ["", f"{m.path}: kernel time by source Conv (top {min(top, len(ranked))})"]
-        lines.append(format_table(rows, [False, True, True]))
+        lines.append(format_table(rows, [False, True, True], colour))
     return "\n".join(lines)

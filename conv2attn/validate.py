@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -242,6 +242,7 @@ def check(
     provider: str = "CPUExecutionProvider",
     per_layer: bool = False,
     batch_size: int = 16,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> CheckReport:
     """Run both models on ``samples`` and compare them; see the module docstring."""
     _check_same_inputs(original, converted, names)
@@ -281,7 +282,9 @@ def check(
     fetch_conv = converted_names + layer_tensors
     reference: list[list[np.ndarray]] = [[] for _ in fetch_ref]
     actual: list[list[np.ndarray]] = [[] for _ in fetch_conv]
-    for feeds in samples.batches(step):
+    for done, feeds in enumerate(samples.batches(step)):
+        if progress is not None:
+            progress(done * step, samples.count, "samples")
         for store, result in (
             (reference, _run(reference_session, fetch_ref, feeds, names[0])),
             (actual, _run(converted_session, fetch_conv, feeds, names[1])),

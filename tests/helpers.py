@@ -123,3 +123,21 @@ def assert_parity(
             f"output {index}: max |diff| {error.max_abs:.3g} exceeds "
             f"{rtol:g} * {error.max_reference:.3g} + {atol:g} (max rel {error.max_rel:.3g})"
         )
+
+
+def save_model_file(model: onnx.ModelProto, path, external: bool = False):
+    """Save ``model`` (left unchanged), every tensor in ``<name>.data`` when ``external``."""
+    import copy
+
+    model = copy.deepcopy(model)  # onnx moves the tensors out of the proto it saves
+    if external:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            location=path.name + ".data",
+            size_threshold=0,
+        )
+    else:
+        onnx.save_model(model, str(path))
+    return path

@@ -1,6 +1,5 @@
 """`conv2attn check`: parity, accuracy on real data, per-layer diagnosis, bad input."""
 
-import copy
 import json
 import shutil
 import subprocess
@@ -16,31 +15,18 @@ import conv2attn
 from conv2attn.cli import main
 from conv2attn.errors import InputError
 from conv2attn.inputs import GraphInput, random_samples
-from tests.helpers import chain_model, conv_model
+from tests.helpers import chain_model, conv_model, save_model_file
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
-def save(model, path, external=False):
-    model = copy.deepcopy(model)
-    if external:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            location=path.name + ".data",
-            size_threshold=0,
-        )
-    else:
-        onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture
 def chain_pair(tmp_path):
     original = chain_model()
     converted, _ = conv2attn.convert(original)
-    return save(original, tmp_path / "chain.onnx"), save(converted, tmp_path / "chain_attn.onnx")
+    return save_model_file(original, tmp_path / "chain.onnx"), save_model_file(
+        converted, tmp_path / "chain_attn.onnx"
+    )
 
 
 def perturb_projection(path: Path, layer: str, scale: float = 1e-3) -> Path:
@@ -99,8 +85,8 @@ def test_tolerance_options_decide(chain_pair):
 def test_per_layer_works_with_external_data(tmp_path):
     original = chain_model()
     converted, _ = conv2attn.convert(original)
-    a = save(original, tmp_path / "a.onnx", external=True)
-    b = save(converted, tmp_path / "b.onnx", external=True)
+    a = save_model_file(original, tmp_path / "a.onnx", external=True)
+    b = save_model_file(converted, tmp_path / "b.onnx", external=True)
     assert (tmp_path / "b.onnx.data").exists()
     report_path = tmp_path / "r.json"
     assert main(["check", str(a), str(b), "--per-layer", "-q", "--json", str(report_path)]) == 0
@@ -209,13 +195,13 @@ def one_line_exit_2(result, message):
 
 def test_mismatched_models_are_refused(chain_pair, tmp_path):
     original, _ = chain_pair
-    other = save(conv_model(), tmp_path / "other.onnx")
+    other = save_model_file(conv_model(), tmp_path / "other.onnx")
     one_line_exit_2(run_cli("check", original, other), "the models do not match")
     two_outputs = chain_model()
     two_outputs.graph.output.append(
         onnx.helper.make_tensor_value_info("c1", onnx.TensorProto.FLOAT, ["N", 8, 16, 16])
     )
-    two = save(two_outputs, tmp_path / "two.onnx")
+    two = save_model_file(two_outputs, tmp_path / "two.onnx")
     one_line_exit_2(run_cli("check", original, two), "has 1 outputs")
 
 
@@ -246,8 +232,8 @@ def test_directory_without_images_is_refused(chain_pair, tmp_path):
 
 
 def test_non_image_file_among_images_is_refused(tmp_path):
-    model = save(conv_model(3, 4, size=(16, 16)), tmp_path / "m.onnx")
-    converted = save(
+    model = save_model_file(conv_model(3, 4, size=(16, 16)), tmp_path / "m.onnx")
+    converted = save_model_file(
         conv2attn.convert(conv_model(3, 4, size=(16, 16)))[0], tmp_path / "m_attn.onnx"
     )
     folder = photographs(tmp_path / "photos")
@@ -277,8 +263,8 @@ def test_unknown_provider_is_refused(chain_pair):
 
 def test_dynamic_dims_need_input_shape(tmp_path):
     model = conv_model(size=("H", "W"))
-    original = save(model, tmp_path / "dyn.onnx")
-    converted = save(
+    original = save_model_file(model, tmp_path / "dyn.onnx")
+    converted = save_model_file(
         conv2attn.convert(model, input_shapes=["x:2x4x9x11"])[0], tmp_path / "dyn_attn.onnx"
     )
     one_line_exit_2(run_cli("check", original, converted), "--input-shape x:")

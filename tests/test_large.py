@@ -1,27 +1,14 @@
 """A conversion whose output exceeds protobuf's 2 GB: external data, bounded memory, parity."""
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers import assert_parity, run
+from tools.bench import run_with_peak
 
 pytestmark = pytest.mark.slow
-
-# Runs the CLI in a fresh process and prints that process's peak resident memory.
-CONVERT_AND_REPORT_PEAK = """
-import atexit, runpy, sys
-def peak():
-    status = open("/proc/self/status").read()
-    print("peak_kb", status.split("VmHWM:")[1].split()[0], file=sys.stderr)
-atexit.register(peak)
-sys.argv = ["conv2attn", *sys.argv[1:]]
-runpy.run_module("conv2attn", run_name="__main__")
-"""
 
 
 def two_wide_convs(path):
@@ -50,22 +37,7 @@ def test_output_over_2gb_is_saved_with_external_data_in_bounded_memory(tmp_path)
     source = tmp_path / "wide.onnx"
     two_wide_convs(source)
     output = tmp_path / "wide_attn.onnx"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CONVERT_AND_REPORT_PEAK,
-            "convert",
-            str(source),
-            "-o",
-            str(output),
-            "--patch",
-            "4",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result, peak = run_with_peak("convert", source, "-o", output, "--patch", "4", "-q")
     assert result.returncode == 0, result.stderr
     data = tmp_path / "wide_attn.onnx.data"
     size = output.stat().st_size + data.stat().st_size
@@ -76,7 +48,6 @@ def test_output_over_2gb_is_saved_with_external_data_in_bounded_memory(tmp_path)
         "wide_attn.onnx",
         "wide_attn.onnx.data",
     ]
-    peak = int(result.stderr.split("peak_kb")[-1].split()[0]) * 1024
     assert peak < 3 * size, f"peak {peak / 2**30:.2f} GiB for {size / 2**30:.2f} GiB written"
 
     onnx.checker.check_model(str(output), full_check=True)

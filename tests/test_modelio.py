@@ -1,6 +1,5 @@
 """Model files: external data in and out, atomic writes, refusals."""
 
-import copy
 import os
 
 import numpy as np
@@ -11,24 +10,19 @@ from onnx import numpy_helper
 import conv2attn
 from conv2attn.errors import InputError
 from conv2attn.modelio import check_output_path, load_model, save_model
-from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
-
-
-def save_external(model, path):
-    """Save with every tensor in ``<name>.data``; ``model`` itself is left as it is."""
-    model = copy.deepcopy(model)  # onnx moves the tensors out of the proto it saves
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        location=path.name + ".data",
-        size_threshold=0,
-    )
+from tests.helpers import (
+    assert_parity,
+    chain_model,
+    conv_model,
+    random_input,
+    run,
+    save_model_file,
+)
 
 
 def test_external_data_model_loads_converts_and_saves(tmp_path):
     source = tmp_path / "ext.onnx"
-    save_external(chain_model(), source)
+    save_model_file(chain_model(), source, external=True)
     assert (tmp_path / "ext.onnx.data").exists()
     converted, report = conv2attn.convert(source)
     assert len(report.layers) == 3
@@ -56,7 +50,7 @@ def test_output_over_the_limit_gets_external_data(tmp_path):
 
 def test_missing_external_data_is_named(tmp_path):
     source = tmp_path / "ext.onnx"
-    save_external(chain_model(), source)
+    save_model_file(chain_model(), source, external=True)
     (tmp_path / "ext.onnx.data").unlink()
     with pytest.raises(InputError, match=r"external data file 'ext\.onnx\.data' .* is missing"):
         load_model(source)
@@ -107,7 +101,7 @@ def test_check_output_path_refusals(tmp_path):
 def test_loaded_weights_are_exact(tmp_path):
     model = conv_model()
     path = tmp_path / "m.onnx"
-    save_external(model, path)
+    save_model_file(model, path, external=True)
     loaded = load_model(path)
     for a, b in zip(model.graph.initializer, loaded.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))

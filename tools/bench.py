@@ -32,7 +32,7 @@ from conv2attn.report import format_table  # noqa: E402
 from tools.torchvision_models import export  # noqa: E402
 
 # Runs the CLI and prints the process's peak resident memory (VmHWM starts afresh at
-# exec; ru_maxrss of a child would include this benchmark's own memory at fork).
+# exec; ru_maxrss of a child would include the parent's own memory at fork).
 CONVERT_AND_REPORT_PEAK = """
 import atexit, runpy, sys
 def peak():
@@ -44,37 +44,43 @@ runpy.run_module("conv2attn", run_name="__main__")
 """
 
 
+def run_with_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """``conv2attn ARGS`` in a fresh process: the result and its peak memory in bytes."""
+    result = subprocess.run(
+        [sys.executable, "-c", CONVERT_AND_REPORT_PEAK, *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+    peak = result.stderr.rsplit("peak_kb", 1)[-1].split()
+    return result, int(peak[0]) * 1024 if peak else 0
+
+
 def convert(source: Path, output: Path, attention: str) -> dict:
     """Run ``conv2attn convert`` in its own process: wall time and peak resident memory."""
     report = output.with_suffix(".json")
-    command = [
-        sys.executable,
-        "-c",
-        CONVERT_AND_REPORT_PEAK,
+    start = time.perf_counter()
+    result, peak = run_with_peak(
         "convert",
-        str(source),
+        source,
         "-o",
-        str(output),
+        output,
         "--attention",
         attention,
         "--report",
-        str(report),
+        report,
         "--force",
         "-q",
-    ]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"conversion failed: {result.stderr}")
-    peak_kb = int(result.stderr.split("peak_kb")[-1].split()[0])
     totals = json.loads(report.read_text())["totals"]
     size = output.stat().st_size + sum(
         p.stat().st_size for p in output.parent.glob(output.name + ".data")
     )
     return {
         "seconds": seconds,
-        "peak_mb": peak_kb / 1024,
+        "peak_mb": peak / 2**20,
         "size": size,
         "mac_ratio": totals["macs_after"] / totals["macs_before"],
         "param_ratio": totals["params_after"] / totals["params_before"],
