@@ -41,6 +41,13 @@ from conv2attn.weights import output_bias, output_projection
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "conv2attn"
+# Conv-like operators left as they are, and why; the report lists every one.
+UNCONVERTED_OPS = {
+    "ConvTranspose": "ConvTranspose is not converted (only Conv is)",
+    "ConvInteger": "ConvInteger (quantized) is not converted",
+    "QLinearConv": "QLinearConv (quantized) is not converted",
+    "DeformConv": "DeformConv reads input-dependent positions; no fixed attention pattern",
+}
 MIN_OPSET = 11
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -599,7 +606,11 @@ def _convert(
     if not convs:
         raise InputError("the model has no Conv node; nothing to convert")
     candidates: list[_Candidate] = []
-    skipped: list[SkippedConv] = []
+    skipped: list[SkippedConv] = [
+        SkippedConv(node.name or node.outputs[0].name, UNCONVERTED_OPS[node.op])
+        for node in graph.nodes
+        if node.op in UNCONVERTED_OPS
+    ]
     for node in convs:
         reason = _selected(node.name, options.include, options.exclude)
         inspected = _inspect_conv(node) if reason is None else reason

@@ -362,3 +362,23 @@ def test_report_lists_the_alternatives_the_cost_model_weighed():
         assert all((a["patch"], a["order"]) != chosen for a in layer.alternatives)
     data = json.loads(json.dumps(report.to_dict()))
     assert data["layers"][0]["alternatives"][0]["cost"] == report.layers[0].alternatives[0]["cost"]
+
+
+def test_conv_like_nodes_left_alone_are_reported_with_reasons():
+    model = chain_model()
+    graph = model.graph
+    weight = numpy_helper.from_array(np.ones((8, 2, 2, 2), np.float32), "wt")
+    graph.initializer.append(weight)
+    graph.node.append(
+        helper.make_node("ConvTranspose", ["y", "wt"], ["up"], name="upsample", strides=[2, 2])
+    )
+    graph.output.append(helper.make_tensor_value_info("up", TensorProto.FLOAT, ["N", 2, 16, 16]))
+    converted, report = conv2attn.convert(model)
+    assert [(s.name, s.reason) for s in report.skipped] == [
+        ("upsample", "ConvTranspose is not converted (only Conv is)")
+    ]
+    assert ops(converted).count("ConvTranspose") == 1 and ops(converted).count("Conv") == 0
+    record = json.loads(next(p.value for p in converted.metadata_props if p.key == METADATA_KEY))
+    assert record["skipped"] == [
+        {"name": "upsample", "reason": "ConvTranspose is not converted (only Conv is)"}
+    ]
