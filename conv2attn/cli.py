@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 usage or input error (one line on stderr), 3 internal e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -65,6 +66,13 @@ example:
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line that points to --help, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _input_shape_option(parser, help: str) -> None:
     parser.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME:DIMS", help=help
@@ -84,7 +92,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="conv2attn",
         description="Replace the Conv nodes of an ONNX CNN by exactly equivalent multi-head "
         "self-attention with relative positional encoding.",
@@ -505,8 +513,11 @@ def run_demo(args: argparse.Namespace) -> int:
     steps = [
         ["convert", str(args.model), "-o", str(output), *force],
         ["check", str(args.model), str(output), "--inputs", str(args.data), "--per-layer"],
-        ["report", str(args.model), str(output), "-o", str(page), *force],
     ]
+    if importlib.util.find_spec("matplotlib") is not None:
+        steps.append(["report", str(args.model), str(output), "-o", str(page), *force])
+    elif not args.quiet:
+        print("note: no HTML report: it needs matplotlib (pip install 'conv2attn[report]')")
     parser = build_parser()
     for index, step in enumerate(steps):
         if not args.quiet:

@@ -198,3 +198,19 @@ def test_read_only_output_folder_is_refused(tmp_path):
     locked.mkdir(mode=0o555)
     result = cli("convert", source, "-o", locked / "out.onnx")
     assert result.returncode == 2 and "not writable" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert"],
+        ["convert", "m.onnx", "--patch"],
+        ["nonsense"],
+        ["profile", "m.onnx", "--batch", "x"],
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(args):
+    result = cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], result.stderr
