@@ -349,7 +349,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from conv2attn.graph_pass import convert, verify
-    from conv2attn.modelio import load_model, save_model
+    from conv2attn.modelio import save_model
     from conv2attn.report import conversion_table
 
     source = args.model
@@ -359,10 +359,9 @@ def run_convert(args: argparse.Namespace) -> int:
         check_output_path(args.report, [source, output], force=True)
 
     start = time.perf_counter()
-    model = load_model(source)
     progress = Progress("converting", enabled=not args.quiet)
     converted, report = convert(
-        model,
+        source,  # convert() loads it and may then consume it: no second copy
         patch=args.patch,
         max_param_growth=args.max_param_growth,
         include=args.include,
@@ -374,9 +373,8 @@ def run_convert(args: argparse.Namespace) -> int:
         progress=progress,
     )
     progress.close()
-    del model
     written = save_model(
-        converted, output, verify=lambda staged: verify(staged, report.strict_checked)
+        converted, output, verify=lambda staged: verify(staged, report.strict_checked, converted)
     )
     elapsed = time.perf_counter() - start
     if args.report is not None:

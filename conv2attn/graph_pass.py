@@ -275,15 +275,28 @@ def passes_strict_inference(model: onnx.ModelProto) -> bool:
     return True
 
 
-def verify(model: onnx.ModelProto | str | os.PathLike, strict: bool) -> None:
-    """Check a converted model (in memory, or a file for any size).
+def verify(
+    model: onnx.ModelProto | str | os.PathLike,
+    strict: bool,
+    in_memory: onnx.ModelProto | None = None,
+) -> None:
+    """Check a converted model: in memory, or a file (any size).
 
-    ``strict``: also full shape inference, which the output must pass whenever the input
-    did; an input that fails it (custom ops, say) is held to the structural check only.
+    ``strict``: also strict shape inference, which the output must pass whenever the
+    input did; an input that fails it (custom ops, say) is held to the structural check
+    only. For a file, ``in_memory`` (the same model) lets shape inference run on its
+    weightless skeleton instead of on another full copy.
     """
-    source = str(model) if isinstance(model, (str, os.PathLike)) else model
     try:
-        onnx.checker.check_model(source, full_check=strict)
+        if isinstance(model, onnx.ModelProto):
+            onnx.checker.check_model(model, full_check=strict)
+            return
+        onnx.checker.check_model(str(model))
+        if strict:
+            if in_memory is not None:
+                onnx.shape_inference.infer_shapes(skeleton(in_memory), strict_mode=True)
+            else:
+                onnx.shape_inference.infer_shapes_path(str(model), strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first = str(error).strip().splitlines()[0]
         raise InternalError(f"converted model fails onnx.checker: {first}") from None
@@ -623,6 +636,15 @@ def _convert(
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
         raise InputError(f"none of the {len(convs)} Conv nodes can be converted ({reasons})")
 
+    # numpy now holds the Conv weights (each gs constant keeps what it loaded); their
+    # serialized copies in our working model are dropped so they are not held twice.
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    for candidate in candidates:
+        weight = candidate.node.inputs[1]
+        if isinstance(weight, gs.Constant) and isinstance(weight.values, np.ndarray):
+            source = initializers.get(weight.name)
+            if source is not None:
+                source.ClearField("raw_data")
     plans, considered, budget_met = _plan(candidates, options)
     layers = []
     for index, (candidate, plan, alternatives) in enumerate(
