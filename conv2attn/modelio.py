@@ -75,6 +75,65 @@ def model_size(model: onnx.ModelProto) -> int:
         return PROTOBUF_LIMIT
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field_chunks(message):
+    """The wire encoding of ``message``, one field element at a time, in field order.
+
+    A message's encoding is the concatenation of its fields' encodings, so these chunks
+    joined equal ``message.SerializeToString()``; only one element is serialised at once.
+    """
+    for field_descriptor, value in message.ListFields():
+        items = value if is_repeated(field_descriptor) else [value]
+        for item in items:
+            single = type(message)()
+            field = getattr(single, field_descriptor.name)
+            if is_repeated(field_descriptor) and field_descriptor.message_type is not None:
+                field.add().CopyFrom(item)
+            elif is_repeated(field_descriptor):
+                field.append(item)
+            elif field_descriptor.message_type is not None:
+                field.CopyFrom(item)
+            else:
+                setattr(single, field_descriptor.name, item)
+            yield single.SerializeToString()
+            del single
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` like ``onnx.save_model`` does (same bytes), without ever holding its
+    whole serialised form in memory: the graph is written element by element."""
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"]
+    with open(path, "wb") as handle:
+        for field_descriptor, _ in model.ListFields():
+            if field_descriptor.name != "graph":
+                part = onnx.ModelProto()
+                _copy_field(part, model, field_descriptor)
+                handle.write(part.SerializeToString())
+                continue
+            length = sum(len(chunk) for chunk in _field_chunks(model.graph))
+            handle.write(_varint(graph_field.number << 3 | 2) + _varint(length))
+            for chunk in _field_chunks(model.graph):
+                handle.write(chunk)
+
+
+def _copy_field(target, source, field_descriptor) -> None:
+    value = getattr(source, field_descriptor.name)
+    if is_repeated(field_descriptor):
+        getattr(target, field_descriptor.name).extend(value)
+    elif field_descriptor.message_type is not None:
+        getattr(target, field_descriptor.name).CopyFrom(value)
+    else:
+        setattr(target, field_descriptor.name, value)
+
+
 def is_repeated(field_descriptor) -> bool:
     repeated = getattr(field_descriptor, "is_repeated", None)
     if repeated is None:  # protobuf before 5.28
@@ -271,7 +330,7 @@ def save_model(
                     f"{path}: converted model fails onnx.checker: {error}"
                 ) from None
         else:
-            onnx.save_model(model, str(staged))
+            write_model(model, staged)
         written = [path]
         if external:
             umask = os.umask(0)

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import conv2attn
 from conv2attn.errors import InputError
-from conv2attn.modelio import check_output_path, load_model, save_model
+from conv2attn.modelio import check_output_path, load_model, save_model, write_model
 from tests.helpers import (
     assert_parity,
     chain_model,
@@ -116,3 +116,13 @@ def test_names_that_are_not_utf8_are_refused_at_load(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"onnx\.NodeProto\.name is not valid UTF-8"):
         load_model(path)
+
+
+def test_streaming_writer_gives_the_bytes_protobuf_would(tmp_path):
+    converted, _ = conv2attn.convert(chain_model())
+    converted.doc_string = "converted"
+    onnx.helper.set_model_props(converted, {"a": "1", "conv2attn": "{}"})
+    path = tmp_path / "m.onnx"
+    write_model(converted, path)
+    assert path.read_bytes() == converted.SerializeToString()
+    assert onnx.load(str(path)) == converted
