@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.json",
         help="write the per-layer report as JSON (schema in the README)",
     )
+    convert.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="first fold BatchNormalization nodes that directly follow a Conv into it",
+    )
     _force_option(convert)
     _common(convert)
     convert.set_defaults(run=run_convert)
@@ -369,6 +374,7 @@ def run_convert(args: argparse.Namespace) -> int:
         input_shapes=args.input_shape,
         attention=args.attention,
         block=args.block,
+        fold_bn=args.fold_bn,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )

@@ -65,6 +65,7 @@ class ConvertOptions:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     attention: Attention = Attention.GLOBAL
     block: Patch = "auto"
+    fold_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class ConversionReport:
     attention: str = Attention.GLOBAL.value
     block: str = "auto"
     strict_checked: bool = True  # the input passed strict shape inference, so must the output
+    folded_batchnorms: list[str] = field(default_factory=list)
 
     @property
     def macs_before(self) -> int:
@@ -145,6 +147,7 @@ class ConversionReport:
                 "max_param_growth": self.max_param_growth,
             },
             "param_budget_met": self.param_budget_met,
+            "folded_batchnorms": self.folded_batchnorms,
             "layers": [asdict(layer) for layer in self.layers],
             "skipped": [asdict(skip) for skip in self.skipped],
             "totals": {
@@ -322,7 +325,33 @@ def _constant_values(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
             return values
         target = onnx.helper.tensor_dtype_to_np_dtype(int(producer.attrs["to"]))
         return values.astype(target)
+    if producer.op == "DequantizeLinear" and producer.inputs:
+        return _dequantized(producer, depth)
     return None
+
+
+def _dequantized(node: gs.Node, depth: int) -> np.ndarray | None:
+    """(x - zero_point) * scale of constant inputs, per tensor or along ``axis``, as the
+    operator computes it in the scale's type (the difference of integers is exact)."""
+    inputs = [t for t in node.inputs if t.name]
+    parts = [_constant_values(t, depth + 1) for t in inputs]
+    if any(p is None for p in parts) or len(parts) < 2:
+        return None
+    x, scale = parts[0], parts[1]
+    zero = parts[2] if len(parts) > 2 else np.zeros((), x.dtype)
+    if scale.ndim > 1 or (scale.ndim == 1 and scale.size > 1 and "block_size" in node.attrs):
+        return None  # blocked quantization: left at runtime
+    shape = [1] * x.ndim
+    if scale.ndim == 1 and scale.size > 1:
+        axis = int(node.attrs.get("axis", 1)) % x.ndim
+        shape[axis] = scale.size
+    dtype = scale.dtype
+    try:
+        zero = zero.astype(np.float64).reshape(shape if zero.size > 1 else ())
+        difference = (x.astype(np.float64) - zero).astype(dtype)
+        return (difference * scale.reshape(shape if scale.size > 1 else ())).astype(dtype)
+    except ValueError:  # shapes that do not fit: not a weight this pass can read
+        return None
 
 
 def _ints(node: gs.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
@@ -420,6 +449,57 @@ def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> str 
         if fnmatch.fnmatchcase(name, pattern):
             return f"excluded by --exclude {pattern}"
     return None
+
+
+def fold_batchnorms(graph: gs.Graph) -> list[str]:
+    """Fold each BatchNormalization that directly follows a Conv (its only consumer) into
+    that Conv, exactly in float64 and then cast: w' = w * s, b' = (b - mean) * s + beta,
+    s = gamma / sqrt(var + epsilon). Returns the names of the folded nodes."""
+    folded = []
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.inputs) != 5 or len(bn.outputs) != 1:
+            continue
+        x = bn.inputs[0]
+        if (
+            len(x.inputs) != 1
+            or x.inputs[0].op != "Conv"
+            or len(x.outputs) != 1
+            or x in graph.outputs
+        ):
+            continue
+        conv = x.inputs[0]
+        gamma, beta, mean, var = (_constant_values(t) for t in bn.inputs[1:])
+        weight = _constant_values(conv.inputs[1])
+        bias = (
+            _constant_values(conv.inputs[2])
+            if len(conv.inputs) > 2 and conv.inputs[2].name
+            else None
+        )
+        if any(v is None for v in (gamma, beta, mean, var, weight)) or (
+            len(conv.inputs) > 2 and conv.inputs[2].name and bias is None
+        ):
+            continue
+        if not all(v.shape == (weight.shape[0],) for v in (gamma, beta, mean, var)):
+            continue
+        epsilon = float(bn.attrs.get("epsilon", 1e-5))
+        factor = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon)
+        new_weight = weight.astype(np.float64) * factor.reshape(-1, *([1] * (weight.ndim - 1)))
+        old_bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+        new_bias = (old_bias - mean.astype(np.float64)) * factor + beta.astype(np.float64)
+        name = conv.name or conv.outputs[0].name
+        conv.inputs = [
+            conv.inputs[0],
+            gs.Constant(f"{name}/folded_bn/weight", new_weight.astype(weight.dtype)),
+            gs.Constant(f"{name}/folded_bn/bias", new_bias.astype(weight.dtype)),
+        ]
+        output = bn.outputs[0]
+        bn.outputs.clear()
+        bn.inputs.clear()
+        conv.outputs = [output]
+        folded.append(bn.name or output.name)
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return folded
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -554,6 +634,7 @@ def convert(
     input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     attention: str = "global",
     block: str | int | Sequence[int] = "auto",
+    fold_bn: bool = False,
     check: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
@@ -562,7 +643,8 @@ def convert(
     ``model`` is a ModelProto (left unchanged) or a path. ``patch`` and ``block`` are
     ``"auto"``, ``N`` or ``NxM``; ``attention`` is ``"global"`` (every token attends to
     every token, as in a ViT) or ``"local"`` (blocks of queries attend to their block
-    plus a halo, section 5). ``input_shapes`` maps input names to dims, or is a list of
+    plus a halo, section 5). ``fold_bn`` first folds BatchNormalization nodes that directly
+    follow a Conv into it. ``input_shapes`` maps input names to dims, or is a list of
     ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
     ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
     instead, which needs less memory and works at any size). ``progress(done, total,
@@ -580,6 +662,7 @@ def convert(
     if attention == Attention.GLOBAL.value and block != "auto":
         raise InputError("--block applies to --attention local only")
     options = ConvertOptions(
+        fold_bn=bool(fold_bn),
         attention=Attention(attention),
         block=parse_patch(block, "--block"),
         patch=parse_patch(patch),
@@ -613,6 +696,9 @@ def _convert(
     header = onnx.ModelProto()
     _copy_fields(header, model, skip=("graph", "functions", "training_info"))
     graph = gs.import_onnx(model)
+    folded = fold_batchnorms(graph) if options.fold_bn else []
+    for name in folded:
+        log.info("folded BatchNormalization '%s' into the Conv before it", name)
     _name_nodes(graph)
 
     convs = [n for n in graph.nodes if n.op == "Conv" and n.domain in ("", "ai.onnx", None)]
@@ -712,6 +798,7 @@ def _convert(
         if isinstance(options.block, str)
         else "x".join(map(str, options.block)),
         strict_checked=strict,
+        folded_batchnorms=folded,
     )
     record = {
         "version": __version__,

@@ -382,3 +382,82 @@ def test_conv_like_nodes_left_alone_are_reported_with_reasons():
     assert record["skipped"] == [
         {"name": "upsample", "reason": "ConvTranspose is not converted (only Conv is)"}
     ]
+
+
+def conv_bn_model(with_bias: bool) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu, with trained-like statistics."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 6).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32) * 0.1, "beta"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, 6).astype(np.float32), "var"),
+    ]
+    conv_inputs = ["x", "w"]
+    if with_bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"))
+        conv_inputs.append("b")
+    nodes = [
+        helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization",
+            ["c", "gamma", "beta", "mean", "var"],
+            ["n"],
+            name="bn",
+            epsilon=1e-3,
+        ),
+        helper.make_node("Relu", ["n"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 9, 9])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fold_bn_folds_exactly_before_converting(with_bias):
+    model = conv_bn_model(with_bias)
+    converted, report = convert_and_compare(model, fold_bn=True)
+    assert "BatchNormalization" not in ops(converted)
+    assert report.folded_batchnorms == ["bn"]
+    kept, report = convert_and_compare(model)  # without the option the BatchNorm stays
+    assert ops(kept).count("BatchNormalization") == 1 and report.folded_batchnorms == []
+
+
+def test_weights_from_dequantize_linear_and_qdq_activations():
+    """A QDQ model: int8 weights dequantized per channel, activations through Q/DQ."""
+    rng = np.random.default_rng(4)
+    q_weight = rng.integers(-127, 128, (6, 4, 3, 3)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.01, 6).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(q_weight, "wq"),
+        numpy_helper.from_array(scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(6, np.int8), "w_zero"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="quant"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="dequant"),
+        helper.make_node(
+            "DequantizeLinear", ["wq", "w_scale", "w_zero"], ["w"], name="wdq", axis=0
+        ),
+        helper.make_node("Conv", ["xd", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    converted, report = convert_and_compare(model)
+    assert len(report.layers) == 1
+    kinds = ops(converted)
+    assert "Conv" not in kinds and kinds.count("QuantizeLinear") == 1  # the activation Q/DQ stays
