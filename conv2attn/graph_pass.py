@@ -35,7 +35,7 @@ from conv2attn.geometry import (
     resolve_pads,
     validate,
 )
-from conv2attn.modelio import PROTOBUF_LIMIT, is_repeated, load_model, model_size
+from conv2attn.modelio import PROTOBUF_LIMIT, copy_fields, load_model, model_size
 from conv2attn.weights import output_bias, output_projection
 
 log = logging.getLogger(__name__)
@@ -221,18 +221,6 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ..
 SKELETON_MAX_BYTES = 4096
 
 
-def _copy_fields(target, source, skip: tuple[str, ...] = ()) -> None:
-    for field_descriptor, value in source.ListFields():
-        if field_descriptor.name in skip:
-            continue
-        if is_repeated(field_descriptor):
-            getattr(target, field_descriptor.name).extend(value)
-        elif field_descriptor.message_type is not None:
-            getattr(target, field_descriptor.name).CopyFrom(value)
-        else:
-            setattr(target, field_descriptor.name, value)
-
-
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without the data of its large initializers (marked external).
 
@@ -240,8 +228,8 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     the weights; the skeleton is never saved.
     """
     copied = onnx.ModelProto()
-    _copy_fields(copied, model, skip=("graph",))
-    _copy_fields(copied.graph, model.graph, skip=("initializer",))
+    copy_fields(copied, model, skip=("graph",))
+    copy_fields(copied.graph, model.graph, skip=("initializer",))
     for tensor in model.graph.initializer:
         if tensor.ByteSize() <= SKELETON_MAX_BYTES:
             copied.graph.initializer.append(tensor)
@@ -694,7 +682,7 @@ def _convert(
     _infer_shapes(model, bare)
     del bare
     header = onnx.ModelProto()
-    _copy_fields(header, model, skip=("graph", "functions", "training_info"))
+    copy_fields(header, model, skip=("graph", "functions", "training_info"))
     graph = gs.import_onnx(model)
     folded = fold_batchnorms(graph) if options.fold_bn else []
     for name in folded:

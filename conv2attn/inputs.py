@@ -18,7 +18,6 @@ from conv2attn.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Refuse images larger than this many pixels before decoding them (decompression bombs).
 # Checked from the image header; Pillow's own, larger guard stays as it is.
 MAX_IMAGE_PIXELS = 100_000_000

@@ -115,7 +115,7 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         for field_descriptor, _ in model.ListFields():
             if field_descriptor.name != "graph":
                 part = onnx.ModelProto()
-                _copy_field(part, model, field_descriptor)
+                copy_field(part, model, field_descriptor)
                 handle.write(part.SerializeToString())
                 continue
             length = sum(len(chunk) for chunk in _field_chunks(model.graph))
@@ -124,7 +124,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                 handle.write(chunk)
 
 
-def _copy_field(target, source, field_descriptor) -> None:
+def copy_field(target, source, field_descriptor) -> None:
+    """Copy one field of a protobuf message into another of the same type."""
     value = getattr(source, field_descriptor.name)
     if is_repeated(field_descriptor):
         getattr(target, field_descriptor.name).extend(value)
@@ -132,6 +133,13 @@ def _copy_field(target, source, field_descriptor) -> None:
         getattr(target, field_descriptor.name).CopyFrom(value)
     else:
         setattr(target, field_descriptor.name, value)
+
+
+def copy_fields(target, source, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of ``source`` but those named in ``skip``."""
+    for field_descriptor, _ in source.ListFields():
+        if field_descriptor.name not in skip:
+            copy_field(target, source, field_descriptor)
 
 
 def is_repeated(field_descriptor) -> bool:

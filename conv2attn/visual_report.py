@@ -28,8 +28,6 @@ from conv2attn.inputs import Samples
 from conv2attn.report import human
 from conv2attn.validate import CheckReport, check, converted_layers, session
 
-CHARTS = ("parity", "growth", "latency")
-
 
 def _matplotlib():
     try:
