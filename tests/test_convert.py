@@ -461,3 +461,11 @@ def test_weights_from_dequantize_linear_and_qdq_activations():
     assert len(report.layers) == 1
     kinds = ops(converted)
     assert "Conv" not in kinds and kinds.count("QuantizeLinear") == 1  # the activation Q/DQ stays
+
+
+def test_conv_without_kernel_shape_takes_it_from_the_weight():
+    model = conv_model(kernel=(3, 2), pads=[1, 0, 1, 1])
+    attribute = next(a for a in model.graph.node[0].attribute if a.name == "kernel_shape")
+    model.graph.node[0].attribute.remove(attribute)
+    _, report = convert_and_compare(model)
+    assert report.layers[0].kernel == (3, 2)

@@ -1,4 +1,9 @@
-"""Property test: random Conv configurations, converted graph vs onnxruntime's own Conv."""
+"""Property test: random Conv configurations, converted graph vs onnxruntime's own Conv.
+
+CI runs 150 2-D and 50 1-D/3-D cases; PROPERTY_EXAMPLES=3000 runs a longer search.
+"""
+
+import os
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -7,6 +12,8 @@ from onnx.reference import ReferenceEvaluator
 import conv2attn
 from conv2attn.geometry import AutoPad, ConvSpec, resolve_pads
 from tests.helpers import assert_parity, conv_model, random_input, run
+
+EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "150"))
 
 
 @st.composite
@@ -102,13 +109,17 @@ def check(config):
     assert_parity(reference(model, feeds, config), run(converted, feeds))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(conv_configs())
 def test_random_2d_convs_match_onnxruntime(config):
     check(config)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(
+    max_examples=max(EXAMPLES // 3, 1),
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much],
+)
 @given(conv_configs(ranks=(1, 3)))
 def test_random_1d_and_3d_convs_match_onnxruntime(config):
     check(config)
