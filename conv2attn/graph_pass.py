@@ -244,14 +244,20 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer_shapes(model: onnx.ModelProto, bare: onnx.ModelProto) -> None:
-    """Fill ``value_info`` (and graph output types) of ``model`` from its skeleton ``bare``."""
+    """Fill ``value_info`` (and graph output types) of ``model`` by inference on its
+    skeleton ``bare``, whose stored ``value_info`` has been removed: exporters leave stale
+    entries, and the graph itself is the truth. Stored entries fill in only tensors that
+    inference cannot type (custom ops, say)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(bare, data_prop=True)
     except Exception as error:  # onnx raises several types; the stored shapes still serve
         log.warning("shape inference failed (%s); using the shapes stored in the model", error)
         return
+    known = {value.name for value in inferred.graph.value_info}
+    stored = [value for value in model.graph.value_info if value.name not in known]
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
+    model.graph.value_info.extend(stored)
     for original, typed in zip(model.graph.output, inferred.graph.output):
         if typed.type.HasField("tensor_type") and typed.type.tensor_type.HasField("shape"):
             original.type.CopyFrom(typed.type)
@@ -678,6 +684,7 @@ def _convert(
     _check_opset(model)
     _pin_input_shapes(model, options.input_shapes)
     bare = skeleton(model)
+    del bare.graph.value_info[:]  # stale shapes must not decide; see _infer_shapes
     strict = passes_strict_inference(bare)
     _infer_shapes(model, bare)
     del bare

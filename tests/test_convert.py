@@ -469,3 +469,39 @@ def test_conv_without_kernel_shape_takes_it_from_the_weight():
     model.graph.node[0].attribute.remove(attribute)
     _, report = convert_and_compare(model)
     assert report.layers[0].kernel == (3, 2)
+
+
+def test_stale_value_info_does_not_mislead_the_geometry():
+    """Exporters leave wrong shapes in value_info; the graph decides."""
+    model = chain_model()
+    stale = helper.make_tensor_value_info("r1", TensorProto.FLOAT, ["N", 8, 8, 8])  # is 16x16
+    model.graph.value_info.append(stale)
+    converted, report = conv2attn.convert(model)
+    assert report.layers[1].input_size == (16, 16)
+    feeds = random_input(chain_model())
+    assert_parity(run(chain_model(), feeds), run(converted, feeds))
+
+
+def test_conv_output_with_several_consumers_and_a_graph_output():
+    model = chain_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("Sigmoid", ["c1"], ["s1"], name="sigmoid"))
+    graph.output.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, ["N", 8, 16, 16]))
+    graph.output.append(helper.make_tensor_value_info("s1", TensorProto.FLOAT, ["N", 8, 16, 16]))
+    converted, report = convert_and_compare(model)
+    assert [o.name for o in converted.graph.output] == ["y", "c1", "s1"]
+    assert len(report.layers) == 3
+
+
+def test_nhwc_input_transposed_before_the_conv():
+    """tf2onnx's convention: the graph takes NHWC and transposes it for the Conv."""
+    model = conv_model(4, 6, size=(9, 11))
+    graph = model.graph
+    graph.input[0].CopyFrom(
+        helper.make_tensor_value_info("x_nhwc", TensorProto.FLOAT, ["N", 9, 11, 4])
+    )
+    graph.node.insert(
+        0, helper.make_node("Transpose", ["x_nhwc"], ["x"], name="to_nchw", perm=[0, 3, 1, 2])
+    )
+    converted, report = convert_and_compare(model)
+    assert report.layers[0].input_size == (9, 11) and "Transpose" in ops(converted)
