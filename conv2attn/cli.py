@@ -425,15 +425,15 @@ def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) 
         converted,
         samples,
         names=(str(original_path), str(converted_path)),
-        rtol=getattr(args, "rtol", None),
-        atol=getattr(args, "atol", None),
-        provider=getattr(args, "provider", "CPUExecutionProvider"),
-        per_layer=getattr(args, "per_layer", False),
+        rtol=args.rtol,
+        atol=args.atol,
+        provider=args.provider,
+        per_layer=args.per_layer,
         batch_size=args.batch_size,
         progress=progress,
     )
     progress.close()
-    if getattr(args, "json", None) is not None:
+    if args.json is not None:
         _write_json_atomic(args.json, report.to_dict())
     if not args.quiet:
         print(check_table(report, use_colour()))

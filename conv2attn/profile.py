@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from conv2attn.errors import InputError
 from conv2attn.inputs import graph_inputs, random_samples
-from conv2attn.validate import converted_layers
+from conv2attn.validate import converted_layers, session
 
 
 @dataclass(frozen=True)
@@ -88,21 +88,6 @@ class ProfileReport:
         return asdict(self)
 
 
-def _session(path: str | os.PathLike, threads: int, profile_prefix: str | None = None):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own exception types
-        first = " ".join(str(error).split())[:300]
-        raise InputError(f"{path}: onnxruntime cannot load the model: {first}") from None
-
-
 def model_feeds(
     model: onnx.ModelProto, batch: int, shapes: Mapping[str, Sequence[int]], seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -131,20 +116,20 @@ def time_models(
     seconds are spent."""
     if block < 2:
         raise InputError(f"--block-runs {block}: must be at least 2 (the first is dropped)")
-    for session, feed in zip(sessions, feeds):
+    for timed, feed in zip(sessions, feeds):
         start = time.perf_counter()
         runs = 0
         while runs < 3 or time.perf_counter() - start < warmup:
-            session.run(None, dict(feed))
+            timed.run(None, dict(feed))
             runs += 1
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     while True:
-        for index, (session, feed) in enumerate(zip(sessions, feeds)):
+        for index, (timed, feed) in enumerate(zip(sessions, feeds)):
             feed = dict(feed)
             for run in range(block):
                 begin = time.perf_counter()
-                session.run(None, feed)
+                timed.run(None, feed)
                 elapsed = time.perf_counter() - begin
                 if run:
                     times[index].append(elapsed)
@@ -200,10 +185,12 @@ def layer_times(
     an original model through ``owners`` (``original_node_owners``).
     """
     with tempfile.TemporaryDirectory(prefix="conv2attn-profile-") as folder:
-        session = _session(path, threads, str(Path(folder) / "profile"))
+        profiled = session(
+            path, optimize=True, threads=threads, profile_prefix=str(Path(folder) / "profile")
+        )
         for _ in range(runs + 1):
-            session.run(None, dict(feed))
-        events = json.loads(Path(session.end_profiling()).read_text())
+            profiled.run(None, dict(feed))
+        events = json.loads(Path(profiled.end_profiling()).read_text())
     # Longest names first, so "a/b" does not claim the nodes of "a/b_1".
     prefixes = sorted(((f"{name}/attn/", name) for name in layers), key=lambda p: -len(p[0]))
     rest = "(not converted)" if owners is None else "(other nodes)"
@@ -250,7 +237,7 @@ def profile(
     threads = threads or os.cpu_count() or 1
     shapes = dict(input_shapes or {})
     feeds = [model_feeds(model, batch, shapes) for model in models]
-    sessions = [_session(path, threads) for path in paths]
+    sessions = [session(path, optimize=True, threads=threads) for path in paths]
     times = time_models(
         sessions, feeds, iterations=iterations, duration=duration, block=block, warmup=warmup
     )

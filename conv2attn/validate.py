@@ -12,10 +12,13 @@ output tensor name, and records the mapping in its metadata).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,6 +27,7 @@ import onnxruntime as ort
 from conv2attn.errors import InputError
 from conv2attn.graph_pass import METADATA_KEY
 from conv2attn.inputs import Samples, graph_inputs
+from conv2attn.modelio import PROTOBUF_LIMIT, model_size
 
 # One float32 rounding of the largest output, with headroom for a different summation
 # order of the same products (the projection sums what the Conv sums, in another order).
@@ -63,13 +67,44 @@ def session(
     model: onnx.ModelProto | str | os.PathLike,
     providers: list[str] | None = None,
     optimize: bool = False,
+    threads: int = 0,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
+    """An onnxruntime session for a file or a ModelProto (one of 2 GiB or more goes
+    through a temporary file, since protobuf cannot serialise it). ``optimize``: the
+    runtime's graph optimisations, off by default so it neither hides nor adds
+    differences; ``threads``: intra-op threads (0: onnxruntime's default);
+    ``profile_prefix``: record a node profile. A model onnxruntime refuses is an
+    InputError."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    providers = providers or ["CPUExecutionProvider"]
+    name = "the model" if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        if not isinstance(model, onnx.ModelProto):
+            return ort.InferenceSession(str(model), options, providers=providers)
+        if model_size(model) < PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="conv2attn-") as folder:
+            path = Path(folder) / "model.onnx"
+            onnx.save_model(
+                copy.deepcopy(model),
+                str(path),
+                save_as_external_data=True,
+                location="model.onnx.data",
+            )
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types
+        first = " ".join(str(error).split())[:300]
+        raise InputError(f"{name}: onnxruntime cannot load it: {first}") from None
 
 
 def compare(name: str, reference: np.ndarray, actual: np.ndarray) -> ParityError:
@@ -85,21 +120,6 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray) -> ParityError
         max_reference=float(np.abs(ref).max(initial=0.0)),
         mean_abs=float(diff.mean()) if diff.size else 0.0,
     )
-
-
-def parity(
-    original: onnx.ModelProto | str | os.PathLike,
-    converted: onnx.ModelProto | str | os.PathLike,
-    feeds: Mapping[str, np.ndarray],
-    optimize: bool = False,
-) -> list[ParityError]:
-    """Run both models on ``feeds``; the error of every output, in graph order."""
-    reference_session = session(original, optimize=optimize)
-    converted_session = session(converted, optimize=optimize)
-    names = [o.name for o in reference_session.get_outputs()]
-    reference = reference_session.run(None, dict(feeds))
-    actual = converted_session.run(names, dict(feeds))
-    return [compare(n, r, a) for n, r, a in zip(names, reference, actual)]
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,6 @@ def test_output_over_2gb_is_saved_with_external_data_in_bounded_memory(tmp_path)
     model = onnx.load(str(source))
     feeds = {"x0": np.random.default_rng(1).standard_normal((1, 512, 8, 8)).astype(np.float32)}
     assert_parity(run(model, feeds), run(str(output), feeds))
+    # check loads both into memory; the 2 GB one reaches onnxruntime through a file
+    result, _ = run_with_peak("check", source, output, "--samples", "1", "-q")
+    assert result.returncode == 0, result.stderr
