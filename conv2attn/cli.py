@@ -48,6 +48,17 @@ examples:
   conv2attn profile resnet18.onnx resnet18_attn.onnx
   conv2attn profile resnet18.onnx resnet18_local.onnx --batch 8 --threads 2 --iterations 100
   conv2attn profile resnet18_attn.onnx --per-layer --json profile.json
+  conv2attn profile resnet18.onnx resnet18_attn.onnx --backend trt --precision fp16 \
+      --engine-cache engines/ --cuda-graph --batch 32
+  conv2attn profile resnet18.onnx resnet18_attn.onnx --backend torch-cuda --precision fp16
+
+backends (what each needs is in the README):
+  ort-cpu     onnxruntime, CPU (default)
+  ort-cuda    onnxruntime-gpu, CUDA execution provider
+  ort-trt     onnxruntime-gpu, TensorRT execution provider
+  trt         TensorRT 10+ Python API (engines built here; CUDA events via torch)
+  torch-cuda  PyTorch on a CUDA GPU, the graph imported with onnx2torch
+GPU backends also compare each model's outputs with onnxruntime CPU fp32.
 """
 
 REPORT_EPILOG = """\
@@ -207,11 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser(
         "profile",
-        help="measure latency side by side (onnxruntime CPU)",
-        description="Time models side by side with onnxruntime on the CPU: warm-up, then "
-        "blocks of runs per model in turn (each block's first run dropped), until every "
-        "model has --iterations runs or --duration seconds are spent. Ratios are to the "
-        "first model.",
+        help="measure latency side by side (onnxruntime, TensorRT, PyTorch)",
+        description="Time models side by side on a backend: warm-up, then blocks of runs "
+        "per model in turn (each block's first run dropped), until every model has "
+        "--iterations runs or --duration seconds are spent. Ratios are to the first model. "
+        "GPU runs are timed with CUDA events, inputs already on the device.",
         epilog=PROFILE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -236,6 +247,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _input_shape_option(
         profile, "shape of an input with dynamic dims other than the batch (repeatable)"
+    )
+    profile.add_argument(
+        "--backend",
+        choices=("ort-cpu", "ort-cuda", "ort-trt", "trt", "torch-cuda"),
+        default="ort-cpu",
+        help="runtime (default ort-cpu)",
+    )
+    profile.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "fp16", "bf16"),
+        help="GPU backends: compute precision (default fp16 where the GPU has fast fp16)",
+    )
+    profile.add_argument(
+        "--workspace", type=int, metavar="MB", help="TensorRT: builder workspace limit"
+    )
+    profile.add_argument(
+        "--engine-cache",
+        type=Path,
+        metavar="DIR",
+        help="TensorRT: keep built engines here, keyed by model hash and settings",
+    )
+    profile.add_argument(
+        "--cuda-graph", action="store_true", help="trt, torch-cuda: replay a captured CUDA graph"
+    )
+    profile.add_argument(
+        "--compile", action="store_true", help="torch-cuda: run under torch.compile"
+    )
+    profile.add_argument(
+        "--no-numerics",
+        action="store_true",
+        help="GPU backends: skip comparing outputs with onnxruntime CPU fp32",
     )
     profile.add_argument("--per-layer", action="store_true", help="kernel time by source Conv")
     profile.add_argument("--json", type=Path, metavar="FILE", help="write the measurements as JSON")
@@ -452,7 +494,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_profile(args: argparse.Namespace) -> int:
     from conv2attn.graph_pass import parse_input_shapes
     from conv2attn.modelio import load_model
-    from conv2attn.profile import profile
+    from conv2attn.profile import GpuOptions, profile
     from conv2attn.report import profile_table
 
     if args.json is not None:
@@ -469,11 +511,28 @@ def run_profile(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         input_shapes=parse_input_shapes(args.input_shape),
         per_layer=args.per_layer,
+        backend=args.backend,
+        gpu=GpuOptions(
+            precision=args.precision,
+            workspace_mb=args.workspace,
+            engine_cache=args.engine_cache,
+            cuda_graph=args.cuda_graph,
+            compile=args.compile,
+            check_numerics=not args.no_numerics,
+        ),
     )
     if args.json is not None:
         _write_json_atomic(args.json, report.to_dict())
     if not args.quiet:
         print(profile_table(report, colour=use_colour()))
+    off = [m.path for m in report.models if m.numerics is not None and not m.numerics.within]
+    if off:
+        print(
+            f"numerics: {', '.join(off)} beyond the {report.precision} bound against "
+            "onnxruntime CPU fp32",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

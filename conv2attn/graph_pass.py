@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -99,6 +99,7 @@ class LayerReport:
     params_after: int
     cost: int = 0  # what --patch auto minimises: MACs plus weighted data movement
     alternatives: tuple[dict, ...] = ()
+    graph: str = ""  # the control-flow subgraph holding the Conv, e.g. "If_0/then_branch"
 
 
 @dataclass(frozen=True)
@@ -253,14 +254,96 @@ def _infer_shapes(model: onnx.ModelProto, bare: onnx.ModelProto) -> None:
     except Exception as error:  # onnx raises several types; the stored shapes still serve
         log.warning("shape inference failed (%s); using the shapes stored in the model", error)
         return
-    known = {value.name for value in inferred.graph.value_info}
-    stored = [value for value in model.graph.value_info if value.name not in known]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    model.graph.value_info.extend(stored)
-    for original, typed in zip(model.graph.output, inferred.graph.output):
-        if typed.type.HasField("tensor_type") and typed.type.tensor_type.HasField("shape"):
-            original.type.CopyFrom(typed.type)
+    for graph, typed_graph in zip(_graph_protos(model.graph), _graph_protos(inferred.graph)):
+        known = {value.name for value in typed_graph.value_info}
+        stored = [value for value in graph.value_info if value.name not in known]
+        del graph.value_info[:]
+        graph.value_info.extend(typed_graph.value_info)
+        graph.value_info.extend(stored)
+        for original, typed in zip(graph.output, typed_graph.output):
+            if typed.type.HasField("tensor_type") and typed.type.tensor_type.HasField("shape"):
+                original.type.CopyFrom(typed.type)
+
+
+def _resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list[str]:
+    """Conv inputs of the main graph whose spatial size onnx's inference left unknown,
+    resolved by onnxruntime's symbolic shape inference. Returns the names resolved.
+
+    Exporters compute channel splits and window partitions from ``Shape`` of a tensor
+    with a symbolic batch (shufflenet's channel split, maxvit's windows); onnx's data
+    propagation stops there, even with the batch pinned, while symbolic inference
+    carries the batch as a symbol and finds the spatial sizes."""
+    typed = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
+
+    def spatial_known(value: onnx.ValueInfoProto | None) -> bool:
+        if value is None or not value.type.tensor_type.HasField("shape"):
+            return False
+        dims = value.type.tensor_type.shape.dim
+        return len(dims) > 2 and all(d.HasField("dim_value") for d in dims[2:])
+
+    unknown = {
+        node.input[0]
+        for node in model.graph.node
+        if node.op_type == "Conv" and node.input and not spatial_known(typed.get(node.input[0]))
+    }
+    if not unknown:
+        return []
+    # The skeleton's weights have no data; as graph inputs they keep their shapes and
+    # the inference does not try to read them.
+    weightless = onnx.ModelProto()
+    copy_fields(weightless, bare, skip=("graph",))
+    copy_fields(weightless.graph, bare.graph, skip=("initializer",))
+    for tensor in bare.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            weightless.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+        else:
+            weightless.graph.initializer.append(tensor)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(weightless, auto_merge=True)
+    except Exception as error:  # the Conv's own error below says what to do
+        log.info("symbolic shape inference failed: %s", error)
+        return []
+    resolved = []
+    for value in inferred.graph.value_info if inferred is not None else ():
+        if value.name not in unknown or not spatial_known(value):
+            continue
+        known = typed.get(value.name)
+        if known is None:
+            model.graph.value_info.append(value)
+        else:
+            known.type.CopyFrom(value.type)
+        resolved.append(value.name)
+    return resolved
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every control-flow body inside it, depth first, in node order."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_protos(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for body in attribute.graphs:
+                    yield from _graph_protos(body)
+
+
+def _graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:
+    """``graph`` and every control-flow body inside it, each with its path
+    (``""`` for the main graph, ``"<node>/<attribute>"`` below it)."""
+    yield path, graph
+    for node in graph.nodes:
+        for attribute, value in node.attrs.items():
+            bodies = value if isinstance(value, list) else [value]
+            for index, body in enumerate(bodies):
+                if isinstance(body, gs.Graph):
+                    where = f"{node.name or node.op}/{attribute}"
+                    where += f"[{index}]" if isinstance(value, list) else ""
+                    yield from _graphs(body, f"{path}/{where}" if path else where)
 
 
 def passes_strict_inference(model: onnx.ModelProto) -> bool:
@@ -355,13 +438,15 @@ def _ints(node: gs.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
 @dataclass
 class _Candidate:
     node: gs.Node
+    graph: gs.Graph
+    path: str
     spec: ConvSpec
     weight: np.ndarray
     bias: np.ndarray | None
     batch: int | str | None
 
 
-def _inspect_conv(node: gs.Node) -> _Candidate | str:
+def _inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> _Candidate | str:
     """A convertible Conv, or the reason it is not converted."""
     x = node.inputs[0]
     weight = _constant_values(node.inputs[1])
@@ -432,7 +517,7 @@ def _inspect_conv(node: gs.Node) -> _Candidate | str:
             )
     except GeometryError as error:
         raise InputError(f"Conv '{node.name}': {error}; the model is invalid") from None
-    return _Candidate(node, spec, weight, bias, shape[0])
+    return _Candidate(node, graph, path, spec, weight, bias, shape[0])
 
 
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:
@@ -497,10 +582,12 @@ def fold_batchnorms(graph: gs.Graph) -> list[str]:
 
 
 def _name_nodes(graph: gs.Graph) -> None:
-    """Give every Conv a unique, deterministic name: subgraph names derive from it."""
-    used = {node.name for node in graph.nodes if node.name}
+    """Give every Conv a unique, deterministic name, unique across control-flow bodies
+    too: the names of the attention nodes derive from it."""
+    nodes = [node for _, body in _graphs(graph) for node in body.nodes]
+    used = {node.name for node in nodes if node.name}
     seen: set[str] = set()
-    for index, node in enumerate(graph.nodes):
+    for index, node in enumerate(nodes):
         if node.op != "Conv":
             continue
         name = node.name or f"Conv_{index}"
@@ -603,6 +690,7 @@ def _layer_report(
         params_after=plan.params,
         cost=plan.cost,
         alternatives=_alternatives(plan, candidates),
+        graph=c.path,
     )
 
 
@@ -684,9 +772,12 @@ def _convert(
     _check_opset(model)
     _pin_input_shapes(model, options.input_shapes)
     bare = skeleton(model)
-    del bare.graph.value_info[:]  # stale shapes must not decide; see _infer_shapes
+    for body in _graph_protos(bare.graph):
+        del body.value_info[:]  # stale shapes must not decide; see _infer_shapes
     strict = passes_strict_inference(bare)
     _infer_shapes(model, bare)
+    for name in _resolve_spatial_sizes(model, bare):
+        log.info("spatial size of '%s' found by symbolic shape inference", name)
     del bare
     header = onnx.ModelProto()
     copy_fields(header, model, skip=("graph", "functions", "training_info"))
@@ -696,21 +787,29 @@ def _convert(
         log.info("folded BatchNormalization '%s' into the Conv before it", name)
     _name_nodes(graph)
 
-    convs = [n for n in graph.nodes if n.op == "Conv" and n.domain in ("", "ai.onnx", None)]
+    bodies = list(_graphs(graph))
+    convs = [
+        (path, body, node)
+        for path, body in bodies
+        for node in body.nodes
+        if node.op == "Conv" and node.domain in ("", "ai.onnx", None)
+    ]
     if not convs:
         raise InputError("the model has no Conv node; nothing to convert")
     candidates: list[_Candidate] = []
     skipped: list[SkippedConv] = [
         SkippedConv(node.name or node.outputs[0].name, UNCONVERTED_OPS[node.op])
-        for node in graph.nodes
+        for _, body in bodies
+        for node in body.nodes
         if node.op in UNCONVERTED_OPS
     ]
-    for node in convs:
+    for path, body, node in convs:
         reason = _selected(node.name, options.include, options.exclude)
-        inspected = _inspect_conv(node) if reason is None else reason
+        inspected = _inspect_conv(node, body, path) if reason is None else reason
         if isinstance(inspected, str):
             skipped.append(SkippedConv(node.name, inspected))
-            log.info("skipping Conv '%s': %s", node.name, inspected)
+            level = logging.INFO if reason is not None else logging.WARNING  # chosen or not
+            log.log(level, "Conv '%s' is not converted: %s", node.name, inspected)
         else:
             candidates.append(inspected)
     if not candidates:
@@ -738,7 +837,7 @@ def _convert(
         node.inputs.clear()
         node.outputs.clear()
         emit_attention(
-            graph,
+            candidate.graph,
             f"{node.name}/attn",
             x,
             y,
@@ -755,13 +854,16 @@ def _convert(
     # every one twice at once, plus copies; instead each is moved in after the export
     # and released at once, so at most one is held twice.
     projections = {}
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant) and tensor.name.endswith("/attn/W_O"):
-            projections[tensor.name] = tensor.values
-            tensor.values = np.zeros(0, dtype=tensor.values.dtype)
+    for _, body in _graphs(graph):
+        for tensor in body.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.name.endswith("/attn/W_O"):
+                projections.setdefault(tensor.name, tensor.values)
+                tensor.values = np.zeros(0, dtype=projections[tensor.name].dtype)
     converted = gs.export_onnx(graph)
-    del graph, candidates
-    for initializer in converted.graph.initializer:
+    del graph, candidates, bodies, convs
+    for initializer in (
+        tensor for body in _graph_protos(converted.graph) for tensor in body.initializer
+    ):
         values = projections.pop(initializer.name, None)
         if values is not None:
             del initializer.dims[:]
@@ -819,6 +921,7 @@ def _convert(
                 "macs_after": layer.macs_after,
                 "params_before": layer.params_before,
                 "params_after": layer.params_after,
+                "graph": layer.graph,
             }
             for layer in layers
         ],

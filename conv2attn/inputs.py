@@ -34,7 +34,8 @@ class GraphInput:
 
 @dataclass
 class Samples:
-    """Inputs for ``count`` samples, batched along axis 0; ``labels`` when known."""
+    """Inputs for ``count`` samples, batched along axis 0; ``labels`` when known.
+    Scalar inputs (an ``If`` condition, say) have no batch axis and go with every batch."""
 
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None
@@ -42,11 +43,15 @@ class Samples:
 
     @property
     def count(self) -> int:
-        return len(next(iter(self.feeds.values())))
+        batched = [array for array in self.feeds.values() if array.ndim]
+        return len(batched[0]) if batched else 1
 
     def batches(self, size: int):
         for start in range(0, self.count, size):
-            yield {name: array[start : start + size] for name, array in self.feeds.items()}
+            yield {
+                name: array[start : start + size] if array.ndim else array
+                for name, array in self.feeds.items()
+            }
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:

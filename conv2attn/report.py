@@ -168,29 +168,43 @@ def check_table(report: CheckReport, colour: bool = False) -> str:
 
 
 def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) -> str:
-    """Latency per model with the ratio to the first; per-layer shares when measured."""
-    rows = [
-        ["model", "batch", "median ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio", "runs"]
-    ]
+    """Latency per model with the ratio to the first; the numerics of GPU runs against
+    onnxruntime CPU fp32; per-layer shares when measured."""
+    numerics = any(m.numerics is not None for m in report.models)
+    header = ["model", "batch", "median ms", "p90 ms", "p99 ms", "mean ms", "samples/s"]
+    header += ["ratio", "runs"]
+    if numerics:
+        header += ["max rel vs fp32 CPU", "bound"]
+    rows = [header]
     for m in report.models:
         s = m.stats
-        rows.append(
-            [
-                m.path,
-                str(s.batch),
-                f"{s.median_ms:.2f}",
-                f"{s.p90_ms:.2f}",
-                f"{s.p99_ms:.2f}",
-                f"{s.mean_ms:.2f}",
-                f"{s.throughput:.1f}",
-                f"{m.ratio:.2f}x",
-                str(s.runs),
-            ]
-        )
+        row = [
+            m.path,
+            str(s.batch),
+            f"{s.median_ms:.2f}",
+            f"{s.p90_ms:.2f}",
+            f"{s.p99_ms:.2f}",
+            f"{s.mean_ms:.2f}",
+            f"{s.throughput:.1f}",
+            f"{m.ratio:.2f}x",
+            str(s.runs),
+        ]
+        if numerics:
+            n = m.numerics
+            row += (
+                ["-", "-"]
+                if n is None
+                else [
+                    f"{n.max_rel:.2e}",
+                    f"{n.rtol:g}*max+{n.atol:g} {'ok' if n.within else 'EXCEEDED'}",
+                ]
+            )
+        rows.append(row)
+    threads = f", {report.threads} threads" if report.backend.startswith("ort-") else ""
     lines = [
-        f"{report.backend}, {report.threads} threads",
+        f"{report.backend}, {report.precision}, {report.device}{threads}",
         "",
-        format_table(rows, [False, True, True, True, True, True, True, True, True], colour),
+        format_table(rows, [False] + [True] * (len(header) - 1), colour),
     ]
     for m in report.models:
         if not m.layers:

@@ -69,13 +69,14 @@ def session(
     optimize: bool = False,
     threads: int = 0,
     profile_prefix: str | None = None,
+    provider_options: list[dict] | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session for a file or a ModelProto (one of 2 GiB or more goes
     through a temporary file, since protobuf cannot serialise it). ``optimize``: the
     runtime's graph optimisations, off by default so it neither hides nor adds
     differences; ``threads``: intra-op threads (0: onnxruntime's default);
-    ``profile_prefix``: record a node profile. A model onnxruntime refuses is an
-    InputError."""
+    ``profile_prefix``: record a node profile; ``provider_options``: one dict per
+    provider. A model onnxruntime refuses is an InputError."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
@@ -87,12 +88,15 @@ def session(
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     providers = providers or ["CPUExecutionProvider"]
+    extra = {} if provider_options is None else {"provider_options": provider_options}
     name = "the model" if isinstance(model, onnx.ModelProto) else str(model)
     try:
         if not isinstance(model, onnx.ModelProto):
-            return ort.InferenceSession(str(model), options, providers=providers)
+            return ort.InferenceSession(str(model), options, providers=providers, **extra)
         if model_size(model) < PROTOBUF_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return ort.InferenceSession(
+                model.SerializeToString(), options, providers=providers, **extra
+            )
         with tempfile.TemporaryDirectory(prefix="conv2attn-") as folder:
             path = Path(folder) / "model.onnx"
             onnx.save_model(
@@ -101,7 +105,7 @@ def session(
                 save_as_external_data=True,
                 location="model.onnx.data",
             )
-            return ort.InferenceSession(str(path), options, providers=providers)
+            return ort.InferenceSession(str(path), options, providers=providers, **extra)
     except Exception as error:  # onnxruntime raises its own exception types
         first = " ".join(str(error).split())[:300]
         raise InputError(f"{name}: onnxruntime cannot load it: {first}") from None
@@ -281,6 +285,16 @@ def check(
     notes = []
     if per_layer and not layers:
         notes.append(f"{names[1]} has no conversion record: no per-layer errors")
+    nested = [layer for layer in layers if layer.get("graph")]
+    if nested:
+        # Tensors inside If/Loop/Scan bodies cannot be graph outputs; the model's
+        # outputs cover those layers.
+        layers = [layer for layer in layers if not layer.get("graph")]
+        notes.append(
+            f"{len(nested)} converted Conv(s) inside control-flow bodies "
+            f"({', '.join(layer['name'] for layer in nested[:3])}"
+            f"{', ...' if len(nested) > 3 else ''}) are checked through the model outputs only"
+        )
     layer_tensors = [layer["output"] for layer in layers]
     if layer_tensors:
         original = _with_outputs(original, layer_tensors)

@@ -22,6 +22,11 @@ from conv2attn.geometry import Attention, AttentionPlan, Order
 # exp(-ALPHA) underflows to exactly 0 in float32 and float16, so softmax is one-hot
 # (section 2); logits are kept in float32 where ALPHA times any squared distance is finite.
 ALPHA = 200.0
+# The trainable layer (conv2attn.torch) needs gradients through the softmax, which a
+# one-hot softmax does not pass. At alpha 24 a neighbour at distance 1 gets weight
+# exp(-24) = 3.8e-11: far below float32 rounding of the output (2^-24 = 6e-8 relative,
+# four such neighbours per axis pair at most), yet a non-zero gradient.
+TRAINABLE_ALPHA = 24.0
 
 
 def _axis_selection(kernel: int, stride: int, dilation: int, patch: int, reach: int) -> np.ndarray:
@@ -130,19 +135,56 @@ def head_offset_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
 
 
 def window_indices(plan: AttentionPlan) -> np.ndarray:
-    """Local attention: ``[blocks, window]`` row-major token indices of each block's keys."""
+    """``[blocks, keys]`` row-major token indices of each block's keys: its window (local
+    attention) or every token (global attention, one block)."""
+    return _block_indices(plan, [a.window for a in plan.axes])
+
+
+def query_indices(plan: AttentionPlan) -> np.ndarray:
+    """``[blocks, block queries]`` row-major token indices of each block's queries (global
+    attention: one block holding the whole query grid)."""
+    return _block_indices(plan, [a.block for a in plan.axes])
+
+
+def _block_indices(plan: AttentionPlan, extents: list[int]) -> np.ndarray:
     per_axis = []
-    for a in plan.axes:
+    for a, extent in zip(plan.axes, extents):
         starts = np.arange(a.blocks) * a.block
-        per_axis.append(starts[:, None] + np.arange(a.window)[None, :])  # [blocks, window]
+        per_axis.append(starts[:, None] + np.arange(extent)[None, :])  # [blocks, extent]
     strides = np.cumprod([1, *reversed(plan.token_grid[1:])])[::-1]
     rank = plan.spec.rank
-    index = np.zeros([a.blocks for a in plan.axes] + [a.window for a in plan.axes], np.int64)
+    index = np.zeros([a.blocks for a in plan.axes] + list(extents), np.int64)
     for axis, (rows, stride) in enumerate(zip(per_axis, strides)):
         shape = [1] * (2 * rank)
         shape[axis], shape[rank + axis] = rows.shape
         index += (rows * stride).reshape(shape)
-    return index.reshape(plan.blocks, plan.keys)
+    return index.reshape(plan.blocks, int(np.prod(extents)))
+
+
+def relative_positions(plan: AttentionPlan) -> list[np.ndarray]:
+    """Per axis, ``[block queries, keys]`` key position minus query position (int64); the
+    same for every block."""
+    queries = query_coordinates(plan)
+    keys = key_coordinates(plan)
+    return [(k[None, :] - q[:, None]).astype(np.int64) for q, k in zip(queries, keys)]
+
+
+def quadratic_encoding(plan: AttentionPlan, alpha: float = ALPHA) -> tuple[np.ndarray, list[int]]:
+    """Section 2's logits as a table over relative positions: ``table[h, d_0.., d_r]`` =
+    ``-alpha * sum_i (d_i - offset_h,i)^2``, for every relative position ``d`` that
+    ``relative_positions`` holds, and per axis the smallest such ``d`` (index 0).
+    Float32; differences are squared before scaling (section 2's fp16 rule)."""
+    deltas = relative_positions(plan)
+    lows = [int(d.min()) for d in deltas]
+    spans = [int(d.max()) - low + 1 for d, low in zip(deltas, lows)]
+    offsets = np.array(plan.head_offsets, dtype=np.float64).reshape(plan.heads, -1)
+    distance = np.zeros([plan.heads, *spans])
+    for axis, (low, span) in enumerate(zip(lows, spans)):
+        shape = [1] * (plan.spec.rank + 1)
+        shape[0], shape[axis + 1] = plan.heads, span
+        position = np.arange(low, low + span, dtype=np.float64)
+        distance += ((position[None, :] - offsets[:, axis : axis + 1]) ** 2).reshape(shape)
+    return (-alpha * distance).astype(np.float32), lows
 
 
 def attention_probabilities(plan: AttentionPlan) -> np.ndarray:

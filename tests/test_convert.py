@@ -279,7 +279,7 @@ def test_weights_behind_identity_and_cast_are_constants():
     assert len(report.layers) == 1 and "Conv" not in ops(converted)
 
 
-def test_runtime_weight_is_skipped_with_reason():
+def test_runtime_weight_is_skipped_with_reason(caplog):
     model = chain_model()
     graph = model.graph
     graph.input.append(helper.make_tensor_value_info("w3_runtime", TensorProto.FLOAT, [8, 3, 1, 1]))
@@ -288,6 +288,8 @@ def test_runtime_weight_is_skipped_with_reason():
     assert [s.name for s in report.skipped] == ["skip"]
     assert "computed at runtime" in report.skipped[0].reason
     assert ops(converted).count("Conv") == 1
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'skip' is not converted" in r.getMessage() for r in warned)
 
 
 def test_unnamed_and_duplicate_conv_names_become_unique():

@@ -9,7 +9,7 @@ import pytest
 import conv2attn
 from conv2attn.cli import main
 from conv2attn.errors import InputError
-from conv2attn.profile import latency_stats, time_models
+from conv2attn.profile import latency_stats, time_runners
 from tests.helpers import chain_model, conv_model
 
 
@@ -24,20 +24,25 @@ def test_latency_statistics():
     assert stats.throughput == pytest.approx(8 * 1000 / 50.5)
 
 
-class RecordingSession:
-    """Stands in for an onnxruntime session: records the order of runs."""
+class RecordingRunner:
+    """Stands in for a backend's runner: records the order of runs."""
 
     def __init__(self, name, log):
         self.name, self.log = name, log
 
-    def run(self, outputs, feeds):
+    def run(self):
         self.log.append(self.name)
+
+    def timed_block(self, count):
+        for _ in range(count):
+            self.run()
+        return [0.001] * count
 
 
 def test_models_alternate_in_blocks_and_each_block_drops_its_first_run():
     log = []
-    sessions = [RecordingSession("a", log), RecordingSession("b", log)]
-    times = time_models(sessions, [{}, {}], iterations=10, duration=None, block=6, warmup=0)
+    runners = [RecordingRunner("a", log), RecordingRunner("b", log)]
+    times = time_runners(runners, iterations=10, duration=None, block=6, warmup=0)
     warmup = log[:6]
     assert warmup == ["a"] * 3 + ["b"] * 3  # three warm-up runs each, then timing
     timed = log[6:]
@@ -48,9 +53,7 @@ def test_models_alternate_in_blocks_and_each_block_drops_its_first_run():
 
 def test_block_of_one_run_is_refused():
     with pytest.raises(InputError, match="at least 2"):
-        time_models(
-            [RecordingSession("a", [])], [{}], iterations=1, duration=None, block=1, warmup=0
-        )
+        time_runners([RecordingRunner("a", [])], iterations=1, duration=None, block=1, warmup=0)
 
 
 @pytest.fixture

@@ -8,6 +8,10 @@ blocks of runs with each block's first run dropped. Prints one table.
 
     python tools/bench.py                       # resnet18, resnet50, mobilenet_v2
     python tools/bench.py --models resnet18 --batches 1 --iterations 20
+    python tools/bench.py --backend torch-cuda --precision fp16 --batches 1 32
+    python tools/bench.py --backend trt --precision fp16 --cuda-graph --engine-cache engines/
+
+GPU backends also report each model's worst output error against onnxruntime CPU fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conv2attn.profile import profile  # noqa: E402
+from conv2attn import backends  # noqa: E402
+from conv2attn.errors import InputError  # noqa: E402
+from conv2attn.profile import GpuOptions, profile  # noqa: E402
 from conv2attn.report import format_table  # noqa: E402
 from tools.torchvision_models import export  # noqa: E402
 
@@ -90,12 +96,34 @@ def convert(source: Path, output: Path, attention: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument(
+        "--batches", nargs="+", type=int, help="default: 1 8 on the CPU, 1 32 on a GPU"
+    )
     parser.add_argument("--iterations", type=int, default=30, help="timed runs per model and batch")
     parser.add_argument("--block-runs", type=int, default=6, help="runs per block, first dropped")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    parser.add_argument(
+        "--backend",
+        default="ort-cpu",
+        choices=("ort-cpu", "ort-cuda", "ort-trt", "trt", "torch-cuda"),
+        help="runtime for the latency columns (conversion always runs on the CPU)",
+    )
+    parser.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"))
+    parser.add_argument("--cuda-graph", action="store_true", help="trt, torch-cuda")
+    parser.add_argument("--engine-cache", type=Path, help="trt: keep built engines here")
     parser.add_argument("--json", type=Path, help="write all measurements as JSON")
     args = parser.parse_args()
+    try:
+        backends.require(args.backend)  # before minutes of exporting and converting
+    except InputError as error:
+        raise SystemExit(f"bench: {error}") from None
+    if args.batches is None:
+        args.batches = [1, 8] if args.backend == "ort-cpu" else [1, 32]
+    gpu = GpuOptions(
+        precision=args.precision, cuda_graph=args.cuda_graph, engine_cache=args.engine_cache
+    )
+    heading = ""
+    worst: dict[str, float] = {}
 
     rows = [
         [
@@ -131,7 +159,13 @@ def main() -> None:
                     threads=args.threads,
                     iterations=args.iterations,
                     block=args.block_runs,
+                    backend=args.backend,
+                    gpu=gpu,
                 )
+                heading = f"{report.backend}, {report.precision}, {report.device}"
+                for m in report.models:
+                    if m.numerics is not None:
+                        worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
                 latency[batch] = [m.ratio for m in report.models]
                 medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
                 print(
@@ -163,9 +197,15 @@ def main() -> None:
                     }
                 )
     print()
-    machine = platform.processor() or platform.machine()
-    print(f"onnxruntime CPU, fp32, {args.threads or os.cpu_count()} threads, {machine}")
+    if args.backend == "ort-cpu":
+        machine = platform.processor() or platform.machine()
+        heading = f"onnxruntime CPU, fp32, {args.threads or os.cpu_count()} threads, {machine}"
+    print(heading)
     print(format_table(rows, [False, False, *[True] * (len(rows[0]) - 2)]))
+    if worst:
+        print("\nworst output error against onnxruntime CPU fp32 (max rel):")
+        for path, error in worst.items():
+            print(f"  {Path(path).name}: {error:.2e}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -1,8 +1,8 @@
 """Export torchvision classification models to ONNX for the tests and benchmarks.
 
 Weights are random (no downloads), with BatchNorm given trained-like statistics so that
-activations stay of order one; exported at 224x224 with a dynamic batch dimension, by
-the TorchScript exporter (one file) or the dynamo exporter (weights as external data).
+activations stay of order one; exported at 224x224 (or a given size) with a dynamic batch
+dimension, by the TorchScript exporter (one file) or the dynamo exporter (weights as external data).
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ def build(name: str, seed: int):
     return model
 
 
-def export(name: str, path: Path, dynamo: bool, seed: int = 0) -> Path:
-    """Export a torchvision model at 224x224 with a dynamic batch dimension."""
+def export(
+    name: str, path: Path, dynamo: bool, seed: int = 0, size: int = 224, opset: int = 13
+) -> Path:
+    """Export a torchvision model at ``size`` x ``size`` with a dynamic batch dimension."""
     import torch
 
     model = build(name, seed)
-    example = torch.randn(1, 3, 224, 224)
+    example = torch.randn(1, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
@@ -61,6 +63,6 @@ def export(name: str, path: Path, dynamo: bool, seed: int = 0) -> Path:
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}},
-                opset_version=13,
+                opset_version=opset,
             )
     return path

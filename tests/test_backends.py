@@ -1,0 +1,457 @@
+"""GPU backends of `conv2attn profile`: everything that can be checked without a GPU.
+
+The GPU runs themselves are in tests/test_gpu.py and skip where there is no CUDA device.
+Absence of a library is simulated by hiding its module (``sys.modules[name] = None``
+makes ``import name`` raise ImportError, exactly as when it is not installed).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import conv2attn
+from conv2attn import backends
+from conv2attn.cli import main
+from conv2attn.errors import InputError
+from conv2attn.profile import (
+    PRECISION_TOLERANCE,
+    GpuOptions,
+    OrtRunner,
+    _numerics,
+    profile,
+    resolve_precision,
+)
+from conv2attn.tensorrt_engine import (
+    EngineSettings,
+    cache_key,
+    cast_to_float16,
+    describe_parser_errors,
+    engine_cache_path,
+    layer_owner,
+    layer_prefixes,
+    load_or_build,
+    model_digest,
+)
+from tests.helpers import assert_parity, chain_model, run, save_model_file
+
+DIGITS = str(Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx")
+
+
+def fake_torch(cuda_build: str | None, devices: int = 0) -> types.ModuleType:
+    module = types.ModuleType("torch")
+    module.version = types.SimpleNamespace(cuda=cuda_build)
+    module.cuda = types.SimpleNamespace(is_available=lambda: devices > 0)
+    return module
+
+
+# -- what is missing, in one line, exit code 2 ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ("trt", r"cannot import tensorrt .*pip install \"conv2attn\[trt\]\""),
+        ("torch-cuda", r"cannot import onnx2torch .*pip install \"conv2attn\[torch\]\""),
+    ],
+)
+def test_missing_module_is_one_line_with_the_install_command(monkeypatch, capsys, backend, message):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)
+    assert main(["profile", DIGITS, "--backend", backend]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_tensorrt_older_than_10_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    with pytest.raises(backends.BackendUnavailable, match=r"TensorRT 8\.6\.1 .* 10 or newer"):
+        backends.tensorrt()
+
+
+@pytest.mark.parametrize(
+    ("cuda_build", "reason"),
+    [(None, "CPU-only build"), ("12.8", r"torch \(CUDA 12\.8\) sees no GPU")],
+)
+def test_torch_without_a_gpu_says_why(monkeypatch, cuda_build, reason):
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(cuda_build))
+    with pytest.raises(backends.BackendUnavailable, match=reason):
+        backends.cuda_torch("torch-cuda")
+
+
+def test_onnxruntime_and_onnxruntime_gpu_side_by_side_is_explained(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(backends, "installed", lambda name: True)
+    with pytest.raises(backends.BackendUnavailable, match=r"both installed .* hides the GPU"):
+        backends.ort_provider("ort-cuda")
+    monkeypatch.setattr(backends, "installed", lambda name: name == "onnxruntime-gpu")
+    with pytest.raises(backends.BackendUnavailable, match="offers only CPUExecutionProvider"):
+        backends.ort_provider("ort-trt")
+
+
+def test_gpu_provider_is_used_when_onnxruntime_offers_it(monkeypatch):
+    import onnxruntime
+
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: offered)
+    assert backends.ort_provider("ort-trt") == offered
+    assert backends.ort_provider("ort-cuda") == offered[1:]
+
+
+# -- options ----------------------------------------------------------------------------
+
+
+def test_precision_per_backend():
+    assert resolve_precision("ort-cpu", None) == "fp32"
+    assert resolve_precision("ort-cuda", "tf32") == "tf32"
+    with pytest.raises(InputError, match="ort-cpu runs fp32"):
+        resolve_precision("ort-cpu", "fp16")
+    with pytest.raises(InputError, match="ort-cuda runs fp32, tf32"):
+        resolve_precision("ort-cuda", "bf16")
+    gpu = types.SimpleNamespace(cuda=types.SimpleNamespace(get_device_capability=lambda: (9, 0)))
+    old = types.SimpleNamespace(cuda=types.SimpleNamespace(get_device_capability=lambda: (6, 1)))
+    assert resolve_precision("trt", None, gpu) == "fp16"  # Hopper: fast fp16
+    assert resolve_precision("torch-cuda", None, old) == "fp32"  # Pascal: no fast fp16
+    assert resolve_precision("trt", "bf16", gpu) == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "fp16"], "apply to GPU backends"),
+        (["--cuda-graph"], "apply to GPU backends"),
+        (["--backend", "ort-cuda", "--compile"], "--compile applies to --backend torch-cuda"),
+        (["--backend", "ort-cuda", "--cuda-graph"], "--cuda-graph applies to --backend trt"),
+        (["--backend", "torch-cuda", "--per-layer"], "--per-layer: measured with"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(capsys, args, message):
+    assert main(["profile", DIGITS, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", DIGITS, "--backend", "cuda"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'cuda'" in capsys.readouterr().err
+
+
+# -- engine cache -------------------------------------------------------------------------
+
+
+def test_engine_cache_key_follows_model_bytes_and_every_setting(tmp_path):
+    model = save_model_file(chain_model(), tmp_path / "chain.onnx")
+    base = EngineSettings("fp16", None, {"x": ((1, 3, 16, 16),) * 3})
+    first = engine_cache_path(tmp_path, model, base, "10.9.0", "NVIDIA H100 (sm_90)")
+    assert first == engine_cache_path(tmp_path, model, base, "10.9.0", "NVIDIA H100 (sm_90)")
+    assert first.name.startswith("chain-fp16-") and first.suffix == ".engine"
+    variants = [
+        (EngineSettings("fp32", None, base.shapes), "10.9.0", "NVIDIA H100 (sm_90)"),
+        (EngineSettings("fp16", 1024, base.shapes), "10.9.0", "NVIDIA H100 (sm_90)"),
+        (
+            EngineSettings("fp16", None, {"x": ((8, 3, 16, 16),) * 3}),
+            "10.9.0",
+            "NVIDIA H100 (sm_90)",
+        ),
+        (base, "10.10.0", "NVIDIA H100 (sm_90)"),
+        (base, "10.9.0", "NVIDIA A100 (sm_80)"),
+    ]
+    names = {engine_cache_path(tmp_path, model, *v).name for v in variants}
+    assert len(names) == len(variants) and first.name not in names
+    changed = chain_model()
+    changed.graph.initializer[0].float_data[:] = []
+    changed.graph.initializer[0].raw_data = np.zeros(8 * 3 * 9, np.float32).tobytes()
+    save_model_file(changed, model)
+    assert engine_cache_path(tmp_path, model, base, "10.9.0", "NVIDIA H100 (sm_90)") != first
+
+
+def test_model_digest_covers_external_data(tmp_path):
+    path = save_model_file(chain_model(), tmp_path / "chain.onnx", external=True)
+    before = model_digest(path)
+    data = path.with_name(path.name + ".data")
+    payload = bytearray(data.read_bytes())
+    payload[0] ^= 0xFF
+    data.write_bytes(bytes(payload))
+    assert model_digest(path) != before
+    assert cache_key(before, EngineSettings(), "10", "gpu") != cache_key(
+        model_digest(path), EngineSettings(), "10", "gpu"
+    )
+
+
+def test_cached_engine_is_reused_and_a_build_is_written_atomically(tmp_path, monkeypatch):
+    from conv2attn import tensorrt_engine
+
+    model = save_model_file(chain_model(), tmp_path / "chain.onnx")
+    builds = []
+
+    def fake_build(trt, path, settings, per_layer):
+        builds.append(settings.precision)
+        return b"serialized engine"
+
+    monkeypatch.setattr(tensorrt_engine, "build_engine", fake_build)
+    trt = types.SimpleNamespace(__version__="10.9.0")
+    cache = tmp_path / "engines"
+    engine, cached = load_or_build(trt, model, EngineSettings("fp16"), cache, "gpu", False)
+    assert (engine, cached) == (b"serialized engine", False)
+    engine, cached = load_or_build(trt, model, EngineSettings("fp16"), cache, "gpu", False)
+    assert cached and builds == ["fp16"]
+    assert [p.suffix for p in cache.iterdir()] == [".engine"]  # no temporary left behind
+
+
+# -- TensorRT layer names to source Convs --------------------------------------------------
+
+
+RECORD = [
+    {"name": "conv1", "output": "c1"},
+    {"name": "conv10", "output": "c10"},
+    {"name": "/layer1/block/conv", "output": "/layer1/block/conv_output_0"},
+    {"name": "/layer1/block/conv_1", "output": "/layer1/block/conv_1_output_0"},
+]
+
+
+@pytest.mark.parametrize(
+    ("layer", "owner"),
+    [
+        ("conv1/attn/MatMul", "conv1"),
+        ("conv10/attn/MatMul + conv10/attn/proj/Add", "conv10"),
+        ("{ForeignNode[conv1/attn/logits/Sub...conv1/attn/Softmax]}", "conv1"),
+        ("Reformatting CopyNode for Input Tensor 0 to conv10/attn/Gather", "conv10"),
+        ("/layer1/block/conv_1/attn/proj/MatMul", "/layer1/block/conv_1"),
+        ("/layer1/block/conv/attn/unpatchify/Transpose", "/layer1/block/conv"),
+        ("conv1/attn/proj/Add + conv10/attn/pad/Pad", "conv1 + conv10"),
+        ("/head/Gemm", None),
+    ],
+)
+def test_converted_layer_names_map_to_their_conv(layer, owner):
+    assert layer_owner(layer, layer_prefixes(RECORD)) == owner
+
+
+def test_original_model_layer_names_map_through_conv_node_names():
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
+                onnx.helper.make_node("Conv", ["c1", "w"], ["c10"], name="conv10"),
+            ],
+            "g",
+            [],
+            [],
+        )
+    )
+    prefixes = layer_prefixes(RECORD[:2], model)
+    assert layer_owner("conv10 + PWN(relu)", prefixes) == "conv10"
+    assert layer_owner("conv1", prefixes) == "conv1"
+    assert layer_owner("conv100", prefixes) is None
+
+
+def test_parser_errors_name_the_failing_node():
+    class Error:
+        def __init__(self, desc, name="", op="", node=-1):
+            self._desc, self._name, self._op, self._node = desc, name, op, node
+
+        def desc(self):
+            return self._desc
+
+        def node_name(self):
+            return self._name
+
+        def node_operator(self):
+            return self._op
+
+        def node(self):
+            return self._node
+
+    parser = types.SimpleNamespace(
+        num_errors=2,
+        get_error=[
+            Error("Unsupported dynamic Pad", "conv1/attn/pad/Pad", "Pad"),
+            Error("weights missing", node=7),
+        ].__getitem__,
+    )
+    text = describe_parser_errors(parser)
+    assert text == (
+        "node 'conv1/attn/pad/Pad' (Pad): Unsupported dynamic Pad; node #7: weights missing"
+    )
+
+
+# -- precision preparation and numerics ----------------------------------------------------
+
+
+def test_fp16_cast_for_tensorrt_11_keeps_logits_and_softmax_in_float32():
+    """The cast a strongly typed TensorRT build gets: run here by onnxruntime on the CPU,
+    it stays within the fp16 bound of the fp32 model."""
+    converted, _ = conv2attn.convert(chain_model(), patch="2")
+    keep = [n.name for n in converted.graph.node if "/attn/logits/" in n.name]
+    cast = cast_to_float16(converted, keep)
+    types_by_output = {}
+    for value in onnx.shape_inference.infer_shapes(cast).graph.value_info:
+        types_by_output[value.name] = value.type.tensor_type.elem_type
+    softmax = [n for n in cast.graph.node if n.op_type == "Softmax"]
+    assert softmax and all(
+        types_by_output.get(n.output[0]) == onnx.TensorProto.FLOAT for n in softmax
+    )
+    projections = [i for i in cast.graph.initializer if i.name.endswith("/attn/W_O")]
+    assert projections and all(i.data_type == onnx.TensorProto.FLOAT16 for i in projections)
+    assert cast.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16), np.float32)}
+    assert_parity(run(converted, feeds), run(cast, feeds), *PRECISION_TOLERANCE["fp16"])
+
+
+def test_numerics_bound_depends_on_the_precision(tmp_path):
+    path = save_model_file(chain_model(), tmp_path / "chain.onnx")
+    feed = {"x": np.random.default_rng(1).standard_normal((1, 3, 16, 16), np.float32)}
+    exact = run(chain_model(), feed)
+
+    class Perturbed:
+        def __init__(self, relative):
+            self.relative = relative
+
+        def outputs(self):
+            scale = np.abs(exact[0]).max()
+            return [exact[0] + self.relative * scale]
+
+    assert _numerics(path, feed, Perturbed(1e-6), "fp32").within
+    assert not _numerics(path, feed, Perturbed(1e-3), "fp32").within
+    assert _numerics(path, feed, Perturbed(1e-3), "fp16").within
+    assert not _numerics(path, feed, Perturbed(5e-2), "fp16").within
+    assert _numerics(path, feed, Perturbed(5e-2), "bf16").within
+
+
+def test_cpu_runner_timing_matches_the_profile_method(tmp_path):
+    path = save_model_file(chain_model(), tmp_path / "chain.onnx")
+    feed = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    runner = OrtRunner(path, feed)
+    times = runner.timed_block(4)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    assert_parity(run(chain_model(), feed), runner.outputs())
+    report = profile([path], [chain_model()], iterations=3, warmup=0, gpu=GpuOptions())
+    assert report.backend == "ort-cpu" and report.precision == "fp32"
+    assert report.models[0].numerics is None  # the CPU backend is the reference itself
+
+
+# -- PyTorch import of the graph (the torch-cuda backend's model, run here on the CPU) -----
+
+
+def test_opset_18_reductions_move_to_opset_17_for_onnx2torch():
+    from conv2attn.torch_runtime import for_onnx2torch
+
+    node = onnx.helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        [onnx.numpy_helper.from_array(np.array([1, 2], np.int64), "axes")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    moved = for_onnx2torch(model)
+    assert moved.opset_import[0].version == 17 and model.opset_import[0].version == 18
+    assert list(moved.graph.node[0].input) == ["x"]
+    onnx.checker.check_model(moved, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4), np.float32)
+    assert_parity(run(model, {"x": x}), run(moved, {"x": x}))
+
+
+def test_nodes_that_opset_17_cannot_express_are_refused_by_name():
+    from conv2attn.torch_runtime import for_onnx2torch
+
+    split = onnx.helper.make_node("Split", ["x"], ["a", "b"], name="halves", num_outputs=2)
+    graph = onnx.helper.make_graph(
+        [split],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in "ab"],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    with pytest.raises(InputError, match=r"node 'halves' \(Split\).*gained after opset 17"):
+        for_onnx2torch(model)
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_converted_model_runs_through_pytorch_with_parity(tmp_path, attention):
+    """The torch-cuda backend's import path, on the CPU: the shipped model (opset 18,
+    dynamo export) converted, imported by onnx2torch, equal to onnxruntime."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.torch_runtime import TorchRunner
+
+    converted, _ = conv2attn.convert(DIGITS, attention=attention)
+    feeds = {"image": np.random.default_rng(2).standard_normal((3, 1, 32, 32), np.float32)}
+    reference = run(converted, feeds)
+    fp32 = TorchRunner(torch, converted, feeds, "fp32", device="cpu")
+    assert_parity(reference, fp32.outputs())
+    bf16 = TorchRunner(torch, converted, feeds, "bf16", device="cpu")
+    assert_parity(reference, bf16.outputs(), *PRECISION_TOLERANCE["bf16"])
+    assert len(fp32.timed_block(3)) == 3
+
+
+class FakeCuda:
+    """Records what CudaTimer asks of torch.cuda, in order."""
+
+    def __init__(self):
+        self.log = []
+        fake = self
+
+        class Stream:
+            def synchronize(self):
+                fake.log.append("sync")
+
+        class Event:
+            def __init__(self, enable_timing):
+                assert enable_timing
+
+            def record(self, stream):
+                fake.log.append("event")
+
+            def elapsed_time(self, end):
+                return 2.5
+
+        class Graph:
+            def replay(self):
+                fake.log.append("replay")
+
+        class Context:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def __enter__(self):
+                fake.log.append("capture" if self.__class__.__name__ == "graph" else "stream")
+
+            def __exit__(self, *exc):
+                return False
+
+        graph = type("graph", (Context,), {})
+        stream = type("stream", (Context,), {})
+        self.cuda = types.SimpleNamespace(
+            Stream=Stream, Event=Event, CUDAGraph=Graph, graph=graph, stream=stream
+        )
+
+
+def test_cuda_timer_brackets_each_run_with_events_and_synchronises_once_per_block():
+    from conv2attn.cuda_timing import CudaTimer
+
+    fake = FakeCuda()
+    timer = CudaTimer(fake, lambda: fake.log.append("run"))
+    assert timer.timed_block(3) == [0.0025] * 3
+    assert fake.log == ["stream"] + ["event", "run", "event"] * 3 + ["sync"]
+
+
+def test_cuda_graph_is_captured_after_one_eager_run_and_then_replayed():
+    from conv2attn.cuda_timing import CudaTimer
+
+    fake = FakeCuda()
+    timer = CudaTimer(fake, lambda: fake.log.append("run"), cuda_graph=True)
+    assert fake.log == ["stream", "run", "sync", "capture", "run"]
+    fake.log.clear()
+    timer.timed_block(2)
+    assert fake.log == ["stream", "event", "replay", "event", "event", "replay", "event", "sync"]

@@ -1,0 +1,83 @@
+"""GPU runs of `conv2attn profile`: torch-cuda and trt on the shipped model, original and
+converted, timed and compared with onnxruntime CPU fp32. Skipped where there is no CUDA
+device (and trt where TensorRT is not installed), with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import conv2attn
+from conv2attn.cli import main
+
+pytestmark = pytest.mark.gpu
+DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU visible to torch")
+
+
+@pytest.fixture
+def pair(tmp_path):
+    converted = tmp_path / "digits_attn.onnx"
+    model, _ = conv2attn.convert(DIGITS)
+    conv2attn.save_model(model, converted)
+    return DIGITS, converted
+
+
+def run_profile(pair, tmp_path, *options):
+    report = tmp_path / "profile.json"
+    args = ["profile", *map(str, pair), "--iterations", "20", "--warmup", "0.2"]
+    code = main([*args, *options, "--json", str(report)])
+    return code, json.loads(report.read_text())
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda-graph"])
+def test_torch_cuda_times_both_models_within_the_precision_bound(
+    pair, tmp_path, precision, cuda_graph
+):
+    pytest.importorskip("onnx2torch")
+    options = ["--backend", "torch-cuda", "--precision", precision, "--batch", "8"]
+    code, report = run_profile(pair, tmp_path, *options, *(["--cuda-graph"] * cuda_graph))
+    assert code == 0
+    assert report["backend"] == "torch-cuda" and report["precision"] == precision
+    for model in report["models"]:
+        assert model["stats"]["runs"] >= 20 and model["stats"]["median_ms"] > 0
+        assert model["numerics"]["within"], model["numerics"]
+
+
+@needs_cuda
+@pytest.mark.skipif(not tensorrt_available(), reason="TensorRT is not installed")
+def test_tensorrt_engine_is_built_cached_and_profiled_per_layer(pair, tmp_path):
+    cache = tmp_path / "engines"
+    options = ["--backend", "trt", "--precision", "fp16", "--engine-cache", str(cache)]
+    code, first = run_profile(pair, tmp_path, *options, "--per-layer")
+    assert code == 0
+    assert [m["engine_cached"] for m in first["models"]] == [False, False]
+    converted = first["models"][1]
+    assert converted["numerics"]["within"]
+    convs = {layer.name for layer in conv2attn.convert(DIGITS)[1].layers}
+    attributed = {layer["name"] for layer in converted["layers"]} - {"(other layers)"}
+    assert attributed and all(set(name.split(" + ")) <= convs for name in attributed)
+    code, second = run_profile(pair, tmp_path, *options, "--per-layer")
+    assert [m["engine_cached"] for m in second["models"]] == [True, True]

@@ -1,0 +1,252 @@
+"""conv2attn.torch: trainable attention equal to the Conv at initialisation."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from conv2attn.geometry import Attention, ConvSpec, best_plan, candidate_plans, resolve_pads
+from conv2attn.graph_pass import convert, parse_patch
+from tests.helpers import assert_parity, run
+from tests.test_convert import ATTENTION_MODES, ATTRIBUTE_TABLE
+
+torch = pytest.importorskip("torch")
+from conv2attn.torch import ConvAttention, convert_module, plan_for  # noqa: E402
+
+nn = torch.nn
+functional = torch.nn.functional
+
+
+def per_axis(text: str) -> tuple[int, int] | None:
+    if text == "auto":
+        return None
+    sizes = parse_patch(text)
+    return tuple(sizes * 2 if len(sizes) == 1 else sizes)
+
+
+def reference_conv(x, conv: nn.Conv2d, spec: ConvSpec):
+    """The Conv in torch, with ONNX's asymmetric pads applied first."""
+    pads = []
+    for begin, end in zip(reversed(spec.pads_begin), reversed(spec.pads_end)):
+        pads += [begin, end]
+    return functional.conv2d(
+        functional.pad(x, pads), conv.weight, conv.bias, spec.strides, 0, spec.dilations, spec.group
+    )
+
+
+def assert_equal_outputs(expected, actual):
+    assert actual.shape == expected.shape
+    # The converter's float32 bound; the softmax leaks exp(-24) ~ 4e-11 to a neighbour.
+    assert_parity([expected.detach().numpy()], [actual.detach().numpy()])
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES.values(), ids=ATTENTION_MODES.keys())
+@pytest.mark.parametrize("config", ATTRIBUTE_TABLE.values(), ids=ATTRIBUTE_TABLE.keys())
+def test_equals_the_conv_at_initialisation_for_every_attribute(config, mode):
+    """The ONNX path's attribute table (asymmetric pads and SAME included, which
+    nn.Conv2d cannot express: the plan is built from the ONNX attributes)."""
+    kernel, strides, dilations, pads, auto_pad, group, (cin, cout), size, bias, patch = config
+    strides, dilations = tuple(strides or (1, 1)), tuple(dilations or (1, 1))
+    begin, end = resolve_pads(auto_pad or "NOTSET", size, kernel, strides, dilations, pads)
+    spec = ConvSpec(cin, cout, group, tuple(kernel), strides, dilations, begin, end, tuple(size))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, strides, 0, dilations, group, bias=bias)
+    patches = None if patch == "auto" else [per_axis(patch)]
+    block = per_axis(mode.get("block", "auto"))
+    plan = best_plan(candidate_plans(spec, Attention(mode["attention"]), patches, block))
+    layer = ConvAttention.from_conv(conv, size, plan=plan)
+    x = torch.randn(3, cin, *size)
+    assert_equal_outputs(reference_conv(x, conv, spec), layer(x))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"padding": "same", "dilation": 2},
+        {"padding": 1, "padding_mode": "reflect"},
+        {"padding": (2, 1), "padding_mode": "replicate", "stride": 2},
+        {"padding": 1, "padding_mode": "circular", "groups": 2},
+        {"padding": "valid", "bias": False},
+    ],
+    ids=["same-dilated", "reflect", "replicate-strided", "circular-grouped", "valid-no-bias"],
+)
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_from_conv_handles_torch_padding_options(options, attention):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, **options)
+    layer = ConvAttention.from_conv(conv, (9, 10), attention=attention)
+    x = torch.randn(2, 4, 9, 10)
+    assert_equal_outputs(conv(x), layer(x))
+
+
+def test_patch_choice_is_the_onnx_converters(tmp_path):
+    """Same cost model: the torch layer's plan is the one `conv2attn convert` picks."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    plan = plan_for(conv, (14, 14))
+    model = _export(nn.Sequential(conv), torch.randn(1, 8, 14, 14), tmp_path / "conv.onnx")
+    _, report = convert(model)
+    assert plan.patch == report.layers[0].patch
+    assert plan.heads == report.layers[0].heads and plan.order.value == report.layers[0].order
+
+
+def test_refuses_what_it_cannot_convert():
+    with pytest.raises(TypeError, match=r"nn\.Conv2d"):
+        ConvAttention.from_conv(nn.Conv1d(2, 2, 3), (8,))
+    layer = ConvAttention.from_conv(nn.Conv2d(2, 2, 3), (8, 8))
+    with pytest.raises(ValueError, match=r"built for inputs \[8, 8\], got \[9, 8\]"):
+        layer(torch.randn(1, 2, 9, 8))
+    reflect = ConvAttention.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), (8, 8))
+    with pytest.raises(ValueError, match=r"built for inputs \[8, 8\], got \[8, 9\]"):
+        reflect(torch.randn(1, 2, 8, 9))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        ConvAttention.from_conv(nn.Conv2d(2, 2, 5), (3, 3))
+
+
+class SmallCnn(nn.Module):
+    """Conv-BN-ReLU stages with a strided Conv, a depthwise Conv and a 1x1 Conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16),
+            nn.Conv2d(16, 12, 1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = SmallCnn().eval()
+    with torch.no_grad():
+        model.features[1].running_mean.normal_(0, 0.1)
+        model.features[1].running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_convert_module_replaces_every_conv_and_keeps_the_output(attention):
+    model = small_cnn()
+    x = torch.randn(4, 1, 8, 8)
+    converted = convert_module(model, x, attention=attention)
+    assert not any(isinstance(m, nn.Conv2d) for m in converted.modules())
+    assert sum(isinstance(m, ConvAttention) for m in converted.modules()) == 4
+    assert any(isinstance(m, nn.Conv2d) for m in model.modules())  # the original is unchanged
+    with torch.no_grad():
+        assert_equal_outputs(model(x), converted(x))
+
+
+def test_convert_module_include_and_exclude_by_module_name():
+    model = small_cnn()
+    x = torch.randn(1, 1, 8, 8)
+    converted = convert_module(model, x, include=["features.*"], exclude=["features.6"])
+    kinds = {name: type(m).__name__ for name, m in converted.features.named_children()}
+    assert kinds["0"] == kinds["3"] == kinds["5"] == "ConvAttention"
+    assert kinds["6"] == "Conv2d"
+    with pytest.raises(ValueError, match=r"no selected nn\.Conv2d"):
+        convert_module(model, x, include=["head"])
+
+
+def test_gradients_reach_every_attention_parameter_and_a_step_moves_the_output():
+    model = small_cnn()
+    x = torch.randn(4, 1, 8, 8)
+    converted = convert_module(model, x).train()
+    loss = functional.cross_entropy(converted(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, parameter in converted.named_parameters():
+        if ".w_" in name or "position_bias" in name or name.endswith(".bias"):
+            assert parameter.grad is not None, name
+            assert parameter.grad.abs().max() > 0, f"{name}: zero gradient"
+    with torch.no_grad():
+        before = converted.eval()(x).clone()
+    optimizer = torch.optim.Adam(converted.parameters(), lr=1e-3)
+    optimizer.step()
+    with torch.no_grad():
+        after = converted(x)
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_only_the_position_bias_moves_the_attention_off_convolution():
+    """W_Q and W_K start at zero, so the attention is purely positional until trained."""
+    layer = ConvAttention.from_conv(nn.Conv2d(3, 4, 3, padding=1), (6, 6), patch=2)
+    assert layer.w_q.abs().max() == 0 and layer.w_k.abs().max() == 0
+    assert layer.position_bias.max() == 0  # each head's own offset
+    assert layer.position_bias.shape[0] == layer.plan.heads == 4
+
+
+def test_state_dict_round_trip():
+    model = small_cnn()
+    x = torch.randn(2, 1, 8, 8)
+    trained = convert_module(model, x, attention="local")
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-2)
+    fresh = convert_module(model, x, attention="local")
+    fresh.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))
+        assert not torch.equal(fresh(x), model(x))
+
+
+def _export(module: nn.Module, example, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+        )
+    import onnx
+
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_torch_export_onnx_converter_and_original_agree(tmp_path, attention):
+    """Three ways to the same numbers: the CNN, its ONNX conversion, and the converted
+    torch module exported with torch.onnx.export, all run by onnxruntime."""
+    model = small_cnn()
+    x = torch.randn(3, 1, 8, 8)
+    cnn = _export(model, x, tmp_path / "cnn.onnx")
+    converted_onnx, _ = convert(cnn, attention=attention)
+    module = convert_module(model, x, attention=attention)
+    exported = _export(module, x, tmp_path / "module.onnx")
+    assert not [n for n in exported.graph.node if n.op_type == "Conv"]
+
+    feeds = {"x": x.numpy()}
+    original = run(cnn, feeds)
+    assert np.abs(original[0]).max() > 0.1
+    with torch.no_grad():
+        assert_parity([model(x).numpy()], original)
+    assert_parity(original, run(converted_onnx, feeds))
+    assert_parity(original, run(exported, feeds))
+    assert_parity(run(converted_onnx, feeds), run(exported, feeds))
+
+
+@pytest.mark.slow
+def test_converted_torchvision_resnet18_equals_the_original():
+    from tools.torchvision_models import build
+
+    model = build("resnet18", seed=0)
+    x = torch.randn(2, 3, 224, 224)
+    converted = convert_module(model, x, attention="local")
+    assert sum(isinstance(m, ConvAttention) for m in converted.modules()) == 20
+    with torch.no_grad():
+        expected = model(x)
+        assert expected.abs().max() > 1
+        assert_equal_outputs(expected, converted(x))

@@ -1,0 +1,178 @@
+"""Coverage over the torchvision classification zoo: does every Conv convert, with parity?
+
+For each model torchvision builds offline (random weights with trained-like BatchNorm
+statistics, eval mode, 224x224 or the model's own input size): export to ONNX, convert,
+check parity against the original with onnxruntime (fp32, the converter's bound), and
+print one row: Convs found, converted, skipped with reasons, parity, conversion time.
+Each model runs in its own process, so one that fails (or runs out of memory) is
+reported and the rest go on.
+
+    python tools/zoo.py                                  # every classification model
+    python tools/zoo.py --models resnet18 convnext_tiny --attention global
+    python tools/zoo.py --json zoo.json --markdown       # README table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Models whose architecture expects another input size than 224x224.
+INPUT_SIZE = {"inception_v3": 299}
+CI_SUBSET = (
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "densenet121",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "convnext_tiny",
+    "googlenet",
+)
+
+
+def classification_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def run_model(name: str, folder: Path, attention: str = "local", seed: int = 0) -> dict:
+    """Export, convert and check one model; the row of the coverage table."""
+    import numpy as np
+    import onnx
+
+    from conv2attn.graph_pass import convert
+    from conv2attn.modelio import save_model
+    from conv2attn.validate import ATOL, RTOL, compare, session
+    from tools.torchvision_models import export
+
+    size = INPUT_SIZE.get(name, 224)
+    row: dict = {"model": name, "input": f"{size}x{size}", "attention": attention}
+    source = folder / f"{name}.onnx"
+    start = time.perf_counter()
+    # opset 17: the vision transformers' attention needs 14 or newer
+    export(name, source, dynamo=False, seed=seed, size=size, opset=17)
+    row["export_s"] = round(time.perf_counter() - start, 1)
+    original = onnx.load(str(source), load_external_data=False)
+    row["convs"] = sum(node.op_type == "Conv" for node in _all_nodes(original.graph))
+    del original
+
+    start = time.perf_counter()
+    converted, report = convert(source, attention=attention, check=False)
+    row["convert_s"] = round(time.perf_counter() - start, 2)
+    row["converted"] = len(report.layers)
+    row["skipped"] = [f"{s.name}: {s.reason}" for s in report.skipped]
+    row["macs_x"] = round(report.macs_after / max(report.macs_before, 1), 2)
+    target = folder / f"{name}_attn.onnx"
+    save_model(converted, target)
+    del converted
+
+    rng = np.random.default_rng(seed)
+    feeds = {"input": rng.standard_normal((1, 3, size, size)).astype(np.float32)}
+    reference = session(str(source)).run(None, feeds)
+    actual = session(str(target)).run(None, feeds)
+    errors = [compare(str(i), r, a) for i, (r, a) in enumerate(zip(reference, actual))]
+    worst = max(errors, key=lambda e: e.max_rel)
+    row["max_abs"] = float(worst.max_abs)
+    row["max_rel"] = float(worst.max_rel)
+    row["max_ref"] = float(worst.max_reference)
+    row["parity"] = all(e.within(RTOL, ATOL) for e in errors)
+    return row
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from _all_nodes(attribute.g)
+
+
+def _run_isolated(name: str, attention: str, timeout: float) -> dict:
+    """``run_model`` in a child process; a crash, an error or a timeout becomes the row."""
+    with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as folder:
+        out = Path(folder) / "row.json"
+        command = [sys.executable, __file__, "--one", name, "--attention", attention]
+        command += ["--row", str(out), "--folder", folder]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"model": name, "error": f"took longer than {timeout:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        tail = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        if result.returncode < 0:
+            tail = f"killed by signal {-result.returncode} (out of memory?)"
+        return {"model": name, "error": tail}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | input | Convs | converted | skipped | parity (max rel) | convert s | MACs x |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | | | | | failed: {row['error']} | | |")
+            continue
+        skipped = "; ".join(row["skipped"]) or "0"
+        parity = f"{'yes' if row['parity'] else 'NO'} ({row['max_rel']:.1e})"
+        lines.append(
+            f"| {row['model']} | {row['input']} | {row['convs']} | {row['converted']} | "
+            f"{skipped} | {parity} | {row['convert_s']:.1f} | {row['macs_x']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="default: every classification model")
+    parser.add_argument("--ci-subset", action="store_true", help="the models CI runs")
+    parser.add_argument("--attention", choices=("global", "local"), default="local")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:  # the child process of _run_isolated
+        try:
+            row = run_model(args.one, args.folder, args.attention)
+        except Exception as error:  # the row says what went wrong; the parent goes on
+            traceback.print_exc()
+            row = {"model": args.one, "error": f"{type(error).__name__}: {error}"}
+        args.row.write_text(json.dumps(row))
+        return 0
+
+    names = args.models or (list(CI_SUBSET) if args.ci_subset else classification_models())
+    rows = []
+    for name in names:
+        row = _run_isolated(name, args.attention, args.timeout)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        print(markdown(rows))
+    failed = [r["model"] for r in rows if "error" in r or r["skipped"] or not r["parity"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} models: every Conv converted with parity")
+    if failed:
+        print("not fully converted with parity: " + ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
