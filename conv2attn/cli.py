@@ -48,8 +48,7 @@ examples:
   conv2attn profile resnet18.onnx resnet18_attn.onnx
   conv2attn profile resnet18.onnx resnet18_local.onnx --batch 8 --threads 2 --iterations 100
   conv2attn profile resnet18_attn.onnx --per-layer --json profile.json
-  conv2attn profile resnet18.onnx resnet18_attn.onnx --backend trt --precision fp16 \
-      --engine-cache engines/ --cuda-graph --batch 32
+  conv2attn profile r18.onnx r18_attn.onnx --backend trt --engine-cache engines/ --cuda-graph
   conv2attn profile resnet18.onnx resnet18_attn.onnx --backend torch-cuda --precision fp16
 
 backends (what each needs is in the README):

@@ -451,6 +451,10 @@ def profile(
             "--precision, --engine-cache, --cuda-graph and --compile apply to GPU backends "
             "(ort-cuda, ort-trt, trt, torch-cuda)"
         )
+    if gpu.workspace_mb is not None and gpu.workspace_mb < 1:
+        raise InputError(f"--workspace {gpu.workspace_mb}: must be at least 1 (MB)")
+    if gpu.engine_cache is not None and gpu.engine_cache.exists() and not gpu.engine_cache.is_dir():
+        raise InputError(f"--engine-cache {gpu.engine_cache}: exists and is not a folder")
     if gpu.compile and backend != "torch-cuda":
         raise InputError("--compile applies to --backend torch-cuda")
     if gpu.cuda_graph and backend not in ("trt", "torch-cuda"):

@@ -131,6 +131,8 @@ def test_precision_per_backend():
         (["--backend", "ort-cuda", "--compile"], "--compile applies to --backend torch-cuda"),
         (["--backend", "ort-cuda", "--cuda-graph"], "--cuda-graph applies to --backend trt"),
         (["--backend", "torch-cuda", "--per-layer"], "--per-layer: measured with"),
+        (["--backend", "trt", "--workspace", "0"], "--workspace 0: must be at least 1"),
+        (["--backend", "trt", "--engine-cache", DIGITS], "exists and is not a folder"),
     ],
 )
 def test_options_that_do_not_apply_are_refused(capsys, args, message):
