@@ -61,6 +61,14 @@ def _check_external_location(model_path: Path, tensor: str, location: str) -> Pa
     return target
 
 
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files holding a model file's external tensors, checked, in a fixed order."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    files = {_check_external_location(path, t, loc) for t, loc in _external_locations(model)}
+    return sorted(files)
+
+
 def model_size(model: onnx.ModelProto) -> int:
     """Serialised size in bytes, measured part by part: protobuf measures a message by
     serialising it, which for a whole model is one more full copy in memory (and fails

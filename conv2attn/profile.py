@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 import time
 from collections import Counter
@@ -152,10 +153,9 @@ class OrtRunner:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int = 0,
         provider_options: Sequence[dict] | None = None,
-        timed_session: ort.InferenceSession | None = None,
     ):
         self.feed = dict(feed)
-        self.session = timed_session or session(
+        self.session = session(
             path,
             list(providers),
             optimize=True,
@@ -325,9 +325,10 @@ def resolve_precision(backend: str, precision: str | None, torch_module=None) ->
     return precision
 
 
-def _device_name(torch_module) -> str:
+def _device_name(backend: str, torch_module) -> str:
+    """The GPU by name and compute capability; the CPU by architecture."""
     if torch_module is None:
-        return "cpu"
+        return f"{platform.machine()} CPU" if backend == "ort-cpu" else "CUDA GPU"
     index = torch_module.cuda.current_device()
     major, minor = torch_module.cuda.get_device_capability(index)
     return f"{torch_module.cuda.get_device_name(index)} (sm_{major}{minor})"
@@ -367,7 +368,12 @@ def _runner(
             precision, options.workspace_mb, engines.optimization_shapes(model, feed)
         )
         serialized, cached = engines.load_or_build(
-            trt, path, settings, options.engine_cache, _device_name(torch_module), per_layer
+            trt,
+            path,
+            settings,
+            options.engine_cache,
+            _device_name(backend, torch_module),
+            per_layer,
         )
         runner = engines.TrtRunner(trt, torch_module, serialized, feed, options.cuda_graph)
         return runner, cached
@@ -505,11 +511,5 @@ def profile(
         threads=threads,
         models=results,
         precision=precision,
-        device=_device_name(torch_module) if torch_module is not None else backend_device(backend),
+        device=_device_name(backend, torch_module),
     )
-
-
-def backend_device(backend: str) -> str:
-    import platform
-
-    return f"{platform.machine()} CPU" if backend == "ort-cpu" else "CUDA GPU"

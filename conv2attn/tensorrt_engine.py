@@ -31,7 +31,7 @@ import onnx
 
 from conv2attn.backends import BackendUnavailable
 from conv2attn.errors import InputError
-from conv2attn.modelio import save_model
+from conv2attn.modelio import external_data_files, save_model
 
 # Converted-Conv nodes whose outputs must stay float32 in reduced precision.
 FP32_NODE_PATTERN = re.compile(r"/attn/(logits/|Softmax)")
@@ -63,18 +63,6 @@ def optimization_shapes(
             actual = tuple(int(d) for d in feeds[value.name].shape)
             shapes[value.name] = (actual, actual, actual)
     return shapes
-
-
-def external_data_files(path: Path) -> list[Path]:
-    """The files holding a model's external tensors, read from the model's own records."""
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return [path.parent / location for location in sorted(locations)]
 
 
 def model_digest(path: str | os.PathLike) -> str:
@@ -260,8 +248,7 @@ def load_or_build(
     target = None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        variant = EngineSettings(settings.precision, settings.workspace_mb, settings.shapes)
-        target = engine_cache_path(cache, path, variant, trt.__version__, device)
+        target = engine_cache_path(cache, path, settings, trt.__version__, device)
         if per_layer:
             target = target.with_name(target.stem + "-detailed.engine")
         if target.exists():

@@ -131,7 +131,7 @@ def import_model(model: onnx.ModelProto):
     converter = onnx2torch()
     try:
         return converter.convert(for_onnx2torch(model))
-    except NotImplementedError as error:
+    except NotImplementedError as error:  # onnx2torch's answer for an operator it lacks
         raise InputError(f"--backend torch-cuda: onnx2torch cannot import it: {error}") from None
 
 
