@@ -10,15 +10,14 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from conv2attn import __version__
 from conv2attn.errors import Conv2AttnError, InputError
-from conv2attn.modelio import check_output_path
+from conv2attn.modelio import check_output_path, write_json
+from conv2attn.runtime.registry import BACKENDS, PRECISIONS, help_text
 from conv2attn.terminal import Progress, use_colour
 
 log = logging.getLogger("conv2attn")
@@ -52,11 +51,7 @@ examples:
   conv2attn profile resnet18.onnx resnet18_attn.onnx --backend torch-cuda --precision fp16
 
 backends (what each needs is in the README):
-  ort-cpu     onnxruntime, CPU (default)
-  ort-cuda    onnxruntime-gpu, CUDA execution provider
-  ort-trt     onnxruntime-gpu, TensorRT execution provider
-  trt         TensorRT 10+ Python API (engines built here; CUDA events via torch)
-  torch-cuda  PyTorch on a CUDA GPU, the graph imported with onnx2torch
+{backends}
 GPU backends also compare each model's outputs with onnxruntime CPU fp32.
 """
 
@@ -109,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"conv2attn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_convert, _add_check, _add_profile, _add_report, _add_demo):
+        add(commands)
+    return parser
 
+
+def _add_convert(commands) -> None:
     convert = commands.add_parser(
         "convert",
         help="replace every Conv by multi-head self-attention",
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(convert)
     convert.set_defaults(run=run_convert)
 
+
+def _add_check(commands) -> None:
     check = commands.add_parser(
         "check",
         help="prove parity: run both models on the same inputs and compare",
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(check)
     check.set_defaults(run=run_check)
 
+
+def _add_profile(commands) -> None:
     profile = commands.add_parser(
         "profile",
         help="measure latency side by side (onnxruntime, TensorRT, PyTorch)",
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per model in turn (each block's first run dropped), until every model has "
         "--iterations runs or --duration seconds are spent. Ratios are to the first model. "
         "GPU runs are timed with CUDA events, inputs already on the device.",
-        epilog=PROFILE_EPILOG,
+        epilog=PROFILE_EPILOG.format(backends=help_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     profile.add_argument(
@@ -249,13 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile.add_argument(
         "--backend",
-        choices=("ort-cpu", "ort-cuda", "ort-trt", "trt", "torch-cuda"),
+        choices=tuple(BACKENDS),
         default="ort-cpu",
         help="runtime (default ort-cpu)",
     )
     profile.add_argument(
         "--precision",
-        choices=("fp32", "tf32", "fp16", "bf16"),
+        choices=PRECISIONS,
         help="GPU backends: compute precision (default fp16 where the GPU has fast fp16)",
     )
     profile.add_argument(
@@ -283,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(profile)
     profile.set_defaults(run=run_profile)
 
+
+def _add_report(commands) -> None:
     report = commands.add_parser(
         "report",
         help="write a one-page HTML report of a conversion",
@@ -312,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(report)
     report.set_defaults(run=run_report)
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="convert and check the shipped digits model",
@@ -332,7 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     _force_option(demo)
     _common(demo)
     demo.set_defaults(run=run_demo)
-    return parser
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -377,24 +384,9 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(staged, path)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
-
-
 def run_convert(args: argparse.Namespace) -> int:
-    from conv2attn.graph_pass import convert, verify
+    from conv2attn.graph.rewrite import convert
+    from conv2attn.graph.verify import verify
     from conv2attn.modelio import save_model
     from conv2attn.report import conversion_table
 
@@ -425,7 +417,7 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     if args.report is not None:
-        _write_json_atomic(args.report, report.to_dict())
+        write_json(args.report, report.to_dict())
     if not args.quiet:
         print(conversion_table(report, use_colour()))
         files = " + ".join(str(p) for p in written)
@@ -435,7 +427,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _samples(args: argparse.Namespace, model):
     from conv2attn import inputs
-    from conv2attn.graph_pass import parse_input_shapes
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -448,7 +439,7 @@ def _samples(args: argparse.Namespace, model):
         mean = args.mean or ((0.5,) if gray else inputs.IMAGENET_MEAN)
         std = args.std or ((0.5,) if gray else inputs.IMAGENET_STD)
         return inputs.image_samples(args.images, graph_inputs, args.size, mean, std)
-    shapes = parse_input_shapes(args.input_shape)
+    shapes = inputs.parse_input_shapes(args.input_shape)
     return inputs.random_samples(graph_inputs, args.samples, args.seed, shapes)
 
 
@@ -475,7 +466,7 @@ def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) 
     )
     progress.close()
     if args.json is not None:
-        _write_json_atomic(args.json, report.to_dict())
+        write_json(args.json, report.to_dict())
     if not args.quiet:
         print(check_table(report, use_colour()))
     return 0 if report.passed else 1
@@ -491,10 +482,11 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from conv2attn.graph_pass import parse_input_shapes
+    from conv2attn.inputs import parse_input_shapes
     from conv2attn.modelio import load_model
-    from conv2attn.profile import GpuOptions, profile
+    from conv2attn.profile import profile
     from conv2attn.report import profile_table
+    from conv2attn.runtime.base import GpuOptions
 
     if args.json is not None:
         check_output_path(args.json, list(args.models), force=True)
@@ -521,7 +513,7 @@ def run_profile(args: argparse.Namespace) -> int:
         ),
     )
     if args.json is not None:
-        _write_json_atomic(args.json, report.to_dict())
+        write_json(args.json, report.to_dict())
     if not args.quiet:
         print(profile_table(report, colour=use_colour()))
     off = [m.path for m in report.models if m.numerics is not None and not m.numerics.within]
@@ -537,7 +529,6 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from conv2attn import inputs
-    from conv2attn.graph_pass import parse_input_shapes
     from conv2attn.modelio import load_model
     from conv2attn.visual_report import gather, write_report
 
@@ -551,7 +542,7 @@ def run_report(args: argparse.Namespace) -> int:
     original = load_model(args.original)
     converted = load_model(args.converted)
     samples = inputs.random_samples(
-        inputs.graph_inputs(original), 2, 0, parse_input_shapes(args.input_shape)
+        inputs.graph_inputs(original), 2, 0, inputs.parse_input_shapes(args.input_shape)
     )
     data = gather(args.original, args.converted, original, converted, samples, args.layer, profile)
     written = write_report(data, args.output, args.png)

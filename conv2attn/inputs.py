@@ -1,4 +1,5 @@
-"""Input feeds for checking and profiling: random, from an ``.npz`` file, or from images.
+"""Model inputs: ``--input-shape`` parsing, and feeds for checking and profiling
+(random, from an ``.npz`` file, or from images).
 
 Every source yields the same thing: a dict of arrays named after the graph inputs, with
 the model's dtypes and a leading batch axis, plus optional integer labels.
@@ -7,7 +8,8 @@ the model's dtypes and a leading batch axis, plus optional integer labels.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,20 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         found.append(GraphInput(value.name, dtype, dims))
     return found
+
+
+def parse_input_shapes(texts: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """``NAME:1x3x224x224`` (trtexec syntax); several may be joined with commas."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        for item in filter(None, text.split(",")):
+            name, sep, dims = item.rpartition(":")
+            if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+                raise InputError(
+                    f"--input-shape '{item}': expected NAME:DIMS such as input:1x3x224x224"
+                )
+            shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
 
 
 def resolve_dims(

@@ -8,12 +8,14 @@ file and never touches the input.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +311,37 @@ def check_output_path(output: str | os.PathLike, inputs: list[Path], force: bool
     return output
 
 
+def new_file_mode() -> int:
+    """The permissions a newly created file gets here (0o666 less the umask): staged
+    files are created owner-only and get these before they are renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file next to ``path`` for the block to write; renamed onto ``path``
+    when the block succeeds, removed when it fails, so ``path`` is never half written."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        os.fchmod(handle, new_file_mode())
+        os.close(handle)
+        yield Path(staged)
+        os.replace(staged, path)
+    finally:
+        Path(staged).unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: dict | list, indent: int = 2) -> None:
+    """``data`` as indented JSON, written atomically."""
+    with staged_file(path) as staged, open(staged, "w") as handle:
+        json.dump(data, handle, indent=indent)
+        handle.write("\n")
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -349,9 +382,7 @@ def save_model(
             write_model(model, staged)
         written = [path]
         if external:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging / data_name, 0o666 & ~umask)  # onnx creates it owner-only
+            os.chmod(staging / data_name, new_file_mode())  # onnx creates it owner-only
             os.replace(staging / data_name, folder / data_name)
             written.insert(0, folder / data_name)
         os.replace(staged, path)

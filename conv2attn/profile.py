@@ -3,37 +3,38 @@
 Models are timed in one process, alternating in blocks of runs; the first run of each
 block is dropped, so a large model evicting a small one's weights from the caches does
 not count against the small one (strict A/B interleaving skews ratios that way).
-Backends (``backends.BACKENDS``): onnxruntime on the CPU (full graph optimisations, as a
-deployment would), onnxruntime's CUDA and TensorRT providers (inputs and outputs bound
-on the device), TensorRT engines (``tensorrt_engine``) and PyTorch (``torch_runtime``);
-GPU runs are timed with CUDA events (``cuda_timing``) and their outputs compared with
+Backends come from ``runtime.registry``: each builds a ``Runner`` per model; GPU runs are
+timed with CUDA events (``runtime.cuda_timing``) and their outputs compared with
 onnxruntime's CPU float32 outputs under a bound set by the precision.
 
-``--per-layer`` adds up the kernel time of every node of a converted Conv (nodes named
-``<conv>/attn/...``, listed in the conversion metadata): from onnxruntime's node profile
-on the CPU, from TensorRT's layer profiler with ``trt``.
+``--per-layer`` asks the runner (a ``LayerProfiler``) for the kernel time of every source
+Conv: onnxruntime's node profile on the CPU, TensorRT's layer profiler with ``trt``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from conv2attn import backends
 from conv2attn.errors import InputError
 from conv2attn.inputs import graph_inputs, random_samples
-from conv2attn.validate import compare, converted_layers, session
+from conv2attn.record import converted_layers
+from conv2attn.runtime.base import (
+    GpuOptions,
+    LayerProfiler,
+    LayerTime,
+    Runner,
+    RunnerRequest,
+)
+from conv2attn.runtime.registry import BACKENDS, COMPILE, CUDA_GRAPH, backend, names
+from conv2attn.runtime.registry import resolve_precision as resolve_precision
+from conv2attn.validate import compare, session
 
 # max|engine - onnxruntime CPU fp32| <= rtol * max|reference| + atol, per precision.
 # fp32: another summation order and other kernels (cuDNN's Winograd among them), so
@@ -44,13 +45,6 @@ PRECISION_TOLERANCE = {
     "tf32": (1e-2, 1e-3),
     "fp16": (2e-2, 2e-3),
     "bf16": (1e-1, 1e-2),
-}
-BACKEND_PRECISIONS = {
-    "ort-cpu": ("fp32",),
-    "ort-cuda": ("fp32", "tf32"),
-    "ort-trt": ("fp32", "fp16"),
-    "trt": backends.PRECISIONS,
-    "torch-cuda": backends.PRECISIONS,
 }
 
 
@@ -83,15 +77,6 @@ def latency_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
         min_ms=float(ms.min()),
         throughput=batch * 1e3 / median,
     )
-
-
-@dataclass(frozen=True)
-class LayerTime:
-    """Kernel time of one converted Conv's nodes (or of everything else)."""
-
-    name: str
-    ms: float
-    share: float
 
 
 @dataclass(frozen=True)
@@ -142,58 +127,8 @@ def model_feeds(
     return random_samples(inputs, batch if not fixed else 1, seed, shapes).feeds
 
 
-class OrtRunner:
-    """An onnxruntime session with its inputs; on a GPU provider the inputs and outputs
-    are bound on the device, so a timed run copies nothing to or from the host."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        feed: Mapping[str, np.ndarray],
-        providers: Sequence[str] = ("CPUExecutionProvider",),
-        threads: int = 0,
-        provider_options: Sequence[dict] | None = None,
-    ):
-        self.feed = dict(feed)
-        self.session = session(
-            path,
-            list(providers),
-            optimize=True,
-            threads=threads,
-            provider_options=provider_options,
-        )
-        self.binding = None
-        if providers[0] != "CPUExecutionProvider":
-            self.binding = self.session.io_binding()
-            for name, array in self.feed.items():
-                value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
-                self.binding.bind_ortvalue_input(name, value)
-            for output in self.session.get_outputs():
-                self.binding.bind_output(output.name, "cuda")
-
-    def run(self) -> None:
-        if self.binding is None:
-            self.session.run(None, self.feed)
-        else:
-            self.session.run_with_iobinding(self.binding)
-
-    def timed_block(self, count: int) -> list[float]:
-        times = []
-        for _ in range(count):
-            start = time.perf_counter()
-            self.run()  # returns when the outputs are ready, on any provider
-            times.append(time.perf_counter() - start)
-        return times
-
-    def outputs(self) -> list[np.ndarray]:
-        if self.binding is None:
-            return self.session.run(None, self.feed)
-        self.run()
-        return self.binding.copy_outputs_to_cpu()
-
-
 def time_runners(
-    runners: Sequence,
+    runners: Sequence[Runner],
     *,
     iterations: int,
     duration: float | None,
@@ -224,168 +159,9 @@ def time_runners(
             return times
 
 
-# Activations onnxruntime fuses into a preceding Conv; the fused node is then named
-# after the activation's output.
-FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish"}
-
-
-def original_node_owners(model: onnx.ModelProto, layers: Sequence[dict]) -> dict[str, str]:
-    """onnxruntime node names of each converted layer's original Conv, to its layer name.
-
-    A Conv is found by its output tensor (kept by the conversion). onnxruntime may keep
-    the node's name, or rename it after its output (``<output>_nchwc``), or after the
-    output of an activation it fused.
-    """
-    by_output = {layer["output"]: layer["name"] for layer in layers}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    owners = {}
-    for node in model.graph.node:
-        if node.op_type != "Conv" or node.output[0] not in by_output:
-            continue
-        layer = by_output[node.output[0]]
-        names = [node.name, node.output[0]]
-        following = consumers.get(node.output[0], [])
-        if len(following) == 1 and following[0].op_type in FUSED_ACTIVATIONS:
-            names.append(following[0].output[0])
-        owners.update({key: layer for key in (node.name, *(f"{n}_nchwc" for n in names[1:]))})
-    return owners
-
-
-def layer_times(
-    path: str | os.PathLike,
-    layers: Sequence[str],
-    feed: Mapping[str, np.ndarray],
-    threads: int,
-    runs: int,
-    owners: Mapping[str, str] | None = None,
-) -> list[LayerTime]:
-    """Kernel time per converted Conv, plus one row for the rest.
-
-    Nodes of a converted model are found by their name prefix ``<conv>/attn/``; nodes of
-    an original model through ``owners`` (``original_node_owners``).
-    """
-    with tempfile.TemporaryDirectory(prefix="conv2attn-profile-") as folder:
-        profiled = session(
-            path, optimize=True, threads=threads, profile_prefix=str(Path(folder) / "profile")
-        )
-        for _ in range(runs + 1):
-            profiled.run(None, dict(feed))
-        events = json.loads(Path(profiled.end_profiling()).read_text())
-    # Longest names first, so "a/b" does not claim the nodes of "a/b_1".
-    prefixes = sorted(((f"{name}/attn/", name) for name in layers), key=lambda p: -len(p[0]))
-    rest = "(not converted)" if owners is None else "(other nodes)"
-    totals: Counter[str] = Counter()
-    seen: Counter[str] = Counter()
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        node = event["name"][: -len("_kernel_time")]
-        seen[node] += 1
-        if seen[node] == 1:
-            continue  # the first run does one-off work (allocation, prepacking)
-        if owners is not None:
-            owner = owners.get(node)
-        else:
-            owner = next((name for prefix, name in prefixes if node.startswith(prefix)), None)
-        totals[owner if owner is not None else rest] += event["dur"]
-    total = sum(totals.values()) or 1
-    return [
-        LayerTime(name, totals[name] / runs / 1e3, totals[name] / total)
-        for name in [*layers, rest]
-        if name in totals
-    ]
-
-
-@dataclass(frozen=True)
-class GpuOptions:
-    """Options of the GPU backends; the CLI's flags map onto these one to one."""
-
-    precision: str | None = None  # None: the backend's default for this GPU
-    workspace_mb: int | None = None
-    engine_cache: Path | None = None
-    cuda_graph: bool = False
-    compile: bool = False
-    check_numerics: bool = True
-
-
-def resolve_precision(backend: str, precision: str | None, torch_module=None) -> str:
-    allowed = BACKEND_PRECISIONS[backend]
-    if precision is None:
-        if backend in ("trt", "torch-cuda", "ort-trt"):
-            return backends.default_precision(backend, torch_module)
-        return "fp32"
-    if precision not in allowed:
-        raise InputError(
-            f"--precision {precision}: --backend {backend} runs {', '.join(allowed)}"
-            + (" (the model's own types)" if backend == "ort-cpu" else "")
-        )
-    return precision
-
-
-def _device_name(backend: str, torch_module) -> str:
-    """The GPU by name and compute capability; the CPU by architecture."""
-    if torch_module is None:
-        return f"{platform.machine()} CPU" if backend == "ort-cpu" else "CUDA GPU"
-    index = torch_module.cuda.current_device()
-    major, minor = torch_module.cuda.get_device_capability(index)
-    return f"{torch_module.cuda.get_device_name(index)} (sm_{major}{minor})"
-
-
-def _runner(
-    backend: str,
-    path: Path,
-    model: onnx.ModelProto,
-    feed: Mapping[str, np.ndarray],
-    precision: str,
-    threads: int,
-    options: GpuOptions,
-    per_layer: bool,
-    torch_module,
-):
-    """The runner of one model on ``backend``, and whether its engine came from the cache."""
-    if backend.startswith("ort-"):
-        providers = backends.ort_provider(backend)
-        provider_options = None
-        if backend == "ort-cuda":
-            provider_options = [{"use_tf32": int(precision == "tf32")}, {}]
-        elif backend == "ort-trt":
-            trt_options = {"trt_fp16_enable": precision == "fp16"}
-            if options.engine_cache is not None:
-                trt_options["trt_engine_cache_enable"] = True
-                trt_options["trt_engine_cache_path"] = str(options.engine_cache)
-            if options.workspace_mb:
-                trt_options["trt_max_workspace_size"] = options.workspace_mb << 20
-            provider_options = [trt_options, {}, {}]
-        return OrtRunner(path, feed, providers, threads, provider_options), None
-    if backend == "trt":
-        from conv2attn import tensorrt_engine as engines
-
-        trt = backends.tensorrt(backend)
-        settings = engines.EngineSettings(
-            precision, options.workspace_mb, engines.optimization_shapes(model, feed)
-        )
-        serialized, cached = engines.load_or_build(
-            trt,
-            path,
-            settings,
-            options.engine_cache,
-            _device_name(backend, torch_module),
-            per_layer,
-        )
-        runner = engines.TrtRunner(trt, torch_module, serialized, feed, options.cuda_graph)
-        return runner, cached
-    from conv2attn.torch_runtime import TorchRunner
-
-    runner = TorchRunner(
-        torch_module, model, feed, precision, "cuda", options.cuda_graph, options.compile
-    )
-    return runner, None
-
-
-def _numerics(path: Path, feed: Mapping[str, np.ndarray], runner, precision: str) -> Numerics:
+def _numerics(
+    path: Path, feed: Mapping[str, np.ndarray], runner: Runner, precision: str
+) -> Numerics:
     """The runner's outputs against onnxruntime CPU float32 on the same inputs."""
     reference = session(path).run(None, dict(feed))
     actual = runner.outputs()
@@ -406,21 +182,41 @@ def _numerics(path: Path, feed: Mapping[str, np.ndarray], runner, precision: str
     )
 
 
-def _trt_layer_times(
-    runner, record: list[dict], model: onnx.ModelProto, runs: int, original: bool
-) -> list[LayerTime]:
-    from conv2attn.tensorrt_engine import layer_owner, layer_prefixes
+def _check_options(name: str, batch: int, iterations: int, per_layer: bool, gpu: GpuOptions):
+    """Refuse options that do not apply to backend ``name``, naming those they apply to."""
+    if batch < 1:
+        raise InputError(f"--batch {batch}: must be at least 1")
+    if iterations < 1:
+        raise InputError(f"--iterations {iterations}: must be at least 1")
+    entry = backend(name)
+    if per_layer and not entry.per_layer:
+        where = " or ".join(names(lambda b: b.per_layer))
+        raise InputError(f"--per-layer: measured with --backend {where}, not {name}")
+    if not entry.gpu and (
+        gpu.precision not in (None, "fp32") or gpu.engine_cache or gpu.cuda_graph or gpu.compile
+    ):
+        raise InputError(
+            "--precision, --engine-cache, --cuda-graph and --compile apply to GPU backends "
+            f"({', '.join(names(lambda b: b.gpu))})"
+        )
+    if gpu.workspace_mb is not None and gpu.workspace_mb < 1:
+        raise InputError(f"--workspace {gpu.workspace_mb}: must be at least 1 (MB)")
+    if gpu.engine_cache is not None and gpu.engine_cache.exists() and not gpu.engine_cache.is_dir():
+        raise InputError(f"--engine-cache {gpu.engine_cache}: exists and is not a folder")
+    for flag, option in ((COMPILE, "--compile"), (CUDA_GRAPH, "--cuda-graph")):
+        if getattr(gpu, flag) and flag not in entry.takes:
+            where = " and ".join(names(lambda b, flag=flag: flag in b.takes))
+            raise InputError(f"{option} applies to --backend {where}")
 
-    prefixes = layer_prefixes(record, model if original else None)
-    rest = "(other layers)"
-    totals: Counter[str] = Counter()
-    for layer, ms in runner.layer_times(runs).items():
-        totals[layer_owner(layer, prefixes) or rest] += ms
-    total = sum(totals.values()) or 1
-    return [
-        LayerTime(name, ms, ms / total)
-        for name, ms in sorted(totals.items(), key=lambda item: -item[1])
-    ]
+
+def _layer_times(
+    runner: Runner, record: list[dict], known: list[dict], model: onnx.ModelProto, runs: int
+) -> list[LayerTime] | None:
+    """Per-layer times of one model; a model without a conversion record (the original)
+    is attributed through another model's record."""
+    if not (record or known) or not isinstance(runner, LayerProfiler):
+        return None
+    return runner.layer_times(runs, record or known, None if record else model)
 
 
 def profile(
@@ -439,67 +235,40 @@ def profile(
     gpu: GpuOptions | None = None,
 ) -> ProfileReport:
     """Time ``paths`` (their loaded ``models`` give inputs and metadata) side by side on
-    ``backend``. Raises ``backends.BackendUnavailable`` (an InputError) when the backend
-    cannot run here, saying what to install."""
-    if batch < 1:
-        raise InputError(f"--batch {batch}: must be at least 1")
-    if iterations < 1:
-        raise InputError(f"--iterations {iterations}: must be at least 1")
+    ``backend``. Raises ``BackendUnavailable`` (an InputError) when the backend cannot
+    run here, saying what to install."""
     gpu = gpu or GpuOptions()
-    if backend not in backends.BACKENDS:
-        raise InputError(f"--backend {backend}: expected one of {', '.join(backends.BACKENDS)}")
-    if per_layer and backend not in ("ort-cpu", "trt"):
-        raise InputError(f"--per-layer: measured with --backend ort-cpu or trt, not {backend}")
-    if not backends.BACKENDS[backend].gpu and (
-        gpu.precision not in (None, "fp32") or gpu.engine_cache or gpu.cuda_graph or gpu.compile
-    ):
-        raise InputError(
-            "--precision, --engine-cache, --cuda-graph and --compile apply to GPU backends "
-            "(ort-cuda, ort-trt, trt, torch-cuda)"
-        )
-    if gpu.workspace_mb is not None and gpu.workspace_mb < 1:
-        raise InputError(f"--workspace {gpu.workspace_mb}: must be at least 1 (MB)")
-    if gpu.engine_cache is not None and gpu.engine_cache.exists() and not gpu.engine_cache.is_dir():
-        raise InputError(f"--engine-cache {gpu.engine_cache}: exists and is not a folder")
-    if gpu.compile and backend != "torch-cuda":
-        raise InputError("--compile applies to --backend torch-cuda")
-    if gpu.cuda_graph and backend not in ("trt", "torch-cuda"):
-        raise InputError("--cuda-graph applies to --backend trt and torch-cuda")
-    backends.require(backend)
-    torch_module = backends.cuda_torch(backend) if backend in ("trt", "torch-cuda") else None
-    precision = resolve_precision(backend, gpu.precision, torch_module)
+    _check_options(backend, batch, iterations, per_layer, gpu)
+    entry = BACKENDS[backend]
+    device = entry.implementation().prepare(entry)
+    precision = resolve_precision(backend, gpu.precision, device.torch)
     threads = threads or os.cpu_count() or 1
     shapes = dict(input_shapes or {})
     feeds = [model_feeds(model, batch, shapes) for model in models]
     built = [
-        _runner(backend, Path(p), m, f, precision, threads, gpu, per_layer, torch_module)
+        entry.implementation().create_runner(
+            RunnerRequest(backend, Path(p), m, f, precision, threads, gpu, per_layer, device)
+        )
         for p, m, f in zip(paths, models, feeds)
     ]
-    runners = [runner for runner, _ in built]
     times = time_runners(
-        runners, iterations=iterations, duration=duration, block=block, warmup=warmup
+        [runner for runner, _ in built],
+        iterations=iterations,
+        duration=duration,
+        block=block,
+        warmup=warmup,
     )
     stats = [latency_stats(t, batch) for t in times]
-    # A model without a conversion record is attributed through the others' records.
     records = [converted_layers(model) for model in models]
     known = next((record for record in records if record), [])
     results = []
     for (runner, cached), path, model, feed, stat, record in zip(
         built, paths, models, feeds, stats, records
     ):
-        layers = None
-        if per_layer and (record or known):
-            runs = max(5, min(iterations, 20))
-            names = [layer["name"] for layer in record or known]
-            if backend == "trt":
-                layers = _trt_layer_times(runner, record or known, model, runs, not record)
-            elif record:
-                layers = layer_times(path, names, feed, threads, runs)
-            else:
-                owners = original_node_owners(model, known)
-                layers = layer_times(path, names, feed, threads, runs, owners)
+        runs = max(5, min(iterations, 20))
+        layers = _layer_times(runner, record, known, model, runs) if per_layer else None
         numerics = None
-        if backends.BACKENDS[backend].gpu and gpu.check_numerics:
+        if entry.gpu and gpu.check_numerics:
             numerics = _numerics(Path(path), feed, runner, precision)
         results.append(
             ModelProfile(
@@ -511,5 +280,5 @@ def profile(
         threads=threads,
         models=results,
         precision=precision,
-        device=_device_name(backend, torch_module),
+        device=device.name,
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from conv2attn.graph_pass import ConversionReport
 from conv2attn.profile import ProfileReport
+from conv2attn.record import ConversionReport
 from conv2attn.terminal import BOLD, GREEN, RED, paint
 from conv2attn.validate import CheckReport
 

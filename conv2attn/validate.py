@@ -13,7 +13,6 @@ output tensor name, and records the mapping in its metadata).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -25,9 +24,9 @@ import onnx
 import onnxruntime as ort
 
 from conv2attn.errors import InputError
-from conv2attn.graph_pass import METADATA_KEY
 from conv2attn.inputs import Samples, graph_inputs
 from conv2attn.modelio import PROTOBUF_LIMIT, model_size
+from conv2attn.record import converted_layers
 
 # One float32 rounding of the largest output, with headroom for a different summation
 # order of the same products (the projection sums what the Conv sums, in another order).
@@ -194,14 +193,6 @@ class CheckReport:
         return data
 
 
-def converted_layers(model: onnx.ModelProto) -> list[dict]:
-    """The conversion record: per converted Conv, its name and output tensor, in graph order."""
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)["layers"]
-    return []
-
-
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     existing = {o.name for o in model.graph.output}
     for name in names:
@@ -255,6 +246,138 @@ def _run(session: ort.InferenceSession, fetch: list[str], feeds: dict, name: str
         raise InputError(f"{name}: onnxruntime refused the inputs: {first}") from None
 
 
+def _check_models_match(
+    original: onnx.ModelProto, converted: onnx.ModelProto, names: tuple[str, str], provider: str
+) -> None:
+    _check_same_inputs(original, converted, names)
+    if len(original.graph.output) != len(converted.graph.output):
+        raise InputError(
+            f"the models do not match: {names[0]} has {len(original.graph.output)} outputs, "
+            f"{names[1]} has {len(converted.graph.output)}"
+        )
+    if provider not in ort.get_available_providers():
+        available = ", ".join(ort.get_available_providers())
+        raise InputError(f"--provider {provider} is not installed (available: {available})")
+
+
+def _layers_to_compare(
+    converted: onnx.ModelProto, per_layer: bool, name: str
+) -> tuple[list[dict], list[str]]:
+    """The recorded layers whose outputs can be fetched, and notes on the others."""
+    layers = converted_layers(converted) if per_layer else []
+    notes = []
+    if per_layer and not layers:
+        notes.append(f"{name} has no conversion record: no per-layer errors")
+    nested = [layer for layer in layers if layer.get("graph")]
+    if nested:
+        # Tensors inside If/Loop/Scan bodies cannot be graph outputs; the model's
+        # outputs cover those layers.
+        layers = [layer for layer in layers if not layer.get("graph")]
+        notes.append(
+            f"{len(nested)} converted Conv(s) inside control-flow bodies "
+            f"({', '.join(layer['name'] for layer in nested[:3])}"
+            f"{', ...' if len(nested) > 3 else ''}) are checked through the model outputs only"
+        )
+    return layers, notes
+
+
+def _run_both(
+    models: tuple[onnx.ModelProto, onnx.ModelProto],
+    fetches: tuple[list[str], list[str]],
+    samples: Samples,
+    provider: str,
+    batch_size: int,
+    names: tuple[str, str],
+    progress: Callable[[int, int, str], None] | None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Both models' fetched tensors over every sample, concatenated along the batch."""
+    providers = (
+        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    )
+    sessions = [session(model, providers) for model in models]
+    fixed = [
+        i.dims[0]
+        for model in models
+        for i in graph_inputs(model)
+        if i.dims and i.dims[0] is not None
+    ]
+    step = fixed[0] if fixed else batch_size
+    results: list[list[list[np.ndarray]]] = [[[] for _ in fetch] for fetch in fetches]
+    for done, feeds in enumerate(samples.batches(step)):
+        if progress is not None:
+            progress(done * step, samples.count, "samples")
+        for store, runner, fetch, name in zip(results, sessions, fetches, names):
+            for index, array in enumerate(_run(runner, fetch, feeds, name)):
+                store[index].append(array)
+    reference, actual = ([np.concatenate(parts) for parts in store] for store in results)
+    return reference, actual
+
+
+def _tolerance(dtype: np.dtype, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    bound = default_tolerance(dtype)
+    return (bound[0] if rtol is None else rtol), (bound[1] if atol is None else atol)
+
+
+def _output_check(
+    name: str, ref: np.ndarray, act: np.ndarray, rtol: float | None, atol: float | None
+) -> OutputCheck:
+    r, a = _tolerance(ref.dtype, rtol, atol)
+    error = compare(name, ref, act)
+    extra = {}
+    if ref.ndim == 2 and ref.shape[1] >= 2:
+        top1, topk, k = _classifier_agreement(ref, act)
+        extra = {"top1_agreement": top1, "topk_agreement": topk, "k": k}
+    return OutputCheck(
+        name,
+        error.max_abs,
+        error.max_rel,
+        error.mean_abs,
+        error.max_reference,
+        r,
+        a,
+        error.within(r, a),
+        **extra,
+    )
+
+
+def _layer_check(
+    layer: dict, ref: np.ndarray, act: np.ndarray, rtol: float | None, atol: float | None
+) -> LayerCheck:
+    error = compare(layer["output"], ref, act)
+    within = error.within(*_tolerance(ref.dtype, rtol, atol))
+    return LayerCheck(
+        layer["name"], layer["output"], error.max_abs, error.max_rel, error.mean_abs, within
+    )
+
+
+def _accuracy(
+    outputs: list[OutputCheck],
+    reference: list[np.ndarray],
+    actual: list[np.ndarray],
+    labels: np.ndarray,
+    notes: list[str],
+) -> Accuracy | None:
+    """Both models' top-1 accuracy on the first classifier output, against ``labels``."""
+    classifier = next((i for i, o in enumerate(outputs) if o.top1_agreement is not None), None)
+    if classifier is None:
+        notes.append("labels given, but no output is [batch, classes]: no accuracy")
+        return None
+    ref_pred = reference[classifier].argmax(1)
+    act_pred = actual[classifier].argmax(1)
+    if len(ref_pred) != len(labels):
+        raise InputError(
+            f"{len(labels)} labels for {len(ref_pred)} predictions of output "
+            f"'{outputs[classifier].name}'"
+        )
+    return Accuracy(
+        output=outputs[classifier].name,
+        samples=len(labels),
+        original=float((ref_pred == labels).mean()),
+        converted=float((act_pred == labels).mean()),
+        changed=int((ref_pred != act_pred).sum()),
+    )
+
+
 def check(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
@@ -269,132 +392,35 @@ def check(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> CheckReport:
     """Run both models on ``samples`` and compare them; see the module docstring."""
-    _check_same_inputs(original, converted, names)
-    if len(original.graph.output) != len(converted.graph.output):
-        raise InputError(
-            f"the models do not match: {names[0]} has {len(original.graph.output)} outputs, "
-            f"{names[1]} has {len(converted.graph.output)}"
-        )
-    if provider not in ort.get_available_providers():
-        available = ", ".join(ort.get_available_providers())
-        raise InputError(f"--provider {provider} is not installed (available: {available})")
-
+    _check_models_match(original, converted, names, provider)
     output_names = [o.name for o in original.graph.output]
     converted_names = [o.name for o in converted.graph.output]
-    layers = converted_layers(converted) if per_layer else []
-    notes = []
-    if per_layer and not layers:
-        notes.append(f"{names[1]} has no conversion record: no per-layer errors")
-    nested = [layer for layer in layers if layer.get("graph")]
-    if nested:
-        # Tensors inside If/Loop/Scan bodies cannot be graph outputs; the model's
-        # outputs cover those layers.
-        layers = [layer for layer in layers if not layer.get("graph")]
-        notes.append(
-            f"{len(nested)} converted Conv(s) inside control-flow bodies "
-            f"({', '.join(layer['name'] for layer in nested[:3])}"
-            f"{', ...' if len(nested) > 3 else ''}) are checked through the model outputs only"
-        )
+    layers, notes = _layers_to_compare(converted, per_layer, names[1])
     layer_tensors = [layer["output"] for layer in layers]
     if layer_tensors:
         original = _with_outputs(original, layer_tensors)
         converted = _with_outputs(converted, layer_tensors)
-    providers = (
-        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    reference, actual = _run_both(
+        (original, converted),
+        (output_names + layer_tensors, converted_names + layer_tensors),
+        samples,
+        provider,
+        batch_size,
+        names,
+        progress,
     )
-    reference_session = session(original, providers)
-    converted_session = session(converted, providers)
-
-    fixed = [
-        i.dims[0]
-        for model in (original, converted)
-        for i in graph_inputs(model)
-        if i.dims and i.dims[0] is not None
+    outputs = [
+        _output_check(name, reference[index], actual[index], rtol, atol)
+        for index, name in enumerate(output_names)
     ]
-    step = fixed[0] if fixed else batch_size
-    fetch_ref = output_names + layer_tensors
-    fetch_conv = converted_names + layer_tensors
-    reference: list[list[np.ndarray]] = [[] for _ in fetch_ref]
-    actual: list[list[np.ndarray]] = [[] for _ in fetch_conv]
-    for done, feeds in enumerate(samples.batches(step)):
-        if progress is not None:
-            progress(done * step, samples.count, "samples")
-        for store, result in (
-            (reference, _run(reference_session, fetch_ref, feeds, names[0])),
-            (actual, _run(converted_session, fetch_conv, feeds, names[1])),
-        ):
-            for index, array in enumerate(result):
-                store[index].append(array)
-    joined_ref = [np.concatenate(parts) for parts in reference]
-    joined_act = [np.concatenate(parts) for parts in actual]
-
-    outputs = []
-    for index, name in enumerate(output_names):
-        ref, act = joined_ref[index], joined_act[index]
-        bound = default_tolerance(ref.dtype)
-        r = bound[0] if rtol is None else rtol
-        a = bound[1] if atol is None else atol
-        error = compare(name, ref, act)
-        extra = {}
-        if ref.ndim == 2 and ref.shape[1] >= 2:
-            top1, topk, k = _classifier_agreement(ref, act)
-            extra = {"top1_agreement": top1, "topk_agreement": topk, "k": k}
-        outputs.append(
-            OutputCheck(
-                name,
-                error.max_abs,
-                error.max_rel,
-                error.mean_abs,
-                error.max_reference,
-                r,
-                a,
-                error.within(r, a),
-                **extra,
-            )
-        )
-
-    layer_checks = None
-    if layers:
-        layer_checks = []
-        for offset, layer in enumerate(layers):
-            index = len(output_names) + offset
-            ref = joined_ref[index]
-            bound = default_tolerance(ref.dtype)
-            error = compare(layer["output"], ref, joined_act[index])
-            layer_checks.append(
-                LayerCheck(
-                    layer["name"],
-                    layer["output"],
-                    error.max_abs,
-                    error.max_rel,
-                    error.mean_abs,
-                    error.within(
-                        bound[0] if rtol is None else rtol, bound[1] if atol is None else atol
-                    ),
-                )
-            )
-
+    first = len(output_names)
+    layer_checks = [
+        _layer_check(layer, reference[first + offset], actual[first + offset], rtol, atol)
+        for offset, layer in enumerate(layers)
+    ] or None
     accuracy = None
     if samples.labels is not None:
-        classifier = next((i for i, o in enumerate(outputs) if o.top1_agreement is not None), None)
-        if classifier is None:
-            notes.append("labels given, but no output is [batch, classes]: no accuracy")
-        else:
-            ref_pred = joined_ref[classifier].argmax(1)
-            act_pred = joined_act[classifier].argmax(1)
-            if len(ref_pred) != len(samples.labels):
-                raise InputError(
-                    f"{len(samples.labels)} labels for {len(ref_pred)} predictions of output "
-                    f"'{output_names[classifier]}'"
-                )
-            accuracy = Accuracy(
-                output=output_names[classifier],
-                samples=len(samples.labels),
-                original=float((ref_pred == samples.labels).mean()),
-                converted=float((act_pred == samples.labels).mean()),
-                changed=int((ref_pred != act_pred).sum()),
-            )
-
+        accuracy = _accuracy(outputs, reference, actual, samples.labels, notes)
     return CheckReport(
         original=names[0],
         converted=names[1],

@@ -14,7 +14,6 @@ import copy
 import html
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from conv2attn import names
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples
+from conv2attn.modelio import staged_file
+from conv2attn.record import converted_layers
 from conv2attn.report import human
-from conv2attn.validate import CheckReport, check, converted_layers, session
+from conv2attn.validate import CheckReport, check, session
 
 
 def _matplotlib():
@@ -76,7 +78,7 @@ def attention_picture(
     feeds: Mapping[str, np.ndarray],
 ) -> AttentionPicture:
     """Run the converted graph, fetch the layer's softmax and take the centre query's row."""
-    softmax = f"{layer['name']}/attn/Softmax_output_0"
+    softmax = names.softmax_output(layer["name"])
     probe = copy.deepcopy(converted)
     probe.graph.output.append(onnx.ValueInfoProto(name=softmax))
     probs = session(probe).run([softmax], dict(feeds))[0]  # [q * heads, K]
@@ -320,10 +322,9 @@ def _cell(text: str, value: object | None = None, css: str = "") -> str:
     return f'<td data-value="{html.escape(str(value))}"{cls}>{html.escape(text)}</td>'
 
 
-def render(data: ReportData, figures: Mapping[str, object]) -> str:
-    """The HTML page."""
+def _summary_rows(data: ReportData) -> str:
+    """The summary table's rows: what was converted, costs before and after, parity."""
     record, parity = data.record, data.parity
-    errors = {layer.name: layer for layer in parity.layers or []}
     total_before = sum(layer["macs_before"] for layer in data.layers)
     total_after = sum(layer["macs_after"] for layer in data.layers)
     params_before = sum(layer["params_before"] for layer in data.layers)
@@ -362,10 +363,14 @@ def render(data: ReportData, figures: Mapping[str, object]) -> str:
             f"({parity.samples} samples, {parity.source})",
         ),
     ]
-    rows = "".join(
+    return "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in summary
     )
 
+
+def _layer_table(data: ReportData) -> str:
+    """The sortable per-layer table."""
+    errors = {layer.name: layer for layer in data.parity.layers or []}
     header = [
         "source Conv",
         "kernel",
@@ -414,7 +419,7 @@ def render(data: ReportData, figures: Mapping[str, object]) -> str:
                 _cell("-" if after is None else f"{100 * after / total_latency:.1f}%", after or 0),
             ]
         body.append("<tr>" + "".join(cells) + "</tr>")
-    table = (
+    return (
         '<table id="layer-table" class="sortable"><thead><tr>'
         + "".join(f"<th>{html.escape(h)}</th>" for h in header)
         + "</tr></thead><tbody>"
@@ -422,6 +427,9 @@ def render(data: ReportData, figures: Mapping[str, object]) -> str:
         + "</tbody></table>"
     )
 
+
+def _figures_html(data: ReportData, figures: Mapping[str, object]) -> tuple[list[str], list[str]]:
+    """The attention picture's section and the charts."""
     sections = []
     picture = data.picture
     if picture is not None and "attention" in figures:
@@ -429,7 +437,8 @@ def render(data: ReportData, figures: Mapping[str, object]) -> str:
         sections.append(
             f'<section id="construction"><h2>How {html.escape(picture.layer)} attends</h2>'
             f'<p class="note">Computed by running the converted graph and reading '
-            f"<code>{html.escape(picture.layer)}/attn/Softmax</code> for the centre query "
+            f"<code>{html.escape(f'{names.scope(picture.layer)}/{names.SOFTMAX}')}</code> "
+            "for the centre query "
             f"{picture.query} of a {'x'.join(map(str, picture.key_grid))} key grid. Each head puts "
             f"its whole weight on one neighbouring patch ({html.escape(offsets)}); together they "
             f"cover the patches the Conv kernel reads.</p>"
@@ -451,6 +460,14 @@ def render(data: ReportData, figures: Mapping[str, object]) -> str:
             '<p class="note">Per-layer latency: pass --profile with the JSON of '
             "<code>conv2attn profile ORIGINAL CONVERTED --per-layer --json FILE</code>.</p>"
         )
+    return sections, chart_html
+
+
+def render(data: ReportData, figures: Mapping[str, object]) -> str:
+    """The HTML page."""
+    rows = _summary_rows(data)
+    table = _layer_table(data)
+    sections, chart_html = _figures_html(data, figures)
     title = f"conv2attn report: {data.converted.name}"
     return (
         "<!DOCTYPE html>\n"
@@ -481,10 +498,6 @@ def write_report(data: ReportData, output: Path, png_dir: Path | None = None) ->
             written.append(path)
     for figure in figures.values():
         plt.close(figure)
-    staged = output.with_name(f".{output.name}.tmp")
-    try:
+    with staged_file(output) as staged:
         staged.write_text(page, encoding="utf-8")
-        os.replace(staged, output)
-    finally:
-        staged.unlink(missing_ok=True)
     return [output, *written]

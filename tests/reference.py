@@ -10,8 +10,8 @@ import itertools
 
 import numpy as np
 
-from conv2attn.geometry import Attention, AttentionPlan, ConvSpec, Order
-from conv2attn.weights import (
+from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec, Order
+from conv2attn.core.weights import (
     attention_probabilities,
     output_bias,
     output_projection,

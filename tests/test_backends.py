@@ -16,18 +16,14 @@ import onnx
 import pytest
 
 import conv2attn
-from conv2attn import backends
 from conv2attn.cli import main
 from conv2attn.errors import InputError
-from conv2attn.profile import (
-    PRECISION_TOLERANCE,
-    GpuOptions,
-    OrtRunner,
-    _numerics,
-    profile,
-    resolve_precision,
-)
-from conv2attn.tensorrt_engine import (
+from conv2attn.profile import PRECISION_TOLERANCE, _numerics, profile
+from conv2attn.runtime import ort
+from conv2attn.runtime.base import BackendUnavailable, GpuOptions, cuda_torch
+from conv2attn.runtime.ort import OrtRunner
+from conv2attn.runtime.registry import resolve_precision
+from conv2attn.runtime.tensorrt import (
     EngineSettings,
     cache_key,
     cast_to_float16,
@@ -37,6 +33,7 @@ from conv2attn.tensorrt_engine import (
     layer_prefixes,
     load_or_build,
     model_digest,
+    tensorrt,
 )
 from tests.helpers import assert_parity, chain_model, run, save_model_file
 
@@ -71,8 +68,8 @@ def test_missing_module_is_one_line_with_the_install_command(monkeypatch, capsys
 
 def test_tensorrt_older_than_10_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
-    with pytest.raises(backends.BackendUnavailable, match=r"TensorRT 8\.6\.1 .* 10 or newer"):
-        backends.tensorrt()
+    with pytest.raises(BackendUnavailable, match=r"TensorRT 8\.6\.1 .* 10 or newer"):
+        tensorrt()
 
 
 @pytest.mark.parametrize(
@@ -81,20 +78,20 @@ def test_tensorrt_older_than_10_is_refused(monkeypatch):
 )
 def test_torch_without_a_gpu_says_why(monkeypatch, cuda_build, reason):
     monkeypatch.setitem(sys.modules, "torch", fake_torch(cuda_build))
-    with pytest.raises(backends.BackendUnavailable, match=reason):
-        backends.cuda_torch("torch-cuda")
+    with pytest.raises(BackendUnavailable, match=reason):
+        cuda_torch("torch-cuda")
 
 
 def test_onnxruntime_and_onnxruntime_gpu_side_by_side_is_explained(monkeypatch):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(backends, "installed", lambda name: True)
-    with pytest.raises(backends.BackendUnavailable, match=r"both installed .* hides the GPU"):
-        backends.ort_provider("ort-cuda")
-    monkeypatch.setattr(backends, "installed", lambda name: name == "onnxruntime-gpu")
-    with pytest.raises(backends.BackendUnavailable, match="offers only CPUExecutionProvider"):
-        backends.ort_provider("ort-trt")
+    monkeypatch.setattr(ort, "installed", lambda name: True)
+    with pytest.raises(BackendUnavailable, match=r"both installed .* hides the GPU"):
+        ort.ort_provider("ort-cuda")
+    monkeypatch.setattr(ort, "installed", lambda name: name == "onnxruntime-gpu")
+    with pytest.raises(BackendUnavailable, match="offers only CPUExecutionProvider"):
+        ort.ort_provider("ort-trt")
 
 
 def test_gpu_provider_is_used_when_onnxruntime_offers_it(monkeypatch):
@@ -102,8 +99,8 @@ def test_gpu_provider_is_used_when_onnxruntime_offers_it(monkeypatch):
 
     offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: offered)
-    assert backends.ort_provider("ort-trt") == offered
-    assert backends.ort_provider("ort-cuda") == offered[1:]
+    assert ort.ort_provider("ort-trt") == offered
+    assert ort.ort_provider("ort-cuda") == offered[1:]
 
 
 # -- options ----------------------------------------------------------------------------
@@ -190,7 +187,7 @@ def test_model_digest_covers_external_data(tmp_path):
 
 
 def test_cached_engine_is_reused_and_a_build_is_written_atomically(tmp_path, monkeypatch):
-    from conv2attn import tensorrt_engine
+    from conv2attn.runtime import tensorrt as tensorrt_engine
 
     model = save_model_file(chain_model(), tmp_path / "chain.onnx")
     builds = []
@@ -344,7 +341,7 @@ def test_cpu_runner_timing_matches_the_profile_method(tmp_path):
 
 
 def test_opset_18_reductions_move_to_opset_17_for_onnx2torch():
-    from conv2attn.torch_runtime import for_onnx2torch
+    from conv2attn.runtime.torch_cuda import for_onnx2torch
 
     node = onnx.helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
     graph = onnx.helper.make_graph(
@@ -364,7 +361,7 @@ def test_opset_18_reductions_move_to_opset_17_for_onnx2torch():
 
 
 def test_nodes_that_opset_17_cannot_express_are_refused_by_name():
-    from conv2attn.torch_runtime import for_onnx2torch
+    from conv2attn.runtime.torch_cuda import for_onnx2torch
 
     split = onnx.helper.make_node("Split", ["x"], ["a", "b"], name="halves", num_outputs=2)
     graph = onnx.helper.make_graph(
@@ -385,7 +382,7 @@ def test_converted_model_runs_through_pytorch_with_parity(tmp_path, attention):
     pytest.importorskip("onnx2torch")
     import torch
 
-    from conv2attn.torch_runtime import TorchRunner
+    from conv2attn.runtime.torch_cuda import TorchRunner
 
     converted, _ = conv2attn.convert(DIGITS, attention=attention)
     feeds = {"image": np.random.default_rng(2).standard_normal((3, 1, 32, 32), np.float32)}
@@ -440,7 +437,7 @@ class FakeCuda:
 
 
 def test_cuda_timer_brackets_each_run_with_events_and_synchronises_once_per_block():
-    from conv2attn.cuda_timing import CudaTimer
+    from conv2attn.runtime.cuda_timing import CudaTimer
 
     fake = FakeCuda()
     timer = CudaTimer(fake, lambda: fake.log.append("run"))
@@ -449,7 +446,7 @@ def test_cuda_timer_brackets_each_run_with_events_and_synchronises_once_per_bloc
 
 
 def test_cuda_graph_is_captured_after_one_eager_run_and_then_replayed():
-    from conv2attn.cuda_timing import CudaTimer
+    from conv2attn.runtime.cuda_timing import CudaTimer
 
     fake = FakeCuda()
     timer = CudaTimer(fake, lambda: fake.log.append("run"), cuda_graph=True)

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
-from conv2attn import graph_pass
 from conv2attn.cli import main
+from conv2attn.graph import rewrite
 from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -197,7 +197,7 @@ def test_internal_error_is_exit_3_with_debug_hint(chain, tmp_path, monkeypatch, 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(graph_pass, "emit_attention", broken)
+    monkeypatch.setattr(rewrite, "emit_attention", broken)
     assert main(["convert", str(chain), "-o", str(tmp_path / "o.onnx")]) == 3
     err = capsys.readouterr().err
     assert "internal error" in err and "--debug" in err and "Traceback" not in err

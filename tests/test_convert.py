@@ -10,7 +10,7 @@ from onnx.backend.test.case.node import collect_testcases
 
 import conv2attn
 from conv2attn.errors import InputError
-from conv2attn.graph_pass import METADATA_KEY
+from conv2attn.record import METADATA_KEY
 from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
 
 

@@ -5,10 +5,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from conv2attn.emit import emit_attention
-from conv2attn.geometry import Attention, ConvSpec, Order, plan_attention
+from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
+from conv2attn.core.weights import output_bias, output_projection
+from conv2attn.graph.emit import emit_attention
 from conv2attn.validate import session
-from conv2attn.weights import output_bias, output_projection
 from tests.reference import direct_conv
 
 CASES = {

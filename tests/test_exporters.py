@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conv2attn.errors import InputError
-from conv2attn.graph_pass import convert
+from conv2attn.graph.rewrite import convert
 from tests.helpers import assert_parity, run
 
 torch = pytest.importorskip("torch")

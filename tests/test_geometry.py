@@ -1,8 +1,8 @@
-"""Geometry and cost model (design note sections 1 and 4): pure Python, no onnx."""
+"""Geometry and cost model (docs/design.md sections 1 and 4): pure Python, no onnx."""
 
 import pytest
 
-from conv2attn.geometry import (
+from conv2attn.core.geometry import (
     AutoPad,
     ConvSpec,
     GeometryError,
@@ -56,7 +56,7 @@ def test_worked_example_resnet18_layer1():
     assert (plan.in_patch, plan.reach, plan.token_grid) == ((2, 2), (1, 1), (29, 29))
     assert plan.tokens == 841
     assert (plan.in_dim, plan.out_dim) == (256, 256)
-    # The design note counts all 841 tokens as queries (724.3 M + 220.5 M); the 57 tokens
+    # docs/design.md section 1 counts all 841 tokens as queries (724.3 M + 220.5 M); the 57 tokens
     # of the halo row and column are only cropped, so just the 784 kept ones are computed.
     assert plan.queries == 28 * 28
     assert plan.attention_macs == 4 * 784 * 841 * 256  # 675.2 M

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conv2attn.graph_pass import METADATA_KEY
+from conv2attn.record import METADATA_KEY
 from tests.helpers import assert_parity, random_input, run
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
 
 import conv2attn
-from conv2attn.geometry import AutoPad, ConvSpec, resolve_pads
+from conv2attn.core.geometry import AutoPad, ConvSpec, resolve_pads
 from tests.helpers import assert_parity, conv_model, random_input, run
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "150"))

@@ -15,7 +15,7 @@ import pytest
 import conv2attn
 from conv2attn.cli import main
 from conv2attn.inputs import graph_inputs, random_samples
-from conv2attn.validate import converted_layers
+from conv2attn.record import converted_layers
 from conv2attn.visual_report import attention_picture
 from tests.helpers import conv_model
 

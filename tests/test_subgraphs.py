@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conv2attn.graph_pass import convert
+from conv2attn.graph.rewrite import convert
 from conv2attn.inputs import Samples
 from conv2attn.validate import check
 from tests.helpers import assert_parity, run

@@ -7,13 +7,14 @@ import warnings
 import numpy as np
 import pytest
 
-from conv2attn.geometry import Attention, ConvSpec, best_plan, candidate_plans, resolve_pads
-from conv2attn.graph_pass import convert, parse_patch
+from conv2attn.core.geometry import Attention, ConvSpec, best_plan, candidate_plans, resolve_pads
+from conv2attn.graph.options import parse_patch
+from conv2attn.graph.rewrite import convert
 from tests.helpers import assert_parity, run
 from tests.test_convert import ATTENTION_MODES, ATTRIBUTE_TABLE
 
 torch = pytest.importorskip("torch")
-from conv2attn.torch import ConvAttention, convert_module, plan_for  # noqa: E402
+from conv2attn.trainable import ConvAttention, convert_module, plan_for  # noqa: E402
 
 nn = torch.nn
 functional = torch.nn.functional

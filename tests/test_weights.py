@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from conv2attn.geometry import Attention, ConvSpec, Order, plan_attention
-from conv2attn.weights import attention_probabilities, output_bias, output_projection
+from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
+from conv2attn.core.weights import attention_probabilities, output_bias, output_projection
 from tests.reference import attention_conv, direct_conv
 
 # (in, out, group, kernel, stride, dilation, pads_begin, pads_end, size, patch)

@@ -31,10 +31,11 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conv2attn import backends  # noqa: E402
 from conv2attn.errors import InputError  # noqa: E402
-from conv2attn.profile import GpuOptions, profile  # noqa: E402
+from conv2attn.modelio import write_json  # noqa: E402
+from conv2attn.profile import profile  # noqa: E402
 from conv2attn.report import format_table  # noqa: E402
+from conv2attn.runtime import BACKENDS, PRECISIONS, GpuOptions, require  # noqa: E402
 from tools.torchvision_models import export  # noqa: E402
 
 # Runs the CLI and prints the process's peak resident memory (VmHWM starts afresh at
@@ -93,7 +94,7 @@ def convert(source: Path, output: Path, attention: str) -> dict:
     }
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
     parser.add_argument(
@@ -105,99 +106,97 @@ def main() -> None:
     parser.add_argument(
         "--backend",
         default="ort-cpu",
-        choices=("ort-cpu", "ort-cuda", "ort-trt", "trt", "torch-cuda"),
+        choices=tuple(BACKENDS),
         help="runtime for the latency columns (conversion always runs on the CPU)",
     )
-    parser.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"))
+    parser.add_argument("--precision", choices=PRECISIONS)
     parser.add_argument("--cuda-graph", action="store_true", help="trt, torch-cuda")
     parser.add_argument("--engine-cache", type=Path, help="trt: keep built engines here")
     parser.add_argument("--json", type=Path, help="write all measurements as JSON")
-    args = parser.parse_args()
+    return parser
+
+
+def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) -> dict:
+    """Export ``name``, convert it both ways, and time all three at every batch size:
+    per attention mode, the conversion's figures and the latency ratios; the heading of
+    the runtime; the worst output error of each model on GPU backends."""
+    source = export(name, folder / f"{name}.onnx", dynamo=False)
+    original_size = source.stat().st_size
+    paths, conversions = [source], {}
+    for attention in ("global", "local"):
+        output = folder / f"{name}_{attention}.onnx"
+        conversions[attention] = convert(source, output, attention)
+        paths.append(output)
+    models = [onnx.load(str(p)) for p in paths]
+    latency, worst, heading = {}, {}, ""
+    for batch in args.batches:
+        report = profile(
+            paths,
+            models,
+            batch=batch,
+            threads=args.threads,
+            iterations=args.iterations,
+            block=args.block_runs,
+            backend=args.backend,
+            gpu=gpu,
+        )
+        heading = f"{report.backend}, {report.precision}, {report.device}"
+        for m in report.models:
+            if m.numerics is not None:
+                worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
+        latency[batch] = [m.ratio for m in report.models]
+        medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
+        print(f"{name} batch {batch}: median ms (original, global, local) = {medians}", flush=True)
+    results = [
+        {
+            "model": name,
+            "attention": attention,
+            **conversions[attention],
+            "size_ratio": conversions[attention]["size"] / original_size,
+            "latency_ratio": {str(b): latency[b][index] for b in args.batches},
+        }
+        for index, attention in enumerate(("global", "local"), start=1)
+    ]
+    return {"results": results, "worst": worst, "heading": heading}
+
+
+def _row(result: dict, batches: list[int]) -> list[str]:
+    return [
+        result["model"],
+        result["attention"],
+        f"{result['seconds']:.1f}",
+        f"{result['peak_mb']:.0f}",
+        f"{result['peak_mb'] * 2**20 / result['size']:.1f}",
+        f"{result['size_ratio']:.2f}",
+        f"{result['mac_ratio']:.2f}",
+        f"{result['param_ratio']:.2f}",
+        *[f"{result['latency_ratio'][str(b)]:.2f}" for b in batches],
+    ]
+
+
+def main() -> None:
+    args = _parser().parse_args()
     try:
-        backends.require(args.backend)  # before minutes of exporting and converting
+        require(args.backend)  # before minutes of exporting and converting
     except InputError as error:
         raise SystemExit(f"bench: {error}") from None
     if args.batches is None:
-        args.batches = [1, 8] if args.backend == "ort-cpu" else [1, 32]
+        args.batches = [1, 32] if BACKENDS[args.backend].gpu else [1, 8]
     gpu = GpuOptions(
         precision=args.precision, cuda_graph=args.cuda_graph, engine_cache=args.engine_cache
     )
-    heading = ""
-    worst: dict[str, float] = {}
-
-    rows = [
-        [
-            "model",
-            "attention",
-            "convert s",
-            "peak MB",
-            "peak/size",
-            "size x",
-            "MACs x",
-            "params x",
-            *[f"latency x b{b}" for b in args.batches],
-        ]
-    ]
-    results = []
+    header = ["model", "attention", "convert s", "peak MB", "peak/size", "size x", "MACs x"]
+    rows = [[*header, "params x", *[f"latency x b{b}" for b in args.batches]]]
+    results, worst, heading = [], {}, ""
     with tempfile.TemporaryDirectory(prefix="conv2attn-bench-") as folder:
-        folder = Path(folder)
         for name in args.models:
-            source = export(name, folder / f"{name}.onnx", dynamo=False)
-            original_size = source.stat().st_size
-            paths, conversions = [source], {}
-            for attention in ("global", "local"):
-                output = folder / f"{name}_{attention}.onnx"
-                conversions[attention] = convert(source, output, attention)
-                paths.append(output)
-            models = [onnx.load(str(p)) for p in paths]
-            latency = {}
-            for batch in args.batches:
-                report = profile(
-                    paths,
-                    models,
-                    batch=batch,
-                    threads=args.threads,
-                    iterations=args.iterations,
-                    block=args.block_runs,
-                    backend=args.backend,
-                    gpu=gpu,
-                )
-                heading = f"{report.backend}, {report.precision}, {report.device}"
-                for m in report.models:
-                    if m.numerics is not None:
-                        worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
-                latency[batch] = [m.ratio for m in report.models]
-                medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
-                print(
-                    f"{name} batch {batch}: median ms (original, global, local) = {medians}",
-                    flush=True,
-                )
-            for index, attention in enumerate(("global", "local"), start=1):
-                c = conversions[attention]
-                rows.append(
-                    [
-                        name,
-                        attention,
-                        f"{c['seconds']:.1f}",
-                        f"{c['peak_mb']:.0f}",
-                        f"{c['peak_mb'] * 2**20 / c['size']:.1f}",
-                        f"{c['size'] / original_size:.2f}",
-                        f"{c['mac_ratio']:.2f}",
-                        f"{c['param_ratio']:.2f}",
-                        *[f"{latency[b][index]:.2f}" for b in args.batches],
-                    ]
-                )
-                results.append(
-                    {
-                        "model": name,
-                        "attention": attention,
-                        **c,
-                        "size_ratio": c["size"] / original_size,
-                        "latency_ratio": {str(b): latency[b][index] for b in args.batches},
-                    }
-                )
+            measured = measure(name, Path(folder), args, gpu)
+            results += measured["results"]
+            worst.update(measured["worst"])
+            heading = measured["heading"]
+            rows += [_row(result, args.batches) for result in measured["results"]]
     print()
-    if args.backend == "ort-cpu":
+    if not BACKENDS[args.backend].gpu:
         machine = platform.processor() or platform.machine()
         heading = f"onnxruntime CPU, fp32, {args.threads or os.cpu_count()} threads, {machine}"
     print(heading)
@@ -207,7 +206,7 @@ def main() -> None:
         for path, error in worst.items():
             print(f"  {Path(path).name}: {error:.2e}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

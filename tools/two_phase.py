@@ -8,7 +8,7 @@ For each fraction and seed:
   (a) cnn          the CNN trained from scratch (phase 1)
   (b) attn-random  the same network with every Conv2d replaced by ConvAttention, all of
                    its parameters re-initialised at random, trained from scratch
-  (c) attn-from-cnn  (a) converted by conv2attn.torch.convert_module (equal to (a) at
+  (c) attn-from-cnn  (a) converted by conv2attn.trainable.convert_module (equal to (a) at
                    that moment), then fine-tuned (phase 2)
   (d) attn-frozen  (c) with W_Q, W_K and the position biases frozen (only the value /
                    output projections, biases, BatchNorm and the classifier train)
@@ -40,8 +40,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conv2attn.torch import ConvAttention, convert_module  # noqa: E402
-from conv2attn.weights import TRAINABLE_ALPHA  # noqa: E402
+from conv2attn.core.weights import TRAINABLE_ALPHA  # noqa: E402
+from conv2attn.modelio import write_json  # noqa: E402
+from conv2attn.trainable import ConvAttention, convert_module  # noqa: E402
 
 VARIANTS = ("cnn", "attn-random", "attn-from-cnn", "attn-frozen")
 
@@ -198,7 +199,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
-                args.json.write_text(json.dumps(rows, indent=1))
+                write_json(args.json, rows, indent=1)
     print(
         f"\n{len(rows)} runs in {time.perf_counter() - start:.0f} s; test accuracy, %, "
         f"mean ± standard deviation over {args.seeds} seeds, {len(data[3])} test images\n"

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from conv2attn.modelio import write_json  # noqa: E402
+
 # Models whose architecture expects another input size than 224x224.
 INPUT_SIZE = {"inception_v3": 299}
 CI_SUBSET = (
@@ -52,7 +54,7 @@ def run_model(name: str, folder: Path, attention: str = "local", seed: int = 0) 
     import numpy as np
     import onnx
 
-    from conv2attn.graph_pass import convert
+    from conv2attn.graph.rewrite import convert
     from conv2attn.modelio import save_model
     from conv2attn.validate import ATOL, RTOL, compare, session
     from tools.torchvision_models import export
@@ -154,7 +156,7 @@ def main() -> int:
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()
             row = {"model": args.one, "error": f"{type(error).__name__}: {error}"}
-        args.row.write_text(json.dumps(row))
+        write_json(args.row, row)
         return 0
 
     names = args.models or (list(CI_SUBSET) if args.ci_subset else classification_models())
@@ -164,7 +166,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
+            write_json(args.json, rows, indent=1)
     if args.markdown:
         print(markdown(rows))
     failed = [r["model"] for r in rows if "error" in r or r["skipped"] or not r["parity"]]

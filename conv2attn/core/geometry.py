@@ -1,7 +1,7 @@
 """Geometry of a Conv expressed as patch-token attention, and its cost model.
 
 Pure Python (no numpy, no onnx), so it can be unit tested and reused by every
-other stage. Section numbers refer to the design note ``construction.md``:
+other stage. Section numbers refer to ``docs/design.md``:
 
 - section 1: patch grid, reach ``R``, heads, token grid and padding per axis;
 - section 3: the two operation orders;

@@ -4,8 +4,8 @@ The graph is imported with onnx2torch, which implements operators up to opset 17
 models are first rewritten to opset 17 where the two opsets mean the same thing (the
 Reduce operators take ``axes`` as an input from opset 18; most later versions only add
 types); anything else is refused with the node's name. Reduced precision uses
-``torch.autocast``, which keeps Softmax and reductions in float32 (section 2 of the design
-note needs that for the attention logits).
+``torch.autocast``, which keeps Softmax and reductions in float32 (the attention logits
+need that: ``docs/design.md`` section 2).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from conv2attn.errors import InputError
+from conv2attn.runtime.base import Device, RunnerRequest, cuda_torch, device_name, import_module
+from conv2attn.runtime.registry import BACKENDS, Backend
 
 IMPORT_OPSET = 17
 # From opset 18 these take `axes` as an input instead of an attribute.
@@ -76,6 +78,31 @@ NEW_FEATURES = {
 }
 
 
+def onnx2torch(backend: str = "torch-cuda") -> ModuleType:
+    return import_module("onnx2torch", backend, BACKENDS[backend].needs)
+
+
+def prepare(backend: Backend) -> Device:
+    """Checks onnx2torch and a CUDA torch."""
+    onnx2torch(backend.name)
+    torch_module = cuda_torch(backend.name)
+    return Device(device_name(True, torch_module), torch_module)
+
+
+def create_runner(request: RunnerRequest) -> tuple[TorchRunner, None]:
+    options = request.options
+    runner = TorchRunner(
+        request.device.torch,
+        request.model,
+        request.feed,
+        request.precision,
+        "cuda",
+        options.cuda_graph,
+        options.compile,
+    )
+    return runner, None
+
+
 def _attr(node: onnx.NodeProto, name: str):
     for attribute in node.attribute:
         if attribute.name == name:
@@ -126,8 +153,6 @@ def _refusal(node: onnx.NodeProto, why: str) -> InputError:
 
 def import_model(model: onnx.ModelProto):
     """The ONNX model as a torch ``nn.Module`` (onnx2torch), with clear refusals."""
-    from conv2attn.backends import onnx2torch
-
     converter = onnx2torch()
     try:
         return converter.convert(for_onnx2torch(model))
@@ -165,7 +190,7 @@ class TorchRunner:
             tf32 = precision == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
-            from conv2attn.cuda_timing import CudaTimer
+            from conv2attn.runtime.cuda_timing import CudaTimer
 
             self.timer = CudaTimer(torch, self._forward, cuda_graph)
         else:

@@ -2,8 +2,9 @@
 
 The only module that builds ONNX nodes. Every node and tensor is named
 ``<conv name>/attn/<part>`` so a converted graph reads well in Netron and diffs
-cleanly. Only ops of opset 11 are used (Slice, Pad, Reshape, Transpose, Sub, Mul,
-Add, Softmax, MatMul, Cast), with the forms that are identical in later opsets.
+cleanly; the parts other stages look for (logits, Softmax, W_O) come from ``names``.
+Only ops of opset 11 are used (Slice, Pad, Reshape, Transpose, Sub, Mul, Add, Softmax,
+MatMul, Cast), with the forms that are identical in later opsets.
 
 Dataflow (2-D shown, ``g`` is the group count; the group axis and every size-1 axis
 are left out of the emitted shapes):
@@ -20,14 +21,15 @@ are left out of the emitted shapes):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from conv2attn.geometry import Attention, AttentionPlan, Order, Rearrange
-from conv2attn.weights import (
+from conv2attn import names
+from conv2attn.core.geometry import Attention, AttentionPlan, Order, Rearrange
+from conv2attn.core.weights import (
     ALPHA,
     head_offset_coordinates,
     key_coordinates,
@@ -67,7 +69,9 @@ class _Builder:
         name = f"{self.prefix}/{part}"
         if output is None:
             output = gs.Variable(
-                f"{name}_output_0", dtype=dtype or self.dtype, shape=list(shape) if shape else None
+                names.output_of(name),
+                dtype=dtype or self.dtype,
+                shape=list(shape) if shape else None,
             )
         node = gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=[output])
         self.graph.nodes.append(node)
@@ -120,7 +124,7 @@ def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
     for axis, (queries, keys, offsets) in enumerate(
         zip(query_coordinates(plan), key_coordinates(plan), head_offset_coordinates(plan))
     ):
-        tag = f"logits/axis{axis}"
+        tag = f"{names.LOGITS}/axis{axis}"
         query_pos = b.constant(f"{tag}/query_coords", queries.reshape(q, 1, 1))
         key_pos = b.constant(f"{tag}/key_coords", keys.reshape(1, 1, k))
         relative = b.op("Sub", f"{tag}/relative", [key_pos, query_pos], [q, 1, k], np.float32)
@@ -132,24 +136,24 @@ def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
             if squared is None
             else b.op("Add", f"{tag}/sum", [squared, square], [q, heads, k], np.float32)
         )
-    scale = b.constant("logits/scale", np.array(-ALPHA, dtype=np.float32))
-    logits = b.op("Mul", "logits/Mul", [squared, scale], [q, heads, k], np.float32)
-    rows = b.static_reshape("logits/rows", logits, [q * heads, k])
-    probs = b.op("Softmax", "Softmax", [rows], [q * heads, k], np.float32, attrs={"axis": 1})
+    scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
+    logits = b.op("Mul", f"{names.LOGITS}/Mul", [squared, scale], [q, heads, k], np.float32)
+    rows = b.static_reshape(f"{names.LOGITS}/rows", logits, [q * heads, k])
+    probs = b.op("Softmax", names.SOFTMAX, [rows], [q * heads, k], np.float32, attrs={"axis": 1})
     if plan.order is Order.PROJECT_FIRST:
-        grouped = b.static_reshape("Softmax/by_head", probs, [q, heads, k])
+        grouped = b.static_reshape(f"{names.SOFTMAX}/by_head", probs, [q, heads, k])
         keys_first = b.op(
             "Transpose",
-            "Softmax/Transpose",
+            f"{names.SOFTMAX}/Transpose",
             [grouped],
             [q, k, heads],
             np.float32,
             {"perm": [0, 2, 1]},
         )
-        probs = b.static_reshape("Softmax/key_head", keys_first, [q, k * heads])
+        probs = b.static_reshape(f"{names.SOFTMAX}/key_head", keys_first, [q, k * heads])
     if b.dtype != np.float32:
         to = helper.np_dtype_to_tensor_dtype(b.dtype)
-        probs = b.op("Cast", "Softmax/Cast", [probs], probs.shape, attrs={"to": to})
+        probs = b.op("Cast", f"{names.SOFTMAX}/Cast", [probs], probs.shape, attrs={"to": to})
     return probs
 
 
@@ -283,7 +287,7 @@ def _depthwise_projection(
     product = b.op(
         "Mul",
         "proj/Mul",
-        [split, b.constant("W_O", weight)],
+        [split, b.constant(names.PROJECTION, weight)],
         [*lead, q, taps, pixels, channels, multiplier],
     )
     axis = len(lead) + 1
@@ -310,6 +314,86 @@ def _depthwise_projection(
     return b.op("Add", "proj/Add", [flat, b.constant("bias", bias)], [*lead, q, plan.out_dim])
 
 
+def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
+    """The Conv's input as tokens [B, (g,) N, D]: subsampled along kernel-1 strided axes,
+    cropped to what an output reads, padded with the Conv's zeros to the token grid, and
+    patchified."""
+    spec = plan.spec
+    if plan.subsamples:
+        x = _subsample(b, x, plan, batch)
+    extent = [a.tokens_extent for a in plan.axes]
+    if any(a.pad_end < 0 for a in plan.axes):
+        kept = [n + min(a.pad_end, 0) for n, a in zip(spec.input_size, plan.axes)]
+        x = _slice(b, "crop_input", x, kept, first_axis=2, shape=[batch, spec.in_channels, *kept])
+    pads_begin = [a.pad_begin for a in plan.axes]
+    pads_end = [max(a.pad_end, 0) for a in plan.axes]
+    x = _pad(b, "pad", x, pads_begin, pads_end, [batch, spec.in_channels, *extent])
+    return _patchify(b, x, plan, batch)
+
+
+def _key_windows(
+    b: _Builder, plan: AttentionPlan, lead: list[Dim], group_axes: int
+) -> Callable[[gs.Variable, int], gs.Variable]:
+    """Local attention: [B, (g,) N, dim] -> [B, (g,) blocks, K, dim], each block's keys
+    and its halo, gathered; global attention attends to every token as it is."""
+    if plan.attention is not Attention.LOCAL:
+        return lambda values, dim: values
+    indices = b.constant("window_indices", window_indices(plan))
+
+    def windows(values: gs.Variable, dim: int) -> gs.Variable:
+        return b.op(
+            "Gather",
+            "Gather",
+            [values, indices],
+            [*lead, plan.keys, dim],
+            attrs={"axis": group_axes + 1},
+        )
+
+    return windows
+
+
+def _attend_and_project(
+    b: _Builder,
+    plan: AttentionPlan,
+    tokens: gs.Variable,
+    attention: gs.Variable,
+    windows: Callable[[gs.Variable, int], gs.Variable],
+    lead: list[Dim],
+    g: list[int],
+    projection: np.ndarray,
+    bias: np.ndarray,
+) -> gs.Variable:
+    """Attention and output projection in ``plan.order``, plus the bias: the output
+    tokens [*lead, q, Dg_out]."""
+    local = plan.attention is Attention.LOCAL
+    q, k, heads = plan.block_queries, plan.keys, plan.heads
+    dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
+    out_dim = plan.group_out_dim
+    # projection: [g, rows, cols]; g == 1 drops the group axis, and grouped local
+    # attention projects [B, g, blocks, ..] so needs a broadcast axis for the blocks.
+    weight_shape = list(projection.shape) if g else list(projection.shape[1:])
+    if local and g and plan.order is Order.ATTEND_FIRST:
+        weight_shape.insert(1, 1)
+    weight = b.constant(names.PROJECTION, projection.reshape(weight_shape))
+    if plan.order is Order.ATTEND_FIRST:
+        keys = windows(tokens, dim_in)
+        # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
+        attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
+        heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * dim_in])
+        projected = b.op("MatMul", "proj/MatMul", [heads_concat, weight], [*lead, q, out_dim])
+    else:
+        batch = lead[0]
+        per_head = b.op(
+            "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, plan.tokens, heads * out_dim]
+        )
+        keys = windows(per_head, heads * out_dim)
+        stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
+        projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
+    bias_shape = [g[0], *([1] if local else []), 1, out_dim] if g else [out_dim]
+    bias_const = b.constant("bias", bias.reshape(bias_shape))
+    return b.op("Add", "proj/Add", [projected, bias_const], [*lead, q, out_dim])
+
+
 def emit_attention(
     graph: gs.Graph,
     prefix: str,
@@ -326,77 +410,24 @@ def emit_attention(
     ``weights.output_bias``; ``batch`` is the batch dimension (an int or a symbol).
     The caller detaches the Conv that produced ``y``.
     """
-    spec = plan.spec
-    dtype = np.dtype(projection.dtype)
-    b = _Builder(graph, prefix, dtype)
-    group = spec.group
-    g = [group] if group > 1 else []
-    local = plan.attention is Attention.LOCAL
-
-    if plan.subsamples:
-        x = _subsample(b, x, plan, batch)
-
-    # Crop what no output reads, pad with the Conv's zeros up to the token grid.
-    extent = [a.tokens_extent for a in plan.axes]
-    if any(a.pad_end < 0 for a in plan.axes):
-        kept = [n + min(a.pad_end, 0) for n, a in zip(spec.input_size, plan.axes)]
-        x = _slice(b, "crop_input", x, kept, first_axis=2, shape=[batch, spec.in_channels, *kept])
-    pads_begin = [a.pad_begin for a in plan.axes]
-    pads_end = [max(a.pad_end, 0) for a in plan.axes]
-    x = _pad(b, "pad", x, pads_begin, pads_end, [batch, spec.in_channels, *extent])
-
-    n = plan.tokens
-    tokens = _patchify(b, x, plan, batch)
-    if plan.channels_last:
-        g = []  # one token holds every channel
-    dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
-
+    b = _Builder(graph, prefix, np.dtype(projection.dtype))
+    tokens = _tokens(b, x, plan, batch)
+    # One token holds every channel (channels-last), or one group's channels.
+    g = [] if plan.channels_last or plan.spec.group == 1 else [plan.spec.group]
     # Local attention works on [B, g, blocks, ...]; global attention is one block.
-    q, k, heads = plan.block_queries, plan.keys, plan.heads
-    lead = [batch, *g, plan.blocks] if local else [batch, *g]
+    lead = [batch, *g, plan.blocks] if plan.attention is Attention.LOCAL else [batch, *g]
     attention = _attention_matrix(b, plan)
-    if local:
-        indices = b.constant("window_indices", window_indices(plan))
-
-        def windows(values: gs.Variable, dim: int) -> gs.Variable:
-            # [B, g, N, dim] -> [B, g, blocks, K, dim]: each block's keys and its halo
-            return b.op(
-                "Gather", "Gather", [values, indices], [*lead, k, dim], attrs={"axis": len(g) + 1}
-            )
-
+    windows = _key_windows(b, plan, lead, len(g))
     if plan.depthwise:
-        keys = windows(tokens, dim_in) if local else tokens
-        attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
+        dim_in = plan.in_dim
+        keys = windows(tokens, dim_in)
+        attended = b.op(
+            "MatMul", "MatMul", [attention, keys], [*lead, plan.block_queries * plan.heads, dim_in]
+        )
         projected = _depthwise_projection(b, attended, plan, lead, projection, bias)
-        _unpatchify(b, projected, plan, batch, y)
-        return b.nodes
-
-    # projection: [g, rows, cols]; g == 1 drops the group axis, and grouped local
-    # attention projects [B, g, blocks, ..] so needs a broadcast axis for the blocks.
-    weight_shape = list(projection.shape) if g else list(projection.shape[1:])
-    if local and g and plan.order is Order.ATTEND_FIRST:
-        weight_shape.insert(1, 1)
-    weight = b.constant("W_O", projection.reshape(weight_shape))
-    if plan.order is Order.ATTEND_FIRST:
-        keys = windows(tokens, dim_in) if local else tokens
-        # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
-        attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
-        heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * dim_in])
-        projected = b.op(
-            "MatMul", "proj/MatMul", [heads_concat, weight], [*lead, q, plan.group_out_dim]
-        )
     else:
-        per_head = b.op(
-            "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, n, heads * plan.group_out_dim]
+        projected = _attend_and_project(
+            b, plan, tokens, attention, windows, lead, g, projection, bias
         )
-        keys = windows(per_head, heads * plan.group_out_dim) if local else per_head
-        stacked = b.reshape("stack_heads", keys, [*lead, k * heads, plan.group_out_dim])
-        projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, plan.group_out_dim])
-    bias_shape = (
-        [group, *([1] if local else []), 1, plan.group_out_dim] if g else [plan.group_out_dim]
-    )
-    bias_const = b.constant("bias", bias.reshape(bias_shape))
-    projected = b.op("Add", "proj/Add", [projected, bias_const], [*lead, q, plan.group_out_dim])
-
     _unpatchify(b, projected, plan, batch, y)
     return b.nodes

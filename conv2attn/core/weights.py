@@ -1,4 +1,4 @@
-"""Weights of the attention that reproduces a Conv, in numpy (design note sections 2-3).
+"""Weights of the attention that reproduces a Conv, in numpy (``docs/design.md`` sections 2-3).
 
 Layouts, shared with the emitted graph:
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conv2attn.geometry import Attention, AttentionPlan, Order
+from conv2attn.core.geometry import Attention, AttentionPlan, Order
 
 # exp(-ALPHA) underflows to exactly 0 in float32 and float16, so softmax is one-hot
 # (section 2); logits are kept in float32 where ALPHA times any squared distance is finite.

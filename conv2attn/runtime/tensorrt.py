@@ -4,7 +4,7 @@ Written against TensorRT's Python API, version 10 and newer:
 
 - TensorRT 10 builds with builder flags for the precision (``FP16``, ``BF16``, ``TF32``)
   and keeps the attention logits and Softmax of converted Convs in float32 with precision
-  constraints (section 2 of the design note: fp16 logits would overflow).
+  constraints (``docs/design.md`` section 2: fp16 logits would overflow).
 - TensorRT 11 removed those flags and builds strongly typed networks, so for fp16/bf16 the
   model itself is cast first, with NVIDIA ModelOpt's AutoCast when installed (fp16 and
   bf16) or onnxruntime's float16 converter (fp16), keeping the logits and Softmax in fp32.
@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +30,57 @@ from types import ModuleType
 import numpy as np
 import onnx
 
-from conv2attn.backends import BackendUnavailable
+from conv2attn import names
 from conv2attn.errors import InputError
-from conv2attn.modelio import external_data_files, save_model
+from conv2attn.modelio import external_data_files, save_model, staged_file
+from conv2attn.runtime.base import (
+    BackendUnavailable,
+    Device,
+    LayerTime,
+    RunnerRequest,
+    cuda_torch,
+    device_name,
+    import_module,
+)
+from conv2attn.runtime.registry import BACKENDS, Backend
 
-# Converted-Conv nodes whose outputs must stay float32 in reduced precision.
-FP32_NODE_PATTERN = re.compile(r"/attn/(logits/|Softmax)")
+
+def tensorrt(backend: str = "trt") -> ModuleType:
+    """The tensorrt module (10 or newer), or why not."""
+    trt = import_module("tensorrt", backend, BACKENDS[backend].needs)
+    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
+    if major < 10:
+        raise BackendUnavailable(
+            f"--backend {backend}: TensorRT {trt.__version__} is installed; 10 or newer is "
+            f'needed: pip install -U "tensorrt>=10"'
+        )
+    return trt
+
+
+def prepare(backend: Backend) -> Device:
+    """Checks tensorrt and a CUDA torch (memory, streams and events come from it)."""
+    tensorrt(backend.name)
+    torch_module = cuda_torch(backend.name)
+    return Device(device_name(True, torch_module), torch_module)
+
+
+def create_runner(request: RunnerRequest) -> tuple[TrtRunner, bool]:
+    """The engine of one model (built, or from ``--engine-cache``) ready to run."""
+    trt = tensorrt(request.backend)
+    torch_module = request.device.torch
+    options = request.options
+    settings = EngineSettings(
+        request.precision, options.workspace_mb, optimization_shapes(request.model, request.feed)
+    )
+    serialized, cached = load_or_build(
+        trt,
+        request.path,
+        settings,
+        options.engine_cache,
+        request.device.name,
+        request.per_layer,
+    )
+    return TrtRunner(trt, torch_module, serialized, request.feed, options.cuda_graph), cached
 
 
 @dataclass(frozen=True)
@@ -133,7 +179,7 @@ def cast_for_strong_typing(path: Path, precision: str, folder: Path) -> Path:
     """The model cast to fp16/bf16 for TensorRT 11's strongly typed build, logits and
     Softmax kept in float32; written under ``folder``."""
     model = onnx.load(str(path))
-    keep = [n.name for n in model.graph.node if FP32_NODE_PATTERN.search(n.name)]
+    keep = [n.name for n in model.graph.node if names.keeps_float32(n.name)]
     target = folder / f"{path.stem}.{precision}.onnx"
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
@@ -228,7 +274,7 @@ def _set_precision(trt: ModuleType, network, config, precision: str) -> None:
     floats = (trt.float32, trt.float16, trt.bfloat16)
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if not FP32_NODE_PATTERN.search(layer.name):
+        if not names.keeps_float32(layer.name):
             continue
         layer.precision = trt.float32
         for output in range(layer.num_outputs):
@@ -255,14 +301,8 @@ def load_or_build(
             return target.read_bytes(), True
     engine = build_engine(trt, path, settings, per_layer)
     if target is not None:
-        handle, staged = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".engine")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(engine)
-            os.replace(staged, target)
-        except BaseException:
-            Path(staged).unlink(missing_ok=True)
-            raise
+        with staged_file(target) as staged:
+            staged.write_bytes(engine)
     return engine, False
 
 
@@ -294,7 +334,7 @@ def layer_prefixes(
     """Name patterns of each converted Conv: ``<conv>/attn/`` in a converted model; in the
     original model, the Conv node's name and output tensor."""
     if original is None:
-        pairs = [(f"{layer['name']}/attn/", layer["name"]) for layer in record]
+        pairs = [(names.owner_prefix(layer["name"]), layer["name"]) for layer in record]
     else:
         by_output = {layer["output"]: layer["name"] for layer in record}
         pairs = []
@@ -316,7 +356,7 @@ class TrtRunner:
         feeds: Mapping[str, np.ndarray],
         cuda_graph: bool = False,
     ):
-        from conv2attn.cuda_timing import CudaTimer
+        from conv2attn.runtime.cuda_timing import CudaTimer
 
         self.trt, self.torch = trt, torch
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -358,7 +398,23 @@ class TrtRunner:
         self.timer.run()
         return [self.tensors[name].float().cpu().numpy() for name in self.output_names]
 
-    def layer_times(self, runs: int) -> dict[str, float]:
+    def layer_times(
+        self, runs: int, layers: Sequence[dict], original: onnx.ModelProto | None
+    ) -> list[LayerTime]:
+        """Time per source Conv, from TensorRT's layer profiler; a fused layer that spans
+        several Convs is shown as ``a + b``."""
+        prefixes = layer_prefixes(layers, original)
+        rest = "(other layers)"
+        totals: Counter[str] = Counter()
+        for layer, ms in self.engine_layer_times(runs).items():
+            totals[layer_owner(layer, prefixes) or rest] += ms
+        total = sum(totals.values()) or 1
+        return [
+            LayerTime(name, ms, ms / total)
+            for name, ms in sorted(totals.items(), key=lambda item: -item[1])
+        ]
+
+    def engine_layer_times(self, runs: int) -> dict[str, float]:
         """Milliseconds per run of each engine layer, from TensorRT's profiler."""
         trt = self.trt
         totals: dict[str, float] = {}

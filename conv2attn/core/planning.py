@@ -1,0 +1,88 @@
+"""The plan of every converted Conv of a model, chosen once for every front end.
+
+``plan_layers`` is the one place that turns the user's patch, block and attention
+choices into per-Conv plans: a forced patch takes each Conv's cheapest plan with that
+patch; ``auto`` takes the cheapest plans whose parameters stay within the whole-model
+growth budget (``geometry.choose_plans``). The ONNX pass and the PyTorch layer both call
+it, so a converted ONNX model and a converted ``nn.Module`` get the same plans.
+Plain Python: no onnx, numpy or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from conv2attn.core.geometry import (
+    Attention,
+    AttentionPlan,
+    ConvSpec,
+    GeometryError,
+    best_plan,
+    candidate_plans,
+    choose_plans,
+)
+
+# "auto", or sizes: one for every spatial axis, or one per axis.
+Sizes = tuple[int, ...] | str
+
+
+class PlanError(GeometryError):
+    """An option that does not fit a Conv (a patch with the wrong number of axes)."""
+
+
+@dataclass(frozen=True)
+class LayerPlans:
+    """The chosen plan per Conv, every plan each was chosen from, and whether the
+    parameter budget held (always true for a forced patch)."""
+
+    plans: list[AttentionPlan]
+    considered: list[list[AttentionPlan]]
+    budget_met: bool
+
+    @property
+    def growth(self) -> float:
+        """Parameters of the chosen plans over the original Convs'."""
+        before = sum((p.source or p.spec).params for p in self.plans)
+        return sum(p.params for p in self.plans) / max(before, 1)
+
+
+def per_axis(sizes: Sizes, rank: int, option: str, name: str) -> tuple[int, ...] | None:
+    """``sizes`` for a Conv with ``rank`` spatial axes: None for ``auto``; one size is
+    repeated on every axis."""
+    if sizes == "auto":
+        return None
+    if len(sizes) == 1:
+        return tuple(sizes) * rank
+    if len(sizes) != rank:
+        raise PlanError(
+            f"{option} {'x'.join(map(str, sizes))} has {len(sizes)} sizes, "
+            f"Conv '{name}' has {rank} spatial axes"
+        )
+    return tuple(sizes)
+
+
+def plan_layers(
+    specs: Sequence[ConvSpec],
+    names: Sequence[str],
+    *,
+    attention: Attention = Attention.GLOBAL,
+    patch: Sizes = "auto",
+    block: Sizes = "auto",
+    max_param_growth: float = 4.0,
+) -> LayerPlans:
+    """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together."""
+    considered = []
+    for spec, name in zip(specs, names, strict=True):
+        forced = per_axis(patch, spec.rank, "--patch", name)
+        blocks = per_axis(block, spec.rank, "--block", name)
+        considered.append(
+            candidate_plans(
+                spec, attention, patches=None if forced is None else [forced], block=blocks
+            )
+        )
+    if patch != "auto":
+        return LayerPlans([best_plan(layer) for layer in considered], considered, True)
+    original = sum(spec.params for spec in specs)
+    plans, met = choose_plans(considered, original, max_param_growth)
+    return LayerPlans(plans, considered, met)

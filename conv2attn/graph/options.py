@@ -1,0 +1,92 @@
+"""What ``convert`` is asked to do: parsed, checked and frozen before any work starts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from conv2attn.core.geometry import Attention
+from conv2attn.core.planning import Sizes
+from conv2attn.errors import InputError
+from conv2attn.inputs import parse_input_shapes
+
+# Kept as the name callers know; a patch or block option is "auto" or sizes.
+Patch = Sizes
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What ``convert`` does; the CLI's options map onto these fields one to one."""
+
+    patch: Patch = "auto"
+    max_param_growth: float = 4.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    attention: Attention = Attention.GLOBAL
+    block: Patch = "auto"
+    fold_bn: bool = False
+
+    @property
+    def patch_text(self) -> str:
+        return _text(self.patch)
+
+    @property
+    def block_text(self) -> str:
+        return _text(self.block)
+
+
+def _text(sizes: Patch) -> str:
+    return sizes if isinstance(sizes, str) else "x".join(map(str, sizes))
+
+
+def parse_patch(text: str | int | Sequence[int], option: str = "--patch") -> Patch:
+    """``auto``, ``N`` (every axis) or ``NxM`` (one size per spatial axis)."""
+    if isinstance(text, int):
+        text = str(text)
+    if not isinstance(text, str):
+        sizes = tuple(int(v) for v in text)
+    elif text == "auto":
+        return "auto"
+    elif re.fullmatch(r"\d+(x\d+)*", text):
+        sizes = tuple(int(v) for v in text.split("x"))
+    else:
+        raise InputError(f"{option} '{text}': expected auto, N or NxM (e.g. 2 or 2x4)")
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"{option} {text}: sizes must be positive")
+    return sizes
+
+
+def convert_options(
+    *,
+    patch: str | int | Sequence[int],
+    max_param_growth: float,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None,
+    attention: str,
+    block: str | int | Sequence[int],
+    fold_bn: bool,
+) -> ConvertOptions:
+    """The options of ``convert``, checked; InputError names the option that is wrong."""
+    if isinstance(input_shapes, Mapping):
+        shapes = {name: tuple(int(d) for d in dims) for name, dims in input_shapes.items()}
+    else:
+        shapes = parse_input_shapes(input_shapes or ())
+    if max_param_growth <= 0:
+        raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
+    if attention not in {a.value for a in Attention}:
+        raise InputError(f"--attention {attention}: expected global or local")
+    if attention == Attention.GLOBAL.value and block != "auto":
+        raise InputError("--block applies to --attention local only")
+    return ConvertOptions(
+        fold_bn=bool(fold_bn),
+        attention=Attention(attention),
+        block=parse_patch(block, "--block"),
+        patch=parse_patch(patch),
+        max_param_growth=float(max_param_growth),
+        include=tuple(include),
+        exclude=tuple(exclude),
+        input_shapes=shapes,
+    )

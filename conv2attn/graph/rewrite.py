@@ -1,0 +1,275 @@
+"""The graph pass: every selected Conv of an ONNX model becomes exact attention.
+
+Stages, in order, one function each:
+
+1. ``_prepare_shapes``: pin ``--input-shape``, infer every shape on a skeleton;
+2. ``fold_batchnorms`` (with ``--fold-bn``) and ``name_convs``;
+3. ``select_convs``: candidates, and every skipped Conv with its reason;
+4. ``_plan``: one plan per Conv (``core.planning``, the cost model);
+5. ``_replace``: each Conv's node detached, its attention subgraph emitted in its place
+   (``graph.emit``), reusing the Conv's output tensor so every consumer stays wired;
+6. ``_export``: cleanup, toposort, and the protobuf with the projections moved in one
+   at a time (they are most of the model);
+7. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
+   result must pass onnx's checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from conv2attn import names
+from conv2attn.core.planning import LayerPlans, PlanError, plan_layers
+from conv2attn.core.weights import output_bias, output_projection
+from conv2attn.errors import InputError
+from conv2attn.graph.constants import fold_batchnorms
+from conv2attn.graph.emit import emit_attention
+from conv2attn.graph.options import ConvertOptions, convert_options
+from conv2attn.graph.select import Candidate, name_convs, select_convs
+from conv2attn.graph.shapes import (
+    graph_protos,
+    graphs,
+    infer_shapes,
+    pin_input_shapes,
+    resolve_spatial_sizes,
+    skeleton,
+)
+from conv2attn.graph.verify import passes_strict_inference, verify
+from conv2attn.modelio import PROTOBUF_LIMIT, copy_fields, load_model, model_size
+from conv2attn.record import METADATA_KEY, ConversionReport, LayerReport, write_record
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 11
+# Model fields that the exported graph does not carry over by itself.
+HEADER_FIELDS = (
+    "ir_version",
+    "producer_name",
+    "producer_version",
+    "domain",
+    "model_version",
+    "doc_string",
+)
+
+Progress = Callable[[int, int, str], None]
+
+
+def convert(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    patch: str | int | Sequence[int] = "auto",
+    max_param_growth: float = 4.0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    attention: str = "global",
+    block: str | int | Sequence[int] = "auto",
+    fold_bn: bool = False,
+    check: bool = True,
+    progress: Progress | None = None,
+) -> tuple[onnx.ModelProto, ConversionReport]:
+    """Replace every selected Conv of ``model`` by exact multi-head self-attention.
+
+    ``model`` is a ModelProto (left unchanged) or a path. ``patch`` and ``block`` are
+    ``"auto"``, ``N`` or ``NxM``; ``attention`` is ``"global"`` (every token attends to
+    every token, as in a ViT) or ``"local"`` (blocks of queries attend to their block
+    plus a halo; ``docs/design.md``). ``fold_bn`` first folds BatchNormalization nodes
+    that directly follow a Conv into it. ``input_shapes`` maps input names to dims, or is
+    a list of ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
+    ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
+    instead, which needs less memory and works at any size). ``progress(done, total,
+    name)`` is called as each Conv is replaced.
+    Raises InputError for anything wrong with the model or the options.
+    """
+    options = convert_options(
+        patch=patch,
+        max_param_growth=max_param_growth,
+        include=include,
+        exclude=exclude,
+        input_shapes=input_shapes,
+        attention=attention,
+        block=block,
+        fold_bn=fold_bn,
+    )
+    model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
+    converted, report = convert_model(model, options, progress)
+    if check:
+        if model_size(converted) < PROTOBUF_LIMIT:
+            verify(converted, report.strict_checked)
+        else:
+            log.info("the converted model is too large to check in memory; verify() its file")
+    return converted, report
+
+
+def convert_model(
+    model: onnx.ModelProto, options: ConvertOptions, progress: Progress | None = None
+) -> tuple[onnx.ModelProto, ConversionReport]:
+    """Convert ``model`` (consumed: its graph is rewritten in place), unchecked."""
+    _check_opset(model)
+    strict = _prepare_shapes(model, options.input_shapes)
+    header = onnx.ModelProto()
+    copy_fields(header, model, skip=("graph", "functions", "training_info"))
+    graph = gs.import_onnx(model)
+    folded = fold_batchnorms(graph) if options.fold_bn else []
+    for name in folded:
+        log.info("folded BatchNormalization '%s' into the Conv before it", name)
+    name_convs(graph)
+    selection = select_convs(graph, options.include, options.exclude)
+    _release_weight_bytes(model, selection.candidates)
+    layer_plans = _plan(selection.candidates, options)
+    layers = _replace(selection.candidates, layer_plans, progress)
+    skipped = selection.skipped
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    projections = _detach_projections(graph)
+    converted = gs.export_onnx(graph)
+    del graph, selection
+    _attach_projections(converted, projections)
+    _copy_header(converted, header)
+    report = ConversionReport(
+        layers=layers,
+        skipped=skipped,
+        patch=options.patch_text,
+        max_param_growth=options.max_param_growth,
+        param_budget_met=layer_plans.budget_met,
+        attention=options.attention.value,
+        block=options.block_text,
+        strict_checked=strict,
+        folded_batchnorms=folded,
+    )
+    write_record(converted, report)
+    return converted, report
+
+
+def _check_opset(model: onnx.ModelProto) -> int:
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise InputError("the model imports no default-domain opset; is it an ONNX model?")
+    if versions[0] < MIN_OPSET:
+        raise InputError(
+            f"opset {versions[0]} is older than {MIN_OPSET}; upgrade the model first with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+    return versions[0]
+
+
+def _prepare_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Pin and infer every shape of ``model`` in place; whether the model passes strict
+    shape inference (then so must its conversion)."""
+    pin_input_shapes(model, input_shapes)
+    bare = skeleton(model)
+    for body in graph_protos(bare.graph):
+        del body.value_info[:]  # stale shapes must not decide; see infer_shapes
+    strict = passes_strict_inference(bare)
+    infer_shapes(model, bare)
+    for name in resolve_spatial_sizes(model, bare):
+        log.info("spatial size of '%s' found by symbolic shape inference", name)
+    return strict
+
+
+def _release_weight_bytes(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> None:
+    """numpy now holds the Conv weights (each gs constant keeps what it loaded); their
+    serialized copies in the working model are dropped so they are not held twice."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    for candidate in candidates:
+        weight = candidate.node.inputs[1]
+        if isinstance(weight, gs.Constant) and isinstance(weight.values, np.ndarray):
+            source = initializers.get(weight.name)
+            if source is not None:
+                source.ClearField("raw_data")
+
+
+def _plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans:
+    try:
+        chosen = plan_layers(
+            [c.spec for c in candidates],
+            [c.node.name for c in candidates],
+            attention=options.attention,
+            patch=options.patch,
+            block=options.block,
+            max_param_growth=options.max_param_growth,
+        )
+    except PlanError as error:
+        raise InputError(str(error)) from None
+    if not chosen.budget_met:
+        log.warning(
+            "parameter growth %.2fx exceeds --max-param-growth %g even with the smallest "
+            "patches; using them",
+            chosen.growth,
+            options.max_param_growth,
+        )
+    return chosen
+
+
+def _replace(
+    candidates: Sequence[Candidate], layer_plans: LayerPlans, progress: Progress | None
+) -> list[LayerReport]:
+    """Detach each Conv and emit its attention in its place; the report of each."""
+    layers = []
+    for index, (candidate, plan, considered) in enumerate(
+        zip(candidates, layer_plans.plans, layer_plans.considered, strict=True)
+    ):
+        node = candidate.node
+        if progress is not None:
+            progress(index, len(candidates), node.name)
+        x, y = node.inputs[0], node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        emit_attention(
+            candidate.graph,
+            names.scope(node.name),
+            x,
+            y,
+            plan,
+            output_projection(plan, candidate.weight),
+            output_bias(plan, candidate.bias, candidate.weight.dtype),
+            candidate.batch,
+        )
+        layers.append(
+            LayerReport.from_plan(
+                node.name, y.name, candidate.path, candidate.spec, plan, considered
+            )
+        )
+        candidate.weight = candidate.bias = None  # the projection replaces them
+    return layers
+
+
+def _detach_projections(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Take the projections out of the graph before it is exported: exporting them with
+    it would hold every one twice at once, plus copies."""
+    projections: dict[str, np.ndarray] = {}
+    for _, body in graphs(graph):
+        for tensor in body.tensors().values():
+            if isinstance(tensor, gs.Constant) and names.is_projection(tensor.name):
+                projections.setdefault(tensor.name, tensor.values)
+                tensor.values = np.zeros(0, dtype=projections[tensor.name].dtype)
+    return projections
+
+
+def _attach_projections(converted: onnx.ModelProto, projections: dict[str, np.ndarray]) -> None:
+    """Move each projection into its initializer and release it at once, so at most one
+    is held twice."""
+    for initializer in (
+        tensor for body in graph_protos(converted.graph) for tensor in body.initializer
+    ):
+        values = projections.pop(initializer.name, None)
+        if values is not None:
+            del initializer.dims[:]
+            initializer.dims.extend(values.shape)
+            initializer.raw_data = values.tobytes()
+            del values
+
+
+def _copy_header(converted: onnx.ModelProto, header: onnx.ModelProto) -> None:
+    """The source model's own fields and metadata (an earlier conversion record aside)."""
+    for field_name in HEADER_FIELDS:
+        if header.HasField(field_name):
+            setattr(converted, field_name, getattr(header, field_name))
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(p for p in header.metadata_props if p.key != METADATA_KEY)

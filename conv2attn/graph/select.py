@@ -1,0 +1,206 @@
+"""Selection: which Conv nodes the pass converts, and for every other one, why not.
+
+A Conv converts when the user selected it (``--include``/``--exclude``), its weight and
+bias are constants, its type is float32 or float16, and its spatial size is known. A Conv
+that is not selected or cannot be read is skipped with its reason; a Conv whose attributes
+describe no valid convolution makes the model invalid (InputError naming the node).
+Conv-like operators the pass does not rewrite are listed with their reasons too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from conv2attn.core.geometry import AutoPad, ConvSpec, GeometryError, resolve_pads, validate
+from conv2attn.core.selection import selection_reason
+from conv2attn.errors import InputError
+from conv2attn.graph.constants import constant_values
+from conv2attn.graph.shapes import graphs
+from conv2attn.record import SkippedConv
+
+log = logging.getLogger(__name__)
+
+# Conv-like operators left as they are, and why; the report lists every one.
+UNCONVERTED_OPS = {
+    "ConvTranspose": "ConvTranspose is not converted (only Conv is)",
+    "ConvInteger": "ConvInteger (quantized) is not converted",
+    "QLinearConv": "QLinearConv (quantized) is not converted",
+    "DeformConv": "DeformConv reads input-dependent positions; no fixed attention pattern",
+}
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+@dataclass
+class Candidate:
+    """A Conv the pass will replace: where it is, its geometry and its parameters."""
+
+    node: gs.Node
+    graph: gs.Graph
+    path: str
+    spec: ConvSpec
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    batch: int | str | None
+
+
+@dataclass
+class Selection:
+    candidates: list[Candidate]
+    skipped: list[SkippedConv]
+
+
+def _ints(node: gs.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in node.attrs.get(name, default))
+
+
+def _parameters(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """The Conv's weight and bias as arrays, or why they cannot be read."""
+    weight = constant_values(node.inputs[1])
+    if weight is None:
+        return f"weight '{node.inputs[1].name}' is computed at runtime, not a constant"
+    if weight.ndim < 3:
+        return f"weight '{node.inputs[1].name}' has rank {weight.ndim}, expected 3 or more"
+    if np.dtype(weight.dtype) not in SUPPORTED_DTYPES:
+        return f"dtype {weight.dtype} is not supported (float32 and float16 are)"
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_values(node.inputs[2])
+        if bias is None:
+            return f"bias '{node.inputs[2].name}' is computed at runtime, not a constant"
+    x = node.inputs[0]
+    if x.dtype is not None and np.dtype(x.dtype) != np.dtype(weight.dtype):
+        return f"input dtype {np.dtype(x.dtype)} differs from weight dtype {weight.dtype}"
+    return weight, bias
+
+
+def _conv_spec(
+    node: gs.Node, weight: np.ndarray, bias: np.ndarray | None, shape: Sequence
+) -> ConvSpec:
+    """The node's attributes with pads resolved; GeometryError when they are invalid."""
+    rank = weight.ndim - 2
+    group = int(node.attrs.get("group", 1))
+    kernel = _ints(node, "kernel_shape", weight.shape[2:])
+    strides = _ints(node, "strides", (1,) * rank)
+    dilations = _ints(node, "dilations", (1,) * rank)
+    input_size = tuple(int(d) for d in shape[2:])
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if tuple(kernel) != tuple(weight.shape[2:]):
+        raise GeometryError(
+            f"kernel_shape {list(kernel)} does not match weight shape {list(weight.shape)}"
+        )
+    if auto_pad not in AutoPad.__members__:
+        raise GeometryError(f"auto_pad '{auto_pad}' is not an ONNX auto_pad value")
+    pads_begin, pads_end = resolve_pads(
+        auto_pad, input_size, kernel, strides, dilations, node.attrs.get("pads")
+    )
+    spec = ConvSpec(
+        in_channels=int(weight.shape[1]) * group,
+        out_channels=int(weight.shape[0]),
+        group=group,
+        kernel=kernel,
+        strides=strides,
+        dilations=dilations,
+        pads_begin=pads_begin,
+        pads_end=pads_end,
+        input_size=input_size,
+    )
+    validate(spec)
+    if bias is not None and bias.shape != (spec.out_channels,):
+        raise GeometryError(
+            f"bias has shape {list(bias.shape)}, expected [{spec.out_channels}] "
+            f"(one per output channel)"
+        )
+    if isinstance(shape[1], (int, np.integer)) and shape[1] != spec.in_channels:
+        raise GeometryError(
+            f"input has {shape[1]} channels, weight expects {spec.in_channels} (group {group})"
+        )
+    return spec
+
+
+def inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> Candidate | str:
+    """A convertible Conv, or the reason it is not converted."""
+    parameters = _parameters(node)
+    if isinstance(parameters, str):
+        return parameters
+    weight, bias = parameters
+    x = node.inputs[0]
+    shape = x.shape
+    rank = weight.ndim - 2
+    if (
+        shape is None
+        or len(shape) != rank + 2
+        or not all(isinstance(d, (int, np.integer)) for d in shape[2:])
+    ):
+        raise InputError(
+            f"Conv '{node.name}': spatial size of input '{x.name}' is unknown "
+            f"(shape {shape}); pass --input-shape NAME:1x3x224x224 for the model's inputs"
+        )
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        log.warning("Conv '%s': weights contain NaN or Inf; converted as they are", node.name)
+    try:
+        spec = _conv_spec(node, weight, bias, shape)
+    except GeometryError as error:
+        raise InputError(f"Conv '{node.name}': {error}; the model is invalid") from None
+    return Candidate(node, graph, path, spec, weight, bias, shape[0])
+
+
+def name_convs(graph: gs.Graph) -> None:
+    """Give every Conv a unique, deterministic name, unique across control-flow bodies
+    too: the names of the attention nodes derive from it."""
+    nodes = [node for _, body in graphs(graph) for node in body.nodes]
+    used = {node.name for node in nodes if node.name}
+    seen: set[str] = set()
+    for index, node in enumerate(nodes):
+        if node.op != "Conv":
+            continue
+        name = node.name or f"Conv_{index}"
+        if name in seen or (not node.name and name in used):
+            suffix = 1
+            while f"{name}_{suffix}" in used or f"{name}_{suffix}" in seen:
+                suffix += 1
+            name = f"{name}_{suffix}"
+        node.name = name
+        seen.add(name)
+        used.add(name)
+
+
+def select_convs(graph: gs.Graph, include: Sequence[str], exclude: Sequence[str]) -> Selection:
+    """Every Conv of ``graph`` and its bodies: candidates in graph order, and the skipped
+    ones (Conv-like operators included) with their reasons. InputError when no Conv can
+    be converted."""
+    bodies = list(graphs(graph))
+    convs = [
+        (path, body, node)
+        for path, body in bodies
+        for node in body.nodes
+        if node.op == "Conv" and node.domain in ("", "ai.onnx", None)
+    ]
+    if not convs:
+        raise InputError("the model has no Conv node; nothing to convert")
+    skipped = [
+        SkippedConv(node.name or node.outputs[0].name, UNCONVERTED_OPS[node.op])
+        for _, body in bodies
+        for node in body.nodes
+        if node.op in UNCONVERTED_OPS
+    ]
+    candidates = []
+    for path, body, node in convs:
+        reason = selection_reason(node.name, include, exclude)
+        inspected = inspect_conv(node, body, path) if reason is None else reason
+        if isinstance(inspected, str):
+            skipped.append(SkippedConv(node.name, inspected))
+            level = logging.INFO if reason is not None else logging.WARNING  # chosen or not
+            log.log(level, "Conv '%s' is not converted: %s", node.name, inspected)
+        else:
+            candidates.append(inspected)
+    if not candidates:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise InputError(f"none of the {len(convs)} Conv nodes can be converted ({reasons})")
+    return Selection(candidates, skipped)

@@ -1,0 +1,56 @@
+"""The names of what the pass emits: a contract between emission and every reader.
+
+Every node and tensor that replaces a Conv named ``c`` is called ``c/attn/<part>``, so a
+converted graph reads well in Netron and diffs cleanly. Other stages find nodes by these
+names: TensorRT keeps the logits and Softmax in float32 (``keeps_float32``), the HTML
+report reads each layer's attention (``softmax_output``), and the per-layer profile adds
+up the kernel time of a Conv's nodes (``owner_prefix``). They all use the functions
+here, never string literals, and ``tests/test_names.py`` proves each still finds its nodes
+in converted models. Plain Python.
+"""
+
+from __future__ import annotations
+
+import re
+
+SCOPE = "attn"
+SOFTMAX = "Softmax"
+LOGITS = "logits"
+PROJECTION = "W_O"
+
+
+def scope(conv: str) -> str:
+    """Prefix of every node and tensor that replaces Conv ``conv``: ``<conv>/attn``."""
+    return f"{conv}/{SCOPE}"
+
+
+def owner_prefix(conv: str) -> str:
+    """What every node name of ``conv``'s replacement starts with."""
+    return f"{scope(conv)}/"
+
+
+def output_of(node: str) -> str:
+    """The (only) output tensor of an emitted node."""
+    return f"{node}_output_0"
+
+
+def softmax_output(conv: str) -> str:
+    """The attention probabilities of ``conv``'s replacement, ``[queries * heads, keys]``
+    (attend-first) or ``[queries, keys * heads]`` (project-first)."""
+    return output_of(f"{scope(conv)}/{SOFTMAX}")
+
+
+def is_projection(tensor: str) -> bool:
+    """Whether ``tensor`` is an output projection W_O (the bulk of a converted model)."""
+    return tensor.endswith(f"/{SCOPE}/{PROJECTION}")
+
+
+# The logits (every node under ``logits/``) and the Softmax with the reshapes, transposes
+# and cast that follow it: in reduced precision these must stay float32 (the quadratic
+# logits reach -ALPHA * distance^2, beyond fp16's range).
+_FLOAT32_NODE = re.compile(rf"/{SCOPE}/({LOGITS}/|{SOFTMAX})")
+
+
+def keeps_float32(node: str) -> bool:
+    """Whether an emitted node (or a runtime layer named after it) must run in float32."""
+    return _FLOAT32_NODE.search(node) is not None

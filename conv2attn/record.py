@@ -1,0 +1,231 @@
+"""The conversion record: what was converted, how, and at what cost.
+
+``ConversionReport`` is what ``convert`` returns (``to_dict`` is the JSON of ``convert
+--json``). A subset of it travels inside the converted model, as JSON in
+``metadata_props["conv2attn"]``: each converted Conv's name, output tensor and geometry,
+so that ``check --per-layer``, ``profile --per-layer`` and ``report`` can find the layers
+of any converted file. ``write_record`` and ``converted_layers`` are the only writer and
+reader of that entry. Imports onnx only: validation and profiling read records without
+the pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from conv2attn import __version__
+from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec
+
+METADATA_KEY = "conv2attn"
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One converted Conv."""
+
+    name: str
+    output: str
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    groups: int
+    in_channels: int
+    out_channels: int
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
+    patch: tuple[int, ...]
+    order: str
+    attention: str
+    block: tuple[int, ...] | None
+    heads: int
+    reach: tuple[int, ...]
+    token_grid: tuple[int, ...]
+    query_grid: tuple[int, ...]
+    tokens: int
+    queries: int
+    keys: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    cost: int = 0  # what --patch auto minimises: MACs plus weighted data movement
+    alternatives: tuple[dict, ...] = ()
+    graph: str = ""  # the control-flow subgraph holding the Conv, e.g. "If_0/then_branch"
+
+    @classmethod
+    def from_plan(
+        cls,
+        name: str,
+        output: str,
+        graph: str,
+        spec: ConvSpec,
+        plan: AttentionPlan,
+        considered: list[AttentionPlan],
+    ) -> LayerReport:
+        """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
+        chosen from ``considered``."""
+        return cls(
+            name=name,
+            output=output,
+            kernel=spec.kernel,
+            strides=spec.strides,
+            dilations=spec.dilations,
+            groups=spec.group,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            input_size=spec.input_size,
+            output_size=spec.output_size,
+            patch=plan.patch,
+            order=plan.order.value,
+            attention=plan.attention.value,
+            block=plan.block if plan.attention is Attention.LOCAL else None,
+            heads=plan.heads,
+            reach=plan.reach,
+            token_grid=plan.token_grid,
+            query_grid=plan.query_grid,
+            tokens=plan.tokens,
+            queries=plan.queries,
+            keys=plan.keys,
+            macs_before=spec.macs,
+            macs_after=plan.macs,
+            params_before=spec.params,
+            params_after=plan.params,
+            cost=plan.cost,
+            alternatives=_alternatives(plan, considered),
+            graph=graph,
+        )
+
+
+def _summary(plan: AttentionPlan) -> dict:
+    return {
+        "patch": list(plan.patch),
+        "order": plan.order.value,
+        "block": list(plan.block) if plan.attention is Attention.LOCAL else None,
+        "macs": plan.macs,
+        "params": plan.params,
+        "cost": plan.cost,
+    }
+
+
+def _alternatives(plan: AttentionPlan, candidates: list[AttentionPlan], count: int = 5) -> tuple:
+    """The cheapest plans that were not chosen, for the report."""
+    others = sorted((c for c in candidates if c != plan), key=lambda c: c.cost)
+    return tuple(_summary(c) for c in others[:count])
+
+
+# The fields of a LayerReport that the converted model carries about itself.
+RECORDED_FIELDS = (
+    "name",
+    "output",
+    "patch",
+    "heads",
+    "token_grid",
+    "query_grid",
+    "reach",
+    "order",
+    "block",
+    "kernel",
+    "strides",
+    "dilations",
+    "groups",
+    "queries",
+    "keys",
+    "macs_before",
+    "macs_after",
+    "params_before",
+    "params_after",
+    "graph",
+)
+
+
+@dataclass(frozen=True)
+class SkippedConv:
+    name: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, per Conv, with totals; ``to_dict`` is the JSON form."""
+
+    layers: list[LayerReport]
+    skipped: list[SkippedConv]
+    patch: str
+    max_param_growth: float
+    param_budget_met: bool
+    attention: str = Attention.GLOBAL.value
+    block: str = "auto"
+    strict_checked: bool = True  # the input passed strict shape inference, so must the output
+    folded_batchnorms: list[str] = field(default_factory=list)
+
+    @property
+    def macs_before(self) -> int:
+        return sum(layer.macs_before for layer in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(layer.macs_after for layer in self.layers)
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "conv2attn_version": __version__,
+            "options": {
+                "patch": self.patch,
+                "attention": self.attention,
+                "block": self.block,
+                "max_param_growth": self.max_param_growth,
+            },
+            "param_budget_met": self.param_budget_met,
+            "folded_batchnorms": self.folded_batchnorms,
+            "layers": [asdict(layer) for layer in self.layers],
+            "skipped": [asdict(skip) for skip in self.skipped],
+            "totals": {
+                "converted": len(self.layers),
+                "skipped": len(self.skipped),
+                "macs_before": self.macs_before,
+                "macs_after": self.macs_after,
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+            },
+        }
+
+    def to_record(self) -> dict:
+        """What the converted model keeps about itself (``metadata_props``)."""
+        return {
+            "version": __version__,
+            "attention": self.attention,
+            "layers": [
+                {name: getattr(layer, name) for name in RECORDED_FIELDS} for layer in self.layers
+            ],
+            "skipped": [asdict(skip) for skip in self.skipped],
+        }
+
+
+def write_record(model: onnx.ModelProto, report: ConversionReport) -> None:
+    """Store ``report``'s record in ``model``'s metadata, replacing an earlier one."""
+    onnx.helper.set_model_props(
+        model,
+        {
+            **{p.key: p.value for p in model.metadata_props if p.key != METADATA_KEY},
+            METADATA_KEY: json.dumps(report.to_record(), sort_keys=True),
+        },
+    )
+
+
+def converted_layers(model: onnx.ModelProto) -> list[dict]:
+    """The conversion record: per converted Conv, its name and output tensor, in graph order."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)["layers"]
+    return []

@@ -1,0 +1,427 @@
+"""Trainable attention in PyTorch: ``ConvAttention`` and ``convert_module``.
+
+(Imported as ``conv2attn.trainable``; ``conv2attn.torch`` is an alias kept for code
+written against 0.1.0.)
+
+A ``ConvAttention`` is a relative-positional multi-head self-attention layer over patch
+tokens that starts out computing exactly what a given ``nn.Conv2d`` computes and can then
+be trained beyond it. Geometry, patch choice and weights are the ONNX path's own
+(``geometry``, ``weights``); only the tensor program is written here, in torch.
+
+Per head ``h``, query token ``i`` and key token ``j`` at relative position ``d = j - i``:
+
+    logit = (q_i . k_j + q_i . rho(d) + k_j . rho(d)) / sqrt(key_dim) + bias_h[d]
+
+``q = x W_Q``, ``k = x W_K`` (both trainable, zero at initialisation); ``rho`` is a
+fixed sinusoidal feature of the relative position (one block of frequencies per axis),
+through which W_Q and W_K receive gradients from the first step; ``bias_h`` is a
+trainable table over relative positions, initialised to section 2's quadratic encoding
+``-alpha * |d - offset_h|^2``. Values are the tokens themselves (the per-head value
+projection W_V = I is folded into the output projection), and the trainable output
+projection and bias are section 3's. At initialisation the softmax puts ``exp(-alpha)``
+on the nearest wrong key, so the output equals the Conv's to float32 rounding while
+gradients still reach every parameter (``weights.TRAINABLE_ALPHA``).
+
+Requires torch (``pip install conv2attn[torch]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from conv2attn.core.geometry import (
+    Attention,
+    AttentionPlan,
+    ConvSpec,
+    GeometryError,
+    Order,
+    validate,
+)
+from conv2attn.core.planning import LayerPlans, plan_layers
+from conv2attn.core.selection import selection_reason
+from conv2attn.core.weights import (
+    TRAINABLE_ALPHA,
+    output_bias,
+    output_projection,
+    quadratic_encoding,
+    query_indices,
+    relative_positions,
+    window_indices,
+)
+
+__all__ = ["ConvAttention", "conv_spec", "convert_module", "plan_for"]
+
+KEY_DIM = 16
+
+
+def conv_spec(conv: nn.Conv2d, input_size: Sequence[int]) -> ConvSpec:
+    """The Conv2d as the geometry sees it; a non-zero ``padding_mode`` is applied before
+    the attention (as torch itself does), so the attention's own padding is then zero."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
+    input_size = tuple(int(n) for n in input_size)
+    if len(input_size) != 2:
+        raise ValueError(f"input_size {list(input_size)}: expected (height, width)")
+    kernel, strides, dilations = conv.kernel_size, conv.stride, conv.dilation
+    if conv.padding_mode != "zeros":
+        begin = end = (0, 0)
+        input_size = tuple(n + 2 * p for n, p in zip(input_size, _explicit_padding(conv)))
+    elif conv.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilations)]
+        begin = tuple(t // 2 for t in totals)
+        end = tuple(t - t // 2 for t in totals)
+    elif conv.padding == "valid":
+        begin = end = (0, 0)
+    else:
+        begin = end = tuple(conv.padding)
+    spec = ConvSpec(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        group=conv.groups,
+        kernel=tuple(kernel),
+        strides=tuple(strides),
+        dilations=tuple(dilations),
+        pads_begin=begin,
+        pads_end=end,
+        input_size=input_size,
+    )
+    try:
+        validate(spec)
+    except GeometryError as error:
+        raise ValueError(f"{conv}: {error}") from None
+    return spec
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):  # "same" with a padding mode: torch pads like this
+        return tuple((d * (k - 1)) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)
+
+
+def plan_for(
+    conv: nn.Conv2d,
+    input_size: Sequence[int],
+    patch: str | int | Sequence[int] = "auto",
+    attention: str = "global",
+    block: str | int | Sequence[int] = "auto",
+    max_param_growth: float = 4.0,
+) -> AttentionPlan:
+    """The plan ``conv2attn convert`` chooses for this Conv alone in a model."""
+    spec = conv_spec(conv, input_size)
+    return _plans([spec], ["conv"], patch, attention, block, max_param_growth).plans[0]
+
+
+def _plans(
+    specs: list[ConvSpec],
+    names: list[str],
+    patch: str | int | Sequence[int],
+    attention: str,
+    block: str | int | Sequence[int],
+    max_param_growth: float,
+) -> LayerPlans:
+    """``core.planning.plan_layers``, the ONNX pass's own choice, for ``nn.Module`` options."""
+    attention = Attention(attention)
+    if attention is Attention.GLOBAL and block != "auto":
+        raise ValueError("block applies to local attention only")
+    return plan_layers(
+        specs,
+        names,
+        attention=attention,
+        patch=patch if patch == "auto" else _pair(patch, "patch"),
+        block=block if block == "auto" else _pair(block, "block"),
+        max_param_growth=max_param_growth,
+    )
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    sizes = (int(value),) * 2 if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"{name} {value}: expected a positive int or (rows, columns)")
+    return sizes
+
+
+def _sinusoids(positions: np.ndarray, features: int) -> np.ndarray:
+    """``[len(positions), features]``: sin and cos of the position at geometric frequencies."""
+    frequencies = 1.0 / (4.0 ** np.arange(features // 2))
+    angles = positions[:, None].astype(np.float64) * frequencies[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+class ConvAttention(nn.Module):
+    """Relative-positional multi-head self-attention that equals a Conv2d at initialisation.
+
+    Build it with ``ConvAttention.from_conv``. Input and output are NCHW, like the Conv's.
+    Trainable: ``w_q``, ``w_k`` ``[heads, features, key_dim]``, ``position_bias``
+    ``[heads, span_rows, span_cols]``, ``w_o`` and ``bias`` (section 3's shapes).
+    """
+
+    def __init__(
+        self,
+        plan: AttentionPlan,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        padding_mode: str = "zeros",
+        explicit_padding: tuple[int, int] = (0, 0),
+        key_dim: int = KEY_DIM,
+        alpha: float = TRAINABLE_ALPHA,
+    ):
+        super().__init__()
+        if plan.spec.rank != 2:
+            raise ValueError("ConvAttention handles 2-D convolutions")
+        if key_dim % 4:
+            raise ValueError(f"key_dim {key_dim}: must be a multiple of 4 (sin, cos per axis)")
+        self.plan = plan
+        self.padding_mode = padding_mode
+        self.explicit_padding = tuple(explicit_padding)
+        self.key_dim = key_dim
+        dtype = torch.float16 if weight.dtype == np.float16 else torch.float32
+        features = plan.in_dim
+        self.w_q = nn.Parameter(torch.zeros(plan.heads, features, key_dim, dtype=dtype))
+        self.w_k = nn.Parameter(torch.zeros(plan.heads, features, key_dim, dtype=dtype))
+        table, lows = quadratic_encoding(plan, alpha)
+        self.position_bias = nn.Parameter(torch.from_numpy(table).to(dtype))
+        self.w_o = nn.Parameter(torch.from_numpy(output_projection(plan, weight)))
+        self.bias = nn.Parameter(torch.from_numpy(output_bias(plan, bias, weight.dtype)))
+
+        deltas = [d - low for d, low in zip(relative_positions(plan), lows)]
+        spans = table.shape[1:]
+        self.register_buffer("query_index", torch.from_numpy(query_indices(plan)), False)
+        self.register_buffer("key_index", torch.from_numpy(window_indices(plan)), False)
+        flat = deltas[0] * spans[1] + deltas[1]
+        self.register_buffer("bias_index", torch.from_numpy(flat), False)
+        per_axis = key_dim // 2
+        for axis, (delta, low, span) in enumerate(zip(deltas, lows, spans)):
+            self.register_buffer(f"delta_{axis}", torch.from_numpy(delta), False)
+            positions = np.arange(low, low + span)
+            rho = torch.from_numpy(_sinusoids(positions, per_axis)).to(dtype)
+            self.register_buffer(f"rho_{axis}", rho, False)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        input_size: Sequence[int],
+        patch: str | int | Sequence[int] = "auto",
+        attention: str = "global",
+        block: str | int | Sequence[int] = "auto",
+        key_dim: int = KEY_DIM,
+        plan: AttentionPlan | None = None,
+        alpha: float = TRAINABLE_ALPHA,
+    ) -> ConvAttention:
+        """The attention equal to ``conv`` on inputs of spatial size ``input_size``.
+
+        ``patch`` and ``block`` are ``"auto"`` (the cost model's choice), an int or a pair;
+        ``attention`` is ``"global"`` or ``"local"``; a ``plan`` given overrides all three.
+        ``alpha`` scales the initial quadratic encoding: lower is softer (larger gradients
+        through the softmax) and less exact (a neighbour leaks ``exp(-alpha)``).
+        """
+        if plan is None:
+            plan = plan_for(conv, input_size, patch, attention, block)
+        weight = conv.weight.detach().cpu().numpy()
+        bias = None if conv.bias is None else conv.bias.detach().cpu().numpy()
+        layer = cls(
+            plan,
+            weight,
+            bias,
+            conv.padding_mode,
+            _explicit_padding(conv) if conv.padding_mode != "zeros" else (0, 0),
+            key_dim,
+            alpha,
+        )
+        return layer.to(conv.weight.device)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Forget the Conv: initialise as a generic attention layer would be (ViT-style
+        small random W_Q, W_K and position bias; fan-in scaled W_O; zero bias)."""
+        plan = self.plan
+        with torch.no_grad():
+            for weight in (self.w_q, self.w_k):
+                weight.copy_(torch.randn(weight.shape, generator=generator) * plan.in_dim**-0.5)
+            self.position_bias.copy_(
+                torch.randn(self.position_bias.shape, generator=generator) * 0.02
+            )
+            # attend-first sums heads * Dg_in products per output, project-first the same
+            fan_in = self.w_o.shape[1] * (1 if plan.order is Order.ATTEND_FIRST else plan.heads)
+            self.w_o.copy_(torch.randn(self.w_o.shape, generator=generator) * fan_in**-0.5)
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        p = self.plan
+        return (
+            f"{p.spec.in_channels}->{p.spec.out_channels}, kernel={p.spec.kernel}, "
+            f"attention={p.attention.value}, patch={p.patch}, heads={p.heads}, "
+            f"tokens={p.token_grid}, order={p.order.value}"
+        )
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded input -> ``[B, tokens, groups, group features]`` (weights' layouts)."""
+        plan, spec = self.plan, self.plan.spec
+        if self.padding_mode != "zeros":
+            rows, cols = self.explicit_padding
+            x = functional.pad(x, (cols, cols, rows, rows), mode=self.padding_mode)
+        if plan.subsamples:
+            source = plan.source
+            steps = plan.input_steps
+            pads = []
+            for axis in (1, 0):
+                on = steps[axis] > 1
+                pads += [source.pads_begin[axis] if on else 0, source.pads_end[axis] if on else 0]
+            x = functional.pad(x, pads)
+            out = source.output_size
+            x = x[
+                :,
+                :,
+                : (out[0] - 1) * steps[0] + 1 : steps[0],
+                : (out[1] - 1) * steps[1] + 1 : steps[1],
+            ]
+        rows, cols = plan.axes
+        x = functional.pad(x, (cols.pad_begin, cols.pad_end, rows.pad_begin, rows.pad_end))
+        batch = x.shape[0]
+        group = spec.group
+        x = x.reshape(
+            batch,
+            group,
+            spec.in_channels // group,
+            rows.tokens,
+            rows.in_patch,
+            cols.tokens,
+            cols.in_patch,
+        )
+        # features (y, x, c) channels-last, else (c, y, x)
+        order = (0, 3, 5, 1, 4, 6, 2) if plan.channels_last else (0, 3, 5, 1, 2, 4, 6)
+        x = x.permute(*order)
+        return x.reshape(batch, plan.tokens, group, plan.group_in_dim)
+
+    def _relative(self, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``vectors . rho(d)`` for every query-key pair, ``[B, blocks, heads, q, k]``."""
+        per_axis = self.key_dim // 2
+        total = 0
+        for axis in range(2):
+            rho = getattr(self, f"rho_{axis}")
+            delta = getattr(self, f"delta_{axis}")
+            part = vectors[..., axis * per_axis : (axis + 1) * per_axis]
+            scores = torch.einsum("bnhtd,sd->bnhts", part, rho)
+            index = delta.t() if transpose else delta
+            index = index.expand(*scores.shape[:3], *index.shape)
+            picked = torch.gather(scores, -1, index)
+            total = total + (picked.transpose(-1, -2) if transpose else picked)
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan, spec = self.plan, self.plan.spec
+        expected = plan.source.input_size if plan.source is not None else spec.input_size
+        # the geometry's input is after a padding mode's own padding
+        expected = [n - 2 * p for n, p in zip(expected, self.explicit_padding)]
+        if list(x.shape[2:]) != expected:
+            raise ValueError(f"ConvAttention built for inputs {expected}, got {list(x.shape[2:])}")
+        batch = x.shape[0]
+        tokens = self._tokens(x)  # [B, N, g, Dg]
+        flat = tokens.reshape(batch, plan.tokens, plan.in_dim)
+        queries = flat[:, self.query_index]  # [B, blocks, q, F]
+        keys = flat[:, self.key_index]  # [B, blocks, k, F]
+        q = torch.einsum("bnqf,hfd->bnhqd", queries, self.w_q)
+        k = torch.einsum("bnkf,hfd->bnhkd", keys, self.w_k)
+        content = torch.einsum("bnhqd,bnhkd->bnhqk", q, k)
+        content = content + self._relative(q, False) + self._relative(k, True)
+        position = self.position_bias.reshape(plan.heads, -1)[:, self.bias_index]
+        logits = content.float() / math.sqrt(self.key_dim) + position.float()
+        weights = torch.softmax(logits, dim=-1).to(tokens.dtype)  # [B, blocks, h, q, k]
+
+        values = tokens[:, self.key_index]  # [B, blocks, k, g, Dg]
+        group = spec.group
+        if plan.order is Order.ATTEND_FIRST:
+            attended = torch.einsum("bnhqk,bnkgf->bnqghf", weights, values)
+            attended = attended.reshape(*attended.shape[:4], plan.heads * plan.group_in_dim)
+            out = torch.einsum("bnqgi,gio->bnqgo", attended, self.w_o)
+        else:
+            projected = torch.einsum("bnkgf,gfo->bnkgo", values, self.w_o)
+            projected = projected.reshape(*projected.shape[:4], plan.heads, plan.group_out_dim)
+            out = torch.einsum("bnhqk,bnkgho->bnqgo", weights, projected)
+        out = out + self.bias.reshape(group, plan.group_out_dim)
+
+        rows, cols = plan.axes
+        cg_out = spec.out_channels // group
+        # [B, blocks_r, blocks_c, block_r, block_c, g, ...] -> query grid
+        out = out.reshape(batch, rows.blocks, cols.blocks, rows.block, cols.block, group, -1)
+        out = out.permute(0, 1, 3, 2, 4, 5, 6)
+        if plan.channels_last:  # (u, v, co)
+            out = out.reshape(
+                batch, rows.queries, cols.queries, group, rows.patch, cols.patch, cg_out
+            )
+            out = out.permute(0, 3, 6, 1, 4, 2, 5)
+        else:  # (co, u, v)
+            out = out.reshape(
+                batch, rows.queries, cols.queries, group, cg_out, rows.patch, cols.patch
+            )
+            out = out.permute(0, 3, 4, 1, 5, 2, 6)
+        out = out.reshape(
+            batch, spec.out_channels, rows.queries * rows.patch, cols.queries * cols.patch
+        )
+        return out[:, :, : rows.output, : cols.output]
+
+
+def convert_module(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    patch: str | int | Sequence[int] = "auto",
+    attention: str = "global",
+    block: str | int | Sequence[int] = "auto",
+    max_param_growth: float = 4.0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    key_dim: int = KEY_DIM,
+    alpha: float = TRAINABLE_ALPHA,
+) -> nn.Module:
+    """A copy of ``model`` with every selected ``nn.Conv2d`` replaced by ``ConvAttention``.
+
+    ``example_input`` fixes each Conv's input size (one forward pass, recorded by hooks).
+    ``include``/``exclude`` are glob patterns over module names (``layer1.*``). With
+    ``patch="auto"`` patches are chosen per layer by the ONNX converter's cost model under
+    the same whole-model parameter budget (``max_param_growth``). ``model`` is unchanged.
+    """
+    converted = copy.deepcopy(model)
+    convs = {
+        name: module
+        for name, module in converted.named_modules()
+        if isinstance(module, nn.Conv2d) and selection_reason(name, include, exclude) is None
+    }
+    if not convs:
+        raise ValueError("the model has no selected nn.Conv2d; nothing to convert")
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            sizes.setdefault(name, tuple(args[0].shape[2:]))
+
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name)) for name, module in convs.items()]
+    try:
+        with torch.no_grad():
+            inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+            converted(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    unused = [name for name in convs if name not in sizes]
+    if unused:
+        raise ValueError(f"Conv2d {unused[0]} did not run on the example input")
+    names = list(convs)
+    specs = [conv_spec(convs[name], sizes[name]) for name in names]
+    plans = _plans(specs, names, patch, attention, block, max_param_growth).plans
+    for name, plan in zip(names, plans):
+        layer = ConvAttention.from_conv(
+            convs[name], sizes[name], key_dim=key_dim, plan=plan, alpha=alpha
+        )
+        parent_name, _, child = name.rpartition(".")
+        parent = converted.get_submodule(parent_name) if parent_name else converted
+        setattr(parent, child, layer)
+    return converted
