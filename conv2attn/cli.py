@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ examples:
   conv2attn report resnet18.onnx resnet18_attn.onnx -o report.html --profile p.json --png charts/
 """
 
+INSPECT_EPILOG = """\
+examples:
+  conv2attn inspect resnet18.onnx
+  conv2attn inspect detector.onnx --input-shape images:1x3x640x640 --attention local
+  conv2attn inspect model.onnx --patch 2 --json -
+"""
+
 DEMO_EPILOG = """\
 example:
   conv2attn demo -o demo_out/
@@ -72,7 +80,12 @@ REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line that points to --help, exit code 2."""
+    """Usage errors as one line that points to --help, exit code 2. Long options must be
+    spelled out: an abbreviation (``--input`` for ``--input-shape``) is an error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -80,7 +93,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _input_shape_option(parser, help: str) -> None:
     parser.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME:DIMS", help=help
+        "--input-shape",
+        "--input-shapes",
+        "--shapes",
+        dest="input_shape",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help=f"{help}; NAME:1x3x224x224, NAME:1,3,224,224 or NAME:[1,3,224,224]",
     )
 
 
@@ -94,6 +114,46 @@ def _common(parser: argparse.ArgumentParser) -> None:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="print progress details")
     group.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    group.add_argument("--version", action="version", version=f"conv2attn {__version__}")
+
+
+def _json_option(parser, *names: str, dest: str = "json", help: str) -> None:
+    parser.add_argument(
+        *names, dest=dest, type=Path, metavar="FILE.json", help=f"{help} ('-': to stdout)"
+    )
+
+
+def _to_stdout(path: Path | None) -> bool:
+    return path is not None and str(path) == "-"
+
+
+def _write_report(path: Path | None, data: dict) -> None:
+    """``--json``: to the file, or to stdout for ``-`` (then nothing else goes there)."""
+    if _to_stdout(path):
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif path is not None:
+        write_json(path, data)
+
+
+def _check_json_path(path: Path | None, inputs: list[Path]) -> None:
+    if path is not None and not _to_stdout(path):
+        check_output_path(path, inputs, force=True)
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``2s``, ``200ms`` or a bare number of seconds. A bare number above 30
+    is refused: trtexec's ``--warmUp`` counts milliseconds, and ``--warmup 200`` would
+    otherwise wait over three minutes."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(ms|s)?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}': expected seconds, e.g. 1, 2s or 200ms")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit is None and value > 30:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' would be {value:g} seconds; write {text}ms or {text}s to say which"
+        )
+    return value / 1000 if unit == "ms" else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +164,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"conv2attn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_convert, _add_check, _add_profile, _add_report, _add_demo):
+    for add in (_add_convert, _add_inspect, _add_check, _add_profile, _add_report, _add_demo):
         add(commands)
     return parser
+
+
+def _plan_options(parser) -> None:
+    """What the pass is asked to do: the options ``convert`` and ``inspect`` share."""
+    _input_shape_option(parser, "pin a graph input's shape, e.g. input:1x3x224x224 (repeatable)")
+    parser.add_argument(
+        "--patch",
+        default="auto",
+        metavar="auto|N|NxM",
+        help="output patch per Conv: auto (cost model, default), N, or NxM",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["global", "local"],
+        default="global",
+        help="global: every token attends to every token, as in a ViT (default); local: "
+        "blocks of tokens attend to their block plus a halo (far cheaper, equally exact)",
+    )
+    parser.add_argument(
+        "--block",
+        default="auto",
+        metavar="auto|N|NxM",
+        help="with --attention local: query tokens per block (default: the cost model's choice)",
+    )
+    parser.add_argument(
+        "--max-param-growth",
+        type=float,
+        default=4.0,
+        metavar="X",
+        help="with --patch auto: converted Conv parameters at most X times the original "
+        "(whole model; default 4)",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="convert only Conv nodes whose name matches (repeatable)",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave Conv nodes whose name matches (repeatable)",
+    )
+    parser.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="first fold BatchNormalization nodes that directly follow a Conv into it",
+    )
+
+
+def _add_inspect(commands) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe a model's inputs and Convs and the plan, without converting",
+        description="Describe a model's inputs (dynamic dims marked), every Conv-like node "
+        "with its attributes and whether (or why not) it would convert, and the plan the "
+        "cost model would choose: patch, order, attention, heads, multiply-adds and "
+        "parameters before and after. Writes nothing.",
+        epilog=INSPECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("model", type=Path, help="the .onnx file to describe")
+    _plan_options(inspect)
+    _json_option(inspect, "--json", help="write the description as JSON")
+    _common(inspect)
+    inspect.set_defaults(run=run_inspect)
 
 
 def _add_convert(commands) -> None:
@@ -120,65 +249,25 @@ def _add_convert(commands) -> None:
     )
     convert.add_argument("model", type=Path, help="input .onnx file (external data is read too)")
     convert.add_argument(
+        "output_file",
+        nargs="?",
+        type=Path,
+        metavar="OUT.onnx",
+        help="output .onnx file, as with -o",
+    )
+    convert.add_argument(
         "-o",
         "--output",
         type=Path,
         help="output .onnx file (default: <model>_attn.onnx next to the input)",
     )
-    convert.add_argument(
-        "--patch",
-        default="auto",
-        metavar="auto|N|NxM",
-        help="output patch per Conv: auto (cost model, default), N, or NxM",
-    )
-    convert.add_argument(
-        "--attention",
-        choices=["global", "local"],
-        default="global",
-        help="global: every token attends to every token, as in a ViT (default); local: "
-        "blocks of tokens attend to their block plus a halo (far cheaper, equally exact)",
-    )
-    convert.add_argument(
-        "--block",
-        default="auto",
-        metavar="auto|N|NxM",
-        help="with --attention local: query tokens per block (default: the cost model's choice)",
-    )
-    convert.add_argument(
-        "--max-param-growth",
-        type=float,
-        default=4.0,
-        metavar="X",
-        help="with --patch auto: converted Conv parameters at most X times the original "
-        "(whole model; default 4)",
-    )
-    convert.add_argument(
-        "--include",
-        action="append",
-        default=[],
-        metavar="GLOB",
-        help="convert only Conv nodes whose name matches (repeatable)",
-    )
-    convert.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="GLOB",
-        help="leave Conv nodes whose name matches (repeatable)",
-    )
-    _input_shape_option(convert, "pin a graph input's shape, e.g. input:1x3x224x224 (repeatable)")
-    convert.add_argument(
+    _plan_options(convert)
+    _json_option(
+        convert,
         "--report",
         "--json",
         dest="report",
-        type=Path,
-        metavar="FILE.json",
         help="write the per-layer report as JSON (schema in the README)",
-    )
-    convert.add_argument(
-        "--fold-bn",
-        action="store_true",
-        help="first fold BatchNormalization nodes that directly follow a Conv into it",
     )
     _force_option(convert)
     _common(convert)
@@ -213,7 +302,7 @@ def _add_check(commands) -> None:
         action="store_true",
         help="also compare every converted Conv's output, in graph order",
     )
-    check.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    _json_option(check, "--json", help="write the full report as JSON")
     _common(check)
     check.set_defaults(run=run_check)
 
@@ -243,7 +332,11 @@ def _add_profile(commands) -> None:
         "--duration", type=float, metavar="SECONDS", help="time budget instead of --iterations"
     )
     profile.add_argument(
-        "--warmup", type=float, default=1.0, metavar="SECONDS", help="warm-up per model (default 1)"
+        "--warmup",
+        type=_duration,
+        default=1.0,
+        metavar="TIME",
+        help="warm-up per model: seconds, or with a unit, 2s or 200ms (default 1)",
     )
     profile.add_argument(
         "--block-runs", type=int, default=6, help="runs per block, the first dropped (default 6)"
@@ -283,7 +376,7 @@ def _add_profile(commands) -> None:
         help="GPU backends: skip comparing outputs with onnxruntime CPU fp32",
     )
     profile.add_argument("--per-layer", action="store_true", help="kernel time by source Conv")
-    profile.add_argument("--json", type=Path, metavar="FILE", help="write the measurements as JSON")
+    _json_option(profile, "--json", help="write the measurements as JSON")
     _common(profile)
     profile.set_defaults(run=run_profile)
 
@@ -307,6 +400,13 @@ def _add_report(commands) -> None:
         type=Path,
         metavar="FILE.json",
         help="conv2attn profile --per-layer --json output",
+    )
+    report.add_argument(
+        "--check",
+        type=Path,
+        metavar="FILE.json",
+        help="take the parity figures from conv2attn check --json output (default: "
+        "checked here on 2 random samples)",
     )
     report.add_argument(
         "--png", type=Path, metavar="DIR", help="also write every chart as a PNG into DIR"
@@ -391,10 +491,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from conv2attn.report import conversion_table
 
     source = args.model
-    output = args.output or source.with_name(f"{source.stem}_attn.onnx")
+    if args.output_file is not None and args.output is not None:
+        raise InputError(f"two outputs given ({args.output_file} and -o {args.output}); give one")
+    output = args.output or args.output_file or source.with_name(f"{source.stem}_attn.onnx")
     check_output_path(output, [source], args.force)
-    if args.report is not None:
-        check_output_path(args.report, [source, output], force=True)
+    _check_json_path(args.report, [source, output])
 
     start = time.perf_counter()
     progress = Progress("converting", enabled=not args.quiet)
@@ -416,21 +517,51 @@ def run_convert(args: argparse.Namespace) -> int:
         converted, output, verify=lambda staged: verify(staged, report.strict_checked, converted)
     )
     elapsed = time.perf_counter() - start
-    if args.report is not None:
-        write_json(args.report, report.to_dict())
-    if not args.quiet:
+    _write_report(args.report, report.to_dict())
+    if not args.quiet and not _to_stdout(args.report):
         print(conversion_table(report, use_colour()))
         files = " + ".join(str(p) for p in written)
         print(f"\nwrote {files} ({elapsed:.1f} s)")
     return 0
 
 
-def _samples(args: argparse.Namespace, model):
+def _convert_options(args: argparse.Namespace):
+    from conv2attn.graph.options import convert_options
+
+    return convert_options(
+        patch=args.patch,
+        max_param_growth=args.max_param_growth,
+        include=args.include,
+        exclude=args.exclude,
+        input_shapes=args.input_shape,
+        attention=args.attention,
+        block=args.block,
+        fold_bn=args.fold_bn,
+    )
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from conv2attn.graph.preview import inspect_model
+    from conv2attn.report import inspection_table
+
+    _check_json_path(args.json, [args.model])
+    inspection = inspect_model(args.model, _convert_options(args))
+    _write_report(args.json, inspection.to_dict())
+    if not args.quiet and not _to_stdout(args.json):
+        print(inspection_table(inspection, use_colour()))
+    return 0
+
+
+def _samples(args: argparse.Namespace, model, other):
+    """The samples ``check`` runs: from ``--inputs``, ``--images`` or random. Dynamic
+    dims of ``model`` take the sizes ``other`` (the converted model) fixes."""
     from conv2attn import inputs
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
-    graph_inputs = inputs.graph_inputs(model)
+    graph_inputs = inputs.fill_dims(inputs.graph_inputs(model), inputs.graph_inputs(other))
+    shapes = inputs.parse_input_shapes(args.input_shape)
+    inputs.check_shape_names(shapes, graph_inputs)
     if args.inputs is not None:
         return inputs.npz_samples(args.inputs, graph_inputs)
     if args.images is not None:
@@ -439,7 +570,6 @@ def _samples(args: argparse.Namespace, model):
         mean = args.mean or ((0.5,) if gray else inputs.IMAGENET_MEAN)
         std = args.std or ((0.5,) if gray else inputs.IMAGENET_STD)
         return inputs.image_samples(args.images, graph_inputs, args.size, mean, std)
-    shapes = inputs.parse_input_shapes(args.input_shape)
     return inputs.random_samples(graph_inputs, args.samples, args.seed, shapes)
 
 
@@ -450,7 +580,7 @@ def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) 
 
     original = load_model(original_path)
     converted = load_model(converted_path)
-    samples = _samples(args, original)
+    samples = _samples(args, original, converted)
     progress = Progress("checking", enabled=not args.quiet)
     report = check(
         original,
@@ -465,9 +595,8 @@ def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) 
         progress=progress,
     )
     progress.close()
-    if args.json is not None:
-        write_json(args.json, report.to_dict())
-    if not args.quiet:
+    _write_report(args.json, report.to_dict())
+    if not args.quiet and not _to_stdout(args.json):
         print(check_table(report, use_colour()))
     return 0 if report.passed else 1
 
@@ -476,8 +605,10 @@ def run_check(args: argparse.Namespace) -> int:
     for path in (args.original, args.converted):
         if not path.exists():
             raise InputError(f"{path}: no such file")
-    if args.json is not None:
-        check_output_path(args.json, [args.original, args.converted], force=True)
+    for option, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if value is not None and not value >= 0:
+            raise InputError(f"{option} {value}: must be zero or positive")
+    _check_json_path(args.json, [args.original, args.converted])
     return _check(args, args.original, args.converted)
 
 
@@ -488,9 +619,9 @@ def run_profile(args: argparse.Namespace) -> int:
     from conv2attn.report import profile_table
     from conv2attn.runtime.base import GpuOptions
 
-    if args.json is not None:
-        check_output_path(args.json, list(args.models), force=True)
+    _check_json_path(args.json, list(args.models))
     models = [load_model(path) for path in args.models]
+    progress = Progress("timing", enabled=not args.quiet)
     report = profile(
         args.models,
         models,
@@ -511,10 +642,11 @@ def run_profile(args: argparse.Namespace) -> int:
             compile=args.compile,
             check_numerics=not args.no_numerics,
         ),
+        progress=progress,
     )
-    if args.json is not None:
-        write_json(args.json, report.to_dict())
-    if not args.quiet:
+    progress.close()
+    _write_report(args.json, report.to_dict())
+    if not _to_stdout(args.json):  # the results, even with -q: it silences only chatter
         print(profile_table(report, colour=use_colour()))
     off = [m.path for m in report.models if m.numerics is not None and not m.numerics.within]
     if off:
@@ -527,24 +659,33 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable {what} JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not the JSON of conv2attn {what}")
+    return data
+
+
 def run_report(args: argparse.Namespace) -> int:
     from conv2attn import inputs
     from conv2attn.modelio import load_model
     from conv2attn.visual_report import gather, write_report
 
     check_output_path(args.output, [args.original, args.converted], args.force)
-    profile = None
-    if args.profile is not None:
-        try:
-            profile = json.loads(args.profile.read_text())
-        except (OSError, ValueError) as error:
-            raise InputError(f"{args.profile}: not a readable profile JSON ({error})") from None
+    profile = _read_json(args.profile, "profile") if args.profile is not None else None
+    checked = None
+    if args.check is not None:
+        checked = (args.check, _read_json(args.check, "check"))
     original = load_model(args.original)
     converted = load_model(args.converted)
-    samples = inputs.random_samples(
-        inputs.graph_inputs(original), 2, 0, inputs.parse_input_shapes(args.input_shape)
+    graph_inputs = inputs.fill_dims(inputs.graph_inputs(original), inputs.graph_inputs(converted))
+    samples = inputs.random_samples(graph_inputs, 2, 0, inputs.parse_input_shapes(args.input_shape))
+    data = gather(
+        args.original, args.converted, original, converted, samples, args.layer, profile, checked
     )
-    data = gather(args.original, args.converted, original, converted, samples, args.layer, profile)
     written = write_report(data, args.output, args.png)
     if not args.quiet:
         print("wrote " + ", ".join(str(p) for p in written))
@@ -558,8 +699,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"{path}: not found; the demo uses the repository's models/ folder "
                 f"(pass --model and --data to use other files)"
             )
-    if not args.output_dir.is_dir():
-        raise InputError(f"{args.output_dir}: not a directory; create it first")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"{args.output_dir}: exists and is not a directory")
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(
+            f"{args.output_dir}: cannot create the folder: {error.strerror or error}"
+        ) from None
     output = args.output_dir / f"{args.model.stem}_attn.onnx"
     page = args.output_dir / f"{args.model.stem}_report.html"
     force = ["--force"] if args.force else []

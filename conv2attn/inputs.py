@@ -72,18 +72,82 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
     return found
 
 
+SHAPE_FORMS = "input:1x3x224x224, input:1,3,224,224 or input:[1,3,224,224]"
+
+
 def parse_input_shapes(texts: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """``NAME:1x3x224x224`` (trtexec syntax); several may be joined with commas."""
+    """Input shapes as users write them for trtexec (``x:1x3x224x224``), onnxsim
+    (``x:1,3,224,224``) or Polygraphy (``x:[1,3,224,224]``). One value may hold several,
+    separated by commas or spaces; a name may itself contain ``:`` (the last one splits)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for text in texts:
-        for item in filter(None, text.split(",")):
-            name, sep, dims = item.rpartition(":")
-            if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
-                raise InputError(
-                    f"--input-shape '{item}': expected NAME:DIMS such as input:1x3x224x224"
-                )
-            shapes[name] = tuple(int(d) for d in dims.split("x"))
+        current: list[str] | None = None
+        for token in filter(None, re.split(r"[,\s]+", text)):
+            if ":" in token:
+                name, _, dims = token.rpartition(":")
+                if not name:
+                    raise _shape_error(text)
+                current = [dims]
+                shapes[name] = current  # filled in below
+            elif current is not None:
+                current.append(token)
+            else:
+                raise _shape_error(text)
+        for name, parts in list(shapes.items()):
+            if isinstance(parts, list):
+                shapes[name] = _dims(parts, text)
     return shapes
+
+
+def _dims(parts: list[str], text: str) -> tuple[int, ...]:
+    joined = ",".join(parts)
+    bracketed = re.fullmatch(r"\[([\d,]*)\]", joined)
+    if bracketed:
+        joined = bracketed.group(1)
+    elif "[" in joined or "]" in joined:
+        raise _shape_error(text)
+    pieces = re.split(r"[x,]", joined) if joined else []
+    if not pieces or not all(re.fullmatch(r"\d+", piece) for piece in pieces):
+        raise _shape_error(text)
+    return tuple(int(piece) for piece in pieces)
+
+
+def _shape_error(text: str) -> InputError:
+    return InputError(f"--input-shape '{text}': expected NAME:DIMS such as {SHAPE_FORMS}")
+
+
+def check_shape_names(shapes: Mapping[str, Sequence[int]], inputs: Sequence[GraphInput]) -> None:
+    """Every name in ``--input-shape`` must be an input of the model."""
+    known = [i.name for i in inputs]
+    for name in shapes:
+        if name not in known:
+            raise InputError(
+                f"--input-shape: the model has no input '{name}' (inputs: "
+                f"{', '.join(known) or 'none'})"
+            )
+
+
+def fill_dims(inputs: Sequence[GraphInput], *others: Sequence[GraphInput]) -> list[GraphInput]:
+    """``inputs`` with each dynamic dim taken from the same input of ``others`` where one
+    of them fixes it: a converted model with pinned sizes tells the sizes its original,
+    dynamic, model is compared or timed at."""
+    filled = []
+    for graph_input in inputs:
+        dims = list(graph_input.dims)
+        for other in (o for group in others for o in group if o.name == graph_input.name):
+            if len(other.dims) == len(dims):
+                dims = [d if d is not None else o for d, o in zip(dims, other.dims)]
+        filled.append(GraphInput(graph_input.name, graph_input.dtype, tuple(dims)))
+    return filled
+
+
+def suggested_dims(graph_input: GraphInput) -> str:
+    """A shape to suggest for an input with dynamic dims: batch 1, the fixed dims as they
+    are, and image-sized spatial dims (224 for images, 256 along other axes)."""
+    dims = list(graph_input.dims)
+    spatial = 224 if len(dims) == 4 else 256
+    values = [d if d is not None else (1 if i == 0 else spatial) for i, d in enumerate(dims)]
+    return "x".join(map(str, values))
 
 
 def resolve_dims(
@@ -96,9 +160,10 @@ def resolve_dims(
     if dims and dims[0] is None:
         dims[0] = batch
     if any(d is None for d in dims):
+        shown = ["?" if d is None else d for d in graph_input.dims]
         raise InputError(
-            f"input '{graph_input.name}' has dynamic dims {list(graph_input.dims)}; pass "
-            f"--input-shape {graph_input.name}:" + "x".join(str(d or 1) for d in graph_input.dims)
+            f"input '{graph_input.name}' has dynamic dims {shown}; pass a shape the model "
+            f"takes, e.g. --input-shape {graph_input.name}:{suggested_dims(graph_input)}"
         )
     return tuple(dims)
 
@@ -112,6 +177,7 @@ def random_samples(
     """Standard normal floats; integers in [0, 16); booleans either way."""
     if count < 1:
         raise InputError(f"--samples {count}: must be at least 1")
+    check_shape_names(shapes, inputs)
     rng = np.random.default_rng(seed)
     feeds = {}
     for graph_input in inputs:

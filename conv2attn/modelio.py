@@ -306,6 +306,13 @@ def check_output_path(output: str | os.PathLike, inputs: list[Path], force: bool
         raise InputError(f"{output}: folder '{folder}' does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{output}: folder '{folder}' is not writable")
+    try:  # the system may refuse what the permissions allow (/proc, /sys, read-only mounts)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"{output}: cannot write in folder '{folder}': {error.strerror or error}"
+        ) from None
     if output.exists() and not force:
         raise InputError(f"{output}: already exists; pass --force to overwrite it")
     return output
@@ -325,12 +332,17 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     when the block succeeds, removed when it fails, so ``path`` is never half written."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as error:
+        raise InputError(f"{path}: cannot write here: {error.strerror or error}") from None
     try:
         os.fchmod(handle, new_file_mode())
         os.close(handle)
         yield Path(staged)
         os.replace(staged, path)
+    except OSError as error:
+        raise InputError(f"{path}: cannot write output: {error.strerror or error}") from None
     finally:
         Path(staged).unlink(missing_ok=True)
 
@@ -352,15 +364,18 @@ def save_model(
 
     The data file is ``<name>.data`` next to the model. Writing external data moves the
     tensors out of ``model``. ``verify`` is called with the staged file before anything is
-    renamed into place (a model with external data is always checked that way, since
-    protobuf cannot hold it in memory). Returns the files written.
+    renamed into place, so a model that fails it is never written; without ``verify``, a
+    model with external data is still checked with ``onnx.checker`` (from the staged files:
+    protobuf cannot hold it in memory). Returns the files written. A folder the system
+    refuses to write to is an InputError.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     external = model_size(model) >= external_threshold
     data_name = path.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
         staged = staging / path.name
         if external:
             onnx.save_model(
@@ -371,15 +386,9 @@ def save_model(
                 location=data_name,
                 size_threshold=1024,
             )
-            # Too large to check in memory; the checker reads the staged files instead.
-            try:
-                onnx.checker.check_model(str(staged), full_check=True)
-            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-                raise InternalError(
-                    f"{path}: converted model fails onnx.checker: {error}"
-                ) from None
         else:
             write_model(model, staged)
+        (verify or (_check_file if external else lambda staged: None))(staged)
         written = [path]
         if external:
             os.chmod(staging / data_name, new_file_mode())  # onnx creates it owner-only
@@ -390,4 +399,15 @@ def save_model(
     except OSError as error:
         raise InputError(f"{path}: cannot write output: {error.strerror or error}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_file(staged: Path) -> None:
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise InternalError(
+            f"{staged.name}: the model to write fails onnx.checker: {first}"
+        ) from None

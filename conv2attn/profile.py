@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from conv2attn.errors import InputError
-from conv2attn.inputs import graph_inputs, random_samples
+from conv2attn.inputs import fill_dims, graph_inputs, random_samples
 from conv2attn.record import converted_layers
 from conv2attn.runtime.base import (
     GpuOptions,
@@ -60,6 +60,8 @@ class LatencyStats:
     mean_ms: float
     min_ms: float
     throughput: float
+    p95_ms: float = 0.0
+    max_ms: float = 0.0
 
 
 def latency_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
@@ -76,6 +78,8 @@ def latency_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
         mean_ms=float(ms.mean()),
         min_ms=float(ms.min()),
         throughput=batch * 1e3 / median,
+        p95_ms=float(np.percentile(ms, 95)),
+        max_ms=float(ms.max()),
     )
 
 
@@ -114,11 +118,16 @@ class ProfileReport:
 
 
 def model_feeds(
-    model: onnx.ModelProto, batch: int, shapes: Mapping[str, Sequence[int]], seed: int = 0
+    model: onnx.ModelProto,
+    batch: int,
+    shapes: Mapping[str, Sequence[int]],
+    seed: int = 0,
+    others: Sequence[onnx.ModelProto] = (),
 ) -> dict[str, np.ndarray]:
-    """Random inputs with a batch of ``batch`` (``--input-shape`` pins other dims)."""
-    inputs = graph_inputs(model)
-    fixed = {i.name: i.dims[0] for i in inputs if i.dims and i.dims[0] is not None}
+    """Random inputs with a batch of ``batch`` (``--input-shape`` pins other dims; a dim
+    the model leaves dynamic and one of ``others`` fixes takes that size)."""
+    inputs = fill_dims(graph_inputs(model), *(graph_inputs(other) for other in others))
+    fixed = {i.name: i.dims[0] for i in graph_inputs(model) if i.dims and i.dims[0] is not None}
     for name, size in fixed.items():
         if size != batch and name not in shapes:
             raise InputError(
@@ -134,6 +143,7 @@ def time_runners(
     duration: float | None,
     block: int,
     warmup: float,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[list[float]]:
     """Seconds per run of each runner: blocks of ``block`` runs per runner in turn, the
     first run of each block dropped, until each has ``iterations`` runs or ``duration``
@@ -152,6 +162,11 @@ def time_runners(
         for index, runner in enumerate(runners):
             times[index].extend(runner.timed_block(block)[1:])
         spent = time.perf_counter() - start
+        if progress is not None:
+            if duration is not None:
+                progress(int(min(spent, duration)), int(duration), "seconds")
+            else:
+                progress(min(min(len(t) for t in times), iterations), iterations, "runs")
         if duration is not None:
             if spent >= duration:
                 return times
@@ -233,6 +248,7 @@ def profile(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     per_layer: bool = False,
     gpu: GpuOptions | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> ProfileReport:
     """Time ``paths`` (their loaded ``models`` give inputs and metadata) side by side on
     ``backend``. Raises ``BackendUnavailable`` (an InputError) when the backend cannot
@@ -244,7 +260,7 @@ def profile(
     precision = resolve_precision(backend, gpu.precision, device.torch)
     threads = threads or os.cpu_count() or 1
     shapes = dict(input_shapes or {})
-    feeds = [model_feeds(model, batch, shapes) for model in models]
+    feeds = [model_feeds(model, batch, shapes, others=models) for model in models]
     built = [
         entry.implementation().create_runner(
             RunnerRequest(backend, Path(p), m, f, precision, threads, gpu, per_layer, device)
@@ -257,6 +273,7 @@ def profile(
         duration=duration,
         block=block,
         warmup=warmup,
+        progress=progress,
     )
     stats = [latency_stats(t, batch) for t in times]
     records = [converted_layers(model) for model in models]

@@ -108,13 +108,20 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _nonfinite(checks) -> bool:
+    return any(c.nonfinite_original or c.nonfinite_converted for c in checks)
+
+
 def check_table(report: CheckReport, colour: bool = False) -> str:
-    """Per output errors and agreement, per-layer errors, accuracy, and the verdict."""
+    """Per output errors and agreement, per-layer errors, accuracy, and the verdict; an
+    Inf/NaN column (original/converted) appears when either model produced any."""
     lines = [
         f"inputs: {report.samples} samples, {report.source}; onnxruntime {report.provider}",
         "",
     ]
+    counts = _nonfinite(report.outputs)
     rows = [["output", "max abs", "max rel", "mean abs", "top-1", "top-k", "tolerance", "within"]]
+    rows[0] += ["Inf/NaN orig/conv"] if counts else []
     for o in report.outputs:
         rows.append(
             [
@@ -127,10 +134,14 @@ def check_table(report: CheckReport, colour: bool = False) -> str:
                 f"{o.rtol:g}*max+{o.atol:g}",
                 "yes" if o.within else "NO",
             ]
+            + ([f"{o.nonfinite_original}/{o.nonfinite_converted}"] if counts else [])
         )
-    lines.append(format_table(rows, [False, True, True, True, True, True, False, False], colour))
+    right = [False, True, True, True, True, True, False, False] + [True] * counts
+    lines.append(format_table(rows, right, colour))
     if report.layers is not None:
+        counts = _nonfinite(report.layers)
         rows = [["converted Conv", "output tensor", "max abs", "max rel", "mean abs", "within"]]
+        rows[0] += ["Inf/NaN orig/conv"] if counts else []
         for layer in report.layers:
             rows.append(
                 [
@@ -141,8 +152,10 @@ def check_table(report: CheckReport, colour: bool = False) -> str:
                     f"{layer.mean_abs:.3g}",
                     "yes" if layer.within else "NO",
                 ]
+                + ([f"{layer.nonfinite_original}/{layer.nonfinite_converted}"] if counts else [])
             )
-        lines += ["", format_table(rows, [False, False, True, True, True, False], colour)]
+        right = [False, False, True, True, True, False] + [True] * counts
+        lines += ["", format_table(rows, right, colour)]
         failing = report.first_failing_layer
         if failing is not None:
             lines.append(
@@ -171,8 +184,8 @@ def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) ->
     """Latency per model with the ratio to the first; the numerics of GPU runs against
     onnxruntime CPU fp32; per-layer shares when measured."""
     numerics = any(m.numerics is not None for m in report.models)
-    header = ["model", "batch", "median ms", "p90 ms", "p99 ms", "mean ms", "samples/s"]
-    header += ["ratio", "runs"]
+    header = ["model", "batch", "median ms", "min ms", "p90 ms", "p95 ms", "p99 ms", "max ms"]
+    header += ["mean ms", "samples/s", "ratio", "runs"]
     if numerics:
         header += ["max rel vs fp32 CPU", "bound"]
     rows = [header]
@@ -182,8 +195,11 @@ def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) ->
             m.path,
             str(s.batch),
             f"{s.median_ms:.2f}",
+            f"{s.min_ms:.2f}",
             f"{s.p90_ms:.2f}",
+            f"{s.p95_ms:.2f}",
             f"{s.p99_ms:.2f}",
+            f"{s.max_ms:.2f}",
             f"{s.mean_ms:.2f}",
             f"{s.throughput:.1f}",
             f"{m.ratio:.2f}x",
@@ -216,4 +232,42 @@ def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) ->
         ]
         lines += ["", f"{m.path}: kernel time by source Conv (top {min(top, len(ranked))})"]
         lines.append(format_table(rows, [False, True, True], colour))
+    return "\n".join(lines)
+
+
+def _shape(dims) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims) if dims is not None else "?"
+
+
+def inspection_table(inspection, colour: bool = False) -> str:
+    """``conv2attn inspect``: inputs, Conv-like nodes with attributes and verdicts, and
+    the plan as ``convert`` would print it."""
+    lines = [f"{inspection.model}: opset {inspection.opset}", ""]
+    rows = [["input", "dtype", "dims", "dynamic"]]
+    for i in inspection.inputs:
+        dynamic = [str(index) for index, flag in enumerate(i.dynamic) if flag]
+        rows.append([i.name, i.dtype, _shape(i.dims), ", ".join(dynamic) or "-"])
+    lines.append(format_table(rows, [False, False, False, False], colour))
+    rows = [["node", "op", "input", "kernel", "stride", "pads", "dilation", "groups", "converts"]]
+    for c in inspection.convs:
+        a = c.attributes
+        pads = a.get("auto_pad") if a.get("auto_pad", "NOTSET") != "NOTSET" else a.get("pads")
+        rows.append(
+            [
+                c.name,
+                c.op,
+                _shape(c.input_shape),
+                _dims(a["kernel_shape"]) if "kernel_shape" in a else "-",
+                _dims(a["strides"]) if "strides" in a else "1",
+                pads if isinstance(pads, str) else _dims(pads) if pads else "0",
+                _dims(a["dilations"]) if "dilations" in a else "1",
+                str(a.get("group", 1)),
+                "yes" if c.converts else "NO",
+            ]
+        )
+    if len(rows) > 1:
+        lines += ["", format_table(rows, [False] * 7 + [True, False], colour)]
+    if inspection.plan.layers or inspection.plan.skipped:
+        lines += ["", "plan (what convert would do):", conversion_table(inspection.plan, colour)]
+    lines += [f"note: {note}" for note in inspection.notes]
     return "\n".join(lines)

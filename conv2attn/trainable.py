@@ -282,7 +282,10 @@ class ConvAttention(nn.Module):
                 : (out[1] - 1) * steps[1] + 1 : steps[1],
             ]
         rows, cols = plan.axes
-        x = functional.pad(x, (cols.pad_begin, cols.pad_end, rows.pad_begin, rows.pad_end))
+        x = x[:, :, : rows.input_kept, : cols.input_kept]
+        x = functional.pad(
+            x, (cols.zeros_before, cols.zeros_after, rows.zeros_before, rows.zeros_after)
+        )
         batch = x.shape[0]
         group = spec.group
         x = x.reshape(

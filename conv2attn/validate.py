@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,12 @@ class ParityError:
     max_abs: float
     max_reference: float
     mean_abs: float
+    # Inf and NaN are counted, not subtracted: the errors above are over the positions
+    # finite in both outputs, and a position non-finite in one output only (or NaN in
+    # one and Inf in the other) is a mismatch.
+    nonfinite_reference: int = 0
+    nonfinite_actual: int = 0
+    mismatched: int = 0
 
     @property
     def max_rel(self) -> float:
@@ -59,7 +66,7 @@ class ParityError:
         return self.max_abs / self.max_reference if self.max_reference else self.max_abs
 
     def within(self, rtol: float = RTOL, atol: float = ATOL) -> bool:
-        return self.max_abs <= rtol * self.max_reference + atol
+        return self.mismatched == 0 and self.max_abs <= rtol * self.max_reference + atol
 
 
 def session(
@@ -116,12 +123,19 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray) -> ParityError
             f"output '{name}': shapes differ, {list(reference.shape)} vs {list(actual.shape)}"
         )
     ref = reference.astype(np.float64)
-    diff = np.abs(ref - actual.astype(np.float64))
+    act = actual.astype(np.float64)
+    finite_ref, finite_act = np.isfinite(ref), np.isfinite(act)
+    both = finite_ref & finite_act
+    same_nonfinite = ~finite_ref & ~finite_act & ((ref == act) | (np.isnan(ref) & np.isnan(act)))
+    diff = np.abs(ref[both] - act[both])
     return ParityError(
         name=name,
         max_abs=float(diff.max(initial=0.0)),
-        max_reference=float(np.abs(ref).max(initial=0.0)),
+        max_reference=float(np.abs(ref[finite_ref]).max(initial=0.0)),
         mean_abs=float(diff.mean()) if diff.size else 0.0,
+        nonfinite_reference=int((~finite_ref).sum()),
+        nonfinite_actual=int((~finite_act).sum()),
+        mismatched=int((~both & ~same_nonfinite).sum()),
     )
 
 
@@ -140,6 +154,8 @@ class OutputCheck:
     top1_agreement: float | None = None
     topk_agreement: float | None = None
     k: int | None = None
+    nonfinite_original: int = 0
+    nonfinite_converted: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,8 @@ class LayerCheck:
     max_rel: float
     mean_abs: float
     within: bool
+    nonfinite_original: int = 0
+    nonfinite_converted: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,13 +210,37 @@ class CheckReport:
         data["first_failing_layer"] = failing.name if failing else None
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict) -> CheckReport:
+        """The report back from ``to_dict`` (``check --json``); KeyError or TypeError when
+        ``data`` is not one."""
+        layers = data.get("layers")
+        accuracy = data.get("accuracy")
+        return cls(
+            original=data["original"],
+            converted=data["converted"],
+            source=data["source"],
+            samples=data["samples"],
+            provider=data["provider"],
+            outputs=[OutputCheck(**o) for o in data["outputs"]],
+            layers=None if layers is None else [LayerCheck(**layer) for layer in layers],
+            accuracy=None if accuracy is None else Accuracy(**accuracy),
+            notes=list(data.get("notes", [])),
+        )
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+
+@contextmanager
+def _fetching(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[onnx.ModelProto]:
+    """``model`` with ``names`` as extra outputs for the block, as it was afterwards:
+    the caller's model is never left changed (and never copied: it may be large)."""
     existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    return model
+    added = [name for name in dict.fromkeys(names) if name not in existing]
+    count = len(model.graph.output)
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        yield model
+    finally:
+        del model.graph.output[count:]
 
 
 def _classifier_agreement(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float, int]:
@@ -238,10 +280,26 @@ def _check_same_inputs(
         )
 
 
-def _run(session: ort.InferenceSession, fetch: list[str], feeds: dict, name: str) -> list:
+# What onnxruntime raises when a model cannot run on the inputs it was given (its own
+# exception types, which do not derive from RuntimeError).
+_STATE = ort.capi.onnxruntime_pybind11_state
+RUN_ERRORS = (
+    _STATE.Fail,
+    _STATE.InvalidArgument,
+    _STATE.RuntimeException,
+    _STATE.NotImplemented,
+    _STATE.EPFail,
+    RuntimeError,
+)
+
+
+def run_session(
+    runner: ort.InferenceSession, fetch: list[str] | None, feeds: dict, name: str
+) -> list:
+    """``runner.run``; inputs the model cannot take are an InputError naming the model."""
     try:
-        return session.run(fetch, feeds)
-    except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as error:
+        return runner.run(fetch, feeds)
+    except RUN_ERRORS as error:
         first = " ".join(str(error).split())
         raise InputError(f"{name}: onnxruntime refused the inputs: {first}") from None
 
@@ -307,7 +365,7 @@ def _run_both(
         if progress is not None:
             progress(done * step, samples.count, "samples")
         for store, runner, fetch, name in zip(results, sessions, fetches, names):
-            for index, array in enumerate(_run(runner, fetch, feeds, name)):
+            for index, array in enumerate(run_session(runner, fetch, feeds, name)):
                 store[index].append(array)
     reference, actual = ([np.concatenate(parts) for parts in store] for store in results)
     return reference, actual
@@ -337,6 +395,8 @@ def _output_check(
         a,
         error.within(r, a),
         **extra,
+        nonfinite_original=error.nonfinite_reference,
+        nonfinite_converted=error.nonfinite_actual,
     )
 
 
@@ -346,7 +406,14 @@ def _layer_check(
     error = compare(layer["output"], ref, act)
     within = error.within(*_tolerance(ref.dtype, rtol, atol))
     return LayerCheck(
-        layer["name"], layer["output"], error.max_abs, error.max_rel, error.mean_abs, within
+        layer["name"],
+        layer["output"],
+        error.max_abs,
+        error.max_rel,
+        error.mean_abs,
+        within,
+        error.nonfinite_reference,
+        error.nonfinite_actual,
     )
 
 
@@ -378,6 +445,27 @@ def _accuracy(
     )
 
 
+def _nonfinite_notes(samples: Samples, outputs: list[OutputCheck]) -> list[str]:
+    """What Inf and NaN values in the inputs and outputs mean for the figures above."""
+    notes = []
+    bad = sum(int((~np.isfinite(a)).sum()) for a in samples.feeds.values() if a.dtype.kind == "f")
+    if bad:
+        notes.append(
+            f"the inputs hold {bad} Inf/NaN values: attention multiplies every token by its "
+            "(zero or one) weight, and 0 x Inf is NaN, so a non-finite input reaches every "
+            "output of a converted layer where the Conv keeps it local (a limit of attention "
+            "as a matrix product; see the README)"
+        )
+    for o in outputs:
+        if o.nonfinite_original or o.nonfinite_converted:
+            notes.append(
+                f"output '{o.name}': {o.nonfinite_original} Inf/NaN values in the original, "
+                f"{o.nonfinite_converted} in the converted model; the errors are over the "
+                "values finite in both, and within needs the Inf/NaN values to match"
+            )
+    return notes
+
+
 def check(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
@@ -397,18 +485,16 @@ def check(
     converted_names = [o.name for o in converted.graph.output]
     layers, notes = _layers_to_compare(converted, per_layer, names[1])
     layer_tensors = [layer["output"] for layer in layers]
-    if layer_tensors:
-        original = _with_outputs(original, layer_tensors)
-        converted = _with_outputs(converted, layer_tensors)
-    reference, actual = _run_both(
-        (original, converted),
-        (output_names + layer_tensors, converted_names + layer_tensors),
-        samples,
-        provider,
-        batch_size,
-        names,
-        progress,
-    )
+    with _fetching(original, layer_tensors), _fetching(converted, layer_tensors):
+        reference, actual = _run_both(
+            (original, converted),
+            (output_names + layer_tensors, converted_names + layer_tensors),
+            samples,
+            provider,
+            batch_size,
+            names,
+            progress,
+        )
     outputs = [
         _output_check(name, reference[index], actual[index], rtol, atol)
         for index, name in enumerate(output_names)
@@ -421,6 +507,7 @@ def check(
     accuracy = None
     if samples.labels is not None:
         accuracy = _accuracy(outputs, reference, actual, samples.labels, notes)
+    notes += _nonfinite_notes(samples, outputs)
     return CheckReport(
         original=names[0],
         converted=names[1],

@@ -14,6 +14,7 @@ import copy
 import html
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from conv2attn.inputs import Samples
 from conv2attn.modelio import staged_file
 from conv2attn.record import converted_layers
 from conv2attn.report import human
-from conv2attn.validate import CheckReport, check, session
+from conv2attn.validate import CheckReport, check, run_session, session
 
 
 def _matplotlib():
@@ -69,6 +70,24 @@ class AttentionPicture:
     maps: np.ndarray  # [heads, *key_grid], each summing to 1
     offsets: list[tuple[int, ...]]  # per head: argmax key position minus the query position
     kernel: np.ndarray  # mean |w| over channels, [kh, kw]
+    token_grid: tuple[int, ...] = ()  # the layer's whole token grid
+    block: tuple[int, ...] | None = None  # local attention: the query block shown
+
+    def describe(self) -> str:
+        """What the picture shows, in the layer's own terms."""
+        grid = "x".join(map(str, self.token_grid))
+        keys = "x".join(map(str, self.key_grid))
+        if self.block is None:
+            return (
+                f"Global attention over the layer's {grid} token grid: the centre query "
+                f"{self.query} attends to all {keys} tokens."
+            )
+        block = "x".join(map(str, self.block))
+        return (
+            f"Local attention: the layer's {grid} token grid is split into blocks of {block} "
+            f"queries, and each block attends to a {keys} window (the block and its halo). "
+            f"Shown: one block's centre query, at {self.query} in its window."
+        )
 
 
 def attention_picture(
@@ -81,7 +100,7 @@ def attention_picture(
     softmax = names.softmax_output(layer["name"])
     probe = copy.deepcopy(converted)
     probe.graph.output.append(onnx.ValueInfoProto(name=softmax))
-    probs = session(probe).run([softmax], dict(feeds))[0]  # [q * heads, K]
+    probs = run_session(session(probe), [softmax], dict(feeds), "the converted model")[0]
     heads = layer["heads"]
     reach = layer["reach"]
     if layer.get("block"):
@@ -102,7 +121,15 @@ def attention_picture(
         position = np.unravel_index(int(np.argmax(maps[head])), key_grid)
         offsets.append(tuple(int(p - c) for p, c in zip(position, centre)))
     return AttentionPicture(
-        layer["name"], heads, tuple(key_grid), centre, maps, offsets, _kernel(original, layer)
+        layer["name"],
+        heads,
+        tuple(key_grid),
+        centre,
+        maps,
+        offsets,
+        _kernel(original, layer),
+        tuple(layer["token_grid"]),
+        tuple(layer["block"]) if layer.get("block") else None,
     )
 
 
@@ -136,6 +163,7 @@ class ReportData:
     sizes: tuple[int, int]
     picture: AttentionPicture | None
     latency: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    parity_source: str = ""  # where the parity figures come from
 
 
 def _latency(profile: dict, layers: Sequence[dict]) -> dict[str, tuple[float | None, float | None]]:
@@ -167,7 +195,10 @@ def gather(
     samples: Samples,
     layer_name: str | None = None,
     profile: dict | None = None,
+    checked: tuple[Path, dict] | None = None,
 ) -> ReportData:
+    """Everything the page shows. Parity is computed here on ``samples`` unless
+    ``checked`` gives the path and content of a ``conv2attn check --json`` file."""
     layers = converted_layers(converted)
     if not layers:
         raise InputError(
@@ -175,13 +206,28 @@ def gather(
             f"was it made by conv2attn convert?"
         )
     record = next(json.loads(p.value) for p in converted.metadata_props if p.key == "conv2attn")
-    parity = check(
-        original,
-        converted,
-        samples,
-        per_layer=True,
-        names=(str(original_path), str(converted_path)),
-    )
+    if checked is None:
+        parity = check(
+            original,
+            converted,
+            samples,
+            per_layer=True,
+            names=(str(original_path), str(converted_path)),
+        )
+        source = (
+            f"computed for this report: {parity.samples} samples, {parity.source}, "
+            f"onnxruntime {parity.provider}, graph optimisations off"
+        )
+    else:
+        path, data = checked
+        try:
+            parity = CheckReport.from_dict(data)
+        except (KeyError, TypeError) as error:
+            raise InputError(f"{path}: not the JSON of conv2attn check ({error})") from None
+        source = (
+            f"from {path} (conv2attn check of {parity.converted} against {parity.original}): "
+            f"{parity.samples} samples, {parity.source}, onnxruntime {parity.provider}"
+        )
     chosen = (
         layers[0]
         if layer_name is None
@@ -196,7 +242,7 @@ def gather(
     sizes = (_file_size(original_path), _file_size(converted_path))
     latency = _latency(profile, layers) if profile else {}
     return ReportData(
-        original_path, converted_path, record, layers, parity, sizes, picture, latency
+        original_path, converted_path, record, layers, parity, sizes, picture, latency, source
     )
 
 
@@ -205,6 +251,12 @@ def _svg(figure) -> str:
     figure.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
     return text[text.index("<svg") :]
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, where it cannot cover a bar (the SVG's tight box
+    grows to hold it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
 
 
 def charts(data: ReportData) -> dict[str, object]:
@@ -224,7 +276,7 @@ def charts(data: ReportData) -> dict[str, object]:
     ax.set_ylabel("max |diff| / max |Conv output|")
     ax.set_title("Per-layer parity error")
     ax.set_xticks(x, labels, rotation=90)
-    ax.legend(loc="upper right")
+    _legend_outside(ax)
     figures["parity"] = fig
 
     fig, ax = plt.subplots(figsize=(width, 3.2))
@@ -236,7 +288,7 @@ def charts(data: ReportData) -> dict[str, object]:
     ax.set_ylabel("converted / original")
     ax.set_title("Per-layer growth")
     ax.set_xticks(x, labels, rotation=90)
-    ax.legend(loc="upper right")
+    _legend_outside(ax)
     figures["growth"] = fig
 
     if data.latency:
@@ -248,7 +300,7 @@ def charts(data: ReportData) -> dict[str, object]:
         ax.set_ylabel("ms per run")
         ax.set_title("Per-layer latency (onnxruntime profile)")
         ax.set_xticks(x, labels, rotation=90)
-        ax.legend(loc="upper right")
+        _legend_outside(ax)
         figures["latency"] = fig
 
     picture = data.picture
@@ -258,7 +310,8 @@ def charts(data: ReportData) -> dict[str, object]:
         grid = np.zeros(picture.key_grid if len(picture.key_grid) == 2 else (1, *picture.key_grid))
         grid.flat[np.ravel_multi_index(picture.query, picture.key_grid)] = 1
         axes[0].imshow(grid, cmap="Greys", vmin=0, vmax=1.5)
-        axes[0].set_title(f"tokens {'x'.join(map(str, picture.key_grid))}\nquery marked")
+        what = "window" if picture.block is not None else "tokens"
+        axes[0].set_title(f"{what} {'x'.join(map(str, picture.key_grid))}\nquery marked")
         kernel = picture.kernel if picture.kernel.ndim == 2 else picture.kernel[None]
         axes[1].imshow(kernel, cmap="viridis")
         axes[1].set_title("Conv kernel\nmean |w|")
@@ -279,11 +332,12 @@ max-width:1200px;
 color:#1c2833;padding:0 1rem}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d5d8dc}
 table{border-collapse:collapse;font-size:.85rem}
-td,th{padding:.25rem .6rem;border-bottom:1px solid #eaeded;
+td,th{padding:.25rem .6rem;border-bottom:1px solid #eaeded;white-space:nowrap;
 text-align:right}td:first-child,th:first-child{text-align:left}th{cursor:pointer;background:#f4f6f7;
 position:sticky;top:0}th.sorted-asc::after{content:" \\25B2"}
 th.sorted-desc::after{content:" \\25BC"}
-.summary td{text-align:left}.summary td:first-child{font-weight:600}
+.summary td{text-align:left;white-space:normal}.summary td:first-child{font-weight:600;
+white-space:nowrap}td:first-child{white-space:normal;overflow-wrap:anywhere}.n{white-space:nowrap}
 .bad{color:#b03a2e;font-weight:600}figure{margin:1rem 0}
 figure svg{max-width:100%;height:auto}.note{color:#5d6d7e;font-size:.85rem}
 """
@@ -359,13 +413,23 @@ def _summary_rows(data: ReportData) -> str:
         (
             "parity",
             f"{'PASS' if parity.passed else 'FAIL'}: worst output {worst.name}, "
-            f"max rel {worst.max_rel:.3g} "
-            f"({parity.samples} samples, {parity.source})",
+            f"max rel {worst.max_rel:.3g}; {data.parity_source}",
         ),
     ]
     return "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in summary
+        f"<tr><td>{html.escape(k)}</td><td>{_unbroken_numbers(html.escape(v))}</td></tr>"
+        for k, v in summary
     )
+
+
+# A number as the report writes it: 1.2e-07, 147.46k, 2.05x, 98.89%, 12.1MB.
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]\d+)?(?:[kMG]?B|[kMG]|x|%)?(?![\w.])")
+
+
+def _unbroken_numbers(text: str) -> str:
+    """Each number in a span that does not wrap (a line may break between numbers, never
+    inside one: "1.2e-" / "07")."""
+    return NUMBER.sub(lambda m: f'<span class="n">{m.group(0)}</span>', text)
 
 
 def _layer_table(data: ReportData) -> str:
@@ -437,9 +501,8 @@ def _figures_html(data: ReportData, figures: Mapping[str, object]) -> tuple[list
         sections.append(
             f'<section id="construction"><h2>How {html.escape(picture.layer)} attends</h2>'
             f'<p class="note">Computed by running the converted graph and reading '
-            f"<code>{html.escape(f'{names.scope(picture.layer)}/{names.SOFTMAX}')}</code> "
-            "for the centre query "
-            f"{picture.query} of a {'x'.join(map(str, picture.key_grid))} key grid. Each head puts "
+            f"<code>{html.escape(f'{names.scope(picture.layer)}/{names.SOFTMAX}')}</code>. "
+            f"{html.escape(picture.describe())} Each head puts "
             f"its whole weight on one neighbouring patch ({html.escape(offsets)}); together they "
             f"cover the patches the Conv kernel reads.</p>"
             f'<figure id="chart-attention">{_svg(figures["attention"])}</figure></section>'

@@ -261,14 +261,20 @@ def test_unknown_provider_is_refused(chain_pair):
     )
 
 
-def test_dynamic_dims_need_input_shape(tmp_path):
+def test_dynamic_dims_take_the_converted_models_size_or_need_input_shape(tmp_path):
     model = conv_model(size=("H", "W"))
     original = save_model_file(model, tmp_path / "dyn.onnx")
     converted = save_model_file(
         conv2attn.convert(model, input_shapes=["x:2x4x9x11"])[0], tmp_path / "dyn_attn.onnx"
     )
-    one_line_exit_2(run_cli("check", original, converted), "--input-shape x:")
+    # The converted model fixes the size the original is checked at.
+    assert main(["check", str(original), str(converted), "-q"]) == 0
     assert main(["check", str(original), str(converted), "-q", "--input-shape", "x:2x4x9x11"]) == 0
+    # Both dynamic: the error suggests a shape, and the suggested shape works.
+    result = run_cli("check", original, original)
+    one_line_exit_2(result, "--input-shape x:")
+    suggested = result.stderr.split("--input-shape ")[1].split()[0]
+    assert main(["check", str(original), str(original), "-q", "--input-shape", suggested]) == 0
 
 
 def test_random_samples_respect_dtypes_and_fixed_batches():

@@ -208,10 +208,26 @@ class AxisPlan:
     pad_begin: int  # zeros before the input (the Conv's own begin pad)
     pad_end: int  # zeros after the input; negative means crop
     output: int  # Conv output size along this axis
+    input_size: int = 0  # the input size along this axis (after any subsampling)
 
     @property
     def tokens_extent(self) -> int:
         return self.tokens * self.in_patch
+
+    @property
+    def zeros_before(self) -> int:
+        """Zeros ahead of the input on the token grid: the Conv's begin pad, or the whole
+        grid when a window reads padding only (a begin pad beyond every output's reach)."""
+        return min(self.pad_begin, self.tokens_extent)
+
+    @property
+    def input_kept(self) -> int:
+        """Input elements on the token grid; those after are never read."""
+        return max(0, min(self.input_size, self.tokens_extent - self.zeros_before))
+
+    @property
+    def zeros_after(self) -> int:
+        return self.tokens_extent - self.zeros_before - self.input_kept
 
     @property
     def blocks(self) -> int:
@@ -249,7 +265,7 @@ def plan_axis(
     tokens = queries + reach
     pad_end = tokens * in_patch - pad_begin - size
     return AxisPlan(
-        patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output
+        patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output, size
     )
 
 

@@ -322,11 +322,11 @@ def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.
     if plan.subsamples:
         x = _subsample(b, x, plan, batch)
     extent = [a.tokens_extent for a in plan.axes]
-    if any(a.pad_end < 0 for a in plan.axes):
-        kept = [n + min(a.pad_end, 0) for n, a in zip(spec.input_size, plan.axes)]
+    kept = [a.input_kept for a in plan.axes]
+    if kept != list(spec.input_size):
         x = _slice(b, "crop_input", x, kept, first_axis=2, shape=[batch, spec.in_channels, *kept])
-    pads_begin = [a.pad_begin for a in plan.axes]
-    pads_end = [max(a.pad_end, 0) for a in plan.axes]
+    pads_begin = [a.zeros_before for a in plan.axes]
+    pads_end = [a.zeros_after for a in plan.axes]
     x = _pad(b, "pad", x, pads_begin, pads_end, [batch, spec.in_channels, *extent])
     return _patchify(b, x, plan, batch)
 

@@ -2,10 +2,10 @@
 
 Stages, in order, one function each:
 
-1. ``_prepare_shapes``: pin ``--input-shape``, infer every shape on a skeleton;
+1. ``prepare_shapes``: pin ``--input-shape``, infer every shape on a skeleton;
 2. ``fold_batchnorms`` (with ``--fold-bn``) and ``name_convs``;
 3. ``select_convs``: candidates, and every skipped Conv with its reason;
-4. ``_plan``: one plan per Conv (``core.planning``, the cost model);
+4. ``plan``: one plan per Conv (``core.planning``, the cost model);
 5. ``_replace``: each Conv's node detached, its attention subgraph emitted in its place
    (``graph.emit``), reusing the Conv's output tensor so every consumer stays wired;
 6. ``_export``: cleanup, toposort, and the protobuf with the projections moved in one
@@ -112,8 +112,8 @@ def convert_model(
     model: onnx.ModelProto, options: ConvertOptions, progress: Progress | None = None
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (consumed: its graph is rewritten in place), unchecked."""
-    _check_opset(model)
-    strict = _prepare_shapes(model, options.input_shapes)
+    check_opset(model)
+    strict = prepare_shapes(model, options.input_shapes)
     header = onnx.ModelProto()
     copy_fields(header, model, skip=("graph", "functions", "training_info"))
     graph = gs.import_onnx(model)
@@ -123,7 +123,7 @@ def convert_model(
     name_convs(graph)
     selection = select_convs(graph, options.include, options.exclude)
     _release_weight_bytes(model, selection.candidates)
-    layer_plans = _plan(selection.candidates, options)
+    layer_plans = plan(selection.candidates, options)
     layers = _replace(selection.candidates, layer_plans, progress)
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -147,7 +147,7 @@ def convert_model(
     return converted, report
 
 
-def _check_opset(model: onnx.ModelProto) -> int:
+def check_opset(model: onnx.ModelProto) -> int:
     versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     if not versions:
         raise InputError("the model imports no default-domain opset; is it an ONNX model?")
@@ -159,7 +159,7 @@ def _check_opset(model: onnx.ModelProto) -> int:
     return versions[0]
 
 
-def _prepare_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
+def prepare_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
     """Pin and infer every shape of ``model`` in place; whether the model passes strict
     shape inference (then so must its conversion)."""
     pin_input_shapes(model, input_shapes)
@@ -185,7 +185,7 @@ def _release_weight_bytes(model: onnx.ModelProto, candidates: Sequence[Candidate
                 source.ClearField("raw_data")
 
 
-def _plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans:
+def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans:
     try:
         chosen = plan_layers(
             [c.spec for c in candidates],
@@ -202,6 +202,14 @@ def _plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlan
             "parameter growth %.2fx exceeds --max-param-growth %g even with the smallest "
             "patches; using them",
             chosen.growth,
+            options.max_param_growth,
+        )
+    elif options.patch != "auto" and chosen.growth > options.max_param_growth:
+        log.warning(
+            "parameter growth %.2fx with --patch %s exceeds --max-param-growth %g; "
+            "--patch auto keeps within it",
+            chosen.growth,
+            options.patch_text,
             options.max_param_growth,
         )
     return chosen

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from conv2attn import names
 from conv2attn.core.geometry import AutoPad, ConvSpec, GeometryError, resolve_pads, validate
 from conv2attn.core.selection import selection_reason
 from conv2attn.errors import InputError
@@ -151,30 +152,55 @@ def inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> Candidate | str:
     return Candidate(node, graph, path, spec, weight, bias, shape[0])
 
 
+def _scopes_in_use(existing: set[str]) -> set[str]:
+    """Conv names whose ``<name>/attn`` scope some existing name already lies in."""
+    marker = f"/{names.SCOPE}"
+    owners = set()
+    for name in existing:
+        start = name.find(marker)
+        while start > 0:
+            end = start + len(marker)
+            if end == len(name) or name[end] == "/":
+                owners.add(name[:start])
+            start = name.find(marker, start + 1)
+    return owners
+
+
 def name_convs(graph: gs.Graph) -> None:
     """Give every Conv a unique, deterministic name, unique across control-flow bodies
-    too: the names of the attention nodes derive from it."""
-    nodes = [node for _, body in graphs(graph) for node in body.nodes]
+    too: the names of the attention nodes derive from it. A name whose ``<name>/attn``
+    scope the model already uses for other nodes or tensors gets a suffix, so generated
+    names never collide with the model's own."""
+    bodies = [body for _, body in graphs(graph)]
+    nodes = [node for body in bodies for node in body.nodes]
     used = {node.name for node in nodes if node.name}
+    taken = _scopes_in_use(used | {name for body in bodies for name in body.tensors()})
     seen: set[str] = set()
     for index, node in enumerate(nodes):
         if node.op != "Conv":
             continue
         name = node.name or f"Conv_{index}"
-        if name in seen or (not node.name and name in used):
+        if name in seen or (not node.name and name in used) or name in taken:
             suffix = 1
-            while f"{name}_{suffix}" in used or f"{name}_{suffix}" in seen:
+            while {f"{name}_{suffix}"} & (used | seen | taken):
                 suffix += 1
+            if name in taken:
+                log.info(
+                    "Conv '%s' is renamed '%s_%d': the model uses its scope", name, name, suffix
+                )
             name = f"{name}_{suffix}"
         node.name = name
         seen.add(name)
         used.add(name)
 
 
-def select_convs(graph: gs.Graph, include: Sequence[str], exclude: Sequence[str]) -> Selection:
+def select_convs(
+    graph: gs.Graph, include: Sequence[str], exclude: Sequence[str], survey: bool = False
+) -> Selection:
     """Every Conv of ``graph`` and its bodies: candidates in graph order, and the skipped
-    ones (Conv-like operators included) with their reasons. InputError when no Conv can
-    be converted."""
+    ones (Conv-like operators included) with their reasons. InputError when a Conv is
+    invalid or of unknown size, or when none can be converted; with ``survey``, those
+    become reasons too, so every Conv is described."""
     bodies = list(graphs(graph))
     convs = [
         (path, body, node)
@@ -182,7 +208,7 @@ def select_convs(graph: gs.Graph, include: Sequence[str], exclude: Sequence[str]
         for node in body.nodes
         if node.op == "Conv" and node.domain in ("", "ai.onnx", None)
     ]
-    if not convs:
+    if not convs and not survey:
         raise InputError("the model has no Conv node; nothing to convert")
     skipped = [
         SkippedConv(node.name or node.outputs[0].name, UNCONVERTED_OPS[node.op])
@@ -193,14 +219,19 @@ def select_convs(graph: gs.Graph, include: Sequence[str], exclude: Sequence[str]
     candidates = []
     for path, body, node in convs:
         reason = selection_reason(node.name, include, exclude)
-        inspected = inspect_conv(node, body, path) if reason is None else reason
+        try:
+            inspected = inspect_conv(node, body, path) if reason is None else reason
+        except InputError as error:
+            if not survey:
+                raise
+            inspected = str(error).removeprefix(f"Conv '{node.name}': ")
         if isinstance(inspected, str):
             skipped.append(SkippedConv(node.name, inspected))
-            level = logging.INFO if reason is not None else logging.WARNING  # chosen or not
+            level = logging.INFO if reason is not None or survey else logging.WARNING
             log.log(level, "Conv '%s' is not converted: %s", node.name, inspected)
         else:
             candidates.append(inspected)
-    if not candidates:
+    if not candidates and not survey:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
         raise InputError(f"none of the {len(convs)} Conv nodes can be converted ({reasons})")
     return Selection(candidates, skipped)

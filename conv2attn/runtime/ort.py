@@ -31,7 +31,7 @@ from conv2attn.runtime.base import (
     installed,
 )
 from conv2attn.runtime.registry import Backend
-from conv2attn.validate import session
+from conv2attn.validate import run_session, session
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -123,7 +123,7 @@ class OrtRunner:
 
     def run(self) -> None:
         if self.binding is None:
-            self.session.run(None, self.feed)
+            run_session(self.session, None, self.feed, str(self.path))
         else:
             self.session.run_with_iobinding(self.binding)
 
@@ -137,7 +137,7 @@ class OrtRunner:
 
     def outputs(self) -> list[np.ndarray]:
         if self.binding is None:
-            return self.session.run(None, self.feed)
+            return run_session(self.session, None, self.feed, str(self.path))
         self.run()
         return self.binding.copy_outputs_to_cpu()
 
