@@ -20,6 +20,8 @@ from conv2attn import __version__
 from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec
 
 METADATA_KEY = "conv2attn"
+# The operators the pass converts; readers find an original model's layers among these.
+CONVERTED_OPS = ("Conv", "ConvInteger", "QLinearConv")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class LayerReport:
     cost: int = 0  # what --patch auto minimises: MACs plus weighted data movement
     alternatives: tuple[dict, ...] = ()
     graph: str = ""  # the control-flow subgraph holding the Conv, e.g. "If_0/then_branch"
+    integer: str | None = None  # ConvInteger or QLinearConv: integer attention
 
     @classmethod
     def from_plan(
@@ -64,9 +67,11 @@ class LayerReport:
         spec: ConvSpec,
         plan: AttentionPlan,
         considered: list[AttentionPlan],
+        integer: str | None = None,
     ) -> LayerReport:
         """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
-        chosen from ``considered``."""
+        chosen from ``considered``; ``integer`` names an integer Conv's operator (its
+        attention is a selection, so only the projection multiplies)."""
         return cls(
             name=name,
             output=output,
@@ -90,12 +95,13 @@ class LayerReport:
             queries=plan.queries,
             keys=plan.keys,
             macs_before=spec.macs,
-            macs_after=plan.macs,
+            macs_after=plan.projection_macs if integer else plan.macs,
             params_before=spec.params,
             params_after=plan.params,
             cost=plan.cost,
             alternatives=_alternatives(plan, considered),
             graph=graph,
+            integer=integer,
         )
 
 
@@ -205,11 +211,16 @@ class ConversionReport:
         return {
             "version": __version__,
             "attention": self.attention,
-            "layers": [
-                {name: getattr(layer, name) for name in RECORDED_FIELDS} for layer in self.layers
-            ],
+            "layers": [_recorded(layer) for layer in self.layers],
             "skipped": [asdict(skip) for skip in self.skipped],
         }
+
+
+def _recorded(layer: LayerReport) -> dict:
+    entry = {name: getattr(layer, name) for name in RECORDED_FIELDS}
+    if layer.integer:  # only integer layers carry it, so float records stay as they were
+        entry["integer"] = layer.integer
+    return entry
 
 
 def write_record(model: onnx.ModelProto, report: ConversionReport) -> None:

@@ -96,6 +96,10 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
     if not local:  # drop the empty block column
         rows = [row[:6] + row[7:] for row in rows]
         right = right[:6] + right[7:]
+    if any(layer.integer for layer in report.layers):  # which layers are integer attention
+        kinds = ["integer", *(layer.integer or "" for layer in report.layers), ""]
+        rows = [[*row[:1], kind, *row[1:]] for row, kind in zip(rows, kinds)]
+        right = [right[0], False, *right[1:]]
     text = format_table(rows, right, colour)
     if report.skipped:
         text += "\n\nnot converted:\n" + "\n".join(

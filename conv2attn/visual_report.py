@@ -228,17 +228,26 @@ def gather(
             f"from {path} (conv2attn check of {parity.converted} against {parity.original}): "
             f"{parity.samples} samples, {parity.source}, onnxruntime {parity.provider}"
         )
+    # Integer layers select their tokens with a Gather: there is no Softmax to read.
+    pictured = [layer for layer in layers if not layer.get("integer")]
     chosen = (
-        layers[0]
+        next(iter(pictured), None)
         if layer_name is None
         else next((layer for layer in layers if layer["name"] == layer_name), None)
     )
-    if chosen is None:
+    if layer_name is not None and chosen is None:
         raise InputError(
             f"--layer {layer_name}: no converted Conv of that name (first: {layers[0]['name']})"
         )
+    if chosen is not None and chosen.get("integer"):
+        raise InputError(
+            f"--layer {layer_name}: an integer layer ({chosen['integer']}) selects its tokens "
+            f"with a Gather and has no attention map to picture; choose a float layer"
+        )
     first_batch = next(samples.batches(1))
-    picture = attention_picture(original, converted, chosen, first_batch)
+    picture = (
+        None if chosen is None else attention_picture(original, converted, chosen, first_batch)
+    )
     sizes = (_file_size(original_path), _file_size(converted_path))
     latency = _latency(profile, layers) if profile else {}
     return ReportData(

@@ -18,6 +18,7 @@ from conv2attn.core.geometry import (
     AttentionPlan,
     ConvSpec,
     GeometryError,
+    Order,
     best_plan,
     candidate_plans,
     choose_plans,
@@ -70,17 +71,21 @@ def plan_layers(
     patch: Sizes = "auto",
     block: Sizes = "auto",
     max_param_growth: float = 4.0,
+    attend_first: Sequence[bool] = (),
 ) -> LayerPlans:
-    """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together."""
+    """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
+    ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
+    tokens, then projects them)."""
     considered = []
-    for spec, name in zip(specs, names, strict=True):
+    for index, (spec, name) in enumerate(zip(specs, names, strict=True)):
         forced = per_axis(patch, spec.rank, "--patch", name)
         blocks = per_axis(block, spec.rank, "--block", name)
-        considered.append(
-            candidate_plans(
-                spec, attention, patches=None if forced is None else [forced], block=blocks
-            )
+        plans = candidate_plans(
+            spec, attention, patches=None if forced is None else [forced], block=blocks
         )
+        if index < len(attend_first) and attend_first[index]:
+            plans = [p for p in plans if p.order is Order.ATTEND_FIRST]
+        considered.append(plans)
     if patch != "auto":
         return LayerPlans([best_plan(layer) for layer in considered], considered, True)
     original = sum(spec.params for spec in specs)

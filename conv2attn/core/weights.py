@@ -204,3 +204,44 @@ def attention_probabilities(plan: AttentionPlan) -> np.ndarray:
     logits -= logits.max(axis=-1, keepdims=True)
     probs = np.exp(logits)
     return probs / probs.sum(axis=-1, keepdims=True)
+
+
+# -- integer Convs (ConvInteger, QLinearConv) ------------------------------------------------
+
+
+def selection_indices(plan: AttentionPlan) -> np.ndarray:
+    """``[blocks * block queries * heads]``: the token each (query, head) takes, in the
+    order of the attention rows. An integer layer copies these tokens with a Gather: the
+    one-hot attention of section 2 is a selection, and a selection needs no arithmetic."""
+    strides = np.cumprod([1, *reversed(plan.token_grid[1:])])[::-1]
+    offsets = np.array(plan.head_offsets, dtype=np.int64).reshape(plan.heads, -1) @ strides
+    return (query_indices(plan)[:, :, None] + offsets[None, None, :]).reshape(-1)
+
+
+def column_channels(plan: AttentionPlan) -> np.ndarray:
+    """``[g, Dg_out]``: the output channel of every column of ``output_projection``."""
+    spec = plan.spec
+    group = spec.group
+    per_group = spec.out_channels // group
+    columns = np.arange(plan.group_out_dim)
+    pixels = int(np.prod(plan.patch))
+    within = columns % per_group if plan.channels_last else columns // pixels
+    return np.arange(group)[:, None] * per_group + within[None, :]
+
+
+def integer_projection(
+    plan: AttentionPlan, weight: np.ndarray, zero_point: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """W_O of an integer Conv for attending first, in the weight's own type, and its
+    zero point per column (``[g, Dg_out]``).
+
+    ``MatMulInteger`` multiplies ``(w - zero point)``; the entries that must contribute
+    nothing hold the zero point of their column, every other entry a copy of one weight:
+    exact, and within the weight type's range."""
+    centred = weight.astype(np.float64) - zero_point.astype(np.float64).reshape(
+        -1, *([1] * (weight.ndim - 1))
+    )
+    projection = output_projection(plan, centred)  # small integers, exact in float64
+    column_zero = zero_point[column_channels(plan)]  # [g, Dg_out]
+    values = projection + column_zero[:, None, :].astype(np.float64)
+    return values.astype(weight.dtype), column_zero.astype(weight.dtype)

@@ -40,13 +40,27 @@ from conv2attn.core.weights import (
 Dim = int | str | None
 
 
-class _Builder:
-    """Appends named nodes to a graph and tracks the static shape of what it makes."""
+# Ops whose output has their first input's type.
+SAME_TYPE_OPS = {"Reshape", "Transpose", "Slice", "Pad", "Gather"}
 
-    def __init__(self, graph: gs.Graph, prefix: str, dtype: np.dtype):
+
+class _Builder:
+    """Appends named nodes to a graph and tracks the static shape of what it makes.
+
+    ``pad_value``: what padding fills in (the Conv's zeros; an integer Conv's input zero
+    point, which may be computed at runtime)."""
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        prefix: str,
+        dtype: np.dtype,
+        pad_value: gs.Tensor | None = None,
+    ):
         self.graph = graph
         self.prefix = prefix
         self.dtype = dtype
+        self.pad_value = pad_value
         self.opset = graph.opset
         self.nodes: list[gs.Node] = []
 
@@ -67,6 +81,8 @@ class _Builder:
         output: gs.Variable | None = None,
     ) -> gs.Variable:
         name = f"{self.prefix}/{part}"
+        if dtype is None and op in SAME_TYPE_OPS and inputs and inputs[0].dtype is not None:
+            dtype = inputs[0].dtype
         if output is None:
             output = gs.Variable(
                 names.output_of(name),
@@ -236,10 +252,11 @@ def _pad(
     """Zero padding of the spatial axes; nothing when there is none."""
     if not any(begin) and not any(end):
         return x
+    fill = [] if b.pad_value is None else [b.pad_value]
     return b.op(
         "Pad",
         f"{part}/Pad",
-        [x, b.int64(f"{part}/pads", [0, 0, *begin, 0, 0, *end])],
+        [x, b.int64(f"{part}/pads", [0, 0, *begin, 0, 0, *end]), *fill],
         shape,
         attrs={"mode": "constant"},
     )

@@ -31,6 +31,7 @@ from conv2attn.core.weights import output_bias, output_projection
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import fold_batchnorms
 from conv2attn.graph.emit import emit_attention
+from conv2attn.graph.emit_integer import emit_integer_attention
 from conv2attn.graph.options import ConvertOptions, convert_options
 from conv2attn.graph.select import Candidate, name_convs, select_convs
 from conv2attn.graph.shapes import (
@@ -178,7 +179,7 @@ def _release_weight_bytes(model: onnx.ModelProto, candidates: Sequence[Candidate
     serialized copies in the working model are dropped so they are not held twice."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     for candidate in candidates:
-        weight = candidate.node.inputs[1]
+        weight = candidate.weight_input
         if isinstance(weight, gs.Constant) and isinstance(weight.values, np.ndarray):
             source = initializers.get(weight.name)
             if source is not None:
@@ -194,6 +195,7 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
             patch=options.patch,
             block=options.block,
             max_param_growth=options.max_param_growth,
+            attend_first=[c.quantization is not None for c in candidates],
         )
     except PlanError as error:
         raise InputError(str(error)) from None
@@ -229,19 +231,33 @@ def _replace(
         x, y = node.inputs[0], node.outputs[0]
         node.inputs.clear()
         node.outputs.clear()
-        emit_attention(
-            candidate.graph,
-            names.scope(node.name),
-            x,
-            y,
-            plan,
-            output_projection(plan, candidate.weight),
-            output_bias(plan, candidate.bias, candidate.weight.dtype),
-            candidate.batch,
-        )
+        quantization = candidate.quantization
+        if quantization is None:
+            emit_attention(
+                candidate.graph,
+                names.scope(node.name),
+                x,
+                y,
+                plan,
+                output_projection(plan, candidate.weight),
+                output_bias(plan, candidate.bias, candidate.weight.dtype),
+                candidate.batch,
+            )
+        else:
+            emit_integer_attention(
+                candidate.graph,
+                names.scope(node.name),
+                x,
+                y,
+                plan,
+                candidate.weight,
+                quantization,
+                candidate.batch,
+            )
+        integer = None if quantization is None else quantization.op
         layers.append(
             LayerReport.from_plan(
-                node.name, y.name, candidate.path, candidate.spec, plan, considered
+                node.name, y.name, candidate.path, candidate.spec, plan, considered, integer
             )
         )
         candidate.weight = candidate.bias = None  # the projection replaces them

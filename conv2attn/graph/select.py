@@ -22,18 +22,49 @@ from conv2attn.core.selection import selection_reason
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import constant_values
 from conv2attn.graph.shapes import graphs
-from conv2attn.record import SkippedConv
+from conv2attn.record import CONVERTED_OPS, SkippedConv
 
 log = logging.getLogger(__name__)
 
 # Conv-like operators left as they are, and why; the report lists every one.
 UNCONVERTED_OPS = {
     "ConvTranspose": "ConvTranspose is not converted (only Conv is)",
-    "ConvInteger": "ConvInteger (quantized) is not converted",
-    "QLinearConv": "QLinearConv (quantized) is not converted",
     "DeformConv": "DeformConv reads input-dependent positions; no fixed attention pattern",
 }
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# Integer Convs: their inputs by role (see the ONNX operators).
+INTEGER_INPUTS = {
+    "ConvInteger": {"x": 0, "w": 1, "x_zero_point": 2, "w_zero_point": 3},
+    "QLinearConv": {
+        "x": 0,
+        "x_scale": 1,
+        "x_zero_point": 2,
+        "w": 3,
+        "w_scale": 4,
+        "w_zero_point": 5,
+        "y_scale": 6,
+        "y_zero_point": 7,
+        "bias": 8,
+    },
+}
+EIGHT_BIT = (np.dtype(np.int8), np.dtype(np.uint8))
+
+
+@dataclass
+class Quantization:
+    """What an integer Conv adds to a float one. Weight zero points and scales are per
+    output channel (a per-tensor value is repeated); the input's zero point and the
+    scales of input and output may be computed at runtime (dynamic quantization)."""
+
+    op: str
+    x_dtype: np.dtype
+    x_zero_point: gs.Tensor | None  # None: 0
+    w_zero_point: np.ndarray
+    x_scale: gs.Tensor | None = None
+    w_scale: np.ndarray | None = None
+    y_scale: gs.Tensor | None = None
+    y_zero_point: gs.Tensor | None = None
+    bias: np.ndarray | None = None  # int32, QLinearConv's
 
 
 @dataclass
@@ -47,6 +78,13 @@ class Candidate:
     weight: np.ndarray | None
     bias: np.ndarray | None
     batch: int | str | None
+    quantization: Quantization | None = None
+
+    @property
+    def weight_input(self) -> gs.Tensor:
+        if self.quantization is None:
+            return self.node.inputs[1]
+        return self.node.inputs[INTEGER_INPUTS[self.node.op]["w"]]
 
 
 @dataclass
@@ -59,15 +97,25 @@ def _ints(node: gs.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for v in node.attrs.get(name, default))
 
 
+def _weight(tensor: gs.Tensor, types: tuple[np.dtype, ...], refusal: str) -> np.ndarray | str:
+    """A Conv's weight as an array, or why it cannot be read (``refusal`` when its type
+    is not one of ``types``)."""
+    weight = constant_values(tensor)
+    if weight is None:
+        return f"weight '{tensor.name}' is computed at runtime, not a constant"
+    if weight.ndim < 3:
+        return f"weight '{tensor.name}' has rank {weight.ndim}, expected 3 or more"
+    if np.dtype(weight.dtype) not in types:
+        return refusal.format(dtype=weight.dtype)
+    return weight
+
+
 def _parameters(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
     """The Conv's weight and bias as arrays, or why they cannot be read."""
-    weight = constant_values(node.inputs[1])
-    if weight is None:
-        return f"weight '{node.inputs[1].name}' is computed at runtime, not a constant"
-    if weight.ndim < 3:
-        return f"weight '{node.inputs[1].name}' has rank {weight.ndim}, expected 3 or more"
-    if np.dtype(weight.dtype) not in SUPPORTED_DTYPES:
-        return f"dtype {weight.dtype} is not supported (float32 and float16 are)"
+    refusal = "dtype {dtype} is not supported (float32 and float16 are)"
+    weight = _weight(node.inputs[1], SUPPORTED_DTYPES, refusal)
+    if isinstance(weight, str):
+        return weight
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
         bias = constant_values(node.inputs[2])
@@ -125,12 +173,104 @@ def _conv_spec(
     return spec
 
 
+def _input(node: gs.Node, role: str) -> gs.Tensor | None:
+    index = INTEGER_INPUTS[node.op][role]
+    if index >= len(node.inputs) or not node.inputs[index].name:
+        return None
+    return node.inputs[index]
+
+
+def _per_channel(values: np.ndarray, channels: int, what: str) -> np.ndarray | str:
+    if values.size == 1:
+        return np.full(channels, values.reshape(()), values.dtype)
+    if values.shape != (channels,):
+        return f"{what} has shape {list(values.shape)}; expected one value or {channels}"
+    return values
+
+
+def _scalar(tensor: gs.Tensor | None, what: str) -> str | None:
+    """Why ``tensor`` cannot be a per-tensor value, or None when it can."""
+    if tensor is None or tensor.shape is None:
+        return None
+    if int(np.prod([d if isinstance(d, int) else 2 for d in tensor.shape])) != 1:
+        return (
+            f"{what} '{tensor.name}' has shape {tensor.shape}; only a per-tensor value has "
+            f"an exact integer form"
+        )
+    return None
+
+
+def _quantization(node: gs.Node, weight: np.ndarray) -> Quantization | str:
+    """The zero points and scales of an integer Conv, or why no exact integer form exists."""
+    channels = int(weight.shape[0])
+    x = node.inputs[0]
+    zero_point = _input(node, "x_zero_point")
+    x_dtype = x.dtype if x.dtype is not None else getattr(zero_point, "dtype", None)
+    if x_dtype is None or np.dtype(x_dtype) not in EIGHT_BIT:
+        return f"input type {x_dtype} is not int8 or uint8"
+    w_zero = _input(node, "w_zero_point")
+    w_zero_values = np.zeros((), weight.dtype) if w_zero is None else constant_values(w_zero)
+    if w_zero_values is None:
+        return f"weight zero point '{w_zero.name}' is computed at runtime, not a constant"
+    w_zero_values = _per_channel(w_zero_values.astype(weight.dtype), channels, "weight zero point")
+    if isinstance(w_zero_values, str):
+        return w_zero_values
+    for role in ("x_zero_point", "x_scale", "y_scale", "y_zero_point"):
+        if role in INTEGER_INPUTS[node.op]:
+            reason = _scalar(_input(node, role), role.replace("_", " "))
+            if reason:
+                return reason
+    quantization = Quantization(node.op, np.dtype(x_dtype), zero_point, w_zero_values)
+    if node.op == "ConvInteger":
+        return quantization
+    w_scale = constant_values(_input(node, "w_scale"))
+    if w_scale is None:
+        return "weight scale is computed at runtime; the requantisation needs it per channel"
+    w_scale = _per_channel(w_scale.astype(np.float32), channels, "weight scale")
+    if isinstance(w_scale, str):
+        return w_scale
+    bias = None
+    if _input(node, "bias") is not None:
+        bias = constant_values(_input(node, "bias"))
+        if bias is None:
+            return f"bias '{_input(node, 'bias').name}' is computed at runtime, not a constant"
+        if bias.shape != (channels,):
+            return f"bias has shape {list(bias.shape)}, expected [{channels}]"
+        bias = bias.astype(np.int32)
+    y_zero = _input(node, "y_zero_point")
+    if y_zero is None or y_zero.dtype is None or np.dtype(y_zero.dtype) not in EIGHT_BIT:
+        return "the output zero point must be an int8 or uint8 tensor"
+    quantization.x_scale = _input(node, "x_scale")
+    quantization.w_scale = w_scale
+    quantization.y_scale = _input(node, "y_scale")
+    quantization.y_zero_point = y_zero
+    quantization.bias = bias
+    return quantization
+
+
+def _integer_parameters(node: gs.Node) -> tuple[np.ndarray, Quantization] | str:
+    weight = _weight(_input(node, "w"), EIGHT_BIT, "weight type {dtype} is not int8 or uint8")
+    if isinstance(weight, str):
+        return weight
+    quantization = _quantization(node, weight)
+    if isinstance(quantization, str):
+        return quantization
+    return weight, quantization
+
+
 def inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> Candidate | str:
-    """A convertible Conv, or the reason it is not converted."""
-    parameters = _parameters(node)
-    if isinstance(parameters, str):
-        return parameters
-    weight, bias = parameters
+    """A convertible Conv (or integer Conv), or the reason it is not converted."""
+    quantization = None
+    if node.op in INTEGER_INPUTS:
+        parameters = _integer_parameters(node)
+        if isinstance(parameters, str):
+            return parameters
+        (weight, quantization), bias = parameters, None
+    else:
+        parameters = _parameters(node)
+        if isinstance(parameters, str):
+            return parameters
+        weight, bias = parameters
     x = node.inputs[0]
     shape = x.shape
     rank = weight.ndim - 2
@@ -149,7 +289,7 @@ def inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> Candidate | str:
         spec = _conv_spec(node, weight, bias, shape)
     except GeometryError as error:
         raise InputError(f"Conv '{node.name}': {error}; the model is invalid") from None
-    return Candidate(node, graph, path, spec, weight, bias, shape[0])
+    return Candidate(node, graph, path, spec, weight, bias, shape[0], quantization)
 
 
 def _scopes_in_use(existing: set[str]) -> set[str]:
@@ -177,9 +317,9 @@ def name_convs(graph: gs.Graph) -> None:
     taken = _scopes_in_use(used | {name for body in bodies for name in body.tensors()})
     seen: set[str] = set()
     for index, node in enumerate(nodes):
-        if node.op != "Conv":
+        if node.op not in CONVERTED_OPS:
             continue
-        name = node.name or f"Conv_{index}"
+        name = node.name or f"{node.op}_{index}"
         if name in seen or (not node.name and name in used) or name in taken:
             suffix = 1
             while {f"{name}_{suffix}"} & (used | seen | taken):
@@ -206,7 +346,7 @@ def select_convs(
         (path, body, node)
         for path, body in bodies
         for node in body.nodes
-        if node.op == "Conv" and node.domain in ("", "ai.onnx", None)
+        if node.op in CONVERTED_OPS and node.domain in ("", "ai.onnx", None)
     ]
     if not convs and not survey:
         raise InputError("the model has no Conv node; nothing to convert")

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from conv2attn.errors import InputError
 from conv2attn.modelio import copy_fields
+from conv2attn.record import CONVERTED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ def resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list
     unknown = {
         node.input[0]
         for node in model.graph.node
-        if node.op_type == "Conv" and node.input and not spatial_known(typed.get(node.input[0]))
+        if node.op_type in CONVERTED_OPS
+        and node.input
+        and not spatial_known(typed.get(node.input[0]))
     }
     if not unknown:
         return []
@@ -128,12 +131,8 @@ def resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list
             )
         else:
             weightless.graph.initializer.append(tensor)
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(weightless, auto_merge=True)
-    except Exception as error:  # the Conv's own error below says what to do
-        log.info("symbolic shape inference failed: %s", error)
+    inferred = _symbolic_inference(weightless)
+    if inferred is None:
         return []
     resolved = []
     for value in inferred.graph.value_info if inferred is not None else ():
@@ -146,6 +145,22 @@ def resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list
             known.type.CopyFrom(value.type)
         resolved.append(value.name)
     return resolved
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference; when it meets operators it does not know
+    (quantized models' com.microsoft operators, say), once more with their output rank
+    taken from their first input, as element-wise operators have it."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    for guess in (False, True):
+        try:
+            return SymbolicShapeInference.infer_shapes(
+                model, auto_merge=True, guess_output_rank=guess
+            )
+        except Exception as error:  # the Conv's own error later says what to do
+            log.info("symbolic shape inference failed%s: %s", " (ranks guessed)" * guess, error)
+    return None
 
 
 def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

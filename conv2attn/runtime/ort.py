@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from conv2attn import names
+from conv2attn.record import CONVERTED_OPS
 from conv2attn.runtime.base import (
     BackendUnavailable,
     Device,
@@ -40,6 +42,7 @@ PROVIDERS = {
 }
 # Activations onnxruntime fuses into a preceding Conv; the fused node is then named
 # after the activation's output.
+LAYOUT_RENAMED = re.compile(r"_token_\d+$")
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish"}
 
 
@@ -169,7 +172,7 @@ def original_node_owners(model: onnx.ModelProto, layers: Sequence[dict]) -> dict
             consumers.setdefault(name, []).append(node)
     owners = {}
     for node in model.graph.node:
-        if node.op_type != "Conv" or node.output[0] not in by_output:
+        if node.op_type not in CONVERTED_OPS or node.output[0] not in by_output:
             continue
         layer = by_output[node.output[0]]
         renamed = [node.name, node.output[0]]
@@ -213,7 +216,8 @@ def layer_times(
         if seen[node] == 1:
             continue  # the first run does one-off work (allocation, prepacking)
         if owners is not None:
-            owner = owners.get(node)
+            # the NHWC layout transformer renames the nodes it moves "<name>_token_<n>"
+            owner = owners.get(node) or owners.get(LAYOUT_RENAMED.sub("", node))
         else:
             owner = next((name for prefix, name in prefixes if node.startswith(prefix)), None)
         totals[owner if owner is not None else rest] += event["dur"]

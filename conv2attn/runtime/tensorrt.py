@@ -33,6 +33,7 @@ import onnx
 from conv2attn import names
 from conv2attn.errors import InputError
 from conv2attn.modelio import external_data_files, save_model, staged_file
+from conv2attn.record import CONVERTED_OPS
 from conv2attn.runtime.base import (
     BackendUnavailable,
     Device,
@@ -339,7 +340,7 @@ def layer_prefixes(
         by_output = {layer["output"]: layer["name"] for layer in record}
         pairs = []
         for node in original.graph.node:
-            if node.op_type == "Conv" and node.output[0] in by_output:
+            if node.op_type in CONVERTED_OPS and node.output[0] in by_output:
                 owner = by_output[node.output[0]]
                 pairs += [(name, owner) for name in (node.name, node.output[0]) if name]
     return sorted(pairs, key=lambda pair: -len(pair[0]))
