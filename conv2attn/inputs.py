@@ -64,8 +64,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
+        # A negative size (older Paddle2ONNX exports write the batch as -1) is dynamic.
         dims = tuple(
-            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+            for d in tensor_type.shape.dim
         )
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         found.append(GraphInput(value.name, dtype, dims))
@@ -81,21 +83,18 @@ def parse_input_shapes(texts: Iterable[str]) -> dict[str, tuple[int, ...]]:
     separated by commas or spaces; a name may itself contain ``:`` (the last one splits)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for text in texts:
-        current: list[str] | None = None
+        specs: list[tuple[str, list[str]]] = []  # (name, the dims' pieces)
         for token in filter(None, re.split(r"[,\s]+", text)):
             if ":" in token:
                 name, _, dims = token.rpartition(":")
                 if not name:
                     raise _shape_error(text)
-                current = [dims]
-                shapes[name] = current  # filled in below
-            elif current is not None:
-                current.append(token)
+                specs.append((name, [dims]))
+            elif specs:
+                specs[-1][1].append(token)  # the next dim of "x:1,3,224,224"
             else:
                 raise _shape_error(text)
-        for name, parts in list(shapes.items()):
-            if isinstance(parts, list):
-                shapes[name] = _dims(parts, text)
+        shapes.update((name, _dims(parts, text)) for name, parts in specs)
     return shapes
 
 

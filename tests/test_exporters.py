@@ -237,6 +237,34 @@ def test_paddle_style_graph_converts_with_parity(fold_bn):
     assert_parity(run(model, feeds), run(converted, feeds))
 
 
+def test_a_negative_batch_is_dynamic_in_every_command(tmp_path):
+    """Older Paddle2ONNX exports declare the batch as ``dim_value: -1``."""
+    import json
+
+    from conv2attn.cli import main
+
+    source = tmp_path / "paddle.onnx"
+    model = paddle_style_model()
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    output = model.graph.output[0].type.tensor_type
+    for size in (-1, 12, 16, 16):  # the exporter's batch here too
+        output.shape.dim.add().dim_value = size
+    onnx.save(model, str(source))
+    converted = tmp_path / "paddle_attn.onnx"
+    assert main(["convert", str(source), "-o", str(converted), "-q"]) == 0
+    batch = onnx.load(str(converted)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.HasField("dim_value")  # a symbol now, not -1
+    assert main(["check", str(source), str(converted), "--samples", "3", "-q"]) == 0
+    timing = ["--batch", "2", "--iterations", "2", "--warmup", "0", "-q"]
+    assert main(["profile", str(source), str(converted), *timing]) == 0
+    if __import__("importlib").util.find_spec("matplotlib"):
+        page = tmp_path / "paddle.html"
+        assert main(["report", str(source), str(converted), "-o", str(page), "-q"]) == 0
+    described = tmp_path / "inspect.json"
+    assert main(["inspect", str(source), "--json", str(described), "-q"]) == 0
+    assert json.loads(described.read_text())["inputs"][0]["dynamic"] == [True, False, False, False]
+
+
 def shared_weight_model() -> onnx.ModelProto:
     """Two Convs read one weight initializer (a Siamese pair); their outputs are added."""
     rng = np.random.default_rng(5)

@@ -76,7 +76,10 @@ def _inputs(model: onnx.ModelProto) -> list[InputInfo]:
     found = []
     for graph_input in graph_inputs(model):
         dims = declared[graph_input.name].type.tensor_type.shape.dim
-        shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+        shown = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+            for d in dims
+        ]
         found.append(InputInfo(graph_input.name, str(graph_input.dtype), shown))
     return found
 

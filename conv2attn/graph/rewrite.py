@@ -7,9 +7,11 @@ Stages, in order, one function each:
 3. ``select_convs``: candidates, and every skipped Conv with its reason;
 4. ``plan``: one plan per Conv (``core.planning``, the cost model);
 5. ``_replace``: each Conv's node detached, its attention subgraph emitted in its place
-   (``graph.emit``), reusing the Conv's output tensor so every consumer stays wired;
-6. ``_export``: cleanup, toposort, and the protobuf with the projections moved in one
-   at a time (they are most of the model);
+   (``graph.emit``; ``graph.emit_integer`` for ConvInteger and QLinearConv), reusing the
+   Conv's output tensor so every consumer stays wired;
+6. cleanup, toposort, and the export: ``_detach_projections`` before it and
+   ``_attach_projections`` after it move the projections (most of the model) in one at
+   a time;
 7. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
    result must pass onnx's checks.
 """
@@ -38,6 +40,7 @@ from conv2attn.graph.shapes import (
     graph_protos,
     graphs,
     infer_shapes,
+    negative_dims_dynamic,
     pin_input_shapes,
     resolve_spatial_sizes,
     skeleton,
@@ -163,6 +166,8 @@ def check_opset(model: onnx.ModelProto) -> int:
 def prepare_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
     """Pin and infer every shape of ``model`` in place; whether the model passes strict
     shape inference (then so must its conversion)."""
+    for name in negative_dims_dynamic(model):
+        log.info("'%s' declares a negative size: read as dynamic", name)
     pin_input_shapes(model, input_shapes)
     bare = skeleton(model)
     for body in graph_protos(bare.graph):

@@ -22,6 +22,22 @@ from conv2attn.record import CONVERTED_OPS
 log = logging.getLogger(__name__)
 
 
+def negative_dims_dynamic(model: onnx.ModelProto) -> list[str]:
+    """Make every negative size in the declared shapes a symbol: older exporters (Paddle2ONNX)
+    write a dynamic batch as ``dim_value: -1``, which no ONNX tool reads as dynamic. Returns
+    the names of the values changed."""
+    changed = []
+    for graph in graph_protos(model.graph):
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            dims = value.type.tensor_type.shape.dim
+            for axis, dim in enumerate(dims):
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.Clear()
+                    dim.dim_param = f"{value.name}_dim{axis}"
+                    changed.append(value.name)
+    return sorted(set(changed))
+
+
 def pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
     inputs = {value.name: value for value in model.graph.input}
     for name, dims in shapes.items():
