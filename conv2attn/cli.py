@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(commands, name: str, **texts: str) -> argparse.ArgumentParser:
+    """A subcommand whose help keeps the epilog's examples as written."""
+    return commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+
+
 def _plan_options(parser) -> None:
     """What the pass is asked to do: the options ``convert`` and ``inspect`` share."""
     _input_shape_option(parser, "pin a graph input's shape, e.g. input:1x3x224x224 (repeatable)")
@@ -221,7 +226,8 @@ def _plan_options(parser) -> None:
 
 
 def _add_inspect(commands) -> None:
-    inspect = commands.add_parser(
+    inspect = _command(
+        commands,
         "inspect",
         help="describe a model's inputs and Convs and the plan, without converting",
         description="Describe a model's inputs (dynamic dims marked), every Conv-like node "
@@ -229,7 +235,6 @@ def _add_inspect(commands) -> None:
         "cost model would choose: patch, order, attention, heads, multiply-adds and "
         "parameters before and after. Writes nothing.",
         epilog=INSPECT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect.add_argument("model", type=Path, help="the .onnx file to describe")
     _plan_options(inspect)
@@ -239,13 +244,13 @@ def _add_inspect(commands) -> None:
 
 
 def _add_convert(commands) -> None:
-    convert = commands.add_parser(
+    convert = _command(
+        commands,
         "convert",
         help="replace every Conv by multi-head self-attention",
         description="Replace every Conv of an ONNX model by an exactly equivalent multi-head "
         "self-attention subgraph, check the result and write it.",
         epilog=CONVERT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("model", type=Path, help="input .onnx file (external data is read too)")
     convert.add_argument(
@@ -275,13 +280,13 @@ def _add_convert(commands) -> None:
 
 
 def _add_check(commands) -> None:
-    check = commands.add_parser(
+    check = _command(
+        commands,
         "check",
         help="prove parity: run both models on the same inputs and compare",
         description="Run the original and the converted model with onnxruntime on the same "
         "inputs and compare every output; with --per-layer, every converted Conv too.",
         epilog=CHECK_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("original", type=Path, help="the model before conversion")
     check.add_argument("converted", type=Path, help="the model after conversion")
@@ -308,7 +313,8 @@ def _add_check(commands) -> None:
 
 
 def _add_profile(commands) -> None:
-    profile = commands.add_parser(
+    profile = _command(
+        commands,
         "profile",
         help="measure latency side by side (onnxruntime, TensorRT, PyTorch)",
         description="Time models side by side on a backend: warm-up, then blocks of runs "
@@ -316,7 +322,6 @@ def _add_profile(commands) -> None:
         "--iterations runs or --duration seconds are spent. Ratios are to the first model. "
         "GPU runs are timed with CUDA events, inputs already on the device.",
         epilog=PROFILE_EPILOG.format(backends=help_text()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     profile.add_argument(
         "models", type=Path, nargs="+", help="models to time; the first is the baseline"
@@ -382,14 +387,14 @@ def _add_profile(commands) -> None:
 
 
 def _add_report(commands) -> None:
-    report = commands.add_parser(
+    report = _command(
+        commands,
         "report",
         help="write a one-page HTML report of a conversion",
         description="Write one self-contained HTML file: summary, a sortable per-layer table, "
         "how one layer's heads attend (computed by running the converted graph) next to "
         "the Conv kernel, and charts of parity, growth and (with --profile) latency.",
         epilog=REPORT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("original", type=Path, help="the model before conversion")
     report.add_argument("converted", type=Path, help="the model after conversion")
@@ -420,13 +425,13 @@ def _add_report(commands) -> None:
 
 
 def _add_demo(commands) -> None:
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
         help="convert and check the shipped digits model",
         description="Convert the shipped model (a residual CNN trained on scikit-learn's "
         "digits), check it on its held-out test split and write the HTML report.",
         epilog=DEMO_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--model", type=Path, default=REPO_MODELS / "digits_cnn.onnx")
     demo.add_argument("--data", type=Path, default=REPO_MODELS / "digits_test.npz")
