@@ -22,6 +22,7 @@ from conv2attn.core.selection import selection_reason
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import constant_values
 from conv2attn.graph.shapes import graphs
+from conv2attn.inputs import GraphInput, suggested_dims
 from conv2attn.record import CONVERTED_OPS, SkippedConv
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,23 @@ def _integer_parameters(node: gs.Node) -> tuple[np.ndarray, Quantization] | str:
     return weight, quantization
 
 
-def inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> Candidate | str:
-    """A convertible Conv (or integer Conv), or the reason it is not converted."""
+def shape_hint(graph: gs.Graph) -> str:
+    """``--input-shape`` values for the model's inputs: their fixed dims, batch 1, and
+    image-sized spatial dims where they are dynamic."""
+    hints = []
+    for tensor in graph.inputs:
+        if isinstance(tensor, gs.Variable) and tensor.shape is not None:
+            dims = [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
+            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+            hints.append(f"{tensor.name}:{suggested_dims(GraphInput(tensor.name, dtype, dims))}")
+    return " ".join(hints) or "NAME:1x3x224x224"
+
+
+def inspect_conv(
+    node: gs.Node, graph: gs.Graph, path: str, hint: str = "NAME:1x3x224x224"
+) -> Candidate | str:
+    """A convertible Conv (or integer Conv), or the reason it is not converted; ``hint``
+    is what to pass as ``--input-shape`` when its size is unknown."""
     quantization = None
     if node.op in INTEGER_INPUTS:
         parameters = _integer_parameters(node)
@@ -281,7 +297,7 @@ def inspect_conv(node: gs.Node, graph: gs.Graph, path: str) -> Candidate | str:
     ):
         raise InputError(
             f"Conv '{node.name}': spatial size of input '{x.name}' is unknown "
-            f"(shape {shape}); pass --input-shape NAME:1x3x224x224 for the model's inputs"
+            f"(shape {shape}); pass --input-shape for the model's inputs, e.g. {hint}"
         )
     if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
         log.warning("Conv '%s': weights contain NaN or Inf; converted as they are", node.name)
@@ -357,10 +373,11 @@ def select_convs(
         if node.op in UNCONVERTED_OPS
     ]
     candidates = []
+    hint = shape_hint(graph)
     for path, body, node in convs:
         reason = selection_reason(node.name, include, exclude)
         try:
-            inspected = inspect_conv(node, body, path) if reason is None else reason
+            inspected = inspect_conv(node, body, path, hint) if reason is None else reason
         except InputError as error:
             if not survey:
                 raise
