@@ -178,6 +178,14 @@ def _plan_options(parser) -> None:
     """What the pass is asked to do: the options ``convert`` and ``inspect`` share."""
     _input_shape_option(parser, "pin a graph input's shape, e.g. input:1x3x224x224 (repeatable)")
     parser.add_argument(
+        "--nominal-shape",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="the input shape the cost model plans dynamic sizes for, without pinning it "
+        "(default: batch 1 and 224x224 images); the converted model keeps its dynamic sizes",
+    )
+    parser.add_argument(
         "--patch",
         default="auto",
         metavar="auto|N|NxM",
@@ -312,6 +320,25 @@ def _add_check(commands) -> None:
     check.set_defaults(run=run_check)
 
 
+def _shape_range_options(parser) -> None:
+    """trtexec's --minShapes/--optShapes/--maxShapes, under both spellings."""
+    for bound, trtexec, meaning in (
+        ("min", "minShapes", "smallest"),
+        ("opt", "optShapes", "timed (and TensorRT's optimum)"),
+        ("max", "maxShapes", "largest"),
+    ):
+        parser.add_argument(
+            f"--{bound}-shapes",
+            f"--{trtexec}",
+            dest=f"{bound}_shapes",
+            action="append",
+            default=[],
+            metavar="NAME:DIMS",
+            help=f"with the other two: the {meaning} shape of a dynamic input; TensorRT builds "
+            "one engine for the range (trtexec's semantics)",
+        )
+
+
 def _add_profile(commands) -> None:
     profile = _command(
         commands,
@@ -349,6 +376,7 @@ def _add_profile(commands) -> None:
     _input_shape_option(
         profile, "shape of an input with dynamic dims other than the batch (repeatable)"
     )
+    _shape_range_options(profile)
     profile.add_argument(
         "--backend",
         choices=tuple(BACKENDS),
@@ -514,6 +542,7 @@ def run_convert(args: argparse.Namespace) -> int:
         attention=args.attention,
         block=args.block,
         fold_bn=args.fold_bn,
+        nominal_shapes=args.nominal_shape,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )
@@ -542,6 +571,7 @@ def _convert_options(args: argparse.Namespace):
         attention=args.attention,
         block=args.block,
         fold_bn=args.fold_bn,
+        nominal_shapes=args.nominal_shape,
     )
 
 
@@ -557,15 +587,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _samples(args: argparse.Namespace, model, other):
-    """The samples ``check`` runs: from ``--inputs``, ``--images`` or random. Dynamic
-    dims of ``model`` take the sizes ``other`` (the converted model) fixes."""
+def _samples(args: argparse.Namespace, model, other, shapes: dict | None = None):
+    """The samples ``check`` runs: from ``--inputs``, ``--images`` or random (at ``shapes``,
+    default all of ``--input-shape``). Dynamic dims of ``model`` take the sizes ``other``
+    (the converted model) fixes."""
     from conv2attn import inputs
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
     graph_inputs = inputs.fill_dims(inputs.graph_inputs(model), inputs.graph_inputs(other))
-    shapes = inputs.parse_input_shapes(args.input_shape)
+    if shapes is None:
+        shapes = inputs.parse_input_shapes(args.input_shape)
     inputs.check_shape_names(shapes, graph_inputs)
     if args.inputs is not None:
         return inputs.npz_samples(args.inputs, graph_inputs)
@@ -579,31 +611,45 @@ def _samples(args: argparse.Namespace, model, other):
 
 
 def _check(args: argparse.Namespace, original_path: Path, converted_path: Path) -> int:
+    from conv2attn.inputs import shape_sets
     from conv2attn.modelio import load_model
     from conv2attn.report import check_table
     from conv2attn.validate import check
 
     original = load_model(original_path)
     converted = load_model(converted_path)
-    samples = _samples(args, original, converted)
-    progress = Progress("checking", enabled=not args.quiet)
-    report = check(
-        original,
-        converted,
-        samples,
-        names=(str(original_path), str(converted_path)),
-        rtol=args.rtol,
-        atol=args.atol,
-        provider=args.provider,
-        per_layer=args.per_layer,
-        batch_size=args.batch_size,
-        progress=progress,
-    )
-    progress.close()
-    _write_report(args.json, report.to_dict())
-    if not args.quiet and not _to_stdout(args.json):
-        print(check_table(report, use_colour()))
-    return 0 if report.passed else 1
+    sets = shape_sets(args.input_shape)
+    if len(sets) > 1 and (args.inputs is not None or args.images is not None):
+        raise InputError("several --input-shape sets apply to random inputs, not --inputs/--images")
+    reports = []
+    for shapes in sets:
+        samples = _samples(args, original, converted, shapes if len(sets) > 1 else None)
+        progress = Progress("checking", enabled=not args.quiet)
+        report = check(
+            original,
+            converted,
+            samples,
+            names=(str(original_path), str(converted_path)),
+            rtol=args.rtol,
+            atol=args.atol,
+            provider=args.provider,
+            per_layer=args.per_layer,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        progress.close()
+        reports.append((shapes, report))
+        if not args.quiet and not _to_stdout(args.json):
+            if len(sets) > 1:
+                shown = " ".join(f"{n}:{'x'.join(map(str, d))}" for n, d in shapes.items())
+                print(f"{chr(10) if len(reports) > 1 else ''}== at {shown}")
+            print(check_table(report, use_colour()))
+    if len(reports) == 1:
+        _write_report(args.json, reports[0][1].to_dict())
+    else:
+        runs = [{"input_shapes": shapes, **report.to_dict()} for shapes, report in reports]
+        _write_report(args.json, {"passed": all(r.passed for _, r in reports), "runs": runs})
+    return 0 if all(report.passed for _, report in reports) else 1
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -618,13 +664,18 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from conv2attn.inputs import parse_input_shapes
+    from conv2attn.inputs import parse_input_shapes, shape_ranges
     from conv2attn.modelio import load_model
     from conv2attn.profile import profile
     from conv2attn.report import profile_table
     from conv2attn.runtime.base import GpuOptions
 
     _check_json_path(args.json, list(args.models))
+    ranges = shape_ranges(args.min_shapes, args.opt_shapes, args.max_shapes)
+    shapes = parse_input_shapes(args.input_shape)
+    for name, (_, opt, _) in ranges.items():
+        if shapes.setdefault(name, opt) != opt:
+            raise InputError(f"--input-shape and --opt-shapes give '{name}' different shapes")
     models = [load_model(path) for path in args.models]
     progress = Progress("timing", enabled=not args.quiet)
     report = profile(
@@ -636,7 +687,7 @@ def run_profile(args: argparse.Namespace) -> int:
         duration=args.duration,
         block=args.block_runs,
         warmup=args.warmup,
-        input_shapes=parse_input_shapes(args.input_shape),
+        input_shapes=shapes,
         per_layer=args.per_layer,
         backend=args.backend,
         gpu=GpuOptions(
@@ -646,6 +697,7 @@ def run_profile(args: argparse.Namespace) -> int:
             cuda_graph=args.cuda_graph,
             compile=args.compile,
             check_numerics=not args.no_numerics,
+            shape_ranges=ranges,
         ),
         progress=progress,
     )

@@ -98,6 +98,39 @@ def parse_input_shapes(texts: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def shape_ranges(
+    low: Iterable[str], opt: Iterable[str], high: Iterable[str]
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """trtexec's ``--minShapes/--optShapes/--maxShapes``: per input, min <= opt <= max
+    in every dim, all three given."""
+    lows, opts, highs = (parse_input_shapes(texts) for texts in (low, opt, high))
+    if not lows.keys() == opts.keys() == highs.keys():
+        raise InputError(
+            "--min-shapes, --opt-shapes and --max-shapes must name the same inputs "
+            f"(min: {sorted(lows)}, opt: {sorted(opts)}, max: {sorted(highs)})"
+        )
+    ranges = {}
+    for name, dims in opts.items():
+        trio = (lows[name], dims, highs[name])
+        if len({len(d) for d in trio}) != 1 or not all(a <= b <= c for a, b, c in zip(*trio)):
+            shown = " <= ".join("x".join(map(str, d)) for d in trio)
+            raise InputError(f"shape range of '{name}' is not min <= opt <= max: {shown}")
+        ranges[name] = trio
+    return ranges
+
+
+def shape_sets(texts: Iterable[str]) -> list[dict[str, tuple[int, ...]]]:
+    """``--input-shape`` values as successive sets: naming an input a second time starts
+    the next set, so ``x:1x3x224x224 x:1x3x160x192`` is two runs of one model."""
+    sets: list[dict[str, tuple[int, ...]]] = [{}]
+    for text in texts:
+        for name, dims in parse_input_shapes([text]).items():
+            if name in sets[-1]:
+                sets.append({})
+            sets[-1][name] = dims
+    return sets
+
+
 def _dims(parts: list[str], text: str) -> tuple[int, ...]:
     joined = ",".join(parts)
     bracketed = re.fullmatch(r"\[([\d,]*)\]", joined)

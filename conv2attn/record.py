@@ -57,6 +57,9 @@ class LayerReport:
     alternatives: tuple[dict, ...] = ()
     graph: str = ""  # the control-flow subgraph holding the Conv, e.g. "If_0/then_branch"
     integer: str | None = None  # ConvInteger or QLinearConv: integer attention
+    # the input size is dynamic: the plan is for the nominal ``input_size``; the graph
+    # computes the real grid at run time
+    dynamic: bool = False
 
     @classmethod
     def from_plan(
@@ -68,6 +71,7 @@ class LayerReport:
         plan: AttentionPlan,
         considered: list[AttentionPlan],
         integer: str | None = None,
+        dynamic: bool = False,
     ) -> LayerReport:
         """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
         chosen from ``considered``; ``integer`` names an integer Conv's operator (its
@@ -102,6 +106,7 @@ class LayerReport:
             alternatives=_alternatives(plan, considered),
             graph=graph,
             integer=integer,
+            dynamic=dynamic,
         )
 
 
@@ -220,6 +225,8 @@ def _recorded(layer: LayerReport) -> dict:
     entry = {name: getattr(layer, name) for name in RECORDED_FIELDS}
     if layer.integer:  # only integer layers carry it, so float records stay as they were
         entry["integer"] = layer.integer
+    if layer.dynamic:
+        entry["dynamic"] = True
     return entry
 
 

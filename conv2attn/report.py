@@ -101,6 +101,15 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
         rows = [[*row[:1], kind, *row[1:]] for row, kind in zip(rows, kinds)]
         right = [right[0], False, *right[1:]]
     text = format_table(rows, right, colour)
+    dynamic = [layer for layer in report.layers if layer.dynamic]
+    if dynamic:
+        sizes = sorted({"x".join(map(str, layer.input_size)) for layer in dynamic})
+        text += (
+            f"\n\n{len(dynamic)} layer(s) keep dynamic sizes: their graphs compute the token "
+            f"grid at run time; patches, tokens and costs above are for the nominal input "
+            f"size(s) {', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''} "
+            f"(--nominal-shape to change it)"
+        )
     if report.skipped:
         text += "\n\nnot converted:\n" + "\n".join(
             f"  {skip.name}: {skip.reason}" for skip in report.skipped

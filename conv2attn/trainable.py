@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from conv2attn.core.geometry import (
     ConvSpec,
     GeometryError,
     Order,
+    plan_attention,
     validate,
 )
 from conv2attn.core.planning import LayerPlans, plan_layers
@@ -147,6 +149,42 @@ def _pair(value, name: str) -> tuple[int, int]:
     return sizes
 
 
+@dataclass
+class _Geometry:
+    """What ``ConvAttention`` indexes with at one input size."""
+
+    plan: AttentionPlan
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    bias_index: torch.Tensor
+    deltas: list[torch.Tensor]
+    rhos: list[torch.Tensor]
+    lows: tuple[int, ...]
+
+
+def _geometry(plan: AttentionPlan, key_dim: int, dtype, device) -> _Geometry:
+    """Indices and relative-position features of ``plan`` (its bias table's range:
+    ``weights.quadratic_encoding``'s)."""
+    relative = relative_positions(plan)
+    lows = [int(d.min()) for d in relative]
+    spans = [int(d.max()) - low + 1 for d, low in zip(relative, lows)]
+    deltas = [d - low for d, low in zip(relative, lows)]
+    as_tensor = lambda array: torch.from_numpy(array).to(device)  # noqa: E731
+    rhos = []
+    for low, span in zip(lows, spans):
+        positions = np.arange(low, low + span)
+        rhos.append(as_tensor(_sinusoids(positions, key_dim // 2)).to(dtype))
+    return _Geometry(
+        plan,
+        as_tensor(query_indices(plan)),
+        as_tensor(window_indices(plan)),
+        as_tensor(deltas[0] * spans[1] + deltas[1]),
+        [as_tensor(d) for d in deltas],
+        rhos,
+        tuple(lows),
+    )
+
+
 def _sinusoids(positions: np.ndarray, features: int) -> np.ndarray:
     """``[len(positions), features]``: sin and cos of the position at geometric frequencies."""
     frequencies = 1.0 / (4.0 ** np.arange(features // 2))
@@ -181,11 +219,14 @@ class ConvAttention(nn.Module):
         self.padding_mode = padding_mode
         self.explicit_padding = tuple(explicit_padding)
         self.key_dim = key_dim
+        self.alpha = alpha
+        self._other_sizes: dict[tuple[int, ...], _Geometry] = {}
         dtype = torch.float16 if weight.dtype == np.float16 else torch.float32
         features = plan.in_dim
         self.w_q = nn.Parameter(torch.zeros(plan.heads, features, key_dim, dtype=dtype))
         self.w_k = nn.Parameter(torch.zeros(plan.heads, features, key_dim, dtype=dtype))
         table, lows = quadratic_encoding(plan, alpha)
+        self.table_lows = tuple(lows)
         self.position_bias = nn.Parameter(torch.from_numpy(table).to(dtype))
         self.w_o = nn.Parameter(torch.from_numpy(output_projection(plan, weight)))
         self.bias = nn.Parameter(torch.from_numpy(output_bias(plan, bias, weight.dtype)))
@@ -260,9 +301,9 @@ class ConvAttention(nn.Module):
             f"tokens={p.token_grid}, order={p.order.value}"
         )
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Padded input -> ``[B, tokens, groups, group features]`` (weights' layouts)."""
-        plan, spec = self.plan, self.plan.spec
+        spec = plan.spec
         if self.padding_mode != "zeros":
             rows, cols = self.explicit_padding
             x = functional.pad(x, (cols, cols, rows, rows), mode=self.padding_mode)
@@ -302,13 +343,12 @@ class ConvAttention(nn.Module):
         x = x.permute(*order)
         return x.reshape(batch, plan.tokens, group, plan.group_in_dim)
 
-    def _relative(self, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _relative(self, vectors: torch.Tensor, transpose: bool, g: _Geometry) -> torch.Tensor:
         """``vectors . rho(d)`` for every query-key pair, ``[B, blocks, heads, q, k]``."""
         per_axis = self.key_dim // 2
         total = 0
         for axis in range(2):
-            rho = getattr(self, f"rho_{axis}")
-            delta = getattr(self, f"delta_{axis}")
+            rho, delta = g.rhos[axis], g.deltas[axis]
             part = vectors[..., axis * per_axis : (axis + 1) * per_axis]
             scores = torch.einsum("bnhtd,sd->bnhts", part, rho)
             index = delta.t() if transpose else delta
@@ -317,27 +357,73 @@ class ConvAttention(nn.Module):
             total = total + (picked.transpose(-1, -2) if transpose else picked)
         return total
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan, spec = self.plan, self.plan.spec
-        expected = plan.source.input_size if plan.source is not None else spec.input_size
+    def _geometry(self, size: tuple[int, ...]) -> _Geometry:
+        """The geometry at input size ``size``: the built one, or computed (and kept) for
+        another size; the weights do not depend on it (``docs/design.md`` section 7)."""
+        plan = self.plan
+        built = plan.source.input_size if plan.source is not None else plan.spec.input_size
         # the geometry's input is after a padding mode's own padding
-        expected = [n - 2 * p for n, p in zip(expected, self.explicit_padding)]
-        if list(x.shape[2:]) != expected:
-            raise ValueError(f"ConvAttention built for inputs {expected}, got {list(x.shape[2:])}")
+        size = tuple(n + 2 * p for n, p in zip(size, self.explicit_padding))
+        if size == tuple(built):
+            return _Geometry(
+                plan,
+                self.query_index,
+                self.key_index,
+                self.bias_index,
+                [self.delta_0, self.delta_1],
+                [self.rho_0, self.rho_1],
+                self.table_lows,
+            )
+        if size not in self._other_sizes:
+            source = plan.source or plan.spec
+            local = plan.attention is Attention.LOCAL
+            try:
+                other = plan_attention(
+                    replace(source, input_size=size),
+                    plan.patch,
+                    plan.order,
+                    plan.attention,
+                    plan.block if local else None,
+                )
+            except GeometryError as error:
+                raise ValueError(f"input size {list(size)}: {error}") from None
+            device = self.position_bias.device
+            self._other_sizes[size] = _geometry(other, self.key_dim, self.rho_0.dtype, device)
+        return self._other_sizes[size]
+
+    def _position_table(self, g: _Geometry) -> torch.Tensor:
+        """The position bias over ``g``'s relative positions: the trained table where it
+        reaches, the initial quadratic encoding beyond it."""
+        if g.lows == self.table_lows and g.plan is self.plan:
+            return self.position_bias
+        fresh, _ = quadratic_encoding(g.plan, self.alpha)
+        table = torch.from_numpy(fresh).to(self.position_bias)
+        spans = self.position_bias.shape[1:]
+        target, source = [slice(None)], [slice(None)]
+        for low, new_low, span, new_span in zip(self.table_lows, g.lows, spans, fresh.shape[1:]):
+            start, stop = max(low, new_low), min(low + span, new_low + new_span)
+            target.append(slice(start - new_low, max(stop - new_low, start - new_low)))
+            source.append(slice(start - low, max(stop - low, start - low)))
+        table[tuple(target)] = self.position_bias[tuple(source)]
+        return table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self._geometry(tuple(x.shape[2:]))
+        plan, spec = g.plan, g.plan.spec
         batch = x.shape[0]
-        tokens = self._tokens(x)  # [B, N, g, Dg]
+        tokens = self._tokens(x, plan)  # [B, N, g, Dg]
         flat = tokens.reshape(batch, plan.tokens, plan.in_dim)
-        queries = flat[:, self.query_index]  # [B, blocks, q, F]
-        keys = flat[:, self.key_index]  # [B, blocks, k, F]
+        queries = flat[:, g.query_index]  # [B, blocks, q, F]
+        keys = flat[:, g.key_index]  # [B, blocks, k, F]
         q = torch.einsum("bnqf,hfd->bnhqd", queries, self.w_q)
         k = torch.einsum("bnkf,hfd->bnhkd", keys, self.w_k)
         content = torch.einsum("bnhqd,bnhkd->bnhqk", q, k)
-        content = content + self._relative(q, False) + self._relative(k, True)
-        position = self.position_bias.reshape(plan.heads, -1)[:, self.bias_index]
+        content = content + self._relative(q, False, g) + self._relative(k, True, g)
+        position = self._position_table(g).reshape(plan.heads, -1)[:, g.bias_index]
         logits = content.float() / math.sqrt(self.key_dim) + position.float()
         weights = torch.softmax(logits, dim=-1).to(tokens.dtype)  # [B, blocks, h, q, k]
 
-        values = tokens[:, self.key_index]  # [B, blocks, k, g, Dg]
+        values = tokens[:, g.key_index]  # [B, blocks, k, g, Dg]
         group = spec.group
         if plan.order is Order.ATTEND_FIRST:
             attended = torch.einsum("bnhqk,bnkgf->bnqghf", weights, values)

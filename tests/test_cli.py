@@ -172,14 +172,13 @@ def test_output_in_missing_folder_is_refused(chain, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_unknown_spatial_size_tells_to_pass_input_shape(tmp_path, capsys):
+def test_a_dynamic_size_converts_and_stays_dynamic(tmp_path, capsys):
     path = tmp_path / "dynamic.onnx"
     onnx.save(conv_model(size=("H", "W")), str(path))
-    assert main(["convert", str(path), "-o", str(tmp_path / "o.onnx")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0
-    assert "Conv 'conv'" in err and "--input-shape" in err
-    assert not (tmp_path / "o.onnx").exists()
+    assert main(["convert", str(path), "-o", str(tmp_path / "o.onnx")]) == 0
+    assert "keep dynamic sizes" in capsys.readouterr().out
+    dims = onnx.load(str(tmp_path / "o.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims[2:]] == ["H", "W"]
 
 
 def test_failure_while_writing_leaves_no_partial_file(chain, tmp_path, monkeypatch):

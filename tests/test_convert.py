@@ -231,11 +231,12 @@ def test_model_without_conv_is_an_error():
         conv2attn.convert(model)
 
 
-def test_unknown_spatial_size_names_the_node_and_input_shape_fixes_it():
+def test_a_dynamic_size_stays_dynamic_unless_input_shape_pins_it():
     model = conv_model(size=("H", "W"))
-    with pytest.raises(InputError, match=r"Conv 'conv'.*--input-shape"):
-        conv2attn.convert(model)
-    converted, _ = conv2attn.convert(model, input_shapes=["x:2x4x9x11"])
+    _, report = conv2attn.convert(model)
+    assert report.layers[0].dynamic
+    converted, report = conv2attn.convert(model, input_shapes=["x:2x4x9x11"])
+    assert not report.layers[0].dynamic
     feeds = random_input(conv_model(size=(9, 11)), batch=2)
     assert_parity(run(conv_model(size=(9, 11)), feeds), run(converted, feeds))
 

@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conv2attn.errors import InputError
 from conv2attn.graph.rewrite import convert
 from tests.helpers import assert_parity, run
 
@@ -119,11 +118,15 @@ def export_yolo(path, dynamic: bool):
 
 
 @pytest.mark.parametrize("attention", ["global", "local"])
-def test_yolo_style_detector_with_pinned_dynamic_size(tmp_path, attention):
+def test_yolo_style_detector_with_dynamic_or_pinned_size(tmp_path, attention):
     model = export_yolo(tmp_path / "yolo.onnx", dynamic=True)
     convs = sum(node.op_type == "Conv" for node in model.graph.node)
-    with pytest.raises(InputError, match="--input-shape"):
-        convert(model, attention=attention)
+    kept, report = convert(model, attention=attention)  # one model for every size
+    assert len(report.layers) == convs and all(layer.dynamic for layer in report.layers)
+    rng = np.random.default_rng(1)
+    for size in ((64, 64), (96, 128)):
+        feeds = {"images": rng.standard_normal((1, 3, *size), np.float32)}
+        assert_parity(run(model, feeds), run(kept, feeds))
     converted, report = convert(model, attention=attention, input_shapes=["images:1x3x64x64"])
     assert len(report.layers) == convs and not report.skipped  # the decoding Conv too
     assert "dfl" in " ".join(layer.name for layer in report.layers).lower()

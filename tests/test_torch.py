@@ -97,13 +97,32 @@ def test_refuses_what_it_cannot_convert():
     with pytest.raises(TypeError, match=r"nn\.Conv2d"):
         ConvAttention.from_conv(nn.Conv1d(2, 2, 3), (8,))
     layer = ConvAttention.from_conv(nn.Conv2d(2, 2, 3), (8, 8))
-    with pytest.raises(ValueError, match=r"built for inputs \[8, 8\], got \[9, 8\]"):
-        layer(torch.randn(1, 2, 9, 8))
-    reflect = ConvAttention.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), (8, 8))
-    with pytest.raises(ValueError, match=r"built for inputs \[8, 8\], got \[8, 9\]"):
-        reflect(torch.randn(1, 2, 8, 9))
+    with pytest.raises(ValueError, match=r"input size \[2, 8\]: .*larger than the padded"):
+        layer(torch.randn(1, 2, 2, 8))  # too small for the Conv itself
     with pytest.raises(ValueError, match="larger than the padded input"):
         ConvAttention.from_conv(nn.Conv2d(2, 2, 5), (3, 3))
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_one_layer_runs_at_every_size(attention):
+    """Built at 8x8, the layer equals the Conv at other sizes too (the weights do not
+    depend on the size), and a trained position bias still applies there."""
+    torch.manual_seed(0)
+    for conv in (
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2),
+        nn.Conv2d(4, 4, 5, padding=2, groups=4, padding_mode="reflect"),
+    ):
+        layer = ConvAttention.from_conv(conv, (8, 8), attention=attention)
+        for size in ((8, 8), (4, 4), (13, 9), (16, 24), (3, 17)):
+            x = torch.randn(2, conv.in_channels, *size)
+            with torch.no_grad():
+                expected = conv(x)
+                torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            layer.position_bias.add_(torch.randn_like(layer.position_bias) * 30)
+            x = torch.randn(1, conv.in_channels, 13, 9)
+            assert (layer(x) - conv(x)).abs().max() > 1e-3
 
 
 class SmallCnn(nn.Module):

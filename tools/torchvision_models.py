@@ -35,9 +35,16 @@ def build(name: str, seed: int):
 
 
 def export(
-    name: str, path: Path, dynamo: bool, seed: int = 0, size: int = 224, opset: int = 13
+    name: str,
+    path: Path,
+    dynamo: bool,
+    seed: int = 0,
+    size: int = 224,
+    opset: int = 13,
+    dynamic_size: bool = False,
 ) -> Path:
-    """Export a torchvision model at ``size`` x ``size`` with a dynamic batch dimension."""
+    """Export a torchvision model at ``size`` x ``size`` with a dynamic batch dimension
+    (and, with ``dynamic_size``, dynamic height and width: TorchScript exporter only)."""
     import torch
 
     model = build(name, seed)
@@ -46,13 +53,19 @@ def export(
         warnings.simplefilter("ignore")
         if dynamo:
             # The new exporter writes the weights as external data next to the model.
+            dims = {0: torch.export.Dim("batch")}
+            if dynamic_size:
+                dims |= {
+                    axis: torch.export.Dim(name, min=32, max=2048)
+                    for axis, name in ((2, "height"), (3, "width"))
+                }
             torch.onnx.export(
                 model,
                 (example,),
                 str(path),
                 dynamo=True,
                 input_names=["input"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamic_shapes={"x": dims},
             )
         else:
             torch.onnx.export(
@@ -62,7 +75,9 @@ def export(
                 dynamo=False,
                 input_names=["input"],
                 output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}},
+                dynamic_axes={
+                    "input": {0: "batch", **({2: "height", 3: "width"} if dynamic_size else {})}
+                },
                 opset_version=opset,
             )
     return path

@@ -49,8 +49,15 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def run_model(name: str, folder: Path, attention: str = "local", seed: int = 0) -> dict:
-    """Export, convert and check one model; the row of the coverage table."""
+# The second size a model exported with dynamic height and width is checked at.
+SECOND_SIZE = (160, 192)
+
+
+def run_model(
+    name: str, folder: Path, attention: str = "local", seed: int = 0, dynamic: bool = False
+) -> dict:
+    """Export, convert and check one model; the row of the coverage table. ``dynamic``:
+    export with dynamic height and width, convert once, check at two sizes."""
     import numpy as np
     import onnx
 
@@ -64,7 +71,13 @@ def run_model(name: str, folder: Path, attention: str = "local", seed: int = 0) 
     source = folder / f"{name}.onnx"
     start = time.perf_counter()
     # opset 17: the vision transformers' attention needs 14 or newer
-    export(name, source, dynamo=False, seed=seed, size=size, opset=17)
+    try:
+        export(name, source, dynamo=False, seed=seed, size=size, opset=17, dynamic_size=dynamic)
+    except Exception:  # TorchScript cannot export some models with dynamic sizes (alexnet's
+        if not dynamic:  # adaptive pooling); the dynamo exporter can
+            raise
+        export(name, source, dynamo=True, seed=seed, size=size, dynamic_size=True)
+        row["exporter"] = "dynamo"
     row["export_s"] = round(time.perf_counter() - start, 1)
     original = onnx.load(str(source), load_external_data=False)
     row["convs"] = sum(node.op_type == "Conv" for node in _all_nodes(original.graph))
@@ -81,10 +94,20 @@ def run_model(name: str, folder: Path, attention: str = "local", seed: int = 0) 
     del converted
 
     rng = np.random.default_rng(seed)
-    feeds = {"input": rng.standard_normal((1, 3, size, size)).astype(np.float32)}
-    reference = session(str(source)).run(None, feeds)
-    actual = session(str(target)).run(None, feeds)
-    errors = [compare(str(i), r, a) for i, (r, a) in enumerate(zip(reference, actual))]
+    errors = []
+    original_session, converted_session = session(str(source)), session(str(target))
+    sizes = [(size, size), *([SECOND_SIZE] if dynamic else [])]
+    row["sizes_checked"] = []
+    for height, width in sizes:
+        feeds = {"input": rng.standard_normal((1, 3, height, width)).astype(np.float32)}
+        try:
+            reference = original_session.run(None, feeds)
+        except Exception:  # the original itself takes only its export size (a ViT, say)
+            continue
+        actual = converted_session.run(None, feeds)
+        errors += [compare(str(i), r, a) for i, (r, a) in enumerate(zip(reference, actual))]
+        row["sizes_checked"].append(f"{height}x{width}")
+    row["dynamic_layers"] = sum(layer.dynamic for layer in report.layers)
     worst = max(errors, key=lambda e: e.max_rel)
     row["max_abs"] = float(worst.max_abs)
     row["max_rel"] = float(worst.max_rel)
@@ -101,12 +124,12 @@ def _all_nodes(graph):
                 yield from _all_nodes(attribute.g)
 
 
-def _run_isolated(name: str, attention: str, timeout: float) -> dict:
+def _run_isolated(name: str, attention: str, timeout: float, dynamic: bool = False) -> dict:
     """``run_model`` in a child process; a crash, an error or a timeout becomes the row."""
     with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as folder:
         out = Path(folder) / "row.json"
         command = [sys.executable, __file__, "--one", name, "--attention", attention]
-        command += ["--row", str(out), "--folder", folder]
+        command += ["--row", str(out), "--folder", folder, *(["--dynamic"] if dynamic else [])]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -145,6 +168,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="export with dynamic height and width, convert once, check at two sizes",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -152,7 +180,7 @@ def main() -> int:
 
     if args.one:  # the child process of _run_isolated
         try:
-            row = run_model(args.one, args.folder, args.attention)
+            row = run_model(args.one, args.folder, args.attention, dynamic=args.dynamic)
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()
             row = {"model": args.one, "error": f"{type(error).__name__}: {error}"}
@@ -162,7 +190,7 @@ def main() -> int:
     names = args.models or (list(CI_SUBSET) if args.ci_subset else classification_models())
     rows = []
     for name in names:
-        row = _run_isolated(name, args.attention, args.timeout)
+        row = _run_isolated(name, args.attention, args.timeout, args.dynamic)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:

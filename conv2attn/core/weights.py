@@ -43,8 +43,11 @@ def _axis_selection(kernel: int, stride: int, dilation: int, patch: int, reach: 
     return selection
 
 
-def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
-    """W_O for ``plan.order``, one matrix per group, in the Conv weight's dtype.
+def output_projection(
+    plan: AttentionPlan, weight: np.ndarray, channels_last: bool | None = None
+) -> np.ndarray:
+    """W_O for ``plan.order``, one matrix per group, in the Conv weight's dtype; token
+    features as ``plan.channels_last`` says unless ``channels_last`` overrides it.
 
     Attend-first: ``[g, heads * Dg_in, Dg_out]``, rows ``(head, c, y..)``.
     Project-first: ``[g, Dg_in, heads * Dg_out]``, columns ``(head, co, u..)``.
@@ -72,7 +75,9 @@ def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
     letters = "abcdefhijlmnpqrstvwxyz"[: 4 * rank]
     offs, ins, outs, taps = (letters[i::4] for i in range(4))
     terms = [f"{offs[i]}{ins[i]}{outs[i]}{taps[i]}" for i in range(rank)]
-    rows, cols = (f"{ins}C", f"{outs}O") if plan.channels_last else (f"C{ins}", f"O{outs}")
+    if channels_last is None:
+        channels_last = plan.channels_last
+    rows, cols = (f"{ins}C", f"{outs}O") if channels_last else (f"C{ins}", f"O{outs}")
     subscripts = ",".join(terms) + f",GOC{taps}" + f"->G{offs}{rows}{cols}"
     projection = np.einsum(subscripts, *selections, w, optimize=True)
     projection = projection.reshape(group, plan.heads * plan.group_in_dim, plan.group_out_dim)
@@ -85,7 +90,12 @@ def output_projection(plan: AttentionPlan, weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(projection.astype(weight.dtype, copy=False))
 
 
-def output_bias(plan: AttentionPlan, bias: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+def output_bias(
+    plan: AttentionPlan,
+    bias: np.ndarray | None,
+    dtype: np.dtype,
+    channels_last: bool | None = None,
+) -> np.ndarray:
     """The Conv bias repeated over every pixel of an output patch: ``[g, 1, Dg_out]``."""
     spec = plan.spec
     values = (
@@ -97,7 +107,7 @@ def output_bias(plan: AttentionPlan, bias: np.ndarray | None, dtype: np.dtype) -
         )
     pixels = int(np.prod(plan.patch))
     cg_out = spec.out_channels // spec.group
-    if plan.channels_last:  # (u, v, co)
+    if plan.channels_last if channels_last is None else channels_last:  # (u, v, co)
         repeated = np.broadcast_to(
             values.reshape(spec.group, 1, 1, cg_out), (spec.group, 1, pixels, cg_out)
         )
@@ -218,19 +228,24 @@ def selection_indices(plan: AttentionPlan) -> np.ndarray:
     return (query_indices(plan)[:, :, None] + offsets[None, None, :]).reshape(-1)
 
 
-def column_channels(plan: AttentionPlan) -> np.ndarray:
+def column_channels(plan: AttentionPlan, channels_last: bool | None = None) -> np.ndarray:
     """``[g, Dg_out]``: the output channel of every column of ``output_projection``."""
     spec = plan.spec
     group = spec.group
     per_group = spec.out_channels // group
     columns = np.arange(plan.group_out_dim)
     pixels = int(np.prod(plan.patch))
-    within = columns % per_group if plan.channels_last else columns // pixels
+    if channels_last is None:
+        channels_last = plan.channels_last
+    within = columns % per_group if channels_last else columns // pixels
     return np.arange(group)[:, None] * per_group + within[None, :]
 
 
 def integer_projection(
-    plan: AttentionPlan, weight: np.ndarray, zero_point: np.ndarray
+    plan: AttentionPlan,
+    weight: np.ndarray,
+    zero_point: np.ndarray,
+    channels_last: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """W_O of an integer Conv for attending first, in the weight's own type, and its
     zero point per column (``[g, Dg_out]``).
@@ -241,7 +256,7 @@ def integer_projection(
     centred = weight.astype(np.float64) - zero_point.astype(np.float64).reshape(
         -1, *([1] * (weight.ndim - 1))
     )
-    projection = output_projection(plan, centred)  # small integers, exact in float64
-    column_zero = zero_point[column_channels(plan)]  # [g, Dg_out]
+    projection = output_projection(plan, centred, channels_last)  # exact small integers
+    column_zero = zero_point[column_channels(plan, channels_last)]  # [g, Dg_out]
     values = projection + column_zero[:, None, :].astype(np.float64)
     return values.astype(weight.dtype), column_zero.astype(weight.dtype)

@@ -67,6 +67,10 @@ class _Builder:
     def constant(self, part: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(f"{self.prefix}/{part}", np.ascontiguousarray(values))
 
+    def scalar(self, part: str, value: np.ndarray) -> gs.Constant:
+        """A 0-d constant (``constant`` makes every array at least 1-d)."""
+        return gs.Constant(f"{self.prefix}/{part}", np.asarray(value).reshape(()))
+
     def int64(self, part: str, values: Sequence[int]) -> gs.Constant:
         return self.constant(part, np.asarray(values, dtype=np.int64))
 

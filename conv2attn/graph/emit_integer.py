@@ -23,9 +23,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from conv2attn.core.geometry import Attention, AttentionPlan
+from conv2attn.core.geometry import Attention, AttentionPlan, AutoPad
 from conv2attn.core.weights import column_channels, integer_projection, selection_indices
 from conv2attn.graph.emit import Dim, _Builder, _tokens, _unpatchify
+from conv2attn.graph.emit_dynamic import _tokens as dynamic_tokens
+from conv2attn.graph.emit_dynamic import _unpatchify as dynamic_unpatchify
+from conv2attn.graph.emit_dynamic import selection_indices as dynamic_selection_indices
+from conv2attn.graph.runtime_geometry import ShapeMath, axis_sizes, input_sizes
 from conv2attn.graph.select import Quantization
 
 
@@ -34,7 +38,7 @@ def _scalar(b: _Builder, part: str, tensor: gs.Tensor) -> gs.Tensor:
     if tensor.shape is not None and len(tensor.shape) == 0:
         return tensor
     if isinstance(tensor, gs.Constant):
-        return b.constant(part, np.asarray(tensor.values).reshape(()))
+        return b.scalar(part, np.asarray(tensor.values))
     return b.op("Reshape", f"{part}/Reshape", [tensor, b.int64(f"{part}/shape", [])], [])
 
 
@@ -156,12 +160,13 @@ def _requantize(
     plan: AttentionPlan,
     g: list[int],
     quantization: Quantization,
+    channels: np.ndarray | None = None,
 ) -> gs.Variable:
     """QLinearConv's output from the int32 accumulator, as the operator computes it:
     ``saturate(round_half_even(float(acc + bias) * (x_scale * w_scale / y_scale)) + y_zp)``
     with the multiplier formed in float32 in that order."""
-    shape = list(accumulated.shape)
-    channels = _output_channels(plan)
+    shape = None if accumulated.shape is None else list(accumulated.shape)
+    channels = _output_channels(plan) if channels is None else channels
     features = _feature_shape(plan, g)
     if quantization.bias is not None:
         bias = b.constant("bias", quantization.bias[channels].reshape(features))
@@ -176,7 +181,7 @@ def _requantize(
     )
     multiplier = b.op("Div", "requant/multiplier", [scaled, quantization.y_scale], None, np.float32)
     product = b.op("Mul", "requant/Mul", [as_float, multiplier], shape, np.float32)
-    one = b.constant("requant/unit_scale", np.array(1.0, dtype=np.float32))
+    one = b.scalar("requant/unit_scale", np.array(1.0, dtype=np.float32))
     y_zero = _scalar(b, "requant/zero_point", quantization.y_zero_point)
     return b.op(
         "QuantizeLinear",
@@ -201,7 +206,7 @@ def emit_integer_attention(
     detaches the integer Conv that produced ``y``."""
     b = _Builder(graph, prefix, quantization.x_dtype)
     if quantization.x_zero_point is None:
-        x_zero = b.constant("x_zero_point", np.zeros((), quantization.x_dtype))
+        x_zero = b.scalar("x_zero_point", np.zeros((), quantization.x_dtype))
     else:
         x_zero = _scalar(b, "x_zero_point", quantization.x_zero_point)
     b.pad_value = x_zero  # ConvInteger and QLinearConv pad with the input's zero point
@@ -213,4 +218,58 @@ def emit_integer_attention(
     if quantization.op == "QLinearConv":
         out = _requantize(b, out, plan, g, quantization)
     _unpatchify(b, out, plan, batch, y)
+    return b.nodes
+
+
+def emit_dynamic_integer_attention(
+    graph: gs.Graph,
+    prefix: str,
+    x: gs.Variable,
+    y: gs.Variable,
+    plan: AttentionPlan,
+    auto_pad: AutoPad,
+    weight: np.ndarray,
+    quantization: Quantization,
+) -> list[gs.Node]:
+    """``emit_integer_attention`` for any spatial size of ``x``: the geometry, the tokens
+    (channel-major per group), the selection's indices and the un-patchify computed at run
+    time as in ``emit_dynamic``; the arithmetic as in the static integer path."""
+    b = _Builder(graph, prefix, quantization.x_dtype)
+    m = ShapeMath(b)
+    if quantization.x_zero_point is None:
+        x_zero = b.scalar("x_zero_point", np.zeros((), quantization.x_dtype))
+    else:
+        x_zero = _scalar(b, "x_zero_point", quantization.x_zero_point)
+    b.pad_value = x_zero
+    spec, local = plan.spec, plan.attention is Attention.LOCAL
+    sizes = input_sizes(m, x, spec.rank)
+    axes = [
+        axis_sizes(m, n, i, plan.source or spec, auto_pad, plan, local) for i, n in enumerate(sizes)
+    ]
+    tokens = dynamic_tokens(b, m, x, plan, axes)  # [B, g, N, Dg]
+    group = spec.group
+    indices = dynamic_selection_indices(b, m, plan, axes)
+    gathered = b.op("Gather", "select/Gather", [tokens, indices], None, tokens.dtype, {"axis": 2})
+    width = plan.heads * plan.group_in_dim
+    lead = [0, group, -1, plan.block_queries] if local else [0, group, -1]
+    selected = b.op(
+        "Reshape", "select/concat_heads", [gathered, m.shape([*lead, width])], None, tokens.dtype
+    )
+    projection, column_zero = integer_projection(
+        plan, weight, quantization.w_zero_point, channels_last=False
+    )
+    extra = [1] if local else []
+    weight_const = b.constant("W_O", projection.reshape(group, *extra, *projection.shape[1:]))
+    zero_const = b.constant("W_O/zero_point", column_zero.reshape(group, *extra, 1, -1))
+    out = b.op(
+        "MatMulInteger",
+        "proj/MatMulInteger",
+        [selected, weight_const, x_zero, zero_const],
+        None,
+        np.int32,
+    )
+    if quantization.op == "QLinearConv":
+        channels = column_channels(plan, channels_last=False)
+        out = _requantize(b, out, plan, [group], quantization, channels)
+    dynamic_unpatchify(b, m, out, plan, axes, y)
     return b.nodes

@@ -27,6 +27,8 @@ class ConvertOptions:
     attention: Attention = Attention.GLOBAL
     block: Patch = "auto"
     fold_bn: bool = False
+    # what the cost model plans dynamic sizes for (the graph computes the real ones)
+    nominal_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def patch_text(self) -> str:
@@ -68,12 +70,10 @@ def convert_options(
     attention: str,
     block: str | int | Sequence[int],
     fold_bn: bool,
+    nominal_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
-    if isinstance(input_shapes, Mapping):
-        shapes = {name: tuple(int(d) for d in dims) for name, dims in input_shapes.items()}
-    else:
-        shapes = parse_input_shapes(input_shapes or ())
+    shapes = _shapes(input_shapes)
     if max_param_growth <= 0:
         raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
     if attention not in {a.value for a in Attention}:
@@ -89,4 +89,11 @@ def convert_options(
         include=tuple(include),
         exclude=tuple(exclude),
         input_shapes=shapes,
+        nominal_shapes=_shapes(nominal_shapes),
     )
+
+
+def _shapes(given: Mapping[str, Sequence[int]] | Sequence[str] | None) -> dict:
+    if isinstance(given, Mapping):
+        return {name: tuple(int(d) for d in dims) for name, dims in given.items()}
+    return parse_input_shapes(given or ())

@@ -103,11 +103,11 @@ def inspect_model(
         model = load_model(model)
     opset = check_opset(model)
     inputs = _inputs(model)
-    strict = prepare_shapes(model, options.input_shapes)
+    strict, nominal = prepare_shapes(model, options.input_shapes, options.nominal_shapes)
     graph = gs.import_onnx(model)
     folded = fold_batchnorms(graph) if options.fold_bn else []
     name_convs(graph)
-    selection = select_convs(graph, options.include, options.exclude, survey=True)
+    selection = select_convs(graph, options.include, options.exclude, survey=True, nominal=nominal)
     chosen = plan(selection.candidates, options) if selection.candidates else None
     reasons = {skip.name: skip.reason for skip in selection.skipped}
     convs = []
@@ -141,6 +141,8 @@ def inspect_model(
                     candidate.spec,
                     layer_plan,
                     considered,
+                    None if candidate.quantization is None else candidate.quantization.op,
+                    candidate.dynamic,
                 )
             )
     report = ConversionReport(

@@ -33,7 +33,11 @@ from conv2attn.core.weights import output_bias, output_projection
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import fold_batchnorms
 from conv2attn.graph.emit import emit_attention
-from conv2attn.graph.emit_integer import emit_integer_attention
+from conv2attn.graph.emit_dynamic import emit_dynamic_attention
+from conv2attn.graph.emit_integer import (
+    emit_dynamic_integer_attention,
+    emit_integer_attention,
+)
 from conv2attn.graph.options import ConvertOptions, convert_options
 from conv2attn.graph.select import Candidate, name_convs, select_convs
 from conv2attn.graph.shapes import (
@@ -41,6 +45,7 @@ from conv2attn.graph.shapes import (
     graphs,
     infer_shapes,
     negative_dims_dynamic,
+    nominal_sizes,
     pin_input_shapes,
     resolve_spatial_sizes,
     skeleton,
@@ -78,6 +83,7 @@ def convert(
     fold_bn: bool = False,
     check: bool = True,
     progress: Progress | None = None,
+    nominal_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -86,7 +92,10 @@ def convert(
     every token, as in a ViT) or ``"local"`` (blocks of queries attend to their block
     plus a halo; ``docs/design.md``). ``fold_bn`` first folds BatchNormalization nodes
     that directly follow a Conv into it. ``input_shapes`` maps input names to dims, or is
-    a list of ``NAME:1x3x224x224`` strings. Returns the converted model and a report.
+    a list of ``NAME:1x3x224x224`` strings; a size the model leaves dynamic (and no
+    ``input_shapes`` pins) stays dynamic, the graph computing its geometry at run time,
+    planned for ``nominal_shapes`` (same forms; default batch 1 and 224x224 images).
+    Returns the converted model and a report.
     ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
     instead, which needs less memory and works at any size). ``progress(done, total,
     name)`` is called as each Conv is replaced.
@@ -101,6 +110,7 @@ def convert(
         attention=attention,
         block=block,
         fold_bn=fold_bn,
+        nominal_shapes=nominal_shapes,
     )
     model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     converted, report = convert_model(model, options, progress)
@@ -117,7 +127,7 @@ def convert_model(
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (consumed: its graph is rewritten in place), unchecked."""
     check_opset(model)
-    strict = prepare_shapes(model, options.input_shapes)
+    strict, nominal = prepare_shapes(model, options.input_shapes, options.nominal_shapes)
     header = onnx.ModelProto()
     copy_fields(header, model, skip=("graph", "functions", "training_info"))
     graph = gs.import_onnx(model)
@@ -125,7 +135,7 @@ def convert_model(
     for name in folded:
         log.info("folded BatchNormalization '%s' into the Conv before it", name)
     name_convs(graph)
-    selection = select_convs(graph, options.include, options.exclude)
+    selection = select_convs(graph, options.include, options.exclude, nominal=nominal)
     _release_weight_bytes(model, selection.candidates)
     layer_plans = plan(selection.candidates, options)
     layers = _replace(selection.candidates, layer_plans, progress)
@@ -163,9 +173,14 @@ def check_opset(model: onnx.ModelProto) -> int:
     return versions[0]
 
 
-def prepare_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """Pin and infer every shape of ``model`` in place; whether the model passes strict
-    shape inference (then so must its conversion)."""
+def prepare_shapes(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    nominal_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[bool, dict[str, tuple[int, ...]]]:
+    """Pin and infer every shape of ``model`` in place. Returns whether the model passes
+    strict shape inference (then so must its conversion), and the nominal spatial size of
+    each Conv input the model leaves dynamic (``shapes.nominal_sizes``)."""
     for name in negative_dims_dynamic(model):
         log.info("'%s' declares a negative size: read as dynamic", name)
     pin_input_shapes(model, input_shapes)
@@ -176,7 +191,7 @@ def prepare_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int,
     infer_shapes(model, bare)
     for name in resolve_spatial_sizes(model, bare):
         log.info("spatial size of '%s' found by symbolic shape inference", name)
-    return strict
+    return strict, nominal_sizes(model, bare, nominal_shapes or {})
 
 
 def _release_weight_bytes(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> None:
@@ -237,7 +252,30 @@ def _replace(
         node.inputs.clear()
         node.outputs.clear()
         quantization = candidate.quantization
-        if quantization is None:
+        if candidate.dynamic and quantization is not None:
+            emit_dynamic_integer_attention(
+                candidate.graph,
+                names.scope(node.name),
+                x,
+                y,
+                plan,
+                candidate.auto_pad,
+                candidate.weight,
+                quantization,
+            )
+        elif candidate.dynamic:
+            emit_dynamic_attention(
+                candidate.graph,
+                names.scope(node.name),
+                x,
+                y,
+                plan,
+                candidate.auto_pad,
+                output_projection(plan, candidate.weight, channels_last=False),
+                output_bias(plan, candidate.bias, candidate.weight.dtype, channels_last=False),
+                candidate.batch,
+            )
+        elif quantization is None:
             emit_attention(
                 candidate.graph,
                 names.scope(node.name),
@@ -262,7 +300,14 @@ def _replace(
         integer = None if quantization is None else quantization.op
         layers.append(
             LayerReport.from_plan(
-                node.name, y.name, candidate.path, candidate.spec, plan, considered, integer
+                node.name,
+                y.name,
+                candidate.path,
+                candidate.spec,
+                plan,
+                considered,
+                integer,
+                candidate.dynamic,
             )
         )
         candidate.weight = candidate.bias = None  # the projection replaces them

@@ -22,7 +22,6 @@ from conv2attn.core.selection import selection_reason
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import constant_values
 from conv2attn.graph.shapes import graphs
-from conv2attn.inputs import GraphInput, suggested_dims
 from conv2attn.record import CONVERTED_OPS, SkippedConv
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,9 @@ class Candidate:
     bias: np.ndarray | None
     batch: int | str | None
     quantization: Quantization | None = None
+    # the spatial size is dynamic: ``spec`` holds a nominal size, the graph the real one
+    dynamic: bool = False
+    auto_pad: AutoPad = AutoPad.NOTSET
 
     @property
     def weight_input(self) -> gs.Tensor:
@@ -259,23 +261,19 @@ def _integer_parameters(node: gs.Node) -> tuple[np.ndarray, Quantization] | str:
     return weight, quantization
 
 
-def shape_hint(graph: gs.Graph) -> str:
-    """``--input-shape`` values for the model's inputs: their fixed dims, batch 1, and
-    image-sized spatial dims where they are dynamic."""
-    hints = []
-    for tensor in graph.inputs:
-        if isinstance(tensor, gs.Variable) and tensor.shape is not None:
-            dims = [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
-            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
-            hints.append(f"{tensor.name}:{suggested_dims(GraphInput(tensor.name, dtype, dims))}")
-    return " ".join(hints) or "NAME:1x3x224x224"
+# Planned for when a dynamic size has no nominal value either (shape arithmetic that no
+# inference resolves): the graph computes the real size; only the patch choice uses this.
+FALLBACK_NOMINAL = 64
 
 
 def inspect_conv(
-    node: gs.Node, graph: gs.Graph, path: str, hint: str = "NAME:1x3x224x224"
+    node: gs.Node,
+    graph: gs.Graph,
+    path: str,
+    nominal: tuple[int, ...] | None = None,
 ) -> Candidate | str:
-    """A convertible Conv (or integer Conv), or the reason it is not converted; ``hint``
-    is what to pass as ``--input-shape`` when its size is unknown."""
+    """A convertible Conv (or integer Conv), or the reason it is not converted. A Conv
+    whose spatial size is dynamic is planned for ``nominal``."""
     quantization = None
     if node.op in INTEGER_INPUTS:
         parameters = _integer_parameters(node)
@@ -290,22 +288,27 @@ def inspect_conv(
     x = node.inputs[0]
     shape = x.shape
     rank = weight.ndim - 2
-    if (
+    dynamic = (
         shape is None
         or len(shape) != rank + 2
-        or not all(isinstance(d, (int, np.integer)) for d in shape[2:])
-    ):
-        raise InputError(
-            f"Conv '{node.name}': spatial size of input '{x.name}' is unknown "
-            f"(shape {shape}); pass --input-shape for the model's inputs, e.g. {hint}"
-        )
+        or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape[2:])
+    )
+    if dynamic:
+        known = list(shape) if shape is not None and len(shape) == rank + 2 else [None, None]
+        nominal = tuple(nominal or (FALLBACK_NOMINAL,) * rank)
+        shape = [known[0], known[1], *nominal]
+        log.info("Conv '%s': dynamic size, planned for %s", node.name, "x".join(map(str, nominal)))
     if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
         log.warning("Conv '%s': weights contain NaN or Inf; converted as they are", node.name)
     try:
         spec = _conv_spec(node, weight, bias, shape)
     except GeometryError as error:
         raise InputError(f"Conv '{node.name}': {error}; the model is invalid") from None
-    return Candidate(node, graph, path, spec, weight, bias, shape[0], quantization)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = AutoPad(auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
+    return Candidate(
+        node, graph, path, spec, weight, bias, shape[0], quantization, dynamic, auto_pad
+    )
 
 
 def _scopes_in_use(existing: set[str]) -> set[str]:
@@ -351,7 +354,11 @@ def name_convs(graph: gs.Graph) -> None:
 
 
 def select_convs(
-    graph: gs.Graph, include: Sequence[str], exclude: Sequence[str], survey: bool = False
+    graph: gs.Graph,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    survey: bool = False,
+    nominal: dict[str, tuple[int, ...]] | None = None,
 ) -> Selection:
     """Every Conv of ``graph`` and its bodies: candidates in graph order, and the skipped
     ones (Conv-like operators included) with their reasons. InputError when a Conv is
@@ -373,11 +380,14 @@ def select_convs(
         if node.op in UNCONVERTED_OPS
     ]
     candidates = []
-    hint = shape_hint(graph)
     for path, body, node in convs:
         reason = selection_reason(node.name, include, exclude)
         try:
-            inspected = inspect_conv(node, body, path, hint) if reason is None else reason
+            inspected = (
+                inspect_conv(node, body, path, (nominal or {}).get(node.inputs[0].name))
+                if reason is None
+                else reason
+            )
         except InputError as error:
             if not survey:
                 raise

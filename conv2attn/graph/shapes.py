@@ -110,6 +110,56 @@ def infer_shapes(model: onnx.ModelProto, bare: onnx.ModelProto) -> None:
                 original.type.CopyFrom(typed.type)
 
 
+def spatial_known(value: onnx.ValueInfoProto | None) -> bool:
+    """Whether ``value`` has a rank above 2 and every spatial size fixed."""
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return False
+    dims = value.type.tensor_type.shape.dim
+    return len(dims) > 2 and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims[2:])
+
+
+def nominal_sizes(
+    model: onnx.ModelProto, bare: onnx.ModelProto, nominal: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Spatial sizes, at nominal input shapes, of the Conv inputs whose size the model
+    leaves dynamic: what the cost model plans those Convs for (their graphs compute the
+    real sizes at run time). ``nominal`` gives shapes per input; other dynamic inputs
+    take a suggested one (batch 1, image-sized spatial dims)."""
+    from conv2attn.inputs import graph_inputs, suggested_dims
+
+    typed = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
+    unknown = {
+        node.input[0]
+        for node in model.graph.node
+        if node.op_type in CONVERTED_OPS
+        and node.input
+        and not spatial_known(typed.get(node.input[0]))
+    }
+    if not unknown:
+        return {}
+    shapes = {
+        i.name: nominal.get(i.name) or tuple(int(d) for d in suggested_dims(i).split("x"))
+        for i in graph_inputs(model)
+        if i.name in nominal or any(d is None for d in i.dims)
+    }
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(bare)
+    for body in graph_protos(pinned.graph):
+        del body.value_info[:]
+    try:
+        pin_input_shapes(pinned, shapes)
+    except InputError:
+        return {}
+    infer_shapes(pinned, pinned)
+    resolve_spatial_sizes(pinned, pinned)
+    found = {}
+    for value in (*pinned.graph.input, *pinned.graph.value_info):
+        if value.name in unknown and spatial_known(value):
+            dims = value.type.tensor_type.shape.dim[2:]
+            found[value.name] = tuple(d.dim_value for d in dims)
+    return found
+
+
 def resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list[str]:
     """Conv inputs of the main graph whose spatial size onnx's inference left unknown,
     resolved by onnxruntime's symbolic shape inference. Returns the names resolved.
@@ -119,13 +169,6 @@ def resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list
     propagation stops there, even with the batch pinned, while symbolic inference
     carries the batch as a symbol and finds the spatial sizes."""
     typed = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
-
-    def spatial_known(value: onnx.ValueInfoProto | None) -> bool:
-        if value is None or not value.type.tensor_type.HasField("shape"):
-            return False
-        dims = value.type.tensor_type.shape.dim
-        return len(dims) > 2 and all(d.HasField("dim_value") for d in dims[2:])
-
     unknown = {
         node.input[0]
         for node in model.graph.node

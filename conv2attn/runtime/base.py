@@ -16,7 +16,7 @@ import importlib
 import importlib.metadata
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol, runtime_checkable
@@ -76,6 +76,8 @@ class GpuOptions:
     cuda_graph: bool = False
     compile: bool = False
     check_numerics: bool = True
+    # per input (min, opt, max) dims: TensorRT's optimization profile; runs at opt
+    shape_ranges: Mapping[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ from conv2attn.runtime.base import (
 )
 from conv2attn.runtime.registry import BACKENDS, Backend
 
+ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max
+
 
 def tensorrt(backend: str = "trt") -> ModuleType:
     """The tensorrt module (10 or newer), or why not."""
@@ -71,7 +73,9 @@ def create_runner(request: RunnerRequest) -> tuple[TrtRunner, bool]:
     torch_module = request.device.torch
     options = request.options
     settings = EngineSettings(
-        request.precision, options.workspace_mb, optimization_shapes(request.model, request.feed)
+        request.precision,
+        options.workspace_mb,
+        optimization_shapes(request.model, request.feed, options.shape_ranges),
     )
     serialized, cached = load_or_build(
         trt,
@@ -97,18 +101,22 @@ class EngineSettings:
 
 
 def optimization_shapes(
-    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """One profile per dynamic input, min = opt = max = the dims being timed."""
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    ranges: Mapping[str, ShapeRange] | None = None,
+) -> dict[str, ShapeRange]:
+    """One optimization profile for the dynamic inputs: ``ranges`` (trtexec's
+    ``--minShapes/--optShapes/--maxShapes``) where given, else min = opt = max = the dims
+    being timed. One engine then serves every size in the range."""
     shapes = {}
     initializers = {tensor.name for tensor in model.graph.initializer}
     for value in model.graph.input:
         if value.name in initializers:
             continue
         dims = value.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
+        if any(not d.HasField("dim_value") or d.dim_value < 0 for d in dims):
             actual = tuple(int(d) for d in feeds[value.name].shape)
-            shapes[value.name] = (actual, actual, actual)
+            shapes[value.name] = (ranges or {}).get(value.name, (actual, actual, actual))
     return shapes
 
 

@@ -1,0 +1,306 @@
+"""Emission for a Conv whose spatial size is dynamic: one subgraph for every input size.
+
+The construction is the static one (``emit``), with every size-dependent number computed
+in the graph from ``Shape(x)`` (``runtime_geometry``): pads (SAME included), crops, the
+token grid, the query coordinates of global attention and the key windows of local
+attention. Weights, head offsets, and local attention's block pattern do not depend on
+the size and stay constants. Tokens use one general layout, channel-major per group
+([B, g, N, Dg], g = 1 for ungrouped Convs); the static path's faster special layouts need
+sizes known at conversion time.
+
+    x [B, C, *n] -> (subsample) -> crop/pad to T*P -> [B, g, N, Dg]
+      -> attention (global: logits from Range coordinates; local: Gather of windows)
+      -> projection + bias -> [B, C_out, *Q*p] -> crop to the Conv's output size
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from conv2attn import names
+from conv2attn.core.geometry import Attention, AttentionPlan, AutoPad, Order
+from conv2attn.core.weights import ALPHA, head_offset_coordinates, query_coordinates
+from conv2attn.core.weights import key_coordinates as static_key_coordinates
+from conv2attn.graph.emit import Dim, _Builder, _route
+from conv2attn.graph.runtime_geometry import AxisSizes, ShapeMath, Size, axis_sizes, input_sizes
+
+
+def _reshape(b: _Builder, m: ShapeMath, part: str, x: gs.Variable, dims: list[Size]):
+    return b.op("Reshape", part, [x, m.shape(dims)], None, x.dtype)
+
+
+def _slice_to(b, m, part, x, ends: list[Size], first_axis: int, steps=None):
+    rank = len(ends)
+    inputs = [
+        x,
+        b.int64(f"{part}/starts", [0] * rank),
+        m.shape(ends),
+        b.int64(f"{part}/axes", list(range(first_axis, first_axis + rank))),
+    ]
+    if steps is not None:
+        inputs.append(b.int64(f"{part}/steps", steps))
+    return b.op("Slice", f"{part}/Slice", inputs, None, x.dtype)
+
+
+def _pad(b, m, part, x, begin: list[Size], end: list[Size]):
+    if all(isinstance(v, int) and v == 0 for v in (*begin, *end)):
+        return x
+    pads = m.shape([0, 0, *begin, 0, 0, *end])
+    fill = [] if b.pad_value is None else [b.pad_value]  # an integer Conv's zero point
+    return b.op("Pad", f"{part}/Pad", [x, pads, *fill], None, x.dtype, attrs={"mode": "constant"})
+
+
+def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """x -> [B, g, N, Dg]: subsample, crop and pad to the token grid, patchify."""
+    spec, rank = plan.spec, plan.spec.rank
+    if plan.subsamples:
+        steps = plan.input_steps
+        on = [i for i in range(rank) if steps[i] > 1]
+        begin = [axes[i].pad_begin if i in on else 0 for i in range(rank)]
+        end = [axes[i].pad_end if i in on else 0 for i in range(rank)]
+        x = _pad(b, m, "subsample", x, begin, end)
+        ends = [m.add(m.mul(m.sub(axes[i].output, 1), steps[i]), 1) for i in on]
+        inputs = [
+            x,
+            b.int64("subsample/starts", [0] * len(on)),
+            m.shape(ends),
+            b.int64("subsample/axes", [2 + i for i in on]),
+            b.int64("subsample/steps", [steps[i] for i in on]),
+        ]
+        x = b.op("Slice", "subsample/Slice", inputs, None, x.dtype)
+    x = _slice_to(b, m, "crop_input", x, [a.kept for a in axes], first_axis=2)
+    x = _pad(b, m, "pad", x, [a.zeros_before for a in axes], [a.zeros_after for a in axes])
+    group = spec.group
+    patches = [v for a, axis in zip(axes, plan.axes) for v in (a.tokens, axis.in_patch)]
+    split = _reshape(b, m, "patchify/split", x, [0, group, spec.in_channels // group, *patches])
+    # [B, g, Cg, T1, P1, T2, P2] -> [B, g, T1, T2, Cg, P1, P2]
+    perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
+    moved = b.op("Transpose", "patchify/Transpose", [split], None, x.dtype, {"perm": perm})
+    return _reshape(b, m, "patchify/merge", moved, [0, group, -1, plan.group_in_dim])
+
+
+def _grid_coordinates(b, m, part: str, grid: list[Size]) -> gs.Variable:
+    """Per axis, the row-major coordinate of every point of ``grid``, [axes, points]."""
+    coords = []
+    rank = len(grid)
+    full = m.shape(grid)
+    for axis, size in enumerate(grid):
+        start, delta = m.scalar(0), m.scalar(1)
+        line = b.op(
+            "Range", f"{part}/axis{axis}/Range", [start, m.scalar(size), delta], None,
+            np.dtype(np.int64),
+        )  # fmt: skip
+        shape = [1] * rank
+        shape[axis] = -1
+        lifted = _reshape(b, m, f"{part}/axis{axis}/lift", line, shape)
+        spread = b.op("Expand", f"{part}/axis{axis}/Expand", [lifted, full], None, line.dtype)
+        flat = _reshape(b, m, f"{part}/axis{axis}/flat", spread, [1, -1])
+        coords.append(flat)
+    stacked = coords[0] if rank == 1 else b.op(
+        "Concat", f"{part}/Concat", coords, None, np.dtype(np.int64), attrs={"axis": 0}
+    )  # fmt: skip
+    to_float = helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
+    return b.op("Cast", f"{part}/Cast", [stacked], None, np.float32, {"to": to_float})
+
+
+def _attention_matrix(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """Section 2's one-hot softmax. Local: one block's pattern, constants only. Global: the
+    query and key coordinates come from the runtime grid."""
+    heads, rank = plan.heads, plan.spec.rank
+    local = plan.attention is Attention.LOCAL
+    if local:
+        q, k = plan.block_queries, plan.keys
+        queries = b.constant(f"{names.LOGITS}/query_coords", np.stack(query_coordinates(plan)))
+        keys = b.constant(f"{names.LOGITS}/key_coords", np.stack(static_key_coordinates(plan)))
+    else:
+        q = m.product([a.grid for a in axes])
+        k = m.product([a.tokens for a in axes])
+        queries = _grid_coordinates(b, m, f"{names.LOGITS}/queries", [a.grid for a in axes])
+        keys = _grid_coordinates(b, m, f"{names.LOGITS}/keys", [a.tokens for a in axes])
+    offsets = b.constant(
+        f"{names.LOGITS}/head_offsets", np.stack(head_offset_coordinates(plan))[:, None, :, None]
+    )  # [axes, 1, heads, 1]
+    query_col = _reshape(b, m, f"{names.LOGITS}/query_col", queries, [rank, -1, 1, 1])
+    key_row = _reshape(b, m, f"{names.LOGITS}/key_row", keys, [rank, 1, 1, -1])
+    relative = b.op("Sub", f"{names.LOGITS}/relative", [key_row, query_col], None, np.float32)
+    delta = b.op("Sub", f"{names.LOGITS}/delta", [relative, offsets], None, np.float32)
+    square = b.op("Mul", f"{names.LOGITS}/square", [delta, delta], None, np.float32)
+    squared = b.op(
+        "ReduceSum", f"{names.LOGITS}/sum", [square], None, np.float32,
+        {"axes": [0], "keepdims": 0},
+    ) if b.opset < 13 else b.op(
+        "ReduceSum", f"{names.LOGITS}/sum", [square, b.int64(f"{names.LOGITS}/sum_axes", [0])],
+        None, np.float32, {"keepdims": 0},
+    )  # fmt: skip
+    scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
+    logits = b.op("Mul", f"{names.LOGITS}/Mul", [squared, scale], None, np.float32)  # [q, h, k]
+    rows = _reshape(b, m, f"{names.LOGITS}/rows", logits, [m.mul(q, heads), k])
+    probs = b.op("Softmax", names.SOFTMAX, [rows], None, np.float32, attrs={"axis": 1})
+    if plan.order is Order.PROJECT_FIRST:
+        grouped = _reshape(b, m, f"{names.SOFTMAX}/by_head", probs, [q, heads, k])
+        keys_first = b.op(
+            "Transpose", f"{names.SOFTMAX}/Transpose", [grouped], None, np.float32,
+            {"perm": [0, 2, 1]},
+        )  # fmt: skip
+        probs = _reshape(b, m, f"{names.SOFTMAX}/key_head", keys_first, [q, m.mul(k, heads)])
+    if b.dtype != np.float32:
+        to = helper.np_dtype_to_tensor_dtype(b.dtype)
+        probs = b.op("Cast", f"{names.SOFTMAX}/Cast", [probs], None, b.dtype, {"to": to})
+    return probs
+
+
+def _strides(m: ShapeMath, axes: list[AxisSizes]) -> list[Size]:
+    """Row-major strides of the runtime token grid."""
+    strides: list[Size] = []
+    stride: Size = 1
+    for a in reversed(axes):
+        strides.insert(0, stride)
+        stride = m.mul(stride, a.tokens)
+    return strides
+
+
+def selection_indices(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """[blocks * block queries * heads]: the token each (query, head) takes on the runtime
+    grid (an integer layer's selection; ``weights.selection_indices`` at a fixed size)."""
+    rank = plan.spec.rank
+    strides = _strides(m, axes)
+    total = None
+    for axis, a in enumerate(axes):
+        part = f"select/axis{axis}"
+        blocks = b.op("Range", f"{part}/blocks", [m.scalar(0), m.scalar(a.blocks), m.scalar(1)],
+                      None, np.dtype(np.int64))  # fmt: skip
+        within = b.op("Range", f"{part}/within", [m.scalar(0), m.scalar(a.block), m.scalar(1)],
+                      None, np.dtype(np.int64))  # fmt: skip
+        start = b.op("Mul", f"{part}/start", [blocks, m.tensor(a.block)], None, blocks.dtype)
+        shape = [1] * (2 * rank + 1)
+        shape[axis] = -1
+        lifted = _reshape(b, m, f"{part}/lift_start", start, shape)
+        shape = [1] * (2 * rank + 1)
+        shape[rank + axis] = -1
+        lifted_within = _reshape(b, m, f"{part}/lift_within", within, shape)
+        offsets = np.array(plan.head_offsets, dtype=np.int64)[:, axis].reshape(
+            [1] * (2 * rank) + [plan.heads]
+        )
+        position = b.op("Add", f"{part}/position", [lifted, lifted_within], None, blocks.dtype)
+        keyed = b.op("Add", f"{part}/offset", [position, b.constant(f"{part}/head_offsets",
+                     offsets)], None, blocks.dtype)  # fmt: skip
+        weighted = b.op("Mul", f"{part}/stride", [keyed, m.tensor(strides[axis])], None,
+                        blocks.dtype)  # fmt: skip
+        total = weighted if total is None else b.op(
+            "Add", f"{part}/sum", [total, weighted], None, blocks.dtype
+        )  # fmt: skip
+    return _reshape(b, m, "select/merge", total, [-1])
+
+
+def _window_indices(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """[blocks, keys]: each block's window of tokens (block and halo), row-major over the
+    runtime token grid."""
+    rank = plan.spec.rank
+    strides = _strides(m, axes)
+    total = None
+    for axis, (a, plan_axis) in enumerate(zip(axes, plan.axes)):
+        part = f"windows/axis{axis}"
+        starts = b.op(
+            "Range", f"{part}/Range", [m.scalar(0), m.scalar(a.blocks), m.scalar(1)], None,
+            np.dtype(np.int64),
+        )  # fmt: skip
+        scaled = b.op(
+            "Mul", f"{part}/block_start", [starts, m.tensor(plan_axis.block)], None,
+            np.dtype(np.int64),
+        )  # fmt: skip
+        shape = [1] * (2 * rank)
+        shape[axis] = -1
+        start = _reshape(b, m, f"{part}/lift_start", scaled, shape)
+        within = np.arange(plan_axis.window, dtype=np.int64).reshape(
+            [plan_axis.window if i == rank + axis else 1 for i in range(2 * rank)]
+        )
+        index = b.op("Add", f"{part}/Add", [start, b.constant(f"{part}/window", within)], None,
+                     np.dtype(np.int64))  # fmt: skip
+        weighted = b.op("Mul", f"{part}/stride", [index, m.tensor(strides[axis])], None,
+                        np.dtype(np.int64))  # fmt: skip
+        total = weighted if total is None else b.op(
+            "Add", f"{part}/sum", [total, weighted], None, np.dtype(np.int64)
+        )  # fmt: skip
+    return _reshape(b, m, "windows/merge", total, [-1, plan.keys])
+
+
+def emit_dynamic_attention(
+    graph: gs.Graph,
+    prefix: str,
+    x: gs.Variable,
+    y: gs.Variable,
+    plan: AttentionPlan,
+    auto_pad: AutoPad,
+    projection: np.ndarray,
+    bias: np.ndarray,
+    batch: Dim,
+) -> list[gs.Node]:
+    """Append the attention computing ``y`` from ``x`` for any spatial size of ``x``.
+
+    ``projection`` and ``bias`` are ``weights.output_projection``/``output_bias`` in the
+    channel-major layout (``channels_last=False``); ``plan`` was chosen for a nominal size
+    and supplies everything that does not depend on it."""
+    dtype = np.dtype(projection.dtype)
+    b = _Builder(graph, prefix, dtype)
+    m = ShapeMath(b)
+    spec, source = plan.spec, plan.source or plan.spec
+    local = plan.attention is Attention.LOCAL
+    sizes = input_sizes(m, x, spec.rank)
+    axes = [axis_sizes(m, n, i, source, auto_pad, plan, local) for i, n in enumerate(sizes)]
+    tokens = _tokens(b, m, x, plan, axes)  # [B, g, N, Dg]
+    group, heads = spec.group, plan.heads
+    dim_in, dim_out = plan.group_in_dim, plan.group_out_dim
+    attention = _attention_matrix(b, m, plan, axes)
+    windows = None
+    if local:
+        indices = _window_indices(b, m, plan, axes)
+
+        def windows(values: gs.Variable) -> gs.Variable:
+            return b.op("Gather", "Gather", [values, indices], None, values.dtype, {"axis": 2})
+
+    q = plan.block_queries
+    lead = [0, group, -1] if local else [0, group]  # local: [B, g, blocks, ..]
+    if plan.order is Order.ATTEND_FIRST:
+        weight = projection.reshape(group, *([1] if local else []), *projection.shape[1:])
+        keys = windows(tokens) if local else tokens
+        attended = b.op("MatMul", "MatMul", [attention, keys], None, dtype)
+        concat = _reshape(b, m, "concat_heads", attended, [*lead, q, heads * dim_in] if local
+                          else [0, group, -1, heads * dim_in])  # fmt: skip
+        projected = b.op(
+            "MatMul", "proj/MatMul", [concat, b.constant(names.PROJECTION, weight)], None, dtype
+        )
+    else:
+        weight = b.constant(names.PROJECTION, projection)  # [g, Dg_in, heads * Dg_out]
+        per_head = b.op("MatMul", "proj/MatMul", [tokens, weight], None, dtype)
+        keys = windows(per_head) if local else per_head
+        stacked = _reshape(b, m, "stack_heads", keys, [*lead, plan.keys * heads, dim_out]
+                           if local else [0, group, -1, dim_out])  # fmt: skip
+        projected = b.op("MatMul", "MatMul", [attention, stacked], None, dtype)
+    bias_const = b.constant("bias", bias.reshape(group, *([1] if local else []), 1, dim_out))
+    out = b.op("Add", "proj/Add", [projected, bias_const], None, dtype)
+    _unpatchify(b, m, out, plan, axes, y)
+    return b.nodes
+
+
+def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> None:
+    """[B, g, (blocks,) q, Dg_out] -> [B, C_out, *Q*p] -> crop to the output -> ``y``."""
+    spec, rank = plan.spec, plan.spec.rank
+    group, cg_out = spec.group, spec.out_channels // spec.group
+    blocks = [a.blocks for a in axes]
+    block = [a.block for a in axes]
+    split = [0, group, *blocks, *block, cg_out, *plan.patch]
+    grid = _reshape(b, m, "unpatchify/split", values, split)
+    # [B, g, nb.., b.., Cg_out, p..] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2, ..]
+    interleave = itertools.chain.from_iterable(
+        (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
+    )
+    perm = [0, 1, 2 + 2 * rank, *interleave]
+    moved = b.op("Transpose", "unpatchify/Transpose", [grid], None, values.dtype, {"perm": perm})
+    full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
+    merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
+    out = _slice_to(b, m, "crop_output", merged, [a.output for a in axes], first_axis=2)
+    _route(b, out, y)

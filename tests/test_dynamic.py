@@ -1,0 +1,279 @@
+"""One converted model for every input size: runtime geometry.
+
+A size the original leaves dynamic stays dynamic; the converted graph computes pads,
+crops, the token grid, global attention's coordinates and local attention's windows from
+``Shape`` at run time. Each test converts once and checks the one file at several sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import conv2attn
+from conv2attn.cli import main
+from tests.helpers import assert_parity, chain_model, conv_model, run, save_model_file
+from tests.test_property import conv_configs, reference
+
+EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "150"))
+
+
+def dynamic(model: onnx.ModelProto, names=("H", "W")) -> onnx.ModelProto:
+    """``model`` with the spatial sizes of its inputs and outputs left open."""
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in zip(range(2, len(dims)), names):
+            dims[axis].Clear()
+            dims[axis].dim_param = f"{value.name}_{name}"
+    return model
+
+
+def ops(model: onnx.ModelProto) -> set[str]:
+    return {node.op_type for node in model.graph.node}
+
+
+SIZES = [(224, 224), (160, 192), (97, 131), (3, 5), (1, 1)]
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+@pytest.mark.parametrize("patch", ["auto", 4])
+def test_one_converted_file_runs_at_every_size(attention, patch):
+    model = dynamic(chain_model())
+    converted, report = conv2attn.convert(model, attention=attention, patch=patch)
+    assert all(layer.dynamic for layer in report.layers)
+    assert {"Shape", "Conv"} & ops(converted) == {"Shape"}  # the geometry, at run time
+    rng = np.random.default_rng(0)
+    for size in SIZES:  # 3x5 and 1x1 are smaller than the patch (4) and a block
+        feeds = {"x": rng.standard_normal((2, 3, *size)).astype(np.float32)}
+        assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_a_static_model_stays_static():
+    converted, report = conv2attn.convert(chain_model())
+    assert not any(layer.dynamic for layer in report.layers)
+    assert not {"Shape", "Range", "Where"} & ops(converted)
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_a_1d_audio_model_takes_any_length(attention):
+    model = dynamic(
+        conv_model(in_channels=1, out_channels=4, kernel=(5,), strides=[2], pads=[2, 2],
+                   size=(16000,)),
+        names=("L",),
+    )  # fmt: skip
+    converted, _ = conv2attn.convert(model, attention=attention)
+    rng = np.random.default_rng(1)
+    for length in (16000, 9999, 7, 1):
+        feeds = {"x": rng.standard_normal((1, 1, length)).astype(np.float32)}
+        assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_nominal_shape_is_what_the_plan_is_for(tmp_path):
+    model = dynamic(chain_model())
+    _, default = conv2attn.convert(model)
+    _, nominal = conv2attn.convert(model, nominal_shapes=["x:1x3x32x48"])
+    assert default.layers[0].input_size == (224, 224)
+    assert nominal.layers[0].input_size == (32, 48)
+    path = save_model_file(model, tmp_path / "chain.onnx")
+    args = [
+        "convert",
+        str(path),
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--nominal-shape",
+        "x:1x3x32x48",
+    ]
+    assert main([*args, "--json", str(tmp_path / "r.json")]) == 0
+    layers = __import__("json").loads((tmp_path / "r.json").read_text())["layers"]
+    assert layers[0]["dynamic"] and layers[0]["input_size"] == [32, 48]
+
+
+def padded_to_a_multiple_model(path) -> None:
+    """What torch.onnx.export writes for a 1-D signal reflect-padded to a multiple of 8
+    (pads computed from the length: Shape -> Gather -> Mod/Sub -> ...) before a Conv1d."""
+    torch = pytest.importorskip("torch")
+
+    class PadThenConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(2, 4, 9, stride=2)
+
+        def forward(self, x):
+            extra = (8 - x.shape[-1] % 8) % 8
+            return self.conv(
+                torch.nn.functional.pad(x, (extra // 2, extra - extra // 2), mode="reflect")
+            )
+
+    torch.manual_seed(0)
+    module = PadThenConv().eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, torch.randn(1, 2, 100), str(path), dynamo=False, opset_version=17,
+            input_names=["x"], output_names=["y"], dynamic_axes={"x": {2: "L"}, "y": {2: "M"}},
+        )  # fmt: skip
+
+
+def test_a_conv_after_shape_arithmetic_converts(tmp_path):
+    path = tmp_path / "padded.onnx"
+    padded_to_a_multiple_model(path)
+    model = onnx.load(str(path))
+    assert {"Shape", "Pad"} <= ops(model)
+    converted, report = conv2attn.convert(model)
+    assert len(report.layers) == 1 and report.layers[0].dynamic
+    rng = np.random.default_rng(2)
+    for length in (100, 57, 200, 31):
+        feeds = {"x": rng.standard_normal((1, 2, length)).astype(np.float32)}
+        assert_parity(run(model, feeds), run(converted, feeds))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_torchvision_model_with_dynamic_height_and_width(attention, tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    import warnings
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "resnet18.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, torch.randn(1, 3, 224, 224), str(path), dynamo=False, opset_version=17,
+            input_names=["image"], dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}},
+        )  # fmt: skip
+    original = onnx.load(str(path))
+    converted, report = conv2attn.convert(original, attention=attention)
+    assert len(report.layers) == 20 and all(layer.dynamic for layer in report.layers)
+    rng = np.random.default_rng(3)
+    for size in ((224, 224), (160, 192)):
+        feeds = {"image": rng.standard_normal((1, 3, *size)).astype(np.float32)}
+        assert_parity(run(original, feeds), run(converted, feeds))
+
+
+@st.composite
+def dynamic_configs(draw, ranks=(2,)):
+    config = draw(conv_configs(ranks=ranks))
+    rank = len(config["model"]["kernel"])
+    max_size = 13 if rank < 3 else 6
+    sizes = [tuple(draw(st.integers(1, max_size)) for _ in range(rank)) for _ in range(2)]
+    return config, sizes
+
+
+def check_dynamic(config: dict, sizes: list[tuple[int, ...]]) -> None:
+    m = config["model"]
+    rank = len(m["kernel"])
+    model = dynamic(conv_model(**m), names=("A", "B", "C")[:rank])
+    converted, report = conv2attn.convert(
+        model, patch=config["patch"], attention=config["attention"], block=config["block"],
+        nominal_shapes={"x": [1, m["in_channels"], *m["size"]]},
+    )  # fmt: skip
+    assert report.layers[0].dynamic
+    rng = np.random.default_rng(m["seed"])
+    checked = 0
+    for size in [tuple(m["size"]), *sizes]:
+        trial = {**config, "model": {**m, "size": size}}
+        feeds = {"x": rng.standard_normal((config["batch"], m["in_channels"], *size))}
+        feeds["x"] = feeds["x"].astype(np.float32)
+        try:
+            expected = reference(conv_model(**trial["model"]), feeds, trial)
+        except Exception:  # a size the Conv itself cannot take: nothing to compare
+            continue
+        assert_parity(expected, run(converted, feeds))
+        checked += 1
+    assert checked >= 1  # the nominal size always works
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(dynamic_configs())
+def test_random_convs_with_dynamic_sizes_match_at_random_sizes(case):
+    config, sizes = case
+    assume(all(min(s) >= 1 for s in sizes))
+    check_dynamic(config, sizes)
+
+
+@settings(
+    max_examples=max(EXAMPLES // 3, 1),
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much],
+)
+@given(dynamic_configs(ranks=(1, 3)))
+def test_random_1d_and_3d_convs_with_dynamic_sizes(case):
+    config, sizes = case
+    check_dynamic(config, sizes)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static-per-channel"])
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_integer_convs_keep_dynamic_sizes_bit_identical(kind, attention, tmp_path):
+    from tests.test_quantized import DIGITS, DIGITS_DATA, quantized
+
+    images = np.load(DIGITS_DATA)["image"]
+    model = onnx.load(quantized(DIGITS, tmp_path, kind, images[:8], "image"))
+    model = dynamic(model)
+    converted, report = conv2attn.convert(
+        model, attention=attention, nominal_shapes=["image:1x1x32x32"]
+    )
+    assert all(layer.dynamic and layer.integer for layer in report.layers)
+    rng = np.random.default_rng(4)
+    for size in ((32, 32), (24, 40), (17, 9)):
+        feeds = {"image": rng.standard_normal((2, 1, *size)).astype(np.float32)}
+        for expected, actual in zip(run(model, feeds), run(converted, feeds)):
+            np.testing.assert_array_equal(expected, actual)
+
+
+@pytest.fixture
+def dynamic_pair(tmp_path):
+    model = dynamic(chain_model())
+    original = save_model_file(model, tmp_path / "chain.onnx")
+    converted = tmp_path / "chain_attn.onnx"
+    assert main(["convert", str(original), "-o", str(converted), "-q"]) == 0
+    return original, converted
+
+
+def test_check_runs_one_file_at_several_sizes(dynamic_pair, tmp_path, capsys):
+    original, converted = dynamic_pair
+    report = tmp_path / "check.json"
+    sizes = ["x:1x3x224x224", "x:2x3x160x192", "x:1x3x97x131"]
+    args = ["check", str(original), str(converted), "--json", str(report)]
+    assert main([*args, *(f"--input-shape={s}" for s in sizes)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("parity: PASS") == 3 and "== at x:2x3x160x192" in printed
+    runs = __import__("json").loads(report.read_text())
+    assert runs["passed"] and [r["input_shapes"]["x"] for r in runs["runs"]] == [
+        [1, 3, 224, 224], [2, 3, 160, 192], [1, 3, 97, 131],
+    ]  # fmt: skip
+
+
+def test_profile_takes_trtexec_shape_ranges_and_times_at_opt(dynamic_pair, tmp_path, capsys):
+    original, converted = dynamic_pair
+    ranges = ["--minShapes", "x:1x3x32x32", "--optShapes", "x:1x3x64x48",
+              "--maxShapes", "x:1x3x128x128"]  # fmt: skip
+    report = tmp_path / "profile.json"
+    timing = ["--iterations", "2", "--warmup", "0", "-q", "--json", str(report)]
+    assert main(["profile", str(original), str(converted), *ranges, *timing]) == 0
+    assert main(["profile", str(original), "--min-shapes", "x:1x3x64x64", "--opt-shapes",
+                 "x:1x3x32x32", "--max-shapes", "x:1x3x128x128"]) == 2  # fmt: skip
+    assert "not min <= opt <= max" in capsys.readouterr().err
+
+
+def test_tensorrt_profile_spans_the_range_and_defaults_to_the_timed_shape():
+    from conv2attn.runtime.tensorrt import EngineSettings, cache_key, optimization_shapes
+
+    model = dynamic(chain_model())
+    feeds = {"x": np.zeros((1, 3, 64, 48), np.float32)}
+    assert optimization_shapes(model, feeds) == {"x": ((1, 3, 64, 48),) * 3}
+    span = ((1, 3, 32, 32), (1, 3, 64, 48), (1, 3, 128, 128))
+    assert optimization_shapes(model, feeds, {"x": span}) == {"x": span}
+    first = cache_key("d", EngineSettings("fp16", None, {"x": span}), "10.9", "H100")
+    other = cache_key(
+        "d", EngineSettings("fp16", None, {"x": ((1, 3, 64, 48),) * 3}), "10.9", "H100"
+    )
+    assert first != other  # one engine per range
