@@ -228,6 +228,16 @@ def _window_indices(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Vari
     return _reshape(b, m, "windows/merge", total, [-1, plan.keys])
 
 
+def runtime_axes(
+    b: _Builder, x: gs.Variable, plan: AttentionPlan, auto_pad: AutoPad
+) -> tuple[ShapeMath, list[AxisSizes]]:
+    """The sizes of every axis of ``x``'s Conv, from its runtime shape."""
+    m = ShapeMath(b)
+    source, local = plan.source or plan.spec, plan.attention is Attention.LOCAL
+    sizes = input_sizes(m, x, plan.spec.rank)
+    return m, [axis_sizes(m, n, i, source, auto_pad, plan, local) for i, n in enumerate(sizes)]
+
+
 def emit_dynamic_attention(
     graph: gs.Graph,
     prefix: str,
@@ -246,11 +256,8 @@ def emit_dynamic_attention(
     and supplies everything that does not depend on it."""
     dtype = np.dtype(projection.dtype)
     b = _Builder(graph, prefix, dtype)
-    m = ShapeMath(b)
-    spec, source = plan.spec, plan.source or plan.spec
-    local = plan.attention is Attention.LOCAL
-    sizes = input_sizes(m, x, spec.rank)
-    axes = [axis_sizes(m, n, i, source, auto_pad, plan, local) for i, n in enumerate(sizes)]
+    m, axes = runtime_axes(b, x, plan, auto_pad)
+    spec, local = plan.spec, plan.attention is Attention.LOCAL
     tokens = _tokens(b, m, x, plan, axes)  # [B, g, N, Dg]
     group, heads = spec.group, plan.heads
     dim_in, dim_out = plan.group_in_dim, plan.group_out_dim

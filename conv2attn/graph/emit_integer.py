@@ -28,8 +28,8 @@ from conv2attn.core.weights import column_channels, integer_projection, selectio
 from conv2attn.graph.emit import Dim, _Builder, _tokens, _unpatchify
 from conv2attn.graph.emit_dynamic import _tokens as dynamic_tokens
 from conv2attn.graph.emit_dynamic import _unpatchify as dynamic_unpatchify
+from conv2attn.graph.emit_dynamic import runtime_axes
 from conv2attn.graph.emit_dynamic import selection_indices as dynamic_selection_indices
-from conv2attn.graph.runtime_geometry import ShapeMath, axis_sizes, input_sizes
 from conv2attn.graph.select import Quantization
 
 
@@ -40,6 +40,16 @@ def _scalar(b: _Builder, part: str, tensor: gs.Tensor) -> gs.Tensor:
     if isinstance(tensor, gs.Constant):
         return b.scalar(part, np.asarray(tensor.values))
     return b.op("Reshape", f"{part}/Reshape", [tensor, b.int64(f"{part}/shape", [])], [])
+
+
+def _input_zero_point(b: _Builder, quantization: Quantization) -> gs.Tensor:
+    """The input's zero point as a 0-d tensor, also what padding fills in: ConvInteger and
+    QLinearConv pad with it."""
+    if quantization.x_zero_point is None:
+        b.pad_value = b.scalar("x_zero_point", np.zeros((), quantization.x_dtype))
+    else:
+        b.pad_value = _scalar(b, "x_zero_point", quantization.x_zero_point)
+    return b.pad_value
 
 
 def _select(
@@ -205,11 +215,7 @@ def emit_integer_attention(
     """Append the integer attention computing ``y`` from ``x`` to ``graph``; the caller
     detaches the integer Conv that produced ``y``."""
     b = _Builder(graph, prefix, quantization.x_dtype)
-    if quantization.x_zero_point is None:
-        x_zero = b.scalar("x_zero_point", np.zeros((), quantization.x_dtype))
-    else:
-        x_zero = _scalar(b, "x_zero_point", quantization.x_zero_point)
-    b.pad_value = x_zero  # ConvInteger and QLinearConv pad with the input's zero point
+    x_zero = _input_zero_point(b, quantization)
     tokens = _tokens(b, x, plan, batch)
     g = [] if plan.channels_last or plan.spec.group == 1 else [plan.spec.group]
     lead = [batch, *g, plan.blocks] if plan.attention is Attention.LOCAL else [batch, *g]
@@ -235,17 +241,9 @@ def emit_dynamic_integer_attention(
     (channel-major per group), the selection's indices and the un-patchify computed at run
     time as in ``emit_dynamic``; the arithmetic as in the static integer path."""
     b = _Builder(graph, prefix, quantization.x_dtype)
-    m = ShapeMath(b)
-    if quantization.x_zero_point is None:
-        x_zero = b.scalar("x_zero_point", np.zeros((), quantization.x_dtype))
-    else:
-        x_zero = _scalar(b, "x_zero_point", quantization.x_zero_point)
-    b.pad_value = x_zero
+    x_zero = _input_zero_point(b, quantization)
+    m, axes = runtime_axes(b, x, plan, auto_pad)
     spec, local = plan.spec, plan.attention is Attention.LOCAL
-    sizes = input_sizes(m, x, spec.rank)
-    axes = [
-        axis_sizes(m, n, i, plan.source or spec, auto_pad, plan, local) for i, n in enumerate(sizes)
-    ]
     tokens = dynamic_tokens(b, m, x, plan, axes)  # [B, g, N, Dg]
     group = spec.group
     indices = dynamic_selection_indices(b, m, plan, axes)

@@ -118,6 +118,18 @@ def spatial_known(value: onnx.ValueInfoProto | None) -> bool:
     return len(dims) > 2 and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims[2:])
 
 
+def _unsized_conv_inputs(model: onnx.ModelProto) -> set[str]:
+    """Inputs of the main graph's Convs whose spatial size is not known."""
+    typed = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
+    return {
+        node.input[0]
+        for node in model.graph.node
+        if node.op_type in CONVERTED_OPS
+        and node.input
+        and not spatial_known(typed.get(node.input[0]))
+    }
+
+
 def nominal_sizes(
     model: onnx.ModelProto, bare: onnx.ModelProto, nominal: Mapping[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
@@ -127,14 +139,7 @@ def nominal_sizes(
     take a suggested one (batch 1, image-sized spatial dims)."""
     from conv2attn.inputs import graph_inputs, suggested_dims
 
-    typed = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
-    unknown = {
-        node.input[0]
-        for node in model.graph.node
-        if node.op_type in CONVERTED_OPS
-        and node.input
-        and not spatial_known(typed.get(node.input[0]))
-    }
+    unknown = _unsized_conv_inputs(model)
     if not unknown:
         return {}
     shapes = {
@@ -169,13 +174,7 @@ def resolve_spatial_sizes(model: onnx.ModelProto, bare: onnx.ModelProto) -> list
     propagation stops there, even with the batch pinned, while symbolic inference
     carries the batch as a symbol and finds the spatial sizes."""
     typed = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
-    unknown = {
-        node.input[0]
-        for node in model.graph.node
-        if node.op_type in CONVERTED_OPS
-        and node.input
-        and not spatial_known(typed.get(node.input[0]))
-    }
+    unknown = _unsized_conv_inputs(model)
     if not unknown:
         return []
     # The skeleton's weights have no data; as graph inputs they keep their shapes and
