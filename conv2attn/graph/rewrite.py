@@ -48,6 +48,7 @@ from conv2attn.graph.shapes import (
     nominal_sizes,
     pin_input_shapes,
     resolve_spatial_sizes,
+    sizes_open,
     skeleton,
 )
 from conv2attn.graph.verify import passes_strict_inference, verify
@@ -189,7 +190,9 @@ def prepare_shapes(
         del body.value_info[:]  # stale shapes must not decide; see infer_shapes
     strict = passes_strict_inference(bare)
     infer_shapes(model, bare)
-    for name in resolve_spatial_sizes(model, bare):
+    # Symbolic inference finds sizes hidden behind a symbolic batch; with open spatial
+    # sizes it finds none (and takes long), so those go to the nominal-size pass.
+    for name in [] if sizes_open(model) else resolve_spatial_sizes(model, bare):
         log.info("spatial size of '%s' found by symbolic shape inference", name)
     return strict, nominal_sizes(model, bare, nominal_shapes or {})
 

@@ -130,6 +130,18 @@ def _unsized_conv_inputs(model: onnx.ModelProto) -> set[str]:
     }
 
 
+def sizes_open(model: onnx.ModelProto) -> bool:
+    """Whether a graph input leaves a size beyond the batch dynamic: then inference on the
+    model itself cannot find spatial sizes, and only ``nominal_sizes`` can plan them."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return any(
+        not (dim.HasField("dim_value") and dim.dim_value >= 0)
+        for value in model.graph.input
+        if value.name not in initializers
+        for dim in value.type.tensor_type.shape.dim[1:]
+    )
+
+
 def nominal_sizes(
     model: onnx.ModelProto, bare: onnx.ModelProto, nominal: Mapping[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
