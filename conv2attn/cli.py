@@ -205,6 +205,14 @@ def _plan_options(parser) -> None:
         help="with --attention local: query tokens per block (default: the cost model's choice)",
     )
     parser.add_argument(
+        "--form",
+        choices=["matmul", "attention"],
+        default="matmul",
+        help="matmul: Softmax and MatMul nodes (default, fastest); attention: the standard "
+        "ONNX Attention operator with W_Q, W_K and the positions as its mask (opset 23; "
+        "older models are upgraded)",
+    )
+    parser.add_argument(
         "--max-param-growth",
         type=float,
         default=4.0,
@@ -543,6 +551,7 @@ def run_convert(args: argparse.Namespace) -> int:
         block=args.block,
         fold_bn=args.fold_bn,
         nominal_shapes=args.nominal_shape,
+        form=args.form,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )
@@ -572,6 +581,7 @@ def _convert_options(args: argparse.Namespace):
         block=args.block,
         fold_bn=args.fold_bn,
         nominal_shapes=args.nominal_shape,
+        form=args.form,
     )
 
 

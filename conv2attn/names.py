@@ -40,6 +40,11 @@ def softmax_output(conv: str) -> str:
     return output_of(f"{scope(conv)}/{SOFTMAX}")
 
 
+def attention_node(conv: str) -> str:
+    """The standard form's ONNX ``Attention`` node of ``conv``'s replacement."""
+    return f"{scope(conv)}/Attention"
+
+
 def is_projection(tensor: str) -> bool:
     """Whether ``tensor`` is an output projection W_O (the bulk of a converted model)."""
     return tensor.endswith(f"/{SCOPE}/{PROJECTION}")

@@ -60,6 +60,10 @@ class LayerReport:
     # the input size is dynamic: the plan is for the nominal ``input_size``; the graph
     # computes the real grid at run time
     dynamic: bool = False
+    # "attention": the standard ONNX Attention operator; "matmul": Softmax and MatMul nodes
+    form: str = "matmul"
+    pads_begin: tuple[int, ...] = ()
+    pads_end: tuple[int, ...] = ()
 
     @classmethod
     def from_plan(
@@ -72,6 +76,7 @@ class LayerReport:
         considered: list[AttentionPlan],
         integer: str | None = None,
         dynamic: bool = False,
+        form: str = "matmul",
     ) -> LayerReport:
         """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
         chosen from ``considered``; ``integer`` names an integer Conv's operator (its
@@ -107,6 +112,9 @@ class LayerReport:
             graph=graph,
             integer=integer,
             dynamic=dynamic,
+            form=form,
+            pads_begin=spec.pads_begin,
+            pads_end=spec.pads_end,
         )
 
 
@@ -149,6 +157,12 @@ RECORDED_FIELDS = (
     "params_before",
     "params_after",
     "graph",
+    # the source Conv, so that a converted model can be rebuilt as trainable layers
+    "in_channels",
+    "out_channels",
+    "input_size",
+    "pads_begin",
+    "pads_end",
 )
 
 
@@ -171,6 +185,7 @@ class ConversionReport:
     block: str = "auto"
     strict_checked: bool = True  # the input passed strict shape inference, so must the output
     folded_batchnorms: list[str] = field(default_factory=list)
+    form: str = "matmul"
 
     @property
     def macs_before(self) -> int:
@@ -196,6 +211,7 @@ class ConversionReport:
                 "attention": self.attention,
                 "block": self.block,
                 "max_param_growth": self.max_param_growth,
+                "form": self.form,
             },
             "param_budget_met": self.param_budget_met,
             "folded_batchnorms": self.folded_batchnorms,
@@ -227,6 +243,8 @@ def _recorded(layer: LayerReport) -> dict:
         entry["integer"] = layer.integer
     if layer.dynamic:
         entry["dynamic"] = True
+    if layer.form != "matmul":
+        entry["form"] = layer.form
     return entry
 
 

@@ -97,11 +97,16 @@ def attention_picture(
     feeds: Mapping[str, np.ndarray],
 ) -> AttentionPicture:
     """Run the converted graph, fetch the layer's softmax and take the centre query's row."""
-    softmax = names.softmax_output(layer["name"])
     probe = copy.deepcopy(converted)
+    heads = layer["heads"]
+    if layer.get("form") == "attention":
+        softmax = _expose_operator_softmax(probe, layer["name"])
+    else:
+        softmax = names.softmax_output(layer["name"])
     probe.graph.output.append(onnx.ValueInfoProto(name=softmax))
     probs = run_session(session(probe), [softmax], dict(feeds), "the converted model")[0]
-    heads = layer["heads"]
+    if probs.ndim == 4:  # the operator's [B', heads, q, K]: the first batch item and block
+        probs = probs[0].transpose(1, 0, 2).reshape(-1, probs.shape[-1])
     reach = layer["reach"]
     if layer.get("block"):
         query_grid, key_grid = layer["block"], [b + r for b, r in zip(layer["block"], reach)]
@@ -131,6 +136,24 @@ def attention_picture(
         tuple(layer["token_grid"]),
         tuple(layer["block"]) if layer.get("block") else None,
     )
+
+
+def _expose_operator_softmax(probe: onnx.ModelProto, conv: str) -> str:
+    """Make ``conv``'s Attention node output its softmax (``qk_matmul_output_mode`` 3,
+    the operator's fourth output) and return that output's name."""
+    node = next(
+        (n for n in probe.graph.node if n.name == names.attention_node(conv)),
+        None,
+    )
+    if node is None:
+        raise InputError(f"layer '{conv}': no {names.attention_node(conv)} node in the model")
+    while len(node.output) < 4:
+        node.output.append("")
+    node.output[3] = names.output_of(f"{node.name}/probabilities")
+    kept = [a for a in node.attribute if a.name != "qk_matmul_output_mode"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, onnx.helper.make_attribute("qk_matmul_output_mode", 3)])
+    return node.output[3]
 
 
 def _kernel(original: onnx.ModelProto, layer: dict) -> np.ndarray:

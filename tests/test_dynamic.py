@@ -167,13 +167,13 @@ def dynamic_configs(draw, ranks=(2,)):
     return config, sizes
 
 
-def check_dynamic(config: dict, sizes: list[tuple[int, ...]]) -> None:
+def check_dynamic(config: dict, sizes: list[tuple[int, ...]], form: str = "matmul") -> None:
     m = config["model"]
     rank = len(m["kernel"])
     model = dynamic(conv_model(**m), names=("A", "B", "C")[:rank])
     converted, report = conv2attn.convert(
         model, patch=config["patch"], attention=config["attention"], block=config["block"],
-        nominal_shapes={"x": [1, m["in_channels"], *m["size"]]},
+        nominal_shapes={"x": [1, m["in_channels"], *m["size"]]}, form=form,
     )  # fmt: skip
     assert report.layers[0].dynamic
     rng = np.random.default_rng(m["seed"])

@@ -29,7 +29,8 @@ DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
 def _models():
     """Converted models covering every emitted form: global and local attention, both
-    operation orders, grouped and depthwise Convs, float16 (Softmax cast back)."""
+    operation orders, grouped and depthwise Convs, float16 (Softmax cast back), and the
+    standard Attention operator."""
     digits = onnx.load(str(DIGITS))
     cases = {
         "digits-global": (digits, {"attention": "global"}),
@@ -38,6 +39,16 @@ def _models():
         "depthwise-local": (conv_model(4, 8, group=4, size=(12, 12)), {"attention": "local"}),
         "grouped-global": (conv_model(4, 6, group=2), {"attention": "global"}),
         "float16-local": (conv_model(dtype=np.float16), {"attention": "local"}),
+        "operator-digits-local": (digits, {"attention": "local", "form": "attention"}),
+        "operator-project-first": (chain_model(), {"patch": 1, "form": "attention"}),
+        "operator-depthwise-global": (
+            conv_model(4, 8, group=4, size=(12, 12)),
+            {"attention": "global", "form": "attention"},
+        ),
+        "operator-float16-global": (
+            conv_model(dtype=np.float16),
+            {"attention": "global", "form": "attention"},
+        ),
     }
     for case, (model, options) in cases.items():
         converted, _ = conv2attn.convert(model, **options)
@@ -78,6 +89,14 @@ def softmax_and_logits(converted: onnx.ModelProto) -> set[str]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     selected = set()
+    for attention in (n for n in converted.graph.node if n.op_type == "Attention"):
+        # the standard form: the mask's logits, up to its cast to the model's type
+        mask = producers[attention.input[3]]
+        stack = [producers[i] for i in mask.input] if mask.op_type == "Cast" else [mask]
+        while stack:
+            node = stack.pop()
+            selected.add(node.name)
+            stack += [producers[i] for i in node.input if i in producers]
     for softmax in (n for n in converted.graph.node if n.op_type == "Softmax"):
         stack = [softmax]
         while stack:

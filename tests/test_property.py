@@ -98,13 +98,19 @@ def reference(model, feeds, config):
     return run(model, feeds)
 
 
-def check(config):
+def check(config, form: str = "matmul"):
     model = conv_model(**config["model"])
     converted, report = conv2attn.convert(
-        model, patch=config["patch"], attention=config["attention"], block=config["block"]
+        model,
+        patch=config["patch"],
+        attention=config["attention"],
+        block=config["block"],
+        form=form,
     )
     assert len(report.layers) == 1
-    assert "Conv" not in [n.op_type for n in converted.graph.node]
+    ops = [n.op_type for n in converted.graph.node]
+    assert "Conv" not in ops
+    assert ("Attention" in ops) == (form == "attention")
     feeds = random_input(model, batch=config["batch"])
     assert_parity(reference(model, feeds, config), run(converted, feeds))
 

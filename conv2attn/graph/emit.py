@@ -130,14 +130,13 @@ def _route(b: _Builder, tensor: gs.Variable, y: gs.Variable) -> None:
     producer.outputs = [y]
 
 
-def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
-    """Softmax of the quadratic relative logits, built in-graph from coordinate vectors.
+def relative_logits(b: _Builder, plan: AttentionPlan) -> gs.Variable:
+    """Section 2's quadratic relative logits ``-ALPHA * |d - offset_h|^2``, ``[q, heads, K]``
+    float32, built in-graph from coordinate vectors.
 
     For the ``q`` queries and ``K`` keys of one block (global: the kept queries and every
-    token). Attend-first: ``[q * heads, K]``, row ``(query, head)``. Project-first:
-    ``[q, K * heads]``, column ``(key, head)``. Each row is one-hot (section 2). Computed
-    in float32 (differences first, then squares) and cast at the end, so nothing
-    overflows in float16; its inputs are constants, so runtimes fold it at load time.
+    token). Differences first, then squares, in float32, so nothing overflows; its inputs
+    are constants, so runtimes fold it at load time.
     """
     q, k, heads = len(query_coordinates(plan)[0]), plan.keys, plan.heads
     squared = None
@@ -157,7 +156,15 @@ def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
             else b.op("Add", f"{tag}/sum", [squared, square], [q, heads, k], np.float32)
         )
     scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
-    logits = b.op("Mul", f"{names.LOGITS}/Mul", [squared, scale], [q, heads, k], np.float32)
+    return b.op("Mul", f"{names.LOGITS}/Mul", [squared, scale], [q, heads, k], np.float32)
+
+
+def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
+    """Softmax of ``relative_logits``. Attend-first: ``[q * heads, K]``, row ``(query,
+    head)``. Project-first: ``[q, K * heads]``, column ``(key, head)``. Each row is
+    one-hot (section 2). Cast to the model's type after the softmax."""
+    logits = relative_logits(b, plan)
+    q, heads, k = logits.shape
     rows = b.static_reshape(f"{names.LOGITS}/rows", logits, [q * heads, k])
     probs = b.op("Softmax", names.SOFTMAX, [rows], [q * heads, k], np.float32, attrs={"axis": 1})
     if plan.order is Order.PROJECT_FIRST:
@@ -358,13 +365,13 @@ def _key_windows(
     """Local attention: [B, (g,) N, dim] -> [B, (g,) blocks, K, dim], each block's keys
     and its halo, gathered; global attention attends to every token as it is."""
     if plan.attention is not Attention.LOCAL:
-        return lambda values, dim: values
+        return lambda values, dim, part="Gather": values
     indices = b.constant("window_indices", window_indices(plan))
 
-    def windows(values: gs.Variable, dim: int) -> gs.Variable:
+    def windows(values: gs.Variable, dim: int, part: str = "Gather") -> gs.Variable:
         return b.op(
             "Gather",
-            "Gather",
+            part,
             [values, indices],
             [*lead, plan.keys, dim],
             attrs={"axis": group_axes + 1},
@@ -386,33 +393,65 @@ def _attend_and_project(
 ) -> gs.Variable:
     """Attention and output projection in ``plan.order``, plus the bias: the output
     tokens [*lead, q, Dg_out]."""
-    local = plan.attention is Attention.LOCAL
     q, k, heads = plan.block_queries, plan.keys, plan.heads
     dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
     out_dim = plan.group_out_dim
-    # projection: [g, rows, cols]; g == 1 drops the group axis, and grouped local
-    # attention projects [B, g, blocks, ..] so needs a broadcast axis for the blocks.
-    weight_shape = list(projection.shape) if g else list(projection.shape[1:])
-    if local and g and plan.order is Order.ATTEND_FIRST:
-        weight_shape.insert(1, 1)
-    weight = b.constant(names.PROJECTION, projection.reshape(weight_shape))
     if plan.order is Order.ATTEND_FIRST:
         keys = windows(tokens, dim_in)
         # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
         attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
         heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * dim_in])
-        projected = b.op("MatMul", "proj/MatMul", [heads_concat, weight], [*lead, q, out_dim])
-    else:
-        batch = lead[0]
-        per_head = b.op(
-            "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, plan.tokens, heads * out_dim]
-        )
-        keys = windows(per_head, heads * out_dim)
-        stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
-        projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
+        return project_heads(b, plan, heads_concat, lead, g, projection, bias)
+    batch = lead[0]
+    weight = b.constant(names.PROJECTION, projection.reshape(_weight_shape(plan, projection, g)))
+    per_head = b.op(
+        "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, plan.tokens, heads * out_dim]
+    )
+    keys = windows(per_head, heads * out_dim)
+    stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
+    projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
+    return add_bias(b, plan, projected, lead, g, bias)
+
+
+def _weight_shape(plan: AttentionPlan, projection: np.ndarray, g: list[int]) -> list[int]:
+    """W_O as ``[g, rows, cols]``; g == 1 drops the group axis, and grouped local attention
+    projects [B, g, blocks, ..] so needs a broadcast axis for the blocks."""
+    weight_shape = list(projection.shape) if g else list(projection.shape[1:])
+    if plan.attention is Attention.LOCAL and g and plan.order is Order.ATTEND_FIRST:
+        weight_shape.insert(1, 1)
+    return weight_shape
+
+
+def project_heads(
+    b: _Builder,
+    plan: AttentionPlan,
+    heads_concat: gs.Variable,
+    lead: list[Dim],
+    g: list[int],
+    projection: np.ndarray,
+    bias: np.ndarray,
+) -> gs.Variable:
+    """The concatenated heads [*lead, q, heads * Dg_in] times W_O, plus the bias."""
+    weight = b.constant(names.PROJECTION, projection.reshape(_weight_shape(plan, projection, g)))
+    shape = [*lead, plan.block_queries, plan.group_out_dim]
+    projected = b.op("MatMul", "proj/MatMul", [heads_concat, weight], shape)
+    return add_bias(b, plan, projected, lead, g, bias)
+
+
+def add_bias(
+    b: _Builder,
+    plan: AttentionPlan,
+    projected: gs.Variable,
+    lead: list[Dim],
+    g: list[int],
+    bias: np.ndarray,
+) -> gs.Variable:
+    out_dim = plan.group_out_dim
+    local = plan.attention is Attention.LOCAL
     bias_shape = [g[0], *([1] if local else []), 1, out_dim] if g else [out_dim]
     bias_const = b.constant("bias", bias.reshape(bias_shape))
-    return b.op("Add", "proj/Add", [projected, bias_const], [*lead, q, out_dim])
+    shape = [*lead, plan.block_queries, out_dim]
+    return b.op("Add", "proj/Add", [projected, bias_const], shape)
 
 
 def emit_attention(

@@ -107,10 +107,11 @@ def _grid_coordinates(b, m, part: str, grid: list[Size]) -> gs.Variable:
     return b.op("Cast", f"{part}/Cast", [stacked], None, np.float32, {"to": to_float})
 
 
-def _attention_matrix(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
-    """Section 2's one-hot softmax. Local: one block's pattern, constants only. Global: the
-    query and key coordinates come from the runtime grid."""
-    heads, rank = plan.heads, plan.spec.rank
+def relative_logits(b, m, plan: AttentionPlan, axes: list[AxisSizes]):
+    """Section 2's logits [q, heads, K] float32, with ``q`` and ``K``. Local: one block's
+    pattern, constants only. Global: the query and key coordinates come from the runtime
+    grid."""
+    rank = plan.spec.rank
     local = plan.attention is Attention.LOCAL
     if local:
         q, k = plan.block_queries, plan.keys
@@ -138,6 +139,13 @@ def _attention_matrix(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Va
     )  # fmt: skip
     scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
     logits = b.op("Mul", f"{names.LOGITS}/Mul", [squared, scale], None, np.float32)  # [q, h, k]
+    return logits, q, k
+
+
+def _attention_matrix(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """Section 2's one-hot softmax of ``relative_logits``."""
+    heads = plan.heads
+    logits, q, k = relative_logits(b, m, plan, axes)
     rows = _reshape(b, m, f"{names.LOGITS}/rows", logits, [m.mul(q, heads), k])
     probs = b.op("Softmax", names.SOFTMAX, [rows], None, np.float32, attrs={"axis": 1})
     if plan.order is Order.PROJECT_FIRST:

@@ -13,6 +13,9 @@ from conv2attn.inputs import parse_input_shapes
 
 # Kept as the name callers know; a patch or block option is "auto" or sizes.
 Patch = Sizes
+# How a converted Conv is written: Softmax and MatMul nodes (the fastest on every runtime
+# measured), or the standard ONNX Attention operator (opset 23).
+FORMS = ("matmul", "attention")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class ConvertOptions:
     fold_bn: bool = False
     # what the cost model plans dynamic sizes for (the graph computes the real ones)
     nominal_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    form: str = "matmul"
 
     @property
     def patch_text(self) -> str:
@@ -71,6 +75,7 @@ def convert_options(
     block: str | int | Sequence[int],
     fold_bn: bool,
     nominal_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    form: str = "matmul",
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
     shapes = _shapes(input_shapes)
@@ -78,6 +83,8 @@ def convert_options(
         raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
     if attention not in {a.value for a in Attention}:
         raise InputError(f"--attention {attention}: expected global or local")
+    if form not in FORMS:
+        raise InputError(f"--form {form}: expected one of {', '.join(FORMS)}")
     if attention == Attention.GLOBAL.value and block != "auto":
         raise InputError("--block applies to --attention local only")
     return ConvertOptions(
@@ -90,6 +97,7 @@ def convert_options(
         exclude=tuple(exclude),
         input_shapes=shapes,
         nominal_shapes=_shapes(nominal_shapes),
+        form=form,
     )
 
 

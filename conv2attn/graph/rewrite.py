@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import version_converter
 
 from conv2attn import names
 from conv2attn.core.planning import LayerPlans, PlanError, plan_layers
@@ -37,6 +38,11 @@ from conv2attn.graph.emit_dynamic import emit_dynamic_attention
 from conv2attn.graph.emit_integer import (
     emit_dynamic_integer_attention,
     emit_integer_attention,
+)
+from conv2attn.graph.emit_standard import (
+    ATTENTION_OPSET,
+    emit_dynamic_standard_attention,
+    emit_standard_attention,
 )
 from conv2attn.graph.options import ConvertOptions, convert_options
 from conv2attn.graph.select import Candidate, name_convs, select_convs
@@ -85,6 +91,7 @@ def convert(
     check: bool = True,
     progress: Progress | None = None,
     nominal_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    form: str = "matmul",
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -96,6 +103,8 @@ def convert(
     a list of ``NAME:1x3x224x224`` strings; a size the model leaves dynamic (and no
     ``input_shapes`` pins) stays dynamic, the graph computing its geometry at run time,
     planned for ``nominal_shapes`` (same forms; default batch 1 and 224x224 images).
+    ``form`` is ``"matmul"`` (Softmax and MatMul nodes, the fastest) or ``"attention"``
+    (the standard ``Attention`` operator; the model is upgraded to opset 23 first).
     Returns the converted model and a report.
     ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
     instead, which needs less memory and works at any size). ``progress(done, total,
@@ -112,6 +121,7 @@ def convert(
         block=block,
         fold_bn=fold_bn,
         nominal_shapes=nominal_shapes,
+        form=form,
     )
     model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     converted, report = convert_model(model, options, progress)
@@ -128,6 +138,8 @@ def convert_model(
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (consumed: its graph is rewritten in place), unchecked."""
     check_opset(model)
+    if options.form == "attention":
+        model = upgrade_opset(model, ATTENTION_OPSET)
     strict, nominal = prepare_shapes(model, options.input_shapes, options.nominal_shapes)
     header = onnx.ModelProto()
     copy_fields(header, model, skip=("graph", "functions", "training_info"))
@@ -139,7 +151,7 @@ def convert_model(
     selection = select_convs(graph, options.include, options.exclude, nominal=nominal)
     _release_weight_bytes(model, selection.candidates)
     layer_plans = plan(selection.candidates, options)
-    layers = _replace(selection.candidates, layer_plans, progress)
+    layers = _replace(selection.candidates, layer_plans, options.form, progress)
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)
@@ -157,6 +169,7 @@ def convert_model(
         block=options.block_text,
         strict_checked=strict,
         folded_batchnorms=folded,
+        form=options.form,
     )
     write_record(converted, report)
     return converted, report
@@ -172,6 +185,24 @@ def check_opset(model: onnx.ModelProto) -> int:
             f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
         )
     return versions[0]
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``model`` at default-domain opset ``target`` or later, by onnx's version converter
+    (its adapters rewrite each changed operator exactly, or refuse)."""
+    version = check_opset(model)
+    if version >= target:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as error:  # the converter raises bare RuntimeErrors and checker errors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"--form attention needs opset {target}, and onnx's version converter cannot "
+            f"upgrade this model from opset {version}: {reason}; convert with --form matmul"
+        ) from None
+    log.info("upgraded the model from opset %d to %d for the Attention operator", version, target)
+    return upgraded
 
 
 def prepare_shapes(
@@ -241,7 +272,10 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
 
 
 def _replace(
-    candidates: Sequence[Candidate], layer_plans: LayerPlans, progress: Progress | None
+    candidates: Sequence[Candidate],
+    layer_plans: LayerPlans,
+    form: str,
+    progress: Progress | None,
 ) -> list[LayerReport]:
     """Detach each Conv and emit its attention in its place; the report of each."""
     layers = []
@@ -255,6 +289,7 @@ def _replace(
         node.inputs.clear()
         node.outputs.clear()
         quantization = candidate.quantization
+        standard = form == "attention"
         if candidate.dynamic and quantization is not None:
             emit_dynamic_integer_attention(
                 candidate.graph,
@@ -267,7 +302,8 @@ def _replace(
                 quantization,
             )
         elif candidate.dynamic:
-            emit_dynamic_attention(
+            emit = emit_dynamic_standard_attention if standard else emit_dynamic_attention
+            emit(
                 candidate.graph,
                 names.scope(node.name),
                 x,
@@ -279,7 +315,8 @@ def _replace(
                 candidate.batch,
             )
         elif quantization is None:
-            emit_attention(
+            emit = emit_standard_attention if standard else emit_attention
+            emit(
                 candidate.graph,
                 names.scope(node.name),
                 x,
@@ -301,6 +338,7 @@ def _replace(
                 candidate.batch,
             )
         integer = None if quantization is None else quantization.op
+        layer_form = "attention" if standard and quantization is None else "matmul"
         layers.append(
             LayerReport.from_plan(
                 node.name,
@@ -311,6 +349,7 @@ def _replace(
                 considered,
                 integer,
                 candidate.dynamic,
+                layer_form,
             )
         )
         candidate.weight = candidate.bias = None  # the projection replaces them
