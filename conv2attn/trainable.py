@@ -8,19 +8,21 @@ tokens that starts out computing exactly what a given ``nn.Conv2d`` computes and
 be trained beyond it. Geometry, patch choice and weights are the ONNX path's own
 (``geometry``, ``weights``); only the tensor program is written here, in torch.
 
-Per head ``h``, query token ``i`` and key token ``j`` at relative position ``d = j - i``:
+Per head ``h``, a gated mix of positional and content attention (ConViT's gated
+positional self-attention, with the gate as a zero-initialised residual):
 
-    logit = (q_i . k_j + q_i . rho(d) + k_j . rho(d)) / sqrt(key_dim) + bias_h[d]
+    P_h = softmax(bias_h[d])                    positional: d = key - query position
+    C_h = softmax(q_i . k_j / sqrt(key_dim))    content: q = x W_Q, k = x W_K
+    A_h = P_h + g_h * (C_h - P_h)
 
-``q = x W_Q``, ``k = x W_K`` (both trainable, zero at initialisation); ``rho`` is a
-fixed sinusoidal feature of the relative position (one block of frequencies per axis),
-through which W_Q and W_K receive gradients from the first step; ``bias_h`` is a
-trainable table over relative positions, initialised to section 2's quadratic encoding
-``-alpha * |d - offset_h|^2``. Values are the tokens themselves (the per-head value
-projection W_V = I is folded into the output projection), and the trainable output
-projection and bias are section 3's. At initialisation the softmax puts ``exp(-alpha)``
-on the nearest wrong key, so the output equals the Conv's to float32 rounding while
-gradients still reach every parameter (``weights.TRAINABLE_ALPHA``).
+``bias_h`` is a trainable table over relative positions initialised to section 2's
+quadratic encoding ``-alpha * |d - offset_h|^2``, so ``P_h`` selects the Conv's tap;
+W_Q and W_K start random (as in any attention layer) and the gate ``g_h`` starts at 0, so
+at initialisation ``A_h = P_h`` exactly and the output equals the Conv's to float32
+rounding, while the gate's gradient, ``(C_h - P_h) V W_O``, is as large as the layer's
+signal: the first optimiser step opens the gates and from then on W_Q and W_K learn.
+Values are the tokens (W_V = I, folded into the output projection); W_O and the bias are
+section 3's. ``attention_parameters()`` names what shapes the attention.
 
 Requires torch (``pip install conv2attn[torch]``).
 """
@@ -49,6 +51,7 @@ from conv2attn.core.geometry import (
 from conv2attn.core.planning import LayerPlans, plan_layers
 from conv2attn.core.selection import selection_reason
 from conv2attn.core.weights import (
+    KEY_DIM,
     TRAINABLE_ALPHA,
     output_bias,
     output_projection,
@@ -59,8 +62,6 @@ from conv2attn.core.weights import (
 )
 
 __all__ = ["ConvAttention", "conv_spec", "convert_module", "plan_for"]
-
-KEY_DIM = 16
 
 
 def conv_spec(conv: nn.Conv2d, input_size: Sequence[int]) -> ConvSpec:
@@ -157,47 +158,31 @@ class _Geometry:
     query_index: torch.Tensor
     key_index: torch.Tensor
     bias_index: torch.Tensor
-    deltas: list[torch.Tensor]
-    rhos: list[torch.Tensor]
     lows: tuple[int, ...]
 
 
-def _geometry(plan: AttentionPlan, key_dim: int, dtype, device) -> _Geometry:
-    """Indices and relative-position features of ``plan`` (its bias table's range:
-    ``weights.quadratic_encoding``'s)."""
+def _geometry(plan: AttentionPlan, device) -> _Geometry:
+    """Indices of ``plan`` (its bias table's range: ``weights.quadratic_encoding``'s)."""
     relative = relative_positions(plan)
     lows = [int(d.min()) for d in relative]
     spans = [int(d.max()) - low + 1 for d, low in zip(relative, lows)]
     deltas = [d - low for d, low in zip(relative, lows)]
-    as_tensor = lambda array: torch.from_numpy(array).to(device)  # noqa: E731
-    rhos = []
-    for low, span in zip(lows, spans):
-        positions = np.arange(low, low + span)
-        rhos.append(as_tensor(_sinusoids(positions, key_dim // 2)).to(dtype))
     return _Geometry(
         plan,
-        as_tensor(query_indices(plan)),
-        as_tensor(window_indices(plan)),
-        as_tensor(deltas[0] * spans[1] + deltas[1]),
-        [as_tensor(d) for d in deltas],
-        rhos,
+        torch.from_numpy(query_indices(plan)).to(device),
+        torch.from_numpy(window_indices(plan)).to(device),
+        torch.from_numpy(deltas[0] * spans[1] + deltas[1]).to(device),
         tuple(lows),
     )
-
-
-def _sinusoids(positions: np.ndarray, features: int) -> np.ndarray:
-    """``[len(positions), features]``: sin and cos of the position at geometric frequencies."""
-    frequencies = 1.0 / (4.0 ** np.arange(features // 2))
-    angles = positions[:, None].astype(np.float64) * frequencies[None, :]
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
 
 
 class ConvAttention(nn.Module):
     """Relative-positional multi-head self-attention that equals a Conv2d at initialisation.
 
     Build it with ``ConvAttention.from_conv``. Input and output are NCHW, like the Conv's.
-    Trainable: ``w_q``, ``w_k`` ``[heads, features, key_dim]``, ``position_bias``
-    ``[heads, span_rows, span_cols]``, ``w_o`` and ``bias`` (section 3's shapes).
+    Trainable: ``w_q``, ``w_k`` ``[heads, features, key_dim]``, ``gate`` ``[heads]``,
+    ``position_bias`` ``[heads, span_rows, span_cols]``, ``w_o`` and ``bias`` (section 3's
+    shapes).
     """
 
     def __init__(
@@ -213,8 +198,6 @@ class ConvAttention(nn.Module):
         super().__init__()
         if plan.spec.rank != 2:
             raise ValueError("ConvAttention handles 2-D convolutions")
-        if key_dim % 4:
-            raise ValueError(f"key_dim {key_dim}: must be a multiple of 4 (sin, cos per axis)")
         self.plan = plan
         self.padding_mode = padding_mode
         self.explicit_padding = tuple(explicit_padding)
@@ -223,26 +206,23 @@ class ConvAttention(nn.Module):
         self._other_sizes: dict[tuple[int, ...], _Geometry] = {}
         dtype = torch.float16 if weight.dtype == np.float16 else torch.float32
         features = plan.in_dim
-        self.w_q = nn.Parameter(torch.zeros(plan.heads, features, key_dim, dtype=dtype))
-        self.w_k = nn.Parameter(torch.zeros(plan.heads, features, key_dim, dtype=dtype))
+        # random like any attention layer's (torch's global generator, as nn.Linear)
+        scale = features**-0.5
+        self.w_q = nn.Parameter((torch.randn(plan.heads, features, key_dim) * scale).to(dtype))
+        self.w_k = nn.Parameter((torch.randn(plan.heads, features, key_dim) * scale).to(dtype))
+        self.gate = nn.Parameter(torch.zeros(plan.heads, dtype=dtype))
         table, lows = quadratic_encoding(plan, alpha)
         self.table_lows = tuple(lows)
         self.position_bias = nn.Parameter(torch.from_numpy(table).to(dtype))
         self.w_o = nn.Parameter(torch.from_numpy(output_projection(plan, weight)))
         self.bias = nn.Parameter(torch.from_numpy(output_bias(plan, bias, weight.dtype)))
-
-        deltas = [d - low for d, low in zip(relative_positions(plan), lows)]
-        spans = table.shape[1:]
-        self.register_buffer("query_index", torch.from_numpy(query_indices(plan)), False)
-        self.register_buffer("key_index", torch.from_numpy(window_indices(plan)), False)
-        flat = deltas[0] * spans[1] + deltas[1]
-        self.register_buffer("bias_index", torch.from_numpy(flat), False)
-        per_axis = key_dim // 2
-        for axis, (delta, low, span) in enumerate(zip(deltas, lows, spans)):
-            self.register_buffer(f"delta_{axis}", torch.from_numpy(delta), False)
-            positions = np.arange(low, low + span)
-            rho = torch.from_numpy(_sinusoids(positions, per_axis)).to(dtype)
-            self.register_buffer(f"rho_{axis}", rho, False)
+        built = _geometry(plan, "cpu")
+        self.register_buffer("query_index", built.query_index, False)
+        self.register_buffer("key_index", built.key_index, False)
+        self.register_buffer("bias_index", built.bias_index, False)
+        # what the report shows each head next to: the Conv's mean |weight| per tap
+        kernel = np.abs(weight.astype(np.float32)).mean(axis=(0, 1))
+        self.register_buffer("source_kernel", torch.from_numpy(kernel), False)
 
     @classmethod
     def from_conv(
@@ -278,9 +258,15 @@ class ConvAttention(nn.Module):
         )
         return layer.to(conv.weight.device)
 
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """What shapes the attention: the query and key projections, the gates and the
+        position biases (W_O and the bias are the value path)."""
+        return [self.w_q, self.w_k, self.gate, self.position_bias]
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Forget the Conv: initialise as a generic attention layer would be (ViT-style
-        small random W_Q, W_K and position bias; fan-in scaled W_O; zero bias)."""
+        small random W_Q, W_K and position bias; gates at 0.5, so content and position
+        both attend; fan-in scaled W_O; zero bias)."""
         plan = self.plan
         with torch.no_grad():
             for weight in (self.w_q, self.w_k):
@@ -288,6 +274,7 @@ class ConvAttention(nn.Module):
             self.position_bias.copy_(
                 torch.randn(self.position_bias.shape, generator=generator) * 0.02
             )
+            self.gate.fill_(0.5)
             # attend-first sums heads * Dg_in products per output, project-first the same
             fan_in = self.w_o.shape[1] * (1 if plan.order is Order.ATTEND_FIRST else plan.heads)
             self.w_o.copy_(torch.randn(self.w_o.shape, generator=generator) * fan_in**-0.5)
@@ -343,20 +330,6 @@ class ConvAttention(nn.Module):
         x = x.permute(*order)
         return x.reshape(batch, plan.tokens, group, plan.group_in_dim)
 
-    def _relative(self, vectors: torch.Tensor, transpose: bool, g: _Geometry) -> torch.Tensor:
-        """``vectors . rho(d)`` for every query-key pair, ``[B, blocks, heads, q, k]``."""
-        per_axis = self.key_dim // 2
-        total = 0
-        for axis in range(2):
-            rho, delta = g.rhos[axis], g.deltas[axis]
-            part = vectors[..., axis * per_axis : (axis + 1) * per_axis]
-            scores = torch.einsum("bnhtd,sd->bnhts", part, rho)
-            index = delta.t() if transpose else delta
-            index = index.expand(*scores.shape[:3], *index.shape)
-            picked = torch.gather(scores, -1, index)
-            total = total + (picked.transpose(-1, -2) if transpose else picked)
-        return total
-
     def _geometry(self, size: tuple[int, ...]) -> _Geometry:
         """The geometry at input size ``size``: the built one, or computed (and kept) for
         another size; the weights do not depend on it (``docs/design.md`` section 7)."""
@@ -366,13 +339,7 @@ class ConvAttention(nn.Module):
         size = tuple(n + 2 * p for n, p in zip(size, self.explicit_padding))
         if size == tuple(built):
             return _Geometry(
-                plan,
-                self.query_index,
-                self.key_index,
-                self.bias_index,
-                [self.delta_0, self.delta_1],
-                [self.rho_0, self.rho_1],
-                self.table_lows,
+                plan, self.query_index, self.key_index, self.bias_index, self.table_lows
             )
         if size not in self._other_sizes:
             source = plan.source or plan.spec
@@ -387,8 +354,7 @@ class ConvAttention(nn.Module):
                 )
             except GeometryError as error:
                 raise ValueError(f"input size {list(size)}: {error}") from None
-            device = self.position_bias.device
-            self._other_sizes[size] = _geometry(other, self.key_dim, self.rho_0.dtype, device)
+            self._other_sizes[size] = _geometry(other, self.position_bias.device)
         return self._other_sizes[size]
 
     def _position_table(self, g: _Geometry) -> torch.Tensor:
@@ -407,21 +373,55 @@ class ConvAttention(nn.Module):
         table[tuple(target)] = self.position_bias[tuple(source)]
         return table
 
+    def _positional(self, g: _Geometry) -> torch.Tensor:
+        """P: the softmax of the position biases, [heads, q, k] in float32."""
+        position = self._position_table(g).reshape(g.plan.heads, -1)[:, g.bias_index]
+        return torch.softmax(position.float(), dim=-1)
+
+    def _attention(self, tokens: torch.Tensor, g: _Geometry) -> torch.Tensor:
+        """A = P + gate * (C - P) for tokens [B, N, g, Dg]: [B, blocks, heads, q, k]."""
+        plan = g.plan
+        flat = tokens.reshape(tokens.shape[0], plan.tokens, plan.in_dim)
+        q = torch.einsum("bnqf,hfd->bnhqd", flat[:, g.query_index], self.w_q)
+        k = torch.einsum("bnkf,hfd->bnhkd", flat[:, g.key_index], self.w_k)
+        content = torch.einsum("bnhqd,bnhkd->bnhqk", q, k).float() / math.sqrt(self.key_dim)
+        content = torch.softmax(content, dim=-1)
+        positional = self._positional(g)
+        gate = self.gate.float().reshape(-1, 1, 1)
+        return positional + gate * (content - positional)
+
+    @torch.no_grad()
+    def attention_statistics(self, x: torch.Tensor) -> dict:
+        """How far the attention has moved from the Conv, on inputs ``x``: per head the
+        gate, the share of attention mass off the Conv's position (the key the positional
+        attention selects), and the mean attention per relative position
+        (``maps`` [heads, span_rows, span_cols], lowest offsets ``lows``)."""
+        g = self._geometry(tuple(x.shape[2:]))
+        attention = self._attention(self._tokens(x, g.plan), g)
+        conv_key = self._positional(g).argmax(dim=-1)  # [h, q]
+        index = conv_key.expand(*attention.shape[:2], *conv_key.shape).unsqueeze(-1)
+        on_conv = attention.gather(-1, index).squeeze(-1)  # [B, blocks, h, q]
+        heads = g.plan.heads
+        per_query = attention.mean(dim=(0, 1)).reshape(heads, -1)  # [h, q * k]
+        spans = self._position_table(g).shape[1:]
+        maps = torch.zeros(heads, spans[0] * spans[1], dtype=per_query.dtype)
+        maps.index_add_(1, g.bias_index.reshape(-1).cpu(), per_query.cpu())
+        maps /= g.bias_index.shape[0]  # mean over queries: each row sums to 1
+        return {
+            "gates": self.gate.float().cpu().tolist(),
+            "off_convolution": (1 - on_conv.mean(dim=(0, 1, 3))).cpu().tolist(),
+            "maps": maps.reshape(heads, *spans).numpy(),
+            "lows": g.lows,
+            "offsets": [tuple(int(v) for v in o) for o in g.plan.head_offsets],
+            "kernel": self.source_kernel.cpu().numpy(),
+        }
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self._geometry(tuple(x.shape[2:]))
         plan, spec = g.plan, g.plan.spec
         batch = x.shape[0]
         tokens = self._tokens(x, plan)  # [B, N, g, Dg]
-        flat = tokens.reshape(batch, plan.tokens, plan.in_dim)
-        queries = flat[:, g.query_index]  # [B, blocks, q, F]
-        keys = flat[:, g.key_index]  # [B, blocks, k, F]
-        q = torch.einsum("bnqf,hfd->bnhqd", queries, self.w_q)
-        k = torch.einsum("bnkf,hfd->bnhkd", keys, self.w_k)
-        content = torch.einsum("bnhqd,bnhkd->bnhqk", q, k)
-        content = content + self._relative(q, False, g) + self._relative(k, True, g)
-        position = self._position_table(g).reshape(plan.heads, -1)[:, g.bias_index]
-        logits = content.float() / math.sqrt(self.key_dim) + position.float()
-        weights = torch.softmax(logits, dim=-1).to(tokens.dtype)  # [B, blocks, h, q, k]
+        weights = self._attention(tokens, g).to(tokens.dtype)  # [B, blocks, h, q, k]
 
         values = tokens[:, g.key_index]  # [B, blocks, k, g, Dg]
         group = spec.group
