@@ -64,6 +64,8 @@ class LayerReport:
     form: str = "matmul"
     pads_begin: tuple[int, ...] = ()
     pads_end: tuple[int, ...] = ()
+    # SAME_UPPER/SAME_LOWER of a dynamic layer: its pads depend on the run-time size
+    auto_pad: str | None = None
 
     @classmethod
     def from_plan(
@@ -77,6 +79,7 @@ class LayerReport:
         integer: str | None = None,
         dynamic: bool = False,
         form: str = "matmul",
+        auto_pad: str | None = None,
     ) -> LayerReport:
         """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
         chosen from ``considered``; ``integer`` names an integer Conv's operator (its
@@ -115,6 +118,7 @@ class LayerReport:
             form=form,
             pads_begin=spec.pads_begin,
             pads_end=spec.pads_end,
+            auto_pad=auto_pad,
         )
 
 
@@ -245,6 +249,8 @@ def _recorded(layer: LayerReport) -> dict:
         entry["dynamic"] = True
     if layer.form != "matmul":
         entry["form"] = layer.form
+    if layer.auto_pad:
+        entry["auto_pad"] = layer.auto_pad
     return entry
 
 

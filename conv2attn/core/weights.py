@@ -15,6 +15,8 @@ positional logits are built from the coordinate vectors returned here.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from conv2attn.core.geometry import Attention, AttentionPlan, Order
@@ -90,6 +92,25 @@ def output_projection(
             .reshape(group, plan.group_in_dim, plan.heads * plan.group_out_dim)
         )
     return np.ascontiguousarray(projection.astype(weight.dtype, copy=False))
+
+
+def depthwise_layout(plan: AttentionPlan, projection: np.ndarray) -> np.ndarray:
+    """A depthwise Conv's W_O as the emitted per-channel product reads it: per channel
+    ``[C, heads * P, p * m]`` stored as ``[heads * P, p, C, m]`` (``emit``)."""
+    spec = plan.spec
+    channels, multiplier = spec.in_channels, spec.out_channels // spec.group
+    taps = plan.heads * math.prod(plan.in_patch)
+    pixels = math.prod(plan.patch)
+    return projection.reshape(channels, taps, pixels, multiplier).transpose(1, 2, 0, 3)
+
+
+def depthwise_bias_layout(plan: AttentionPlan, bias: np.ndarray) -> np.ndarray:
+    """A depthwise Conv's bias per (p, m) of each channel as (p, C, m): the channels-last
+    output features of ``depthwise_layout``."""
+    spec = plan.spec
+    pixels = math.prod(plan.patch)
+    multiplier = spec.out_channels // spec.group
+    return bias.reshape(spec.in_channels, pixels, multiplier).transpose(1, 0, 2).reshape(-1)
 
 
 def output_bias(

@@ -31,6 +31,8 @@ from conv2attn import names
 from conv2attn.core.geometry import Attention, AttentionPlan, Order, Rearrange
 from conv2attn.core.weights import (
     ALPHA,
+    depthwise_bias_layout,
+    depthwise_layout,
     head_offset_coordinates,
     key_coordinates,
     query_coordinates,
@@ -311,7 +313,7 @@ def _depthwise_projection(
     pixels = math.prod(plan.patch)
     q = plan.block_queries
     split = b.reshape("concat_heads", attended, [*lead, q, taps, 1, channels, 1])
-    weight = projection.reshape(channels, taps, pixels, multiplier).transpose(1, 2, 0, 3)
+    weight = depthwise_layout(plan, projection)
     product = b.op(
         "Mul",
         "proj/Mul",
@@ -337,8 +339,7 @@ def _depthwise_projection(
             attrs={"axes": [axis], "keepdims": 0},
         )
     flat = b.reshape("proj/merge", summed, [*lead, q, plan.out_dim])
-    # bias per (p, m) of each channel -> (p, C, m), the channels-last output features
-    bias = bias.reshape(channels, pixels, multiplier).transpose(1, 0, 2).reshape(-1)
+    bias = depthwise_bias_layout(plan, bias)
     return b.op("Add", "proj/Add", [flat, b.constant("bias", bias)], [*lead, q, plan.out_dim])
 
 

@@ -350,10 +350,17 @@ def _replace(
                 integer,
                 candidate.dynamic,
                 layer_form,
+                _size_dependent_padding(candidate),
             )
         )
         candidate.weight = candidate.bias = None  # the projection replaces them
     return layers
+
+
+def _size_dependent_padding(candidate: Candidate) -> str | None:
+    """SAME ``auto_pad`` of a dynamic Conv, whose pads the graph computes per size."""
+    same = candidate.auto_pad.value.startswith("SAME")
+    return candidate.auto_pad.value if candidate.dynamic and same else None
 
 
 def _detach_projections(graph: gs.Graph) -> dict[str, np.ndarray]:

@@ -1,0 +1,437 @@
+"""A converted ONNX model as a PyTorch module of trainable attention layers.
+
+``load_trainable(path)`` reads a model written by ``conv2attn convert`` (either form,
+static or dynamic sizes) and returns an ``nn.Module`` that computes the same function:
+each converted Conv becomes a ``trainable.ConvAttention`` built from the layer's record
+(geometry) and its converted weights, and every other node runs as the matching torch
+operation, its float initializers trainable parameters. So an ONNX-converted CNN can be
+fine-tuned as a ViT in PyTorch.
+
+The Conv weight a layer started from is read back out of W_O: every entry of W_O is a
+copy of one Conv weight or zero (``weights.output_projection``), so projecting the
+weights' own indices gives, for every W_O entry, the weight it holds. That the whole W_O
+has exactly that structure is checked, so an edited or foreign W_O is refused rather
+than misread.
+
+Requires torch (``pip install conv2attn[torch]``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+from torch.nn import functional
+
+from conv2attn import names
+from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec, Order, plan_attention
+from conv2attn.core.weights import (
+    depthwise_bias_layout,
+    depthwise_layout,
+    output_bias,
+    output_projection,
+)
+from conv2attn.errors import InputError
+from conv2attn.modelio import load_model
+from conv2attn.record import converted_layers
+from conv2attn.trainable import ConvAttention
+
+__all__ = ["OnnxAttentionModel", "load_trainable", "source_conv"]
+
+
+@dataclass(frozen=True)
+class _LayerStep:
+    """Run converted layer ``name`` on tensor ``x``, producing ``y``."""
+
+    name: str
+    x: str
+    y: str
+
+
+def _record_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
+    """The source Conv and the plan of a recorded layer, as the pass chose it."""
+    needed = ("in_channels", "out_channels", "input_size", "pads_begin", "pads_end")
+    missing = [key for key in needed if key not in layer]
+    if missing:
+        raise InputError(
+            f"layer '{layer['name']}': the model's record lacks {', '.join(missing)} "
+            "(written by an older conv2attn); convert the original model again"
+        )
+    spec = ConvSpec(
+        in_channels=layer["in_channels"],
+        out_channels=layer["out_channels"],
+        group=layer["groups"],
+        kernel=tuple(layer["kernel"]),
+        strides=tuple(layer["strides"]),
+        dilations=tuple(layer["dilations"]),
+        pads_begin=tuple(layer["pads_begin"]),
+        pads_end=tuple(layer["pads_end"]),
+        input_size=tuple(layer["input_size"]),
+    )
+    attention = Attention.LOCAL if layer.get("block") else Attention.GLOBAL
+    plan = plan_attention(
+        spec, tuple(layer["patch"]), Order(layer["order"]), attention, layer.get("block")
+    )
+    if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
+        raise InputError(
+            f"layer '{layer['name']}': the recorded geometry does not rebuild "
+            f"({plan.heads} heads, grid {list(plan.token_grid)} vs the record's "
+            f"{layer['heads']}, {layer['token_grid']})"
+        )
+    return spec, plan
+
+
+def _read_back(indexed: np.ndarray, stored: np.ndarray, size: int, what: str) -> np.ndarray:
+    """Values ``v`` with ``stored == v[indexed - 1]`` where ``indexed > 0`` and ``stored ==
+    0`` elsewhere (``indexed`` holds 1-based indices, as float64)."""
+    indexed, stored = indexed.reshape(-1), stored.reshape(-1).astype(np.float64)
+    if indexed.size != stored.size:
+        raise InputError(f"{what} has {stored.size} values, the construction {indexed.size}")
+    used = indexed > 0
+    positions = indexed[used].astype(np.int64) - 1
+    values = np.zeros(size, dtype=np.float64)
+    values[positions] = stored[used]
+    if not np.array_equal(values[positions], stored[used]) or stored[~used].any():
+        raise InputError(f"{what} does not have the construction's structure (edited?)")
+    return values
+
+
+def source_conv(
+    layer: dict, projection: np.ndarray, bias: np.ndarray
+) -> tuple[AttentionPlan, np.ndarray, np.ndarray]:
+    """The plan of recorded ``layer`` and the Conv weight and bias held by its W_O and
+    bias initializers (in either emitted layout)."""
+    spec, plan = _record_plan(layer)
+    channels_last = False if layer.get("dynamic") else plan.channels_last
+    shape = (spec.out_channels, spec.in_channels // spec.group, *spec.kernel)
+    indices = np.arange(1, int(np.prod(shape)) + 1, dtype=np.float64).reshape(shape)
+    indexed = output_projection(plan, indices, channels_last=channels_last)
+    bias_indices = np.arange(1, spec.out_channels + 1, dtype=np.float64)
+    indexed_bias = output_bias(plan, bias_indices, np.float64, channels_last=channels_last)
+    if plan.depthwise and not layer.get("dynamic"):
+        indexed = depthwise_layout(plan, indexed)
+        indexed_bias = depthwise_bias_layout(plan, indexed_bias)
+    where = f"layer '{layer['name']}': W_O"
+    weight = _read_back(indexed, projection, indices.size, where).reshape(shape)
+    conv_bias = _read_back(indexed_bias, bias, spec.out_channels, f"{where[:-4]} bias")
+    return plan, weight.astype(projection.dtype), conv_bias.astype(projection.dtype)
+
+
+def _scope_input(nodes: list[onnx.NodeProto], scope: str, constants: set[str]) -> str:
+    """The tensor a layer's nodes read from outside the layer: its Conv's input."""
+    produced = {out for node in nodes for out in node.output}
+    outside = {
+        name
+        for node in nodes
+        for name in node.input
+        if name and name not in produced and name not in constants
+    }
+    if len(outside) != 1:
+        raise InputError(f"layer '{scope}': expected one input tensor, found {sorted(outside)}")
+    return outside.pop()
+
+
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _pool_padding(node: onnx.NodeProto, rank: int) -> tuple[list[int], bool]:
+    pads = list(_attribute(node, "pads", [0] * 2 * rank))
+    if (_attribute(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", b"VALID"):
+        raise InputError(f"node '{node.name}' ({node.op_type}): auto_pad is not supported here")
+    return pads, pads[:rank] == pads[rank:]
+
+
+def _max_pool(node, x):
+    rank = x.dim() - 2
+    kernel = list(_attribute(node, "kernel_shape"))
+    pads, symmetric = _pool_padding(node, rank)
+    if not symmetric:
+        flat = [p for axis in reversed(range(rank)) for p in (pads[axis], pads[rank + axis])]
+        x, pads = functional.pad(x, flat, value=float("-inf")), [0] * 2 * rank
+    pool = {1: functional.max_pool1d, 2: functional.max_pool2d, 3: functional.max_pool3d}[rank]
+    return pool(
+        x,
+        kernel,
+        list(_attribute(node, "strides", [1] * rank)),
+        pads[:rank],
+        list(_attribute(node, "dilations", [1] * rank)),
+        bool(_attribute(node, "ceil_mode", 0)),
+    )
+
+
+def _average_pool(node, x):
+    rank = x.dim() - 2
+    pads, symmetric = _pool_padding(node, rank)
+    if not symmetric:
+        raise InputError(f"node '{node.name}' (AveragePool): asymmetric pads are not supported")
+    pool = {1: functional.avg_pool1d, 2: functional.avg_pool2d, 3: functional.avg_pool3d}[rank]
+    return pool(
+        x,
+        list(_attribute(node, "kernel_shape")),
+        list(_attribute(node, "strides", [1] * rank)),
+        pads[:rank],
+        bool(_attribute(node, "ceil_mode", 0)),
+        bool(_attribute(node, "count_include_pad", 0)),
+    )
+
+
+def _gemm(node, a, b, c=None):
+    a = a.t() if _attribute(node, "transA", 0) else a
+    b = b.t() if _attribute(node, "transB", 0) else b
+    out = _attribute(node, "alpha", 1.0) * (a @ b)
+    return out if c is None else out + _attribute(node, "beta", 1.0) * c
+
+
+def _flatten(node, x):
+    axis = _attribute(node, "axis", 1) % max(x.dim(), 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _axes(node, given, rank: int) -> list[int] | None:
+    axes = _attribute(node, "axes") if given is None else given.tolist()
+    return None if axes is None else [a % rank for a in axes]
+
+
+def _reduce(op):
+    def reduce(node, x, axes=None):
+        axes = _axes(node, axes, x.dim())
+        keep = bool(_attribute(node, "keepdims", 1))
+        if axes is None:
+            axes = list(range(x.dim()))
+        return op(x, dim=axes, keepdim=keep)
+
+    return reduce
+
+
+def _clip(node, x, low=None, high=None):
+    low = _attribute(node, "min") if low is None else low
+    high = _attribute(node, "max") if high is None else high
+    return torch.clamp(x, low, high)
+
+
+def _batch_norm(node, x, scale, bias, mean, var):
+    return functional.batch_norm(
+        x, mean, var, scale, bias, False, 0.0, _attribute(node, "epsilon", 1e-5)
+    )
+
+
+def _conv(node, x, weight, bias=None):
+    rank = x.dim() - 2
+    pads = list(_attribute(node, "pads", [0] * 2 * rank))
+    if (_attribute(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", b"VALID"):
+        raise InputError(f"node '{node.name}' (Conv): auto_pad is not supported here")
+    flat = [p for axis in reversed(range(rank)) for p in (pads[axis], pads[rank + axis])]
+    conv = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}[rank]
+    return conv(
+        functional.pad(x, flat),
+        weight,
+        bias,
+        list(_attribute(node, "strides", [1] * rank)),
+        0,
+        list(_attribute(node, "dilations", [1] * rank)),
+        _attribute(node, "group", 1),
+    )
+
+
+def _reshape(node, x, shape):
+    target = [int(d) for d in shape.tolist()]
+    if not _attribute(node, "allowzero", 0):
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+def _unsqueeze(node, x, axes=None):
+    given = _attribute(node, "axes") if axes is None else axes.tolist()
+    for axis in sorted(a % (x.dim() + len(given)) for a in given):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _squeeze(node, x, axes=None):
+    axes = _axes(node, axes, x.dim())
+    return x.squeeze() if axes is None else x.squeeze(axes)
+
+
+OPS: dict[str, Callable] = {
+    "Add": lambda node, a, b: a + b,
+    "Sub": lambda node, a, b: a - b,
+    "Mul": lambda node, a, b: a * b,
+    "Div": lambda node, a, b: a / b,
+    "MatMul": lambda node, a, b: a @ b,
+    "Relu": lambda node, x: torch.relu(x),
+    "LeakyRelu": lambda node, x: functional.leaky_relu(x, _attribute(node, "alpha", 0.01)),
+    "Sigmoid": lambda node, x: torch.sigmoid(x),
+    "Tanh": lambda node, x: torch.tanh(x),
+    "HardSigmoid": lambda node, x: torch.clamp(
+        _attribute(node, "alpha", 0.2) * x + _attribute(node, "beta", 0.5), 0, 1
+    ),
+    "HardSwish": lambda node, x: functional.hardswish(x),
+    "Erf": lambda node, x: torch.erf(x),
+    "Sqrt": lambda node, x: torch.sqrt(x),
+    "Pow": lambda node, x, y: torch.pow(x, y),
+    "Clip": _clip,
+    "Identity": lambda node, x: x,
+    "Dropout": lambda node, x, *rest: x,
+    "Flatten": _flatten,
+    "Gemm": _gemm,
+    "MaxPool": _max_pool,
+    "AveragePool": _average_pool,
+    "GlobalAveragePool": lambda node, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "GlobalMaxPool": lambda node, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "BatchNormalization": _batch_norm,
+    "Conv": _conv,
+    "Concat": lambda node, *xs: torch.cat(xs, dim=_attribute(node, "axis")),
+    "Reshape": _reshape,
+    "Transpose": lambda node, x: x.permute(*(_attribute(node, "perm") or reversed(range(x.dim())))),
+    "Softmax": lambda node, x: torch.softmax(x, dim=_attribute(node, "axis", -1)),
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Shape": lambda node, x: torch.tensor(x.shape, dtype=torch.int64),
+}
+
+
+class OnnxAttentionModel(nn.Module):
+    """An ONNX graph run in torch, with converted Convs as ``ConvAttention`` modules
+    (``layers``, by Conv name) and float initializers as trainable ``parameters``."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        graph = model.graph
+        records = converted_layers(model)
+        if not records:
+            raise InputError("the model has no conv2attn record: convert it first")
+        self.input_names = [
+            v.name for v in graph.input if v.name not in {t.name for t in graph.initializer}
+        ]
+        self.output_names = [v.name for v in graph.output]
+        initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                initializers[node.output[0]] = numpy_helper.to_array(_attribute(node, "value"))
+        scoped: dict[str, list[onnx.NodeProto]] = {record["name"]: [] for record in records}
+        prefixes = {names.owner_prefix(conv): conv for conv in scoped}
+        others, owners = [], []
+        for node in graph.node:
+            owner = next((c for p, c in prefixes.items() if node.name.startswith(p)), None)
+            owners.append(owner)
+            if owner is not None:
+                scoped[owner].append(node)
+            elif node.op_type != "Constant":
+                others.append(node)
+        self.layers = nn.ModuleDict()
+        self._layer_names: dict[str, str] = {}
+        steps: dict[str, _LayerStep] = {}
+        for record in records:
+            self._add_layer(record, scoped[record["name"]], initializers, steps)
+        # one step per node in graph order; a layer runs where its output is produced
+        self._steps: list[onnx.NodeProto | _LayerStep] = []
+        for node, owner in zip(graph.node, owners):
+            if owner is not None:
+                self._steps += [steps[out] for out in node.output if out in steps]
+            elif node.op_type != "Constant":
+                if node.op_type not in OPS:
+                    raise InputError(
+                        f"node '{node.name}': {node.op_type} has no PyTorch equivalent here; "
+                        f"supported: {', '.join(sorted(OPS))}"
+                    )
+                self._steps.append(node)
+        used = {name for node in others for name in node.input}
+        self.parameters_by_name = nn.ParameterDict()
+        self._tensor_keys: dict[str, str] = {}
+        for name, values in initializers.items():
+            if name not in used:
+                continue
+            key = f"p{len(self._tensor_keys)}"
+            self._tensor_keys[name] = key
+            tensor = torch.from_numpy(np.array(values))
+            if tensor.is_floating_point():
+                self.parameters_by_name[key] = nn.Parameter(tensor)
+            else:
+                self.register_buffer(key, tensor)
+
+    def _add_layer(
+        self,
+        record: dict,
+        nodes: list[onnx.NodeProto],
+        initializers: dict[str, np.ndarray],
+        steps: dict[str, _LayerStep],
+    ) -> None:
+        name = record["name"]
+        if record.get("integer"):
+            raise InputError(
+                f"layer '{name}' is an integer {record['integer']}: integer attention is not "
+                "trainable; convert the float model"
+            )
+        if record.get("graph"):
+            raise InputError(f"layer '{name}' is inside a {record['graph']} body: not supported")
+        if len(record["kernel"]) != 2:
+            raise InputError(f"layer '{name}': only 2-D Convs become ConvAttention layers")
+        if record.get("auto_pad"):
+            raise InputError(
+                f"layer '{name}': auto_pad {record['auto_pad']} with a dynamic input size pads "
+                "by the size; convert with --input-shape to fix the size first"
+            )
+        scope = names.scope(name)
+        projection = initializers.get(f"{scope}/{names.PROJECTION}")
+        bias = initializers.get(f"{scope}/bias")
+        if projection is None or bias is None:
+            raise InputError(f"layer '{name}': no {scope}/W_O or {scope}/bias initializer")
+        plan, weight, conv_bias = source_conv(record, projection, bias)
+        key = f"layer{len(self.layers)}"
+        self.layers[key] = ConvAttention(plan, weight, conv_bias)
+        self._layer_names[name] = key
+        x = _scope_input(nodes, name, set(initializers))
+        steps[record["output"]] = _LayerStep(name, x, record["output"])
+
+    def layer(self, conv: str) -> ConvAttention:
+        """The attention layer that replaced Conv ``conv``."""
+        return self.layers[self._layer_names[conv]]
+
+    def named_layers(self) -> list[tuple[str, ConvAttention]]:
+        """``(Conv name, layer)`` in graph order."""
+        return [(name, self.layers[key]) for name, key in self._layer_names.items()]
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        key = self._tensor_keys[name]
+        if key in self.parameters_by_name:
+            return self.parameters_by_name[key]
+        return getattr(self, key)
+
+    def forward(self, *inputs: torch.Tensor):
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"expected {len(self.input_names)} inputs ({self.input_names})")
+        values = dict(zip(self.input_names, inputs))
+        for step in self._steps:
+            if isinstance(step, _LayerStep):
+                values[step.y] = self.layer(step.name)(values[step.x])
+                continue
+            args = [
+                None if not name else values[name] if name in values else self._tensor(name)
+                for name in step.input
+            ]
+            while args and args[-1] is None:
+                args.pop()
+            result = OPS[step.op_type](step, *args)
+            values[step.output[0]] = result
+        outputs = [values[name] for name in self.output_names]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load_trainable(model: onnx.ModelProto | str | os.PathLike) -> OnnxAttentionModel:
+    """The converted model ``model`` (a path or ModelProto; external data is read) as a
+    trainable ``nn.Module`` that equals it at initialisation."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    return OnnxAttentionModel(model)
