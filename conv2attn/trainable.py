@@ -61,7 +61,7 @@ from conv2attn.core.weights import (
     window_indices,
 )
 
-__all__ = ["ConvAttention", "conv_spec", "convert_module", "plan_for"]
+__all__ = ["ConvAttention", "attention_summary", "conv_spec", "convert_module", "plan_for"]
 
 
 def conv_spec(conv: nn.Conv2d, input_size: Sequence[int]) -> ConvSpec:
@@ -393,23 +393,28 @@ class ConvAttention(nn.Module):
     @torch.no_grad()
     def attention_statistics(self, x: torch.Tensor) -> dict:
         """How far the attention has moved from the Conv, on inputs ``x``: per head the
-        gate, the share of attention mass off the Conv's position (the key the positional
-        attention selects), and the mean attention per relative position
+        gate; ``off_convolution``, the mean total variation distance between the attention
+        and the Conv's (one key, at the head's offset), which for a gate in [0, 1] is the
+        share of attention mass off the Conv's key (a gate may leave [0, 1]: the layer
+        stays exact at 0 and trains freely); and the mean attention per relative position
         (``maps`` [heads, span_rows, span_cols], lowest offsets ``lows``)."""
         g = self._geometry(tuple(x.shape[2:]))
         attention = self._attention(self._tokens(x, g.plan), g)
-        conv_key = self._positional(g).argmax(dim=-1)  # [h, q]
-        index = conv_key.expand(*attention.shape[:2], *conv_key.shape).unsqueeze(-1)
-        on_conv = attention.gather(-1, index).squeeze(-1)  # [B, blocks, h, q]
         heads = g.plan.heads
-        per_query = attention.mean(dim=(0, 1)).reshape(heads, -1)  # [h, q * k]
         spans = self._position_table(g).shape[1:]
+        # the Conv's attention: each head's one key at its offset (section 2)
+        taps = [(o[0] - g.lows[0]) * spans[1] + o[1] - g.lows[1] for o in g.plan.head_offsets]
+        taps = torch.tensor(taps, device=g.bias_index.device).reshape(-1, 1, 1)
+        convolution = (g.bias_index.unsqueeze(0) == taps).float()  # [h, q, k]
+        # total variation distance; for gates in [0, 1] the mass off the Conv's key
+        moved = 0.5 * (attention - convolution).abs().sum(dim=-1)  # [B, blocks, h, q]
+        per_query = attention.mean(dim=(0, 1)).reshape(heads, -1)  # [h, q * k]
         maps = torch.zeros(heads, spans[0] * spans[1], dtype=per_query.dtype)
         maps.index_add_(1, g.bias_index.reshape(-1).cpu(), per_query.cpu())
         maps /= g.bias_index.shape[0]  # mean over queries: each row sums to 1
         return {
             "gates": self.gate.float().cpu().tolist(),
-            "off_convolution": (1 - on_conv.mean(dim=(0, 1, 3))).cpu().tolist(),
+            "off_convolution": moved.mean(dim=(0, 1, 3)).cpu().tolist(),
             "maps": maps.reshape(heads, *spans).numpy(),
             "lows": g.lows,
             "offsets": [tuple(int(v) for v in o) for o in g.plan.head_offsets],
@@ -514,3 +519,43 @@ def convert_module(
         parent = converted.get_submodule(parent_name) if parent_name else converted
         setattr(parent, child, layer)
     return converted
+
+
+def attention_summary(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """``attention_statistics`` of every ``ConvAttention`` of ``model`` on inputs ``x``
+    (each layer sees what the model feeds it), with the layer's name and plan, in the
+    order the model runs them: what ``trained_report`` draws."""
+    inputs: dict[str, torch.Tensor] = {}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ConvAttention)}
+    named = getattr(model, "named_layers", None)
+    if callable(named):  # a model from torch_graph.load_trainable: name layers by Conv
+        by_module = {id(layer): conv for conv, layer in named()}
+        layers = {by_module.get(id(m), name): m for name, m in layers.items()}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            inputs.setdefault(name, args[0].detach())
+
+        return record
+
+    hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    summary = []
+    for name in inputs:  # run order
+        layer = layers[name]
+        plan = layer.plan
+        summary.append(
+            {
+                "name": name,
+                "heads": plan.heads,
+                "patch": list(plan.patch),
+                "attention": plan.attention.value,
+                **layer.attention_statistics(inputs[name]),
+            }
+        )
+    return summary

@@ -10,14 +10,18 @@ For each fraction and seed:
                    its parameters re-initialised at random, trained from scratch
   (c) attn-from-cnn  (a) converted by conv2attn.trainable.convert_module (equal to (a) at
                    that moment), then fine-tuned (phase 2)
-  (d) attn-frozen  (c) with W_Q, W_K and the position biases frozen (only the value /
-                   output projections, biases, BatchNorm and the classifier train)
+  (d) attn-frozen  (c) with every ``attention_parameters()`` frozen (W_Q, W_K, the
+                   gates and the position biases: only the value / output projections,
+                   biases, BatchNorm and the classifier train)
 
 Every run uses the same optimiser (AdamW, cosine schedule) and a fixed number of steps,
 so the smaller fractions see each image many times. Prints a table of test accuracy,
-mean and spread (sample standard deviation) over seeds, and writes it as JSON.
+mean and spread (sample standard deviation) over seeds, and one of how far the attention
+of (c) moved per layer (mean |gate|, share of attention mass off the convolution's
+positions on the test images); writes every run as JSON, and with --report the trained
+attention of the first seed's (c) at the largest fraction as an HTML page.
 
-    python tools/two_phase.py                     # about 15 minutes on 2 cores
+    python tools/two_phase.py --json two_phase.json --report two_phase.html  # ~20 min
     python tools/two_phase.py --seeds 1 --fractions 0.1 --steps 50   # a quick look
 """
 
@@ -42,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from conv2attn.core.weights import TRAINABLE_ALPHA  # noqa: E402
 from conv2attn.modelio import write_json  # noqa: E402
-from conv2attn.trainable import ConvAttention, convert_module  # noqa: E402
+from conv2attn.trainable import ConvAttention, attention_summary, convert_module  # noqa: E402
+from conv2attn.trained_report import write_trained_report  # noqa: E402
 
 VARIANTS = ("cnn", "attn-random", "attn-from-cnn", "attn-frozen")
 
@@ -140,23 +145,26 @@ def run(fraction: float, seed: int, args, data) -> dict:
     results["attn-from-cnn"] = accuracy(converted, x_test, y_test)
     for module in frozen.modules():
         if isinstance(module, ConvAttention):
-            for parameter in (module.w_q, module.w_k, module.position_bias):
+            for parameter in module.attention_parameters():
                 parameter.requires_grad_(False)
     train(frozen, x, y, args.finetune_steps, args.finetune_lr, seed + 1)
     results["attn-frozen"] = accuracy(frozen, x_test, y_test)
-    moved = max(
-        float(module.w_q.detach().abs().max())
-        for module in converted.modules()
-        if isinstance(module, ConvAttention)
-    )
+    summary = attention_summary(converted, x_test[:128])
     return {
         "fraction": fraction,
         "seed": seed,
         "train_images": len(y),
         "accuracy": results,
         "converted_at_init": at_conversion,
-        "max_abs_w_q_after_finetune": moved,
-    }
+        "attention_moved": [
+            {
+                "layer": layer["name"],
+                "gates": layer["gates"],
+                "off_convolution": layer["off_convolution"],
+            }
+            for layer in summary
+        ],
+    }, summary
 
 
 def table(rows: list[dict]) -> str:
@@ -176,6 +184,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def movement_table(rows: list[dict]) -> str:
+    """Per fraction and layer: mean |gate| and the attention mass off the convolution's
+    positions (mean over heads), mean ± standard deviation over seeds."""
+    layers = [entry["layer"] for entry in rows[0]["attention_moved"]]
+    lines = [
+        "| train fraction | " + " | ".join(f"{name}: mean abs gate / off-conv %" for name in layers)
+        + " |",
+        "|---|" + "---|" * len(layers),
+    ]  # fmt: skip
+    for fraction in sorted({r["fraction"] for r in rows}):
+        group = [r for r in rows if r["fraction"] == fraction]
+        cells = []
+        for index in range(len(layers)):
+            entries = [r["attention_moved"][index] for r in group]
+            gates = [statistics.mean(abs(g) for g in e["gates"]) for e in entries]
+            off = [100 * statistics.mean(e["off_convolution"]) for e in entries]
+            cells.append(f"{_spread(gates, 2)} / {_spread(off, 1)}")
+        lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _spread(values: list[float], digits: int) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0])
@@ -188,6 +222,7 @@ def main() -> int:
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--attention", choices=("global", "local"), default="global")
     parser.add_argument("--json", type=Path, help="write every run here")
+    parser.add_argument("--report", type=Path, help="write the trained attention page here")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     data = load_data(args.size)
@@ -195,8 +230,11 @@ def main() -> int:
     start = time.perf_counter()
     for fraction in args.fractions:
         for seed in range(args.seeds):
-            row = run(fraction, seed, args, data)
+            row, summary = run(fraction, seed, args, data)
             rows.append(row)
+            if args.report and seed == 0 and fraction == max(args.fractions):
+                title = f"two-phase: fine-tuned attention, {fraction:.0%} of the data, seed 0"
+                write_trained_report(summary, args.report, title)
             print(json.dumps(row), flush=True)
             if args.json:
                 write_json(args.json, rows, indent=1)
@@ -205,6 +243,8 @@ def main() -> int:
         f"mean ± standard deviation over {args.seeds} seeds, {len(data[3])} test images\n"
     )
     print(table(rows))
+    print("\nHow far the attention of attn-from-cnn moved:\n")
+    print(movement_table(rows))
     return 0
 
 
