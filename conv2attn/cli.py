@@ -205,14 +205,6 @@ def _plan_options(parser) -> None:
         help="with --attention local: query tokens per block (default: the cost model's choice)",
     )
     parser.add_argument(
-        "--form",
-        choices=["matmul", "attention"],
-        default="matmul",
-        help="matmul: Softmax and MatMul nodes (default, fastest); attention: the standard "
-        "ONNX Attention operator with W_Q, W_K and the positions as its mask (opset 23; "
-        "older models are upgraded)",
-    )
-    parser.add_argument(
         "--max-param-growth",
         type=float,
         default=4.0,
@@ -283,6 +275,14 @@ def _add_convert(commands) -> None:
         help="output .onnx file (default: <model>_attn.onnx next to the input)",
     )
     _plan_options(convert)
+    convert.add_argument(
+        "--form",
+        choices=["matmul", "attention"],
+        default="matmul",
+        help="matmul: Softmax and MatMul nodes (default, fastest); attention: the standard "
+        "ONNX Attention operator with W_Q, W_K and the positions as its mask (opset 23; "
+        "older models are upgraded)",
+    )
     _json_option(
         convert,
         "--report",
@@ -581,7 +581,6 @@ def _convert_options(args: argparse.Namespace):
         block=args.block,
         fold_bn=args.fold_bn,
         nominal_shapes=args.nominal_shape,
-        form=args.form,
     )
 
 

@@ -10,6 +10,7 @@ blocks of runs with each block's first run dropped. Prints one table.
     python tools/bench.py --models resnet18 --batches 1 --iterations 20
     python tools/bench.py --backend torch-cuda --precision fp16 --batches 1 32
     python tools/bench.py --backend trt --precision fp16 --cuda-graph --engine-cache engines/
+    python tools/bench.py --forms matmul attention   # the standard Attention operator too
 
 GPU backends also report each model's worst output error against onnxruntime CPU fp32.
 """
@@ -62,7 +63,7 @@ def run_with_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
     return result, int(peak[0]) * 1024 if peak else 0
 
 
-def convert(source: Path, output: Path, attention: str) -> dict:
+def convert(source: Path, output: Path, attention: str, form: str = "matmul") -> dict:
     """Run ``conv2attn convert`` in its own process: wall time and peak resident memory."""
     report = output.with_suffix(".json")
     start = time.perf_counter()
@@ -73,6 +74,8 @@ def convert(source: Path, output: Path, attention: str) -> dict:
         output,
         "--attention",
         attention,
+        "--form",
+        form,
         "--report",
         report,
         "--force",
@@ -112,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS)
     parser.add_argument("--cuda-graph", action="store_true", help="trt, torch-cuda")
     parser.add_argument("--engine-cache", type=Path, help="trt: keep built engines here")
+    parser.add_argument(
+        "--forms",
+        nargs="+",
+        choices=("matmul", "attention"),
+        default=["matmul"],
+        help="convert --form of each conversion (default: matmul)",
+    )
     parser.add_argument("--json", type=Path, help="write all measurements as JSON")
     return parser
 
@@ -123,9 +133,10 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     source = export(name, folder / f"{name}.onnx", dynamo=False)
     original_size = source.stat().st_size
     paths, conversions = [source], {}
-    for attention in ("global", "local"):
-        output = folder / f"{name}_{attention}.onnx"
-        conversions[attention] = convert(source, output, attention)
+    variants = [(attention, form) for form in args.forms for attention in ("global", "local")]
+    for attention, form in variants:
+        output = folder / f"{name}_{attention}_{form}.onnx"
+        conversions[attention, form] = convert(source, output, attention, form)
         paths.append(output)
     models = [onnx.load(str(p)) for p in paths]
     latency, worst, heading = {}, {}, ""
@@ -146,16 +157,18 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
                 worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
         latency[batch] = [m.ratio for m in report.models]
         medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
-        print(f"{name} batch {batch}: median ms (original, global, local) = {medians}", flush=True)
+        labels = ", ".join(["original", *(f"{a} {f}" for a, f in variants)])
+        print(f"{name} batch {batch}: median ms ({labels}) = {medians}", flush=True)
     results = [
         {
             "model": name,
             "attention": attention,
-            **conversions[attention],
-            "size_ratio": conversions[attention]["size"] / original_size,
+            "form": form,
+            **conversions[attention, form],
+            "size_ratio": conversions[attention, form]["size"] / original_size,
             "latency_ratio": {str(b): latency[b][index] for b in args.batches},
         }
-        for index, attention in enumerate(("global", "local"), start=1)
+        for index, (attention, form) in enumerate(variants, start=1)
     ]
     return {"results": results, "worst": worst, "heading": heading}
 
@@ -164,6 +177,7 @@ def _row(result: dict, batches: list[int]) -> list[str]:
     return [
         result["model"],
         result["attention"],
+        result["form"],
         f"{result['seconds']:.1f}",
         f"{result['peak_mb']:.0f}",
         f"{result['peak_mb'] * 2**20 / result['size']:.1f}",
@@ -185,7 +199,8 @@ def main() -> None:
     gpu = GpuOptions(
         precision=args.precision, cuda_graph=args.cuda_graph, engine_cache=args.engine_cache
     )
-    header = ["model", "attention", "convert s", "peak MB", "peak/size", "size x", "MACs x"]
+    header = ["model", "attention", "form", "convert s", "peak MB", "peak/size", "size x"]
+    header.append("MACs x")
     rows = [[*header, "params x", *[f"latency x b{b}" for b in args.batches]]]
     results, worst, heading = [], {}, ""
     with tempfile.TemporaryDirectory(prefix="conv2attn-bench-") as folder:
@@ -200,7 +215,7 @@ def main() -> None:
         machine = platform.processor() or platform.machine()
         heading = f"onnxruntime CPU, fp32, {args.threads or os.cpu_count()} threads, {machine}"
     print(heading)
-    print(format_table(rows, [False, False, *[True] * (len(rows[0]) - 2)]))
+    print(format_table(rows, [False, False, False, *[True] * (len(rows[0]) - 3)]))
     if worst:
         print("\nworst output error against onnxruntime CPU fp32 (max rel):")
         for path, error in worst.items():

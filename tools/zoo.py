@@ -10,6 +10,7 @@ reported and the rest go on.
     python tools/zoo.py                                  # every classification model
     python tools/zoo.py --models resnet18 convnext_tiny --attention global
     python tools/zoo.py --json zoo.json --markdown       # README table
+    python tools/zoo.py --form attention                 # the standard Attention operator
 """
 
 from __future__ import annotations
@@ -54,10 +55,16 @@ SECOND_SIZE = (160, 192)
 
 
 def run_model(
-    name: str, folder: Path, attention: str = "local", seed: int = 0, dynamic: bool = False
+    name: str,
+    folder: Path,
+    attention: str = "local",
+    seed: int = 0,
+    dynamic: bool = False,
+    form: str = "matmul",
 ) -> dict:
     """Export, convert and check one model; the row of the coverage table. ``dynamic``:
-    export with dynamic height and width, convert once, check at two sizes."""
+    export with dynamic height and width, convert once, check at two sizes; ``form``:
+    convert's ``--form``."""
     import numpy as np
     import onnx
 
@@ -67,7 +74,7 @@ def run_model(
     from tools.torchvision_models import export
 
     size = INPUT_SIZE.get(name, 224)
-    row: dict = {"model": name, "input": f"{size}x{size}", "attention": attention}
+    row: dict = {"model": name, "input": f"{size}x{size}", "attention": attention, "form": form}
     source = folder / f"{name}.onnx"
     start = time.perf_counter()
     # opset 17: the vision transformers' attention needs 14 or newer
@@ -84,7 +91,7 @@ def run_model(
     del original
 
     start = time.perf_counter()
-    converted, report = convert(source, attention=attention, check=False)
+    converted, report = convert(source, attention=attention, check=False, form=form)
     row["convert_s"] = round(time.perf_counter() - start, 2)
     row["converted"] = len(report.layers)
     row["skipped"] = [f"{s.name}: {s.reason}" for s in report.skipped]
@@ -124,12 +131,15 @@ def _all_nodes(graph):
                 yield from _all_nodes(attribute.g)
 
 
-def _run_isolated(name: str, attention: str, timeout: float, dynamic: bool = False) -> dict:
+def _run_isolated(
+    name: str, attention: str, timeout: float, dynamic: bool = False, form: str = "matmul"
+) -> dict:
     """``run_model`` in a child process; a crash, an error or a timeout becomes the row."""
     with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as folder:
         out = Path(folder) / "row.json"
         command = [sys.executable, __file__, "--one", name, "--attention", attention]
         command += ["--row", str(out), "--folder", folder, *(["--dynamic"] if dynamic else [])]
+        command += ["--form", form]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -173,6 +183,7 @@ def main() -> int:
         action="store_true",
         help="export with dynamic height and width, convert once, check at two sizes",
     )
+    parser.add_argument("--form", choices=("matmul", "attention"), default="matmul")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -180,7 +191,9 @@ def main() -> int:
 
     if args.one:  # the child process of _run_isolated
         try:
-            row = run_model(args.one, args.folder, args.attention, dynamic=args.dynamic)
+            row = run_model(
+                args.one, args.folder, args.attention, dynamic=args.dynamic, form=args.form
+            )
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()
             row = {"model": args.one, "error": f"{type(error).__name__}: {error}"}
@@ -190,7 +203,7 @@ def main() -> int:
     names = args.models or (list(CI_SUBSET) if args.ci_subset else classification_models())
     rows = []
     for name in names:
-        row = _run_isolated(name, args.attention, args.timeout, args.dynamic)
+        row = _run_isolated(name, args.attention, args.timeout, args.dynamic, args.form)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
