@@ -84,15 +84,19 @@ def test_operator_holds_real_query_and_key_projections(attention, patch):
     assert_parity(run(model, feeds), run(converted, feeds))
 
 
+@pytest.mark.parametrize("sizes", ["static", "dynamic"])
 @pytest.mark.parametrize("attention", ["global", "local"])
-def test_float16_model_as_the_attention_operator(attention):
+def test_float16_model_as_the_attention_operator(attention, sizes):
     """The mask is clipped to -30000 before the cast to float16 (exp of it is 0)."""
     model = conv_model(dtype=np.float16, size=(12, 10))
+    model = dynamic(model) if sizes == "dynamic" else model
     converted, _ = conv2attn.convert(model, attention=attention, form="attention")
-    feeds = random_input(model)
-    expected = run(model, feeds)[0].astype(np.float32)
-    # float16 rounding of a 36-term sum: about 1e-3 of the largest value
-    assert_parity([expected], [run(converted, feeds)[0].astype(np.float32)], rtol=2e-3)
+    rng = np.random.default_rng(0)
+    for size in [(12, 10), *([(7, 15)] if sizes == "dynamic" else [])]:
+        feeds = {"x": rng.standard_normal((2, 4, *size)).astype(np.float16)}
+        expected = run(model, feeds)[0].astype(np.float32)
+        # float16 rounding of a 36-term sum: about 1e-3 of the largest value
+        assert_parity([expected], [run(converted, feeds)[0].astype(np.float32)], rtol=2e-3)
 
 
 def test_old_opsets_are_upgraded_and_the_original_is_untouched():
