@@ -3,7 +3,8 @@
 Every node and tensor that replaces a Conv named ``c`` is called ``c/attn/<part>``, so a
 converted graph reads well in Netron and diffs cleanly. Other stages find nodes by these
 names: TensorRT keeps the logits and Softmax in float32 (``keeps_float32``), the HTML
-report reads each layer's attention (``softmax_output``), and the per-layer profile adds
+report reads each layer's attention (``softmax_output``; in the standard form, the
+``attention_node``'s own softmax), and the per-layer profile adds
 up the kernel time of a Conv's nodes (``owner_prefix``). They all use the functions
 here, never string literals, and ``tests/test_names.py`` proves each still finds its nodes
 in converted models. Plain Python.

@@ -107,7 +107,11 @@ class LayerReport:
             queries=plan.queries,
             keys=plan.keys,
             macs_before=spec.macs,
-            macs_after=plan.projection_macs if integer else plan.macs,
+            macs_after=(
+                plan.projection_macs
+                if integer
+                else plan.macs + (plan.query_key_macs if form == "attention" else 0)
+            ),
             params_before=spec.params,
             params_after=plan.params,
             cost=plan.cost,

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional
 
 from conv2attn.core.geometry import (
+    KEY_DIM,
     Attention,
     AttentionPlan,
     ConvSpec,
@@ -51,7 +52,6 @@ from conv2attn.core.geometry import (
 from conv2attn.core.planning import LayerPlans, plan_layers
 from conv2attn.core.selection import selection_reason
 from conv2attn.core.weights import (
-    KEY_DIM,
     TRAINABLE_ALPHA,
     output_bias,
     output_projection,

@@ -79,6 +79,10 @@ def test_operator_holds_real_query_and_key_projections(attention, patch):
         assert attrs["q_num_heads"] == layer.heads
         assert attrs["kv_num_heads"] == (1 if layer.order == "attend-first" else layer.heads)
     assert {entry["form"] for entry in converted_layers(converted)} == {"attention"}
+    # the report counts what the operator adds: W_Q, W_K and q . k for every pair
+    _, default = conv2attn.convert(model, attention=attention, patch=patch)
+    for standard, plain in zip(report.layers, default.layers):
+        assert standard.macs_after > plain.macs_after and standard.form == "attention"
     assert report.to_dict()["options"]["form"] == "attention"
     feeds = random_input(model)
     assert_parity(run(model, feeds), run(converted, feeds))

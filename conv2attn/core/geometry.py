@@ -26,6 +26,11 @@ class GeometryError(ValueError):
     """A Conv whose attributes do not describe a valid convolution."""
 
 
+# Width of each head's queries and keys: the standard form's W_Q/W_K (zero there) and the
+# trainable layer's.
+KEY_DIM = 16
+
+
 class AutoPad(str, Enum):
     NOTSET = "NOTSET"
     SAME_UPPER = "SAME_UPPER"
@@ -464,6 +469,21 @@ class AttentionPlan:
     def macs(self) -> int:
         """Multiply-adds per batch item (section 4)."""
         return self.attention_macs + self.projection_macs
+
+    @cached_property
+    def query_key_macs(self) -> int:
+        """What the standard form (design section 11) adds per batch item: queries and
+        keys projected to KEY_DIM per head, and their product for every query-key pair."""
+        folded = 1 if self.channels_last else self.spec.group  # groups share one operator
+        dim = self.in_dim if self.channels_last else self.group_in_dim
+        kv_heads = self.heads if self.order is Order.PROJECT_FIRST and not self.depthwise else 1
+        key_rows = self.tokens if self.attention is Attention.GLOBAL else self.blocks * self.keys
+        per_group = (
+            self.queries * dim * self.heads
+            + key_rows * dim * kv_heads
+            + self.heads * self.queries * self.keys
+        )
+        return folded * per_group * KEY_DIM
 
     def patchify_layout(self) -> list[Rearrange]:
         """Padded input [B, C, T1*P1, ..] -> tokens [B, (g,) N, Dg_in]; see ``weights``."""

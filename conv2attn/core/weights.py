@@ -29,8 +29,6 @@ ALPHA = 200.0
 # exp(-24) = 3.8e-11: far below float32 rounding of the output (2^-24 = 6e-8 relative,
 # four such neighbours per axis pair at most), yet a non-zero gradient.
 TRAINABLE_ALPHA = 24.0
-# Width of each head's queries and keys (the standard form's W_Q/W_K, the trainable layer).
-KEY_DIM = 16
 
 
 def _axis_selection(kernel: int, stride: int, dilation: int, patch: int, reach: int) -> np.ndarray:

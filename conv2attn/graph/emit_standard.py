@@ -28,8 +28,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from conv2attn import names
-from conv2attn.core.geometry import Attention, AttentionPlan, AutoPad, Order
-from conv2attn.core.weights import KEY_DIM, query_indices
+from conv2attn.core.geometry import KEY_DIM, Attention, AttentionPlan, AutoPad, Order
+from conv2attn.core.weights import query_indices
 from conv2attn.graph.emit import (
     Dim,
     _Builder,
