@@ -183,11 +183,14 @@ def emit_standard_attention(
         values, kv_heads, value_dim = keys, 1, dim_in
     logits = relative_logits(b, plan)
     mask = attention_mask(b, logits, plan.heads, [1, plan.heads, plan.block_queries, plan.keys])
+    folded_keys = folded(b, "key/fold", keys, [plan.keys, dim_in])
     attended = attention_node(
         b,
         folded(b, "query/fold", query_tokens, [plan.block_queries, dim_in]),
-        folded(b, "key/fold", keys, [plan.keys, dim_in]),
-        folded(b, "value/fold", values, [plan.keys, kv_heads * value_dim]),
+        folded_keys,
+        folded_keys
+        if values is keys
+        else folded(b, "value/fold", values, [plan.keys, kv_heads * value_dim]),
         mask,
         plan,
         kv_heads,
@@ -254,11 +257,14 @@ def emit_dynamic_standard_attention(
         values, kv_heads, value_dim = keys, 1, dim_in
     logits, _, k = dynamic_relative_logits(b, m, plan, axes)
     mask = attention_mask(b, logits, heads, None)
+    folded_keys = _reshape(b, m, "key/fold", keys, [-1, k, dim_in])
     attended = attention_node(
         b,
         _reshape(b, m, "query/fold", query_tokens, [-1, q, dim_in]),
-        _reshape(b, m, "key/fold", keys, [-1, k, dim_in]),
-        _reshape(b, m, "value/fold", values, [-1, k, kv_heads * value_dim]),
+        folded_keys,
+        folded_keys
+        if values is keys
+        else _reshape(b, m, "value/fold", values, [-1, k, kv_heads * value_dim]),
         mask,
         plan,
         kv_heads,
