@@ -467,3 +467,25 @@ def test_inspect_describes_inputs_convs_and_plan_and_writes_nothing(tmp_path):
     assert layer["patch"] == list(report.layers[0].patch)
     assert layer["macs_after"] == report.layers[0].macs_after
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_shape_inference_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
+    """onnxruntime's symbolic inference saves an incomplete result (a model and external
+    data files) into the working folder; the pass runs it in a scratch folder."""
+    from conv2attn.graph.shapes import _symbolic_inference
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    unknown = onnx.helper.make_node("Mystery", ["x"], ["y"], domain="example.custom")
+    graph = onnx.helper.make_graph([unknown], "g", [x], [y])
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[
+            onnx.helper.make_opsetid("", 13),
+            onnx.helper.make_opsetid("example.custom", 1),
+        ],
+    )
+    monkeypatch.chdir(tmp_path)
+    _symbolic_inference(model)
+    assert list(tmp_path.iterdir()) == []
+    assert os.getcwd() == str(tmp_path)

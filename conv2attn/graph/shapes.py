@@ -9,7 +9,10 @@ live here too, for protobuf graphs and onnx-graphsurgeon graphs alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 
 import onnx
@@ -225,12 +228,27 @@ def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
     for guess in (False, True):
         try:
-            return SymbolicShapeInference.infer_shapes(
-                model, auto_merge=True, guess_output_rank=guess
-            )
+            with _scratch_folder():
+                return SymbolicShapeInference.infer_shapes(
+                    model, auto_merge=True, guess_output_rank=guess
+                )
         except Exception as error:  # the Conv's own error later says what to do
             log.info("symbolic shape inference failed%s: %s", " (ranks guessed)" * guess, error)
     return None
+
+
+@contextlib.contextmanager
+def _scratch_folder() -> Iterator[None]:
+    """Run in a temporary working folder, removed afterwards: onnxruntime's symbolic
+    inference saves what it found, when incomplete, as sym_shape_infer_temp.onnx and
+    external data files in the working folder, which must not litter the user's."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="conv2attn-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
 
 
 def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
