@@ -150,3 +150,24 @@ def test_form_option_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["convert", str(source), "-o", str(out), "--form", "fused", "--force"])
     assert refused.value.code == 2 and "--form" in capsys.readouterr().err
+
+
+def test_the_upgrade_never_serializes_the_weights(monkeypatch):
+    """onnx's version converter serializes its input (a 2 GB limit): it is given the
+    model's skeleton, and the weights are put back afterwards."""
+    from conv2attn.graph import rewrite
+    from conv2attn.graph.shapes import SKELETON_MAX_BYTES
+
+    upgrade = rewrite.version_converter.convert_version
+    seen = []
+
+    def checked(model, target):
+        seen.append(max(len(t.raw_data) for t in model.graph.initializer))
+        return upgrade(model, target)
+
+    monkeypatch.setattr(rewrite.version_converter, "convert_version", checked)
+    model = conv_model(in_channels=64, out_channels=64, size=(16, 16), opset=11)
+    converted, _ = conv2attn.convert(model, form="attention")
+    assert seen and seen[0] <= SKELETON_MAX_BYTES < 64 * 64 * 9 * 4
+    feeds = random_input(model)
+    assert_parity(run(model, feeds), run(converted, feeds))

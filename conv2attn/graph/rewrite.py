@@ -194,7 +194,8 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     if version >= target:
         return model
     try:
-        upgraded = version_converter.convert_version(model, target)
+        # the converter serializes what it is given: the weights stay out (2 GB limit)
+        upgraded = _with_weights(version_converter.convert_version(skeleton(model), target), model)
     except Exception as error:  # the converter raises bare RuntimeErrors and checker errors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(
@@ -202,6 +203,19 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             f"upgrade this model from opset {version}: {reason}; convert with --form matmul"
         ) from None
     log.info("upgraded the model from opset %d to %d for the Attention operator", version, target)
+    return upgraded
+
+
+def _with_weights(upgraded: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``upgraded`` (from ``model``'s skeleton) with ``model``'s initializers back in
+    place of the skeleton's stubs."""
+    originals = {tensor.name: tensor for tensor in model.graph.initializer}
+    for tensor in upgraded.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.name not in originals:
+            raise InputError(f"initializer '{tensor.name}' was lost in the upgrade")
+        tensor.CopyFrom(originals[tensor.name])
     return upgraded
 
 
