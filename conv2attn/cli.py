@@ -193,10 +193,11 @@ def _plan_options(parser) -> None:
     )
     parser.add_argument(
         "--attention",
-        choices=["global", "local"],
+        choices=["global", "local", "auto"],
         default="global",
         help="global: every token attends to every token, as in a ViT (default); local: "
-        "blocks of tokens attend to their block plus a halo (far cheaper, equally exact)",
+        "blocks of tokens attend to their block plus a halo (far cheaper, equally exact); "
+        "auto: per Conv, whichever the cost model finds cheaper",
     )
     parser.add_argument(
         "--block",

@@ -47,7 +47,7 @@ def format_table(rows: Sequence[Sequence[str]], right: Sequence[bool], colour: b
 
 def conversion_table(report: ConversionReport, colour: bool = False) -> str:
     """Per converted Conv: geometry, patch, heads, tokens and cost; totals at the bottom."""
-    local = report.attention == "local"
+    local = any(layer.block for layer in report.layers)
     header = [
         "Conv",
         "kernel",
@@ -96,6 +96,10 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
     if not local:  # drop the empty block column
         rows = [row[:6] + row[7:] for row in rows]
         right = right[:6] + right[7:]
+    if report.attention == "auto":  # each layer's own choice
+        kinds = ["attention", *(layer.attention for layer in report.layers), ""]
+        rows = [[*row[:6], kind, *row[6:]] for row, kind in zip(rows, kinds)]
+        right = [*right[:6], False, *right[6:]]
     if any(layer.integer for layer in report.layers):  # which layers are integer attention
         kinds = ["integer", *(layer.integer or "" for layer in report.layers), ""]
         rows = [[*row[:1], kind, *row[1:]] for row, kind in zip(rows, kinds)]

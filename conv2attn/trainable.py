@@ -49,7 +49,7 @@ from conv2attn.core.geometry import (
     plan_attention,
     validate,
 )
-from conv2attn.core.planning import LayerPlans, plan_layers
+from conv2attn.core.planning import AttentionChoice, LayerPlans, plan_layers
 from conv2attn.core.selection import selection_reason
 from conv2attn.core.weights import (
     TRAINABLE_ALPHA,
@@ -130,9 +130,9 @@ def _plans(
     max_param_growth: float,
 ) -> LayerPlans:
     """``core.planning.plan_layers``, the ONNX pass's own choice, for ``nn.Module`` options."""
-    attention = Attention(attention)
-    if attention is Attention.GLOBAL and block != "auto":
-        raise ValueError("block applies to local attention only")
+    attention = AttentionChoice(attention)
+    if attention is AttentionChoice.GLOBAL and block != "auto":
+        raise ValueError("block applies to local (or auto) attention only")
     return plan_layers(
         specs,
         names,

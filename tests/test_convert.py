@@ -346,7 +346,7 @@ def test_local_attention_costs_less_than_global():
 
 
 def test_block_needs_local_attention():
-    with pytest.raises(InputError, match="--block applies to --attention local only"):
+    with pytest.raises(InputError, match="--block applies to --attention local or auto only"):
         conv2attn.convert(conv_model(), block="2")
     with pytest.raises(InputError, match="--attention"):
         conv2attn.convert(conv_model(), attention="windowed")

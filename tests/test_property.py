@@ -44,9 +44,9 @@ def conv_configs(draw, ranks=(2,)):
             st.tuples(*[st.integers(1, 4)] * rank).map(lambda p: "x".join(map(str, p))),
         )
     )
-    attention = draw(st.sampled_from(["global", "local"]))
+    attention = draw(st.sampled_from(["global", "local", "auto"]))
     block = "auto"
-    if attention == "local":
+    if attention != "global":
         block = draw(
             st.one_of(
                 st.just("auto"),
@@ -140,6 +140,7 @@ def test_property_strategy_reaches_the_hard_cases():
         "same": False,
         "local": False,
         "global": False,
+        "auto": False,
     }
 
     @settings(max_examples=200, deadline=None, database=None)

@@ -11,6 +11,7 @@ blocks of runs with each block's first run dropped. Prints one table.
     python tools/bench.py --backend torch-cuda --precision fp16 --batches 1 32
     python tools/bench.py --backend trt --precision fp16 --cuda-graph --engine-cache engines/
     python tools/bench.py --forms matmul attention   # the standard Attention operator too
+    python tools/bench.py --attentions global local auto   # auto: per Conv by the cost model
 
 GPU backends also report each model's worst output error against onnxruntime CPU fp32.
 """
@@ -116,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graph", action="store_true", help="trt, torch-cuda")
     parser.add_argument("--engine-cache", type=Path, help="trt: keep built engines here")
     parser.add_argument(
+        "--attentions",
+        nargs="+",
+        choices=("global", "local", "auto"),
+        default=["global", "local"],
+        help="convert --attention of each conversion (default: global local)",
+    )
+    parser.add_argument(
         "--forms",
         nargs="+",
         choices=("matmul", "attention"),
@@ -133,7 +141,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     source = export(name, folder / f"{name}.onnx", dynamo=False)
     original_size = source.stat().st_size
     paths, conversions = [source], {}
-    variants = [(attention, form) for form in args.forms for attention in ("global", "local")]
+    variants = [(attention, form) for form in args.forms for attention in args.attentions]
     for attention, form in variants:
         output = folder / f"{name}_{attention}_{form}.onnx"
         conversions[attention, form] = convert(source, output, attention, form)

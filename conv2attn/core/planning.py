@@ -3,7 +3,8 @@
 ``plan_layers`` is the one place that turns the user's patch, block and attention
 choices into per-Conv plans: a forced patch takes each Conv's cheapest plan with that
 patch; ``auto`` takes the cheapest plans whose parameters stay within the whole-model
-growth budget (``geometry.choose_plans``). The ONNX pass and the PyTorch layer both call
+growth budget (``geometry.choose_plans``). Attention ``auto`` lets each Conv's global
+and local plans compete in the same choice. The ONNX pass and the PyTorch layer both call
 it, so a converted ONNX model and a converted ``nn.Module`` get the same plans.
 Plain Python: no onnx, numpy or torch.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from conv2attn.core.geometry import (
     Attention,
@@ -26,6 +28,18 @@ from conv2attn.core.geometry import (
 
 # "auto", or sizes: one for every spatial axis, or one per axis.
 Sizes = tuple[int, ...] | str
+
+
+class AttentionChoice(str, Enum):
+    """What the user asks for: one attention for every Conv, or per Conv by the cost
+    model (a plan itself is always global or local)."""
+
+    GLOBAL = "global"
+    LOCAL = "local"
+    AUTO = "auto"
+
+    def modes(self) -> list[Attention]:
+        return [Attention.GLOBAL, Attention.LOCAL] if self is self.AUTO else [Attention(self)]
 
 
 class PlanError(GeometryError):
@@ -67,7 +81,7 @@ def plan_layers(
     specs: Sequence[ConvSpec],
     names: Sequence[str],
     *,
-    attention: Attention = Attention.GLOBAL,
+    attention: Attention | AttentionChoice | str = Attention.GLOBAL,
     patch: Sizes = "auto",
     block: Sizes = "auto",
     max_param_growth: float = 4.0,
@@ -75,14 +89,23 @@ def plan_layers(
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
-    tokens, then projects them)."""
+    tokens, then projects them). ``attention`` ``auto``: each Conv's cheapest plan
+    over both modes (``block`` then applies to its local plans)."""
+    modes = AttentionChoice(getattr(attention, "value", attention)).modes()
     considered = []
     for index, (spec, name) in enumerate(zip(specs, names, strict=True)):
         forced = per_axis(patch, spec.rank, "--patch", name)
         blocks = per_axis(block, spec.rank, "--block", name)
-        plans = candidate_plans(
-            spec, attention, patches=None if forced is None else [forced], block=blocks
-        )
+        plans = [
+            plan
+            for mode in modes
+            for plan in candidate_plans(
+                spec,
+                mode,
+                patches=None if forced is None else [forced],
+                block=blocks if mode is Attention.LOCAL else None,
+            )
+        ]
         if index < len(attend_first) and attend_first[index]:
             plans = [p for p in plans if p.order is Order.ATTEND_FIRST]
         considered.append(plans)

@@ -6,8 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from conv2attn.core.geometry import Attention
-from conv2attn.core.planning import Sizes
+from conv2attn.core.planning import AttentionChoice, Sizes
 from conv2attn.errors import InputError
 from conv2attn.inputs import parse_input_shapes
 
@@ -27,7 +26,7 @@ class ConvertOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    attention: Attention = Attention.GLOBAL
+    attention: AttentionChoice = AttentionChoice.GLOBAL
     block: Patch = "auto"
     fold_bn: bool = False
     # what the cost model plans dynamic sizes for (the graph computes the real ones)
@@ -81,15 +80,15 @@ def convert_options(
     shapes = _shapes(input_shapes)
     if max_param_growth <= 0:
         raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
-    if attention not in {a.value for a in Attention}:
-        raise InputError(f"--attention {attention}: expected global or local")
+    if attention not in {a.value for a in AttentionChoice}:
+        raise InputError(f"--attention {attention}: expected global, local or auto")
     if form not in FORMS:
         raise InputError(f"--form {form}: expected one of {', '.join(FORMS)}")
-    if attention == Attention.GLOBAL.value and block != "auto":
-        raise InputError("--block applies to --attention local only")
+    if attention == AttentionChoice.GLOBAL.value and block != "auto":
+        raise InputError("--block applies to --attention local or auto only")
     return ConvertOptions(
         fold_bn=bool(fold_bn),
-        attention=Attention(attention),
+        attention=AttentionChoice(attention),
         block=parse_patch(block, "--block"),
         patch=parse_patch(patch),
         max_param_growth=float(max_param_growth),
