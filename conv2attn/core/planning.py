@@ -91,7 +91,7 @@ def plan_layers(
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
     tokens, then projects them). ``attention`` ``auto``: each Conv's cheapest plan
     over both modes (``block`` then applies to its local plans)."""
-    modes = AttentionChoice(getattr(attention, "value", attention)).modes()
+    modes = AttentionChoice(attention).modes()
     considered = []
     for index, (spec, name) in enumerate(zip(specs, names, strict=True)):
         forced = per_axis(patch, spec.rank, "--patch", name)

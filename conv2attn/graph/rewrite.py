@@ -292,6 +292,7 @@ def _replace(
     progress: Progress | None,
 ) -> list[LayerReport]:
     """Detach each Conv and emit its attention in its place; the report of each."""
+    standard = form == "attention"
     layers = []
     for index, (candidate, plan, considered) in enumerate(
         zip(candidates, layer_plans.plans, layer_plans.considered, strict=True)
@@ -303,7 +304,6 @@ def _replace(
         node.inputs.clear()
         node.outputs.clear()
         quantization = candidate.quantization
-        standard = form == "attention"
         if candidate.dynamic and quantization is not None:
             emit_dynamic_integer_attention(
                 candidate.graph,
