@@ -277,3 +277,18 @@ def test_tensorrt_profile_spans_the_range_and_defaults_to_the_timed_shape():
         "d", EngineSettings("fp16", None, {"x": ((1, 3, 64, 48),) * 3}), "10.9", "H100"
     )
     assert first != other  # one engine per range
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_single_key_attention_keeps_dynamic_sizes(group):
+    """Kernel-1 Convs under local attention multiply every token in one product at any size
+    (``emit_dynamic._attend``): no window Gather, parity at every size."""
+    model = dynamic(conv_model(4, 6, kernel=(1, 1), group=group, size=(9, 11)))
+    converted, report = conv2attn.convert(model, attention="local", patch=1, block=1)
+    (layer,) = report.layers
+    assert layer.dynamic and layer.heads == 1 and layer.keys == 1
+    assert "Gather" not in ops(converted)
+    rng = np.random.default_rng(0)
+    for size in SIZES:
+        feeds = {"x": rng.standard_normal((2, 4, *size)).astype(np.float32)}
+        assert_parity(run(model, feeds), run(converted, feeds))

@@ -110,3 +110,43 @@ def test_every_node_is_named_after_the_layer():
         "layer/attn/proj/MatMul",
         "layer/attn/proj/Add",
     }
+
+
+SINGLE_KEY = {
+    "pointwise": ConvSpec(8, 6, 1, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (7, 9)),
+    "pointwise-grouped": ConvSpec(8, 6, 2, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (7, 9)),
+    "patch-embedding": ConvSpec(3, 8, 1, (4, 4), (4, 4), (1, 1), (0, 0), (0, 0), (16, 12)),
+    "strided-1d": ConvSpec(4, 5, 1, (2,), (2,), (1,), (0,), (1,), (13,)),
+}
+
+
+@pytest.mark.parametrize("order", list(Order))
+@pytest.mark.parametrize("name", SINGLE_KEY)
+def test_single_key_attention_is_one_product_per_batch_item(name, order):
+    """One head and one query per block means one key per block, the block's own token: no
+    window Gather, and the attention multiplies every token at once, not block by block."""
+    spec = SINGLE_KEY[name]
+    block = (1,) * spec.rank
+    plan = plan_attention(spec, block, order, Attention.LOCAL, block)
+    assert plan.single_key and plan.blocks > 1
+    model, weight, bias = build(spec, block, order, np.float32, Attention.LOCAL, block)
+    onnx.checker.check_model(model, full_check=True)
+    assert "Gather" not in {n.op_type for n in model.graph.node}
+    product = next(n for n in model.graph.node if n.name == "layer/attn/MatMul")
+    shapes = {v.name: v for v in gs.import_onnx(model).tensors().values()}
+    # [B, (g,) 1, blocks * dim]: the blocks are folded into the product's columns
+    assert shapes[product.output[0]].shape[-2] == 1
+    x = np.random.default_rng(1).standard_normal((3, spec.in_channels, *spec.input_size))
+    (got,) = session(model).run(None, {"x": x.astype(np.float32)})
+    expected = direct_conv(x, weight, bias, spec)
+    # float32 weights and inputs; each output is a sum of at most Cin*K unit-sized products
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max() + 1e-6
+
+
+def test_blocks_with_several_keys_keep_their_own_products():
+    plan = plan_attention(CASES["dense"], (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1))
+    assert not plan.single_key  # nine heads, nine keys per block
+    model, _, _ = build(
+        CASES["dense"], (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1)
+    )
+    assert "Gather" in {n.op_type for n in model.graph.node}

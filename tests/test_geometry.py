@@ -3,6 +3,9 @@
 import pytest
 
 from conv2attn.core.geometry import (
+    BLOCK_PRODUCT_MACS,
+    TRAFFIC_COST,
+    Attention,
     AutoPad,
     ConvSpec,
     GeometryError,
@@ -176,3 +179,18 @@ def test_kernel_1_axes_subsample_instead_of_reading_whole_patches():
     assert plan.input_steps == (3, 1)
     assert plan.spec.input_size == (mixed.output_size[0], 9)
     assert plan.spec.pads_begin == (0, 1) and plan.spec.output_size == mixed.output_size
+
+
+def test_single_key_plans_pay_no_gather_and_no_per_block_calls():
+    """A kernel-1 Conv under local attention with one-token blocks: the cost is the product
+    and the layout, nothing per block (``emit._attend`` multiplies all tokens at once)."""
+    spec = ConvSpec(64, 64, 1, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (56, 56))
+    single = plan_attention(spec, (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1))
+    assert single.single_key
+    assert single.cost == single.macs + TRAFFIC_COST * single.moved
+    three = ConvSpec(64, 64, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (56, 56))
+    blocked = plan_attention(three, (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 2))
+    assert not blocked.single_key
+    assert blocked.cost >= blocked.macs + TRAFFIC_COST * blocked.moved + (
+        blocked.blocks * BLOCK_PRODUCT_MACS
+    )

@@ -92,10 +92,16 @@ def convert(source: Path, output: Path, attention: str, form: str = "matmul") ->
     return {
         "seconds": seconds,
         "peak_mb": peak / 2**20,
+        "transposes": transposes(onnx.load(str(output), load_external_data=False)),
         "size": size,
         "mac_ratio": totals["macs_after"] / totals["macs_before"],
         "param_ratio": totals["params_after"] / totals["params_before"],
     }
+
+
+def transposes(model: onnx.ModelProto) -> int:
+    """Layout changes left in a model: its Transpose nodes."""
+    return sum(node.op_type == "Transpose" for node in model.graph.node)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,6 +180,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             "form": form,
             **conversions[attention, form],
             "size_ratio": conversions[attention, form]["size"] / original_size,
+            "transposes_before": transposes(models[0]),
             "latency_ratio": {str(b): latency[b][index] for b in args.batches},
         }
         for index, (attention, form) in enumerate(variants, start=1)
@@ -192,6 +199,7 @@ def _row(result: dict, batches: list[int]) -> list[str]:
         f"{result['size_ratio']:.2f}",
         f"{result['mac_ratio']:.2f}",
         f"{result['param_ratio']:.2f}",
+        f"{result['transposes_before']} -> {result['transposes']}",
         *[f"{result['latency_ratio'][str(b)]:.2f}" for b in batches],
     ]
 
@@ -209,7 +217,8 @@ def main() -> None:
     )
     header = ["model", "attention", "form", "convert s", "peak MB", "peak/size", "size x"]
     header.append("MACs x")
-    rows = [[*header, "params x", *[f"latency x b{b}" for b in args.batches]]]
+    header += ["params x", "Transposes"]
+    rows = [[*header, *[f"latency x b{b}" for b in args.batches]]]
     results, worst, heading = [], {}, ""
     with tempfile.TemporaryDirectory(prefix="conv2attn-bench-") as folder:
         for name in args.models:

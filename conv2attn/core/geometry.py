@@ -298,6 +298,10 @@ DEPTHWISE_PRODUCT_MOVES = 5
 # each) and ~1.3 us per group (0.2 M multiply-adds).
 GROUPED_ATTENTION_READ_MOVES = 2
 GROUP_PRODUCT_MACS = 200_000
+# Local attention multiplies each block's keys in its own small product, each paying a
+# call: ~100 ns measured (onnxruntime MatMul broadcast over blocks, fp32, 2 cores; from
+# [1, 1] x [1, 16] to [18, 12] x [12, 144] per block), ~16 k multiply-adds.
+BLOCK_PRODUCT_MACS = 16_000
 
 
 @dataclass(frozen=True)
@@ -375,6 +379,13 @@ class AttentionPlan:
             and self.order is Order.ATTEND_FIRST
             and self.attention is Attention.LOCAL
         )
+
+    @property
+    def single_key(self) -> bool:
+        """Local attention with one head and one query per block, so one key per block:
+        the block's own token (kernel-1 Convs, and kernels no larger than their stride).
+        Its attention is one product over every token, not one per block."""
+        return self.attention is Attention.LOCAL and self.heads == 1 and self.block_queries == 1
 
     @property
     def subsamples(self) -> bool:
@@ -563,7 +574,7 @@ class AttentionPlan:
             moved += self.spec.in_channels * math.prod(self.spec.input_size)
         for step in self.patchify_layout() + self.unpatchify_layout():
             moved += step.moved()
-        if self.attention is Attention.LOCAL:
+        if self.attention is Attention.LOCAL and not self.single_key:
             dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
             moved += self.blocks * self.keys * dim
         if self.depthwise:
@@ -583,8 +594,11 @@ class AttentionPlan:
     @cached_property
     def cost(self) -> int:
         """What the patch choice minimises: multiply-adds plus weighted data movement,
-        plus the fixed cost of each per-group product."""
+        plus the fixed cost of each per-group and per-block product."""
         calls = self.spec.group * GROUP_PRODUCT_MACS if self._per_group_products else 0
+        if self.attention is Attention.LOCAL and not self.single_key:
+            groups = 1 if self.channels_last else self.spec.group
+            calls += groups * self.blocks * BLOCK_PRODUCT_MACS
         return int(self.macs + TRAFFIC_COST * self.moved + calls)
 
     @cached_property

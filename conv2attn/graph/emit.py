@@ -381,6 +381,30 @@ def _key_windows(
     return windows
 
 
+def _attend(
+    b: _Builder,
+    plan: AttentionPlan,
+    attention: gs.Variable,
+    values: gs.Variable,
+    windows: Callable[[gs.Variable, int], gs.Variable],
+    lead: list[Dim],
+    dim: int,
+) -> gs.Variable:
+    """Attention ``[q * heads, K]`` times each block's keys: ``[*lead, q * heads, dim]``.
+
+    A single-key plan (``AttentionPlan.single_key``) has one key per block, the block's own
+    token, so its windows are the tokens in order: the ``[1, 1]`` attention multiplies every
+    token in one product per batch item (and group), where a product per block would pay a
+    call each (about 100 ns on the CPU, more than the product)."""
+    rows = plan.block_queries * plan.heads
+    if not plan.single_key:
+        return b.op("MatMul", "MatMul", [attention, windows(values, dim)], [*lead, rows, dim])
+    *outer, blocks = lead
+    flat = b.reshape("attend/flat", values, [*outer, 1, blocks * dim])
+    attended = b.op("MatMul", "MatMul", [attention, flat], [*outer, 1, blocks * dim])
+    return b.reshape("attend/blocks", attended, [*lead, rows, dim])
+
+
 def _attend_and_project(
     b: _Builder,
     plan: AttentionPlan,
@@ -398,9 +422,8 @@ def _attend_and_project(
     dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
     out_dim = plan.group_out_dim
     if plan.order is Order.ATTEND_FIRST:
-        keys = windows(tokens, dim_in)
         # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
-        attended = b.op("MatMul", "MatMul", [attention, keys], [*lead, q * heads, dim_in])
+        attended = _attend(b, plan, attention, tokens, windows, lead, dim_in)
         heads_concat = b.reshape("concat_heads", attended, [*lead, q, heads * dim_in])
         return project_heads(b, plan, heads_concat, lead, g, projection, bias)
     batch = lead[0]
@@ -408,9 +431,12 @@ def _attend_and_project(
     per_head = b.op(
         "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, plan.tokens, heads * out_dim]
     )
-    keys = windows(per_head, heads * out_dim)
-    stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
-    projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
+    if plan.single_key:
+        projected = _attend(b, plan, attention, per_head, windows, lead, out_dim)
+    else:
+        keys = windows(per_head, heads * out_dim)
+        stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
+        projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
     return add_bias(b, plan, projected, lead, g, bias)
 
 
@@ -480,11 +506,7 @@ def emit_attention(
     attention = _attention_matrix(b, plan)
     windows = _key_windows(b, plan, lead, len(g))
     if plan.depthwise:
-        dim_in = plan.in_dim
-        keys = windows(tokens, dim_in)
-        attended = b.op(
-            "MatMul", "MatMul", [attention, keys], [*lead, plan.block_queries * plan.heads, dim_in]
-        )
+        attended = _attend(b, plan, attention, tokens, windows, lead, plan.in_dim)
         projected = _depthwise_projection(b, attended, plan, lead, projection, bias)
     else:
         projected = _attend_and_project(

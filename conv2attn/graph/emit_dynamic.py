@@ -281,8 +281,7 @@ def emit_dynamic_attention(
     lead = [0, group, -1] if local else [0, group]  # local: [B, g, blocks, ..]
     if plan.order is Order.ATTEND_FIRST:
         weight = projection.reshape(group, *([1] if local else []), *projection.shape[1:])
-        keys = windows(tokens) if local else tokens
-        attended = b.op("MatMul", "MatMul", [attention, keys], None, dtype)
+        attended = _attend(b, m, plan, attention, tokens, windows, dim_in)
         concat = _reshape(b, m, "concat_heads", attended, [*lead, q, heads * dim_in] if local
                           else [0, group, -1, heads * dim_in])  # fmt: skip
         projected = b.op(
@@ -291,14 +290,29 @@ def emit_dynamic_attention(
     else:
         weight = b.constant(names.PROJECTION, projection)  # [g, Dg_in, heads * Dg_out]
         per_head = b.op("MatMul", "proj/MatMul", [tokens, weight], None, dtype)
-        keys = windows(per_head) if local else per_head
-        stacked = _reshape(b, m, "stack_heads", keys, [*lead, plan.keys * heads, dim_out]
-                           if local else [0, group, -1, dim_out])  # fmt: skip
-        projected = b.op("MatMul", "MatMul", [attention, stacked], None, dtype)
+        if plan.single_key:
+            projected = _attend(b, m, plan, attention, per_head, windows, dim_out)
+        else:
+            keys = windows(per_head) if local else per_head
+            stacked = _reshape(b, m, "stack_heads", keys, [*lead, plan.keys * heads, dim_out]
+                               if local else [0, group, -1, dim_out])  # fmt: skip
+            projected = b.op("MatMul", "MatMul", [attention, stacked], None, dtype)
     bias_const = b.constant("bias", bias.reshape(group, *([1] if local else []), 1, dim_out))
     out = b.op("Add", "proj/Add", [projected, bias_const], None, dtype)
     _unpatchify(b, m, out, plan, axes, y)
     return b.nodes
+
+
+def _attend(b, m, plan: AttentionPlan, attention, values, windows, dim: int) -> gs.Variable:
+    """Attention times each block's keys, ``[B, g, (blocks,) q * heads, dim]``; a
+    single-key plan multiplies every token in one product (``emit._attend``)."""
+    if not plan.single_key:
+        keys = windows(values) if windows is not None else values
+        return b.op("MatMul", "MatMul", [attention, keys], None, values.dtype)
+    group = plan.spec.group
+    flat = _reshape(b, m, "attend/flat", values, [0, group, 1, -1])
+    attended = b.op("MatMul", "MatMul", [attention, flat], None, values.dtype)
+    return _reshape(b, m, "attend/blocks", attended, [0, group, -1, 1, dim])
 
 
 def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> None:
