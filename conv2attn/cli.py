@@ -200,6 +200,15 @@ def _plan_options(parser) -> None:
         "auto: per Conv, whichever the cost model finds cheaper",
     )
     parser.add_argument(
+        "--grid",
+        choices=["shifted", "fixed", "auto"],
+        default="auto",
+        help="shifted: each Conv's tokens start at its own padding (fewest heads: 4 for a "
+        "3x3 Conv at patch >= 2); fixed: tokens start at the first pixel and consecutive "
+        "layers share one grid, Li et al.'s ViT setting (9 heads for a 3x3 Conv); auto: "
+        "per Conv, the cheaper (default)",
+    )
+    parser.add_argument(
         "--block",
         default="auto",
         metavar="auto|N|NxM",
@@ -283,6 +292,15 @@ def _add_convert(commands) -> None:
         help="matmul: Softmax and MatMul nodes (default, fastest); attention: the standard "
         "ONNX Attention operator with W_Q, W_K and the positions as its mask (opset 23; "
         "older models are upgraded)",
+    )
+    convert.add_argument(
+        "--layout",
+        choices=["channels-last", "nchw"],
+        default="channels-last",
+        help="channels-last: between converted Convs, through activations, residual Adds, "
+        "per-channel constants and pads, tensors stay channels-last where that removes "
+        "Transposes (default); nchw: every converted Conv reads and writes NCHW and keeps "
+        "its output tensor's name",
     )
     _json_option(
         convert,
@@ -553,6 +571,8 @@ def run_convert(args: argparse.Namespace) -> int:
         fold_bn=args.fold_bn,
         nominal_shapes=args.nominal_shape,
         form=args.form,
+        grid=args.grid,
+        layout=args.layout,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )
@@ -582,6 +602,7 @@ def _convert_options(args: argparse.Namespace):
         block=args.block,
         fold_bn=args.fold_bn,
         nominal_shapes=args.nominal_shape,
+        grid=args.grid,
     )
 
 

@@ -66,6 +66,15 @@ class LayerReport:
     pads_end: tuple[int, ...] = ()
     # SAME_UPPER/SAME_LOWER of a dynamic layer: its pads depend on the run-time size
     auto_pad: str | None = None
+    # where the token grid lies (section 8), and the heads this patch needs on the fixed
+    # grid: Li et al.'s count, next to the heads used
+    grid: str = "shifted"
+    fixed_grid_heads: int = 0
+    # ``--layout channels-last``: the tensor holding this Conv's output channels-last where
+    # other nodes read it (the NCHW ``output`` may then be gone); whether the layer reads
+    # channels-last input
+    output_channels_last: str | None = None
+    input_channels_last: bool = False
 
     @classmethod
     def from_plan(
@@ -123,6 +132,8 @@ class LayerReport:
             pads_begin=spec.pads_begin,
             pads_end=spec.pads_end,
             auto_pad=auto_pad,
+            grid=plan.grid.value,
+            fixed_grid_heads=plan.fixed_grid_heads,
         )
 
 
@@ -131,6 +142,8 @@ def _summary(plan: AttentionPlan) -> dict:
         "patch": list(plan.patch),
         "order": plan.order.value,
         "block": list(plan.block) if plan.attention is Attention.LOCAL else None,
+        "grid": plan.grid.value,
+        "heads": plan.heads,
         "macs": plan.macs,
         "params": plan.params,
         "cost": plan.cost,
@@ -171,6 +184,8 @@ RECORDED_FIELDS = (
     "input_size",
     "pads_begin",
     "pads_end",
+    "grid",
+    "fixed_grid_heads",
 )
 
 
@@ -194,6 +209,8 @@ class ConversionReport:
     strict_checked: bool = True  # the input passed strict shape inference, so must the output
     folded_batchnorms: list[str] = field(default_factory=list)
     form: str = "matmul"
+    grid: str = "auto"
+    layout: str = "nchw"
 
     @property
     def macs_before(self) -> int:
@@ -220,6 +237,8 @@ class ConversionReport:
                 "block": self.block,
                 "max_param_growth": self.max_param_growth,
                 "form": self.form,
+                "grid": self.grid,
+                "layout": self.layout,
             },
             "param_budget_met": self.param_budget_met,
             "folded_batchnorms": self.folded_batchnorms,
@@ -255,6 +274,10 @@ def _recorded(layer: LayerReport) -> dict:
         entry["form"] = layer.form
     if layer.auto_pad:
         entry["auto_pad"] = layer.auto_pad
+    if layer.output_channels_last:
+        entry["output_channels_last"] = layer.output_channels_last
+    if layer.input_channels_last:
+        entry["input_channels_last"] = True
     return entry
 
 

@@ -74,7 +74,7 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
                 _dims(layer.patch),
                 layer.order,
                 _dims(layer.block) if layer.block else "",
-                str(layer.heads),
+                _heads(layer),
                 _dims(layer.token_grid),
                 human(layer.macs_before),
                 human(layer.macs_after),
@@ -100,11 +100,21 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
         kinds = ["attention", *(layer.attention for layer in report.layers), ""]
         rows = [[*row[:6], kind, *row[6:]] for row, kind in zip(rows, kinds)]
         right = [*right[:6], False, *right[6:]]
+    if report.grid == "auto":  # each layer's own grid
+        at = rows[0].index("heads")
+        kinds = ["grid", *(layer.grid for layer in report.layers), ""]
+        rows = [[*row[:at], kind, *row[at:]] for row, kind in zip(rows, kinds)]
+        right = [*right[:at], False, *right[at:]]
     if any(layer.integer for layer in report.layers):  # which layers are integer attention
         kinds = ["integer", *(layer.integer or "" for layer in report.layers), ""]
         rows = [[*row[:1], kind, *row[1:]] for row, kind in zip(rows, kinds)]
         right = [right[0], False, *right[1:]]
     text = format_table(rows, right, colour)
+    if any(_heads(layer) != str(layer.heads) for layer in report.layers):
+        text += (
+            "\n\nheads (n): the same patch needs n heads on Li et al.'s fixed token grid "
+            "(--grid fixed)"
+        )
     dynamic = [layer for layer in report.layers if layer.dynamic]
     if dynamic:
         sizes = sorted({"x".join(map(str, layer.input_size)) for layer in dynamic})
@@ -119,6 +129,12 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             f"  {skip.name}: {skip.reason}" for skip in report.skipped
         )
     return text
+
+
+def _heads(layer) -> str:
+    """Heads used, and the fixed grid's count for the same patch where it differs."""
+    fixed = layer.fixed_grid_heads
+    return str(layer.heads) if fixed in (0, layer.heads) else f"{layer.heads} ({fixed})"
 
 
 def _percent(value: float | None) -> str:

@@ -30,7 +30,14 @@ from torch import nn
 from torch.nn import functional
 
 from conv2attn import names
-from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec, Order, plan_attention
+from conv2attn.core.geometry import (
+    Attention,
+    AttentionPlan,
+    ConvSpec,
+    Grid,
+    Order,
+    plan_attention,
+)
 from conv2attn.core.weights import (
     depthwise_bias_layout,
     depthwise_layout,
@@ -47,11 +54,15 @@ __all__ = ["OnnxAttentionModel", "load_trainable", "source_conv"]
 
 @dataclass(frozen=True)
 class _LayerStep:
-    """Run converted layer ``name`` on tensor ``x``, producing ``y``."""
+    """Run converted layer ``name`` on tensor ``x``, producing ``y``; either may be
+    channels-last in the graph (``--layout channels-last``), the layer itself is NCHW."""
 
     name: str
     x: str
     y: str
+    output: str  # the Conv's NCHW output tensor (the same as ``y`` unless channels-last)
+    x_channels_last: bool = False
+    y_channels_last: bool = False
 
 
 def _record_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
@@ -76,7 +87,12 @@ def _record_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
     )
     attention = Attention.LOCAL if layer.get("block") else Attention.GLOBAL
     plan = plan_attention(
-        spec, tuple(layer["patch"]), Order(layer["order"]), attention, layer.get("block")
+        spec,
+        tuple(layer["patch"]),
+        Order(layer["order"]),
+        attention,
+        layer.get("block"),
+        Grid(layer.get("grid", Grid.SHIFTED.value)),  # records before the fixed grid: shifted
     )
     if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
         raise InputError(
@@ -393,7 +409,15 @@ class OnnxAttentionModel(nn.Module):
         self.layers[key] = ConvAttention(plan, weight, conv_bias)
         self._layer_names[name] = key
         x = _scope_input(nodes, name, set(initializers))
-        steps[record["output"]] = _LayerStep(name, x, record["output"])
+        y = record.get("output_channels_last") or record["output"]
+        steps[y] = _LayerStep(
+            name,
+            x,
+            y,
+            record["output"],
+            bool(record.get("input_channels_last")),
+            bool(record.get("output_channels_last")),
+        )
 
     def layer(self, conv: str) -> ConvAttention:
         """The attention layer that replaced Conv ``conv``."""
@@ -415,7 +439,13 @@ class OnnxAttentionModel(nn.Module):
         values = dict(zip(self.input_names, inputs))
         for step in self._steps:
             if isinstance(step, _LayerStep):
-                values[step.y] = self.layer(step.name)(values[step.x])
+                x = values[step.x]
+                if step.x_channels_last:
+                    x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+                y = self.layer(step.name)(x)
+                values[step.output] = y
+                if step.y_channels_last:
+                    values[step.y] = y.permute(0, *range(2, y.dim()), 1)
                 continue
             args = [
                 None if not name else values[name] if name in values else self._tensor(name)

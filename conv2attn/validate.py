@@ -404,6 +404,14 @@ def _output_check(
     )
 
 
+def _as_nchw(layer: dict, values: np.ndarray) -> np.ndarray:
+    """A layer's output as the original Conv's NCHW tensor (un-patchified here, in the
+    check, when the converted model keeps it channels-last)."""
+    if not layer.get("output_channels_last"):
+        return values
+    return values.transpose(0, values.ndim - 1, *range(1, values.ndim - 1))
+
+
 def _layer_check(
     layer: dict, ref: np.ndarray, act: np.ndarray, rtol: float | None, atol: float | None
 ) -> LayerCheck:
@@ -489,10 +497,12 @@ def check(
     converted_names = [o.name for o in converted.graph.output]
     layers, notes = _layers_to_compare(converted, per_layer, names[1])
     layer_tensors = [layer["output"] for layer in layers]
-    with _fetching(original, layer_tensors), _fetching(converted, layer_tensors):
+    # a layer whose output stays channels-last (--layout channels-last) is read there
+    held = [layer.get("output_channels_last") or layer["output"] for layer in layers]
+    with _fetching(original, layer_tensors), _fetching(converted, held):
         reference, actual = _run_both(
             (original, converted),
-            (output_names + layer_tensors, converted_names + layer_tensors),
+            (output_names + layer_tensors, converted_names + held),
             samples,
             provider,
             batch_size,
@@ -505,7 +515,9 @@ def check(
     ]
     first = len(output_names)
     layer_checks = [
-        _layer_check(layer, reference[first + offset], actual[first + offset], rtol, atol)
+        _layer_check(
+            layer, reference[first + offset], _as_nchw(layer, actual[first + offset]), rtol, atol
+        )
         for offset, layer in enumerate(layers)
     ] or None
     accuracy = None

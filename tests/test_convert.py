@@ -168,7 +168,7 @@ def test_opset_10_is_refused_with_advice():
 
 def test_output_structure_names_metadata_and_checks():
     model = chain_model()
-    converted, report = convert_and_compare(model)
+    converted, report = convert_and_compare(model, layout="nchw")
     onnx.checker.check_model(converted, full_check=True)
     assert "Conv" not in ops(converted)
     assert ops(converted).count("Softmax") == 3
@@ -178,6 +178,11 @@ def test_output_structure_names_metadata_and_checks():
     # the Conv outputs keep their names, so both models can be compared tensor by tensor
     produced = {out for node in converted.graph.node for out in node.output}
     assert {"c1", "c2", "c3"} <= produced
+    # channels-last between the Convs: the Transposes they shared are gone, and what the
+    # pass adds is named after the tensor it lays out
+    flowing, _ = convert_and_compare(model)
+    added = [n.name for n in flowing.graph.node if "/attn/" not in n.name]
+    assert sorted(added) == ["add", "relu", "x/channels_last/Transpose", "y/Transpose"]
     record = json.loads(next(p.value for p in converted.metadata_props if p.key == METADATA_KEY))
     assert [layer["name"] for layer in record["layers"]] == ["stem", "down", "skip"]
     first = record["layers"][0]
@@ -361,8 +366,8 @@ def test_report_lists_the_alternatives_the_cost_model_weighed():
             {"patch", "order", "macs", "params", "cost"} <= set(a) for a in layer.alternatives
         )
         assert layer.cost <= costs[0]
-        chosen = (list(layer.patch), layer.order)
-        assert all((a["patch"], a["order"]) != chosen for a in layer.alternatives)
+        chosen = (list(layer.patch), layer.order, layer.grid)
+        assert all((a["patch"], a["order"], a["grid"]) != chosen for a in layer.alternatives)
     data = json.loads(json.dumps(report.to_dict()))
     assert data["layers"][0]["alternatives"][0]["cost"] == report.layers[0].alternatives[0]["cost"]
 

@@ -51,7 +51,9 @@ def _models():
         ),
     }
     for case, (model, options) in cases.items():
-        converted, _ = conv2attn.convert(model, **options)
+        # NCHW between layers: each replacement then reads and writes the original model's
+        # tensors, which is how ``replacement_nodes`` finds it without using names
+        converted, _ = conv2attn.convert(model, **options, layout="nchw")
         yield pytest.param(model, converted, id=case)
 
 

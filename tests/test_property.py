@@ -56,6 +56,7 @@ def conv_configs(draw, ranks=(2,)):
     return {
         "attention": attention,
         "block": block,
+        "grid": draw(st.sampled_from(["shifted", "fixed", "auto"])),
         "model": dict(
             in_channels=cin,
             out_channels=cout,
@@ -106,8 +107,11 @@ def check(config, form: str = "matmul"):
         attention=config["attention"],
         block=config["block"],
         form=form,
+        grid=config["grid"],
     )
     assert len(report.layers) == 1
+    if config["grid"] != "auto":
+        assert report.layers[0].grid == config["grid"]
     ops = [n.op_type for n in converted.graph.node]
     assert "Conv" not in ops
     assert ("Attention" in ops) == (form == "attention")
@@ -141,6 +145,9 @@ def test_property_strategy_reaches_the_hard_cases():
         "local": False,
         "global": False,
         "auto": False,
+        "shifted": False,
+        "fixed": False,
+        "fixed grid phase": False,
     }
 
     @settings(max_examples=200, deadline=None, database=None)
@@ -152,6 +159,13 @@ def test_property_strategy_reaches_the_hard_cases():
         seen["depthwise"] |= m["group"] == m["in_channels"] > 1
         seen["same"] |= (m["auto_pad"] or "").startswith("SAME")
         seen[config["attention"]] = True
+        seen[config["grid"]] = True
+        if config["grid"] == "fixed" and m["pads"] and config["patch"] != "auto":
+            # a begin pad that is no whole number of input patches: the grid has a phase
+            patch = map(int, config["patch"].split("x"))
+            seen["fixed grid phase"] |= any(
+                pad % (stride * p) for pad, stride, p in zip(m["pads"], m["strides"], patch)
+            )
 
     collect()
     assert all(seen.values()), seen

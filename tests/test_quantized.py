@@ -231,13 +231,21 @@ def assert_bit_identical(source: str, attention: str, feeds: dict) -> None:
     count = integer_conv_count(original)
     assert count and len(report.layers) == count and not report.skipped
     assert integer_conv_count(converted) == 0
-    # every integer Conv's output, not only the model's
-    names = [layer.output for layer in report.layers]
-    for model in (original, converted):
-        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    # every integer Conv's output, not only the model's (read channels-last where the
+    # converted model keeps it so, and compared as NCHW)
+    layers = report.layers
+    original.graph.output.extend(onnx.ValueInfoProto(name=layer.output) for layer in layers)
+    converted.graph.output.extend(
+        onnx.ValueInfoProto(name=layer.output_channels_last or layer.output) for layer in layers
+    )
+    last = [False] * (len(original.graph.output) - len(layers)) + [
+        bool(layer.output_channels_last) for layer in layers
+    ]
     for optimize in (False, True):
-        for a, b in zip(run(original, feeds, optimize), run(converted, feeds, optimize)):
-            np.testing.assert_array_equal(a, b)
+        for a, b, moved in zip(
+            run(original, feeds, optimize), run(converted, feeds, optimize), last
+        ):
+            np.testing.assert_array_equal(a, b.transpose(0, 3, 1, 2) if moved else b)
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static", "static-per-channel"])

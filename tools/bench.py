@@ -4,7 +4,9 @@ For each model (224x224, random weights with trained-like BatchNorm statistics):
 convert with ``--attention global`` and ``--attention local`` in a fresh process each
 (conversion time and peak memory of that process), then time the original and both
 conversions side by side with onnxruntime on the CPU at each batch size, alternating in
-blocks of runs with each block's first run dropped. Prints one table.
+blocks of runs with each block's first run dropped. Prints one table; its Transposes
+column counts them in the original, in the conversion with NCHW between layers
+(``--layout nchw``) and in the one timed (channels-last between layers, the default).
 
     python tools/bench.py                       # resnet18, resnet50, mobilenet_v2
     python tools/bench.py --models resnet18 --batches 1 --iterations 20
@@ -33,6 +35,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import conv2attn  # noqa: E402
 from conv2attn.errors import InputError  # noqa: E402
 from conv2attn.modelio import write_json  # noqa: E402
 from conv2attn.profile import profile  # noqa: E402
@@ -89,10 +92,13 @@ def convert(source: Path, output: Path, attention: str, form: str = "matmul") ->
     size = output.stat().st_size + sum(
         p.stat().st_size for p in output.parent.glob(output.name + ".data")
     )
+    # the same conversion with NCHW between layers: the layout changes channels-last saves
+    nchw, _ = conv2attn.convert(source, attention=attention, form=form, layout="nchw", check=False)
     return {
         "seconds": seconds,
         "peak_mb": peak / 2**20,
         "transposes": transposes(onnx.load(str(output), load_external_data=False)),
+        "transposes_nchw": transposes(nchw),
         "size": size,
         "mac_ratio": totals["macs_after"] / totals["macs_before"],
         "param_ratio": totals["params_after"] / totals["params_before"],
@@ -199,7 +205,7 @@ def _row(result: dict, batches: list[int]) -> list[str]:
         f"{result['size_ratio']:.2f}",
         f"{result['mac_ratio']:.2f}",
         f"{result['param_ratio']:.2f}",
-        f"{result['transposes_before']} -> {result['transposes']}",
+        f"{result['transposes_before']}/{result['transposes_nchw']}/{result['transposes']}",
         *[f"{result['latency_ratio'][str(b)]:.2f}" for b in batches],
     ]
 
@@ -217,7 +223,7 @@ def main() -> None:
     )
     header = ["model", "attention", "form", "convert s", "peak MB", "peak/size", "size x"]
     header.append("MACs x")
-    header += ["params x", "Transposes"]
+    header += ["params x", "Transposes o/n/c"]
     rows = [[*header, *[f"latency x b{b}" for b in args.batches]]]
     results, worst, heading = [], {}, ""
     with tempfile.TemporaryDirectory(prefix="conv2attn-bench-") as folder:

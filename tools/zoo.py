@@ -11,6 +11,7 @@ reported and the rest go on.
     python tools/zoo.py --models resnet18 convnext_tiny --attention global
     python tools/zoo.py --json zoo.json --markdown       # README table
     python tools/zoo.py --form attention                 # the standard Attention operator
+    python tools/zoo.py --grid fixed --layout nchw       # convert's --grid and --layout
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def run_model(
     seed: int = 0,
     dynamic: bool = False,
     form: str = "matmul",
+    grid: str = "auto",
+    layout: str = "channels-last",
 ) -> dict:
     """Export, convert and check one model; the row of the coverage table. ``dynamic``:
-    export with dynamic height and width, convert once, check at two sizes; ``form``:
-    convert's ``--form``."""
+    export with dynamic height and width, convert once, check at two sizes; ``form``,
+    ``grid``, ``layout``: convert's options."""
     import numpy as np
     import onnx
 
@@ -75,6 +78,7 @@ def run_model(
 
     size = INPUT_SIZE.get(name, 224)
     row: dict = {"model": name, "input": f"{size}x{size}", "attention": attention, "form": form}
+    row |= {"grid": grid, "layout": layout}
     source = folder / f"{name}.onnx"
     start = time.perf_counter()
     # opset 17: the vision transformers' attention needs 14 or newer
@@ -91,8 +95,12 @@ def run_model(
     del original
 
     start = time.perf_counter()
-    converted, report = convert(source, attention=attention, check=False, form=form)
+    converted, report = convert(
+        source, attention=attention, check=False, form=form, grid=grid, layout=layout
+    )
     row["convert_s"] = round(time.perf_counter() - start, 2)
+    row["transposes"] = sum(node.op_type == "Transpose" for node in converted.graph.node)
+    row["fixed_grid_layers"] = sum(layer.grid == "fixed" for layer in report.layers)
     row["converted"] = len(report.layers)
     row["skipped"] = [f"{s.name}: {s.reason}" for s in report.skipped]
     row["macs_x"] = round(report.macs_after / max(report.macs_before, 1), 2)
@@ -131,15 +139,15 @@ def _all_nodes(graph):
                 yield from _all_nodes(attribute.g)
 
 
-def _run_isolated(
-    name: str, attention: str, timeout: float, dynamic: bool = False, form: str = "matmul"
-) -> dict:
+def _run_isolated(name: str, args: argparse.Namespace) -> dict:
     """``run_model`` in a child process; a crash, an error or a timeout becomes the row."""
+    timeout = args.timeout
     with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as folder:
         out = Path(folder) / "row.json"
-        command = [sys.executable, __file__, "--one", name, "--attention", attention]
-        command += ["--row", str(out), "--folder", folder, *(["--dynamic"] if dynamic else [])]
-        command += ["--form", form]
+        command = [sys.executable, __file__, "--one", name, "--attention", args.attention]
+        command += ["--row", str(out), "--folder", folder]
+        command += ["--dynamic"] if args.dynamic else []
+        command += ["--form", args.form, "--grid", args.grid, "--layout", args.layout]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -174,7 +182,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="default: every classification model")
     parser.add_argument("--ci-subset", action="store_true", help="the models CI runs")
-    parser.add_argument("--attention", choices=("global", "local"), default="local")
+    parser.add_argument("--attention", choices=("global", "local", "auto"), default="local")
+    parser.add_argument("--grid", choices=("shifted", "fixed", "auto"), default="auto")
+    parser.add_argument("--layout", choices=("channels-last", "nchw"), default="channels-last")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -192,7 +202,13 @@ def main() -> int:
     if args.one:  # the child process of _run_isolated
         try:
             row = run_model(
-                args.one, args.folder, args.attention, dynamic=args.dynamic, form=args.form
+                args.one,
+                args.folder,
+                args.attention,
+                dynamic=args.dynamic,
+                form=args.form,
+                grid=args.grid,
+                layout=args.layout,
             )
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()
@@ -203,7 +219,7 @@ def main() -> int:
     names = args.models or (list(CI_SUBSET) if args.ci_subset else classification_models())
     rows = []
     for name in names:
-        row = _run_isolated(name, args.attention, args.timeout, args.dynamic, args.form)
+        row = _run_isolated(name, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:

@@ -38,6 +38,17 @@ class AutoPad(str, Enum):
     VALID = "VALID"
 
 
+class Grid(str, Enum):
+    """Where the token grid lies (sections 1 and 8). ``shifted``: tokens start at the
+    Conv's first padded position, so a window starts at a token boundary (4 heads for a
+    3x3 Conv at patch >= 2). ``fixed``: tokens start at the first input pixel and output
+    token I covers the same pixels as input token I, Li et al.'s ViT setting, so
+    consecutive layers share one grid (9 heads for a 3x3 stride-1 Conv at any patch)."""
+
+    SHIFTED = "shifted"
+    FIXED = "fixed"
+
+
 class Order(str, Enum):
     """Operation order of section 3."""
 
@@ -214,6 +225,9 @@ class AxisPlan:
     pad_end: int  # zeros after the input; negative means crop
     output: int  # Conv output size along this axis
     input_size: int = 0  # the input size along this axis (after any subsampling)
+    # fixed grid: zeros added ahead of the begin pad so that a token boundary falls on the
+    # first input pixel (0 on the shifted grid); outputs read ``phase`` pixels further on
+    phase: int = 0
 
     @property
     def tokens_extent(self) -> int:
@@ -221,9 +235,16 @@ class AxisPlan:
 
     @property
     def zeros_before(self) -> int:
-        """Zeros ahead of the input on the token grid: the Conv's begin pad, or the whole
-        grid when a window reads padding only (a begin pad beyond every output's reach)."""
-        return min(self.pad_begin, self.tokens_extent)
+        """Zeros ahead of the input on the token grid: the Conv's begin pad (plus the
+        fixed grid's phase), or the whole grid when a window reads padding only (a begin
+        pad beyond every output's reach)."""
+        return min(self.pad_begin + self.phase, self.tokens_extent)
+
+    @property
+    def grid_offset(self) -> int:
+        """Whole tokens of zeros ahead of the input: on the fixed grid, output token I
+        covers the pixels of input token I, which sits at token I + grid_offset here."""
+        return (self.pad_begin + self.phase) // self.in_patch
 
     @property
     def input_kept(self) -> int:
@@ -253,13 +274,15 @@ def plan_axis(
     output: int,
     patch: int,
     block: int | None = None,
+    grid_kind: Grid = Grid.SHIFTED,
 ) -> AxisPlan:
     """``block=None`` plans global attention, an int plans local attention."""
     if patch < 1:
         raise GeometryError(f"patch size {patch} must be positive")
     in_patch = stride * patch
     grid = -(-output // patch)
-    reach = (in_patch - stride + dilation * (kernel - 1)) // in_patch
+    phase = fixed_grid_phase(pad_begin, in_patch) if grid_kind is Grid.FIXED else 0
+    reach = (phase + in_patch - stride + dilation * (kernel - 1)) // in_patch
     if block is None:
         block = queries = grid
     else:
@@ -268,10 +291,16 @@ def plan_axis(
         block = min(block, grid)
         queries = -(-grid // block) * block
     tokens = queries + reach
-    pad_end = tokens * in_patch - pad_begin - size
+    pad_end = tokens * in_patch - pad_begin - phase - size
     return AxisPlan(
-        patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output, size
-    )
+        patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output, size,
+        phase,
+    )  # fmt: skip
+
+
+def fixed_grid_phase(pad_begin: int, in_patch: int) -> int:
+    """Zeros to add ahead of a begin pad so that the first input pixel starts a token."""
+    return -pad_begin % in_patch
 
 
 class Attention(str, Enum):
@@ -359,6 +388,7 @@ class AttentionPlan:
     attention: Attention = Attention.GLOBAL
     source: ConvSpec | None = None  # the Conv node's own attributes
     input_steps: tuple[int, ...] | None = None  # subsampling steps (see ``subsampled``)
+    grid: Grid = Grid.SHIFTED
 
     @property
     def channels_last(self) -> bool:
@@ -378,6 +408,45 @@ class AttentionPlan:
             and self.spec.in_channels == self.spec.group
             and self.order is Order.ATTEND_FIRST
             and self.attention is Attention.LOCAL
+        )
+
+    @property
+    def phase(self) -> tuple[int, ...]:
+        return tuple(a.phase for a in self.axes)
+
+    @property
+    def grid_offset(self) -> tuple[int, ...]:
+        return tuple(a.grid_offset for a in self.axes)
+
+    @cached_property
+    def fixed_grid_heads(self) -> int:
+        """Heads this patch needs on the fixed grid (section 8): Li et al.'s count, the
+        number to compare the heads used with."""
+        spec = self.spec
+        return math.prod(
+            (fixed_grid_phase(pb, s * a.patch) + s * a.patch - s + d * (k - 1)) // (s * a.patch) + 1
+            for a, pb, s, d, k in zip(
+                self.axes, spec.pads_begin, spec.strides, spec.dilations, spec.kernel
+            )
+        )
+
+    @property
+    def grid_aligned(self) -> bool:
+        """The begin pads are whole input patches: the shifted and the fixed grid are one
+        and the same computation (no phase)."""
+        return all(
+            pb % a.in_patch == 0 for pb, a in zip(self.spec.pads_begin, self.axes, strict=True)
+        )
+
+    @cached_property
+    def grid_head_offsets(self) -> tuple[tuple[int, ...], ...]:
+        """Each head's key token relative to the query's own token: on the fixed grid
+        symmetric around 0 (-1, 0, 1 per axis for a 3x3 Conv), on the shifted grid from 0."""
+        return tuple(
+            tuple(a - c for a, c in zip(offset, self.grid_offset))
+            if self.grid is Grid.FIXED
+            else offset
+            for offset in self.head_offsets
         )
 
     @property
@@ -613,12 +682,13 @@ def plan_attention(
     order: Order = Order.ATTEND_FIRST,
     attention: Attention = Attention.GLOBAL,
     block: Sequence[int] | None = None,
+    grid: Grid = Grid.SHIFTED,
 ) -> AttentionPlan:
     """The plan for one patch; local attention needs ``block`` (clamped to the grid)."""
     validate(spec)
     source = spec
     spec, steps = subsampled(spec)
-    attention = Attention(attention)
+    attention, grid = Attention(attention), Grid(grid)
     if len(patch) != spec.rank:
         raise GeometryError(f"patch {list(patch)} has {len(patch)} axes, the Conv has {spec.rank}")
     if attention is Attention.LOCAL:
@@ -628,7 +698,7 @@ def plan_attention(
     else:
         blocks = [None] * spec.rank
     axes = tuple(
-        plan_axis(n, k, s, d, pb, out, p, b)
+        plan_axis(n, k, s, d, pb, out, p, b, grid)
         for n, k, s, d, pb, out, p, b in zip(
             spec.input_size,
             spec.kernel,
@@ -640,7 +710,7 @@ def plan_attention(
             blocks,
         )
     )
-    return AttentionPlan(spec, axes, Order(order), attention, source, steps)
+    return AttentionPlan(spec, axes, Order(order), attention, source, steps, grid)
 
 
 MAX_AUTO_PATCH = 8
@@ -648,11 +718,13 @@ MAX_AUTO_BLOCK = 8
 
 
 def _rank_key(plan: AttentionPlan) -> tuple:
-    return (plan.cost, plan.params, plan.patch, plan.order.value, plan.block)
+    shifted = plan.grid is Grid.SHIFTED
+    return (plan.cost, plan.params, plan.patch, plan.order.value, plan.block, shifted)
 
 
 def best_plan(candidates: Sequence[AttentionPlan]) -> AttentionPlan:
-    """Lowest cost; ties go to fewer parameters, then the smaller patch."""
+    """Lowest cost; ties go to fewer parameters, then the smaller patch, and between the
+    two grids (the same computation where the phase is 0) to the fixed one."""
     return min(candidates, key=_rank_key)
 
 
@@ -662,6 +734,7 @@ def candidate_plans(
     patches: Sequence[Sequence[int]] | None = None,
     block: Sequence[int] | None = None,
     max_patch: int = MAX_AUTO_PATCH,
+    grid: Grid = Grid.SHIFTED,
 ) -> list[AttentionPlan]:
     """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
     output) unless ``patches`` is given, both orders, and for local attention the best
@@ -679,16 +752,18 @@ def candidate_plans(
     for patch in patches:
         for order in orders:
             if attention is Attention.GLOBAL:
-                plans.append(plan_attention(spec, patch, order))
+                plans.append(plan_attention(spec, patch, order, grid=grid))
                 continue
             if block is not None:
-                plans.append(plan_attention(spec, patch, order, attention, block))
+                plans.append(plan_attention(spec, patch, order, attention, block, grid))
                 continue
-            plans.append(_best_block(spec, patch, order))
+            plans.append(_best_block(spec, patch, order, grid))
     return plans
 
 
-def _best_block(spec: ConvSpec, patch: Sequence[int], order: Order) -> AttentionPlan:
+def _best_block(
+    spec: ConvSpec, patch: Sequence[int], order: Order, grid: Grid = Grid.SHIFTED
+) -> AttentionPlan:
     """Local attention's cheapest block for one patch and order, by descent from 1 x 1.
 
     Each step tries every block one larger or smaller along one axis (up to
@@ -696,7 +771,7 @@ def _best_block(spec: ConvSpec, patch: Sequence[int], order: Order) -> Attention
     """
     grids = [-(-out // p) for out, p in zip(spec.output_size, patch)]
     limits = [min(MAX_AUTO_BLOCK, g) for g in grids]
-    current = plan_attention(spec, patch, order, Attention.LOCAL, [1] * spec.rank)
+    current = plan_attention(spec, patch, order, Attention.LOCAL, [1] * spec.rank, grid)
     while True:
         neighbours = []
         for axis, limit in enumerate(limits):
@@ -704,7 +779,9 @@ def _best_block(spec: ConvSpec, patch: Sequence[int], order: Order) -> Attention
                 block = list(current.block)
                 block[axis] += step
                 if 1 <= block[axis] <= limit:
-                    neighbours.append(plan_attention(spec, patch, order, Attention.LOCAL, block))
+                    neighbours.append(
+                        plan_attention(spec, patch, order, Attention.LOCAL, block, grid)
+                    )
         best = min([current, *neighbours], key=_rank_key)
         if best is current:
             return current

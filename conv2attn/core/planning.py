@@ -4,7 +4,8 @@
 choices into per-Conv plans: a forced patch takes each Conv's cheapest plan with that
 patch; ``auto`` takes the cheapest plans whose parameters stay within the whole-model
 growth budget (``geometry.choose_plans``). Attention ``auto`` lets each Conv's global
-and local plans compete in the same choice. The ONNX pass and the PyTorch layer both call
+and local plans compete in the same choice, and grid ``auto`` its shifted-grid and
+fixed-grid plans. The ONNX pass and the PyTorch layer both call
 it, so a converted ONNX model and a converted ``nn.Module`` get the same plans.
 Plain Python: no onnx, numpy or torch.
 """
@@ -20,6 +21,7 @@ from conv2attn.core.geometry import (
     AttentionPlan,
     ConvSpec,
     GeometryError,
+    Grid,
     Order,
     best_plan,
     candidate_plans,
@@ -40,6 +42,17 @@ class AttentionChoice(str, Enum):
 
     def modes(self) -> list[Attention]:
         return [Attention.GLOBAL, Attention.LOCAL] if self is self.AUTO else [Attention(self)]
+
+
+class GridChoice(str, Enum):
+    """The token grid asked for: one for every Conv, or per Conv by the cost model."""
+
+    SHIFTED = "shifted"
+    FIXED = "fixed"
+    AUTO = "auto"
+
+    def grids(self) -> list[Grid]:
+        return [Grid.SHIFTED, Grid.FIXED] if self is self.AUTO else [Grid(self)]
 
 
 class PlanError(GeometryError):
@@ -86,26 +99,44 @@ def plan_layers(
     block: Sizes = "auto",
     max_param_growth: float = 4.0,
     attend_first: Sequence[bool] = (),
+    grid: Grid | GridChoice | str = GridChoice.AUTO,
+    fixed_grid_unfit: Sequence[str | None] = (),
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
     tokens, then projects them). ``attention`` ``auto``: each Conv's cheapest plan
-    over both modes (``block`` then applies to its local plans)."""
+    over both modes (``block`` then applies to its local plans); ``grid`` ``auto``
+    likewise over both grids. ``fixed_grid_unfit[i]``: why layer i has no fixed grid
+    (its begin pad changes with a dynamic input size), or None."""
     modes = AttentionChoice(attention).modes()
+    choice = GridChoice(grid)
     considered = []
     for index, (spec, name) in enumerate(zip(specs, names, strict=True)):
         forced = per_axis(patch, spec.rank, "--patch", name)
         blocks = per_axis(block, spec.rank, "--block", name)
+        grids = choice.grids()
+        unfit = fixed_grid_unfit[index] if index < len(fixed_grid_unfit) else None
+        if unfit is not None:
+            if choice is GridChoice.FIXED:
+                raise PlanError(
+                    f"Conv '{name}' has no fixed token grid: {unfit}; "
+                    "use --grid shifted or auto, or pin the size with --input-shape"
+                )
+            grids = [Grid.SHIFTED]
         plans = [
             plan
             for mode in modes
+            for kind in grids
             for plan in candidate_plans(
                 spec,
                 mode,
                 patches=None if forced is None else [forced],
                 block=blocks if mode is Attention.LOCAL else None,
+                grid=kind,
             )
         ]
+        if len(grids) > 1:  # a shifted plan without a phase is its fixed twin: keep one
+            plans = [p for p in plans if p.grid is Grid.FIXED or not p.grid_aligned]
         if index < len(attend_first) and attend_first[index]:
             plans = [p for p in plans if p.order is Order.ATTEND_FIRST]
         considered.append(plans)

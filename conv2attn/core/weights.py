@@ -31,16 +31,19 @@ ALPHA = 200.0
 TRAINABLE_ALPHA = 24.0
 
 
-def _axis_selection(kernel: int, stride: int, dilation: int, patch: int, reach: int) -> np.ndarray:
+def _axis_selection(
+    kernel: int, stride: int, dilation: int, patch: int, reach: int, phase: int = 0
+) -> np.ndarray:
     """S[a, y, u, k] = 1 where output pixel u of a patch reads input pixel y of patch +a.
 
-    Along one axis: u * stride + dilation * k == a * in_patch + y (section 3).
+    Along one axis: phase + u * stride + dilation * k == a * in_patch + y (section 3; the
+    phase is the fixed grid's, section 8).
     """
     in_patch = stride * patch
     selection = np.zeros((reach + 1, in_patch, patch, kernel), dtype=np.float64)
     for u in range(patch):
         for k in range(kernel):
-            a, y = divmod(u * stride + dilation * k, in_patch)
+            a, y = divmod(phase + u * stride + dilation * k, in_patch)
             selection[a, y, u, k] = 1.0
     return selection
 
@@ -70,7 +73,7 @@ def output_projection(
     compute = np.float32 if weight.dtype == np.float16 else weight.dtype
     w = weight.astype(compute, copy=False).reshape(group, cg_out, cg_in, *spec.kernel)
     selections = [
-        _axis_selection(k, s, d, a.patch, a.reach).astype(compute)
+        _axis_selection(k, s, d, a.patch, a.reach, a.phase).astype(compute)
         for k, s, d, a in zip(spec.kernel, spec.strides, spec.dilations, plan.axes)
     ]
     # Letters per axis i: offset a_i, input pixel y_i, output pixel u_i, kernel tap k_i.

@@ -1,10 +1,11 @@
 """Emission of the attention subgraph that replaces one Conv (onnx-graphsurgeon).
 
-The only module that builds ONNX nodes. Every node and tensor is named
-``<conv name>/attn/<part>`` so a converted graph reads well in Netron and diffs
-cleanly; the parts other stages look for (logits, Softmax, W_O) come from ``names``.
-Only ops of opset 11 are used (Slice, Pad, Reshape, Transpose, Sub, Mul, Add, Softmax,
-MatMul, Cast), with the forms that are identical in later opsets.
+The module that builds the attention's ONNX nodes (``layout`` only adds Transposes
+between layers). Every node and tensor is named ``<conv name>/attn/<part>`` so a
+converted graph reads well in Netron and diffs cleanly; the parts other stages look
+for (logits, Softmax, W_O) come from ``names``. Only ops of opset 11 are used (Slice,
+Pad, Reshape, Transpose, Sub, Mul, Add, Softmax, MatMul, Cast), with the forms that
+are identical in later opsets.
 
 Dataflow (2-D shown, ``g`` is the group count; the group axis and every size-1 axis
 are left out of the emitted shapes):

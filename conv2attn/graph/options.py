@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from conv2attn.core.planning import AttentionChoice, Sizes
+from conv2attn.core.planning import AttentionChoice, GridChoice, Sizes
 from conv2attn.errors import InputError
 from conv2attn.inputs import parse_input_shapes
 
@@ -15,6 +15,9 @@ Patch = Sizes
 # How a converted Conv is written: Softmax and MatMul nodes (the fastest on every runtime
 # measured), or the standard ONNX Attention operator (opset 23).
 FORMS = ("matmul", "attention")
+# What tensors between converted Convs look like: channels-last where that saves
+# Transposes (graph/layout.py), or NCHW under the Conv's own output names.
+LAYOUTS = ("channels-last", "nchw")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class ConvertOptions:
     # what the cost model plans dynamic sizes for (the graph computes the real ones)
     nominal_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     form: str = "matmul"
+    grid: GridChoice = GridChoice.AUTO
+    layout: str = "channels-last"
 
     @property
     def patch_text(self) -> str:
@@ -75,6 +80,8 @@ def convert_options(
     fold_bn: bool,
     nominal_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     form: str = "matmul",
+    grid: str = "auto",
+    layout: str = "channels-last",
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
     shapes = _shapes(input_shapes)
@@ -82,6 +89,10 @@ def convert_options(
         raise InputError(f"--max-param-growth {max_param_growth}: must be positive")
     if attention not in {a.value for a in AttentionChoice}:
         raise InputError(f"--attention {attention}: expected global, local or auto")
+    if grid not in {g.value for g in GridChoice}:
+        raise InputError(f"--grid {grid}: expected shifted, fixed or auto")
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
     if form not in FORMS:
         raise InputError(f"--form {form}: expected one of {', '.join(FORMS)}")
     if attention == AttentionChoice.GLOBAL.value and block != "auto":
@@ -97,6 +108,8 @@ def convert_options(
         input_shapes=shapes,
         nominal_shapes=_shapes(nominal_shapes),
         form=form,
+        grid=GridChoice(grid),
+        layout=layout,
     )
 
 

@@ -155,6 +155,7 @@ def inspect_model(
         block=options.block_text,
         strict_checked=strict,
         folded_batchnorms=folded,
+        grid=options.grid.value,
     )
     notes = []
     if not convs:

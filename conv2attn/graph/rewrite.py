@@ -19,6 +19,7 @@ Stages, in order, one function each:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from conv2attn import names
+from conv2attn.core.geometry import AutoPad
 from conv2attn.core.planning import LayerPlans, PlanError, plan_layers
 from conv2attn.core.weights import output_bias, output_projection
 from conv2attn.errors import InputError
@@ -44,6 +46,7 @@ from conv2attn.graph.emit_standard import (
     emit_dynamic_standard_attention,
     emit_standard_attention,
 )
+from conv2attn.graph.layout import LayoutResult, keep_channels_last
 from conv2attn.graph.options import ConvertOptions, convert_options
 from conv2attn.graph.select import Candidate, name_convs, select_convs
 from conv2attn.graph.shapes import (
@@ -92,6 +95,8 @@ def convert(
     progress: Progress | None = None,
     nominal_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     form: str = "matmul",
+    grid: str = "auto",
+    layout: str = "channels-last",
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -105,7 +110,12 @@ def convert(
     planned for ``nominal_shapes`` (same forms; default batch 1 and 224x224 images).
     ``form`` is ``"matmul"`` (Softmax and MatMul nodes, the fastest) or ``"attention"``
     (the standard ``Attention`` operator; the model is upgraded to opset 23 first).
-    Returns the converted model and a report.
+    ``grid`` is ``"shifted"`` (each Conv's tokens start at its padding: fewest heads),
+    ``"fixed"`` (tokens start at the first pixel, one grid shared by consecutive layers,
+    Li et al.'s ViT setting) or ``"auto"`` (per Conv, the cheaper). ``layout``
+    ``"channels-last"`` keeps the tensors between converted Convs channels-last where that
+    removes Transposes (``graph.layout``); ``"nchw"`` leaves every Conv's output tensor
+    NCHW under its own name. Returns the converted model and a report.
     ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
     instead, which needs less memory and works at any size). ``progress(done, total,
     name)`` is called as each Conv is replaced.
@@ -122,6 +132,8 @@ def convert(
         fold_bn=fold_bn,
         nominal_shapes=nominal_shapes,
         form=form,
+        grid=grid,
+        layout=layout,
     )
     model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     converted, report = convert_model(model, options, progress)
@@ -152,6 +164,8 @@ def convert_model(
     _release_weight_bytes(model, selection.candidates)
     layer_plans = plan(selection.candidates, options)
     layers = _replace(selection.candidates, layer_plans, options.form, progress)
+    if options.layout == "channels-last":
+        layers = _record_layouts(graph, layers, keep_channels_last(graph))
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)
@@ -170,6 +184,8 @@ def convert_model(
         strict_checked=strict,
         folded_batchnorms=folded,
         form=options.form,
+        grid=options.grid.value,
+        layout=options.layout,
     )
     write_record(converted, report)
     return converted, report
@@ -264,6 +280,8 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
             block=options.block,
             max_param_growth=options.max_param_growth,
             attend_first=[c.quantization is not None for c in candidates],
+            grid=options.grid,
+            fixed_grid_unfit=[_fixed_grid_unfit(c) for c in candidates],
         )
     except PlanError as error:
         raise InputError(str(error)) from None
@@ -283,6 +301,49 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
             options.max_param_growth,
         )
     return chosen
+
+
+def _record_layouts(
+    graph: gs.Graph, layers: list[LayerReport], moved: LayoutResult
+) -> list[LayerReport]:
+    """Each layer's record after ``keep_channels_last``: the channels-last tensor holding
+    its output where the NCHW one is gone, and whether it reads channels-last input."""
+    if not moved.channels_last:
+        return layers
+    updated = []
+    for layer in layers:
+        prefix = names.owner_prefix(layer.name)
+        nodes = [n for n in graph.nodes if n.name.startswith(prefix)] if not layer.graph else []
+        produced = {id(t) for n in nodes for t in n.outputs}
+        reads = {
+            t.name
+            for n in nodes
+            for t in n.inputs
+            if isinstance(t, gs.Variable) and id(t) not in produced
+        }
+        updated.append(
+            dataclasses.replace(
+                layer,
+                output_channels_last=moved.outputs.get(layer.output),
+                input_channels_last=bool(reads & moved.channels_last),
+            )
+        )
+    log.info(
+        "channels-last between converted Convs: %d Transposes removed, %d added",
+        moved.removed,
+        moved.added,
+    )
+    return updated
+
+
+def _fixed_grid_unfit(candidate: Candidate) -> str | None:
+    """Why a Conv has no fixed grid at every size: SAME padding with a stride above 1
+    on a dynamic axis moves its begin pad (and so the grid's phase) with the size."""
+    same = candidate.auto_pad in (AutoPad.SAME_UPPER, AutoPad.SAME_LOWER)
+    if not candidate.dynamic or not same or max(candidate.spec.strides) == 1:
+        return None
+    strides = "x".join(map(str, candidate.spec.strides))
+    return f"auto_pad {candidate.auto_pad.value} at stride {strides} moves its pads with the size"
 
 
 def _replace(

@@ -157,7 +157,8 @@ def axis_sizes(
         block, blocks, queries = grid, 1, grid
     tokens = m.add(queries, plan_axis.reach)
     extent = m.mul(tokens, plan_axis.in_patch)
-    zeros_before = m.min(begin, extent)
+    # the fixed grid's phase is planned from a begin pad that does not depend on the size
+    zeros_before = m.min(m.add(begin, plan_axis.phase), extent)
     kept = m.max(0, m.min(size, m.sub(extent, zeros_before)))
     zeros_after = m.sub(m.sub(extent, zeros_before), kept)
     return AxisSizes(

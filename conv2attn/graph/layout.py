@@ -1,0 +1,350 @@
+"""Channels-last tensors between converted Convs (design section 8, "Tokens between layers").
+
+Every converted Conv reads NCHW, turns it into channels-last tokens (``to_nhwc``) and
+turns its output back (``to_nchw``). Where converted Convs follow each other through
+operations that do not depend on the layout (elementwise activations and gates, residual
+``Add``, per-channel constants, ``Pad``, ``Slice``), the tensors between them can stay
+channels-last: the pair of Transposes cancels.
+
+The pass works on *regions*: connected sets of such nodes (joined by any tensor they
+share). A region's inputs are either the output of a channels-last -> NCHW Transpose
+(the region reads its input instead, for free) or another NCHW tensor (a Transpose to
+channels-last is added); its outputs go to NCHW -> channels-last Transposes (dropped) or
+to other nodes and graph outputs (a Transpose back to NCHW is added, under the tensor's
+own name). A region is rewritten only when that removes more Transposes than it adds.
+Constants are laid out anew, ``Pad`` and ``Slice`` get their axes permuted, and every
+tensor the region now holds channels-last is renamed ``<name>/channels_last``, so no
+tensor keeps a name from the original model in another layout.
+
+Exact: only where values sit in memory changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+SUFFIX = "/channels_last"
+
+# One input, values mapped one by one (extra inputs, if any, are scalar constants).
+UNARY = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
+    "Selu", "Celu", "Gelu", "Mish", "Softplus", "Softsign", "Erf", "Neg", "Abs", "Exp",
+    "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Identity", "Clip",
+    "Cast",
+}  # fmt: skip
+# Elementwise with numpy broadcasting.
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"}
+
+
+def to_channels_first(rank: int) -> list[int]:
+    """The permutation [B, *spatial, C] -> [B, C, *spatial] (``rank`` axes in all)."""
+    return [0, rank - 1, *range(1, rank - 1)]
+
+
+def to_channels_last(rank: int) -> list[int]:
+    """The permutation [B, C, *spatial] -> [B, *spatial, C]."""
+    return [0, *range(2, rank), 1]
+
+
+@dataclass
+class LayoutResult:
+    """What the pass changed, for the conversion record: NCHW tensors made by a Transpose
+    whose channels-last input other nodes now read (``outputs``: NCHW name -> that input;
+    the NCHW tensor may be gone) and every tensor that is channels-last."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    channels_last: set[str] = field(default_factory=set)
+    removed: int = 0
+    added: int = 0
+
+
+def _perm(node: gs.Node) -> list[int] | None:
+    perm = node.attrs.get("perm") if node.op == "Transpose" else None
+    return list(perm) if perm is not None else None
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return None if tensor.shape is None else len(tensor.shape)
+
+
+def _constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    return None
+
+
+def _eligible(node: gs.Node, rank: int) -> bool:
+    """Whether ``node`` computes the same on channels-last data once its constants and
+    axes are permuted: every variable input and its output are rank ``rank``."""
+    if len(node.outputs) != 1 or _rank(node.outputs[0]) != rank:
+        return False
+    variables = [t for t in node.inputs if isinstance(t, gs.Variable)]
+    # scalars (Clip's bounds from Constant nodes) broadcast the same in any layout
+    if not any(_rank(t) == rank for t in variables):
+        return False
+    if any(_rank(t) not in (rank, 0) for t in variables):
+        return False
+    if node.op in UNARY:
+        extra = node.inputs[1:]
+        if node.op == "PRelu":
+            return all(isinstance(t, gs.Constant) for t in extra)
+        return all(isinstance(t, gs.Variable) or t.values.size == 1 for t in extra if t.name)
+    if node.op in BINARY:
+        return all(
+            isinstance(t, gs.Variable) or (t.values.ndim <= rank) for t in node.inputs if t.name
+        )
+    if node.op == "Pad":
+        pads = _constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
+        if pads is None or (len(node.inputs) > 3 and node.inputs[3].name):  # axes input
+            return False
+        return all(not isinstance(t, gs.Variable) for t in node.inputs[2:3] if t.name)
+    if node.op == "Slice":
+        constant = all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name)
+        return len(node.inputs) >= 4 and constant
+    return False
+
+
+class _Regions:
+    """Union-find over eligible nodes, joined by every variable tensor they share."""
+
+    def __init__(self, nodes: list[gs.Node]):
+        self.parent = {id(n): id(n) for n in nodes}
+        self.nodes = {id(n): n for n in nodes}
+
+    def find(self, key: int) -> int:
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def join(self, a: gs.Node, b: gs.Node) -> None:
+        self.parent[self.find(id(a))] = self.find(id(b))
+
+    def groups(self) -> list[list[gs.Node]]:
+        grouped: dict[int, list[gs.Node]] = {}
+        for key, node in self.nodes.items():
+            grouped.setdefault(self.find(key), []).append(node)
+        return list(grouped.values())
+
+
+def keep_channels_last(graph: gs.Graph) -> LayoutResult:
+    """Rewrite ``graph`` (the main graph, in place) so that the tensors between converted
+    Convs stay channels-last wherever that removes Transposes; see the module docstring.
+    The caller cleans up and sorts the graph afterwards."""
+    result = LayoutResult()
+    taken = {t.name for t in graph.tensors().values()}
+    for rank in sorted({len(t.shape) for t in graph.tensors().values() if t.shape} - {0, 1, 2}):
+        _rewrite_rank(graph, rank, result, taken)
+    return result
+
+
+def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
+    """A channels-last -> NCHW Transpose read by an NCHW -> channels-last one (one
+    converted Conv straight into the next): the second one's readers take the first
+    one's input."""
+    outputs = {t.name for t in graph.outputs}
+    for second in graph.nodes:
+        if _perm(second) != to_channels_last(rank) or second.outputs[0].name in outputs:
+            continue
+        middle = second.inputs[0]
+        first = middle.inputs[0] if middle.inputs else None
+        if first is None or _perm(first) != to_channels_first(rank):
+            continue
+        source, target = first.inputs[0], second.outputs[0]
+        for consumer in list(target.outputs):
+            _replace_input(consumer, target, source)
+        second.inputs.clear()
+        second.outputs.clear()
+        result.removed += 1
+        result.channels_last.add(source.name)
+        result.outputs[middle.name] = source.name
+        if not middle.outputs and middle.name not in outputs:
+            result.removed += 1
+
+
+def _rewrite_rank(graph: gs.Graph, rank: int, result: LayoutResult, taken: set[str]) -> None:
+    _cancel_pairs(graph, rank, result)
+    eligible = [n for n in graph.nodes if _eligible(n, rank)]
+    if not eligible:
+        return
+    regions = _Regions(eligible)
+    members = {id(n) for n in eligible}
+    for node in eligible:
+        for tensor in node.inputs + node.outputs:
+            if not isinstance(tensor, gs.Variable):
+                continue
+            for other in [*tensor.inputs, *tensor.outputs]:
+                if id(other) in members and other is not node:
+                    regions.join(node, other)
+    outputs = {t.name for t in graph.outputs}
+    for region in regions.groups():
+        plan = _RegionPlan.of(region, rank, outputs)
+        if plan.removed > plan.added:
+            plan.apply(graph, taken)
+            result.removed += plan.removed
+            result.added += plan.added
+            result.outputs.update(plan.freed_outputs)
+            result.channels_last.update(plan.channels_last)
+
+
+@dataclass
+class _RegionPlan:
+    nodes: list[gs.Node]
+    rank: int
+    # region inputs that a channels-last -> NCHW Transpose produces, and the ones that need
+    # a Transpose to channels-last
+    free_inputs: list[gs.Variable]
+    new_inputs: list[gs.Variable]
+    # tensors the region produces: those read by NCHW -> channels-last Transposes, and
+    # those other nodes or the graph outputs read in NCHW
+    dropped: list[gs.Node]
+    kept_nchw: list[gs.Variable]
+    removed: int
+    added: int
+    # NCHW tensors made by a Transpose -> the channels-last tensor the region reads instead
+    freed_outputs: dict[str, str] = field(default_factory=dict)
+    channels_last: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, region: list[gs.Node], rank: int, graph_outputs: set[str]) -> _RegionPlan:
+        inside = {id(n) for n in region}
+        produced = {id(t) for n in region for t in n.outputs}
+        free, new, seen = [], [], set()
+        for node in region:
+            for tensor in node.inputs:
+                if not isinstance(tensor, gs.Variable) or id(tensor) in produced:
+                    continue
+                if _rank(tensor) == 0:  # a scalar reads the same in any layout
+                    continue
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                producer = tensor.inputs[0] if tensor.inputs else None
+                if producer is not None and _perm(producer) == to_channels_first(rank):
+                    free.append(tensor)
+                else:
+                    new.append(tensor)
+        freed = sum(
+            1
+            for tensor in free
+            if tensor.name not in graph_outputs
+            and all(id(consumer) in inside for consumer in tensor.outputs)
+        )
+        read = {tensor.name: tensor.inputs[0].inputs[0].name for tensor in free}
+        dropped, kept = [], []
+        for node in region:
+            tensor = node.outputs[0]
+            outside = [c for c in tensor.outputs if id(c) not in inside]
+            nchw_readers = False
+            for consumer in outside:
+                if (
+                    _perm(consumer) == to_channels_last(rank)
+                    and consumer.outputs[0].name not in graph_outputs
+                ):
+                    dropped.append(consumer)
+                else:
+                    nchw_readers = True
+            if nchw_readers or tensor.name in graph_outputs:
+                kept.append(tensor)
+        removed, added = freed + len(dropped), len(new) + len(kept)
+        return cls(region, rank, free, new, dropped, kept, removed, added, read)
+
+    def apply(self, graph: gs.Graph, taken: set[str]) -> None:
+        rank = self.rank
+        last, first = to_channels_last(rank), to_channels_first(rank)
+        inside = {id(n) for n in self.nodes}
+        for tensor in self.free_inputs:
+            source = tensor.inputs[0].inputs[0]  # the channels-last tensor the Transpose read
+            self._swap_input(tensor, source)
+            self.channels_last.add(source.name)
+        for tensor in self.new_inputs:
+            name = _unique(f"{tensor.name}{SUFFIX}", taken)
+            moved = gs.Variable(name, dtype=tensor.dtype, shape=_permuted(tensor.shape, last))
+            graph.nodes.append(
+                gs.Node("Transpose", f"{name}/Transpose", {"perm": last}, [tensor], [moved])
+            )
+            self._swap_input(tensor, moved)
+            self.channels_last.add(name)
+        relaid: dict[int, gs.Constant] = {}
+        for node in self.nodes:
+            _relayout(node, rank, last, relaid, taken)
+        kept = {id(t) for t in self.kept_nchw}
+        for node in self.nodes:
+            tensor = node.outputs[0]
+            nchw_name, nchw_shape = tensor.name, tensor.shape
+            tensor.name = _unique(f"{nchw_name}{SUFFIX}", taken)
+            tensor.shape = _permuted(nchw_shape, last)
+            self.channels_last.add(tensor.name)
+            if id(tensor) in kept:  # the NCHW tensor, under its own name, for other readers
+                restored = gs.Variable(nchw_name, dtype=tensor.dtype, shape=nchw_shape)
+                dropped = {id(d) for d in self.dropped}
+                for consumer in list(tensor.outputs):
+                    if id(consumer) not in inside and id(consumer) not in dropped:
+                        _replace_input(consumer, tensor, restored)
+                graph.outputs = [restored if t is tensor else t for t in graph.outputs]
+                back = gs.Node("Transpose", f"{nchw_name}/Transpose", {"perm": first})
+                back.inputs, back.outputs = [tensor], [restored]
+                graph.nodes.append(back)
+        for transpose in self.dropped:
+            source, target = transpose.inputs[0], transpose.outputs[0]
+            for consumer in list(target.outputs):
+                _replace_input(consumer, target, source)
+            transpose.outputs.clear()
+            transpose.inputs.clear()
+
+    def _swap_input(self, old: gs.Variable, new: gs.Variable) -> None:
+        for node in self.nodes:
+            _replace_input(node, old, new)
+
+
+def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for index, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[index] = new
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, count = name, 0
+    while candidate in taken:
+        count += 1
+        candidate = f"{name}_{count}"
+    taken.add(candidate)
+    return candidate
+
+
+def _permuted(shape: Iterable | None, perm: list[int]) -> list | None:
+    if shape is None:
+        return None
+    shape = list(shape)
+    return [shape[p] for p in perm]
+
+
+def _relayout(
+    node: gs.Node, rank: int, perm: list[int], relaid: dict[int, gs.Constant], taken: set[str]
+) -> None:
+    """Constants and axes of an eligible node, for channels-last data; ``relaid`` keeps
+    one new constant per original, however many nodes read it."""
+
+    def replace(index: int, values: np.ndarray) -> None:
+        original = node.inputs[index]
+        if id(original) not in relaid:
+            name = _unique(f"{original.name}{SUFFIX}", taken)
+            relaid[id(original)] = gs.Constant(name, np.ascontiguousarray(values))
+        node.inputs[index] = relaid[id(original)]
+
+    if node.op in BINARY or node.op == "PRelu":
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.values.ndim > 0:
+                values = tensor.values
+                values = values.reshape((1,) * (rank - values.ndim) + values.shape)
+                replace(index, values.transpose(perm))
+    elif node.op == "Pad":
+        replace(1, node.inputs[1].values.reshape(2, rank)[:, perm].reshape(-1))
+    elif node.op == "Slice":
+        axes = node.inputs[3].values
+        position = {source: target for target, source in enumerate(perm)}
+        replace(3, np.array([position[a % rank] for a in axes], dtype=axes.dtype))

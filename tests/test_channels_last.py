@@ -1,0 +1,151 @@
+"""Tensors between converted Convs stay channels-last (``--layout channels-last``,
+``graph/layout.py``): fewer Transposes, the same function, every layer still checked
+and rebuilt in PyTorch from its record.
+
+Parity is ``helpers.assert_parity`` (1e-5 of the largest value plus 1e-6): the pass only
+moves values, so the converted model computes exactly what the NCHW layout computes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import conv2attn
+from conv2attn.cli import main
+from conv2attn.inputs import Samples
+from conv2attn.record import converted_layers
+from conv2attn.torch_graph import load_trainable
+from conv2attn.validate import check
+from tests.helpers import assert_parity, random_input, run
+
+DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+
+
+def transposes(model: onnx.ModelProto) -> int:
+    """Transposes of data (not of the attention constants, which runtimes fold)."""
+    return sum(
+        node.op_type == "Transpose" and "/Softmax/" not in node.name for node in model.graph.node
+    )
+
+
+def residual_block(opset: int = 13) -> onnx.ModelProto:
+    """conv -> BN-like scale/shift -> Clip -> conv, plus a residual Add and a SiLU gate:
+    the operations between converted Convs that commute with the layout."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Mul", ["c1", "scale"], ["s1"], "scale"),
+        helper.make_node("Add", ["s1", "shift"], ["b1"], "shift"),
+        helper.make_node("Clip", ["b1", "low", "high"], ["r1"], "clip"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Add", ["c2", "r1"], ["sum"], "residual"),
+        helper.make_node("Sigmoid", ["sum"], ["gate"], "sigmoid"),
+        helper.make_node("Mul", ["sum", "gate"], ["silu"], "silu"),
+        helper.make_node("Conv", ["silu", "w3"], ["y"], "conv3", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 10, 12])],
+        [
+            weight("w1", (6, 4, 3, 3)),
+            weight("w2", (6, 6, 3, 3)),
+            weight("w3", (5, 6, 1, 1)),
+            weight("scale", (6, 1, 1)),
+            weight("shift", (1, 6, 1, 1)),
+            numpy_helper.from_array(np.array(-1.0, np.float32), "low"),
+            numpy_helper.from_array(np.array(1.5, np.float32), "high"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_tensors_between_converted_convs_stay_channels_last(attention):
+    model = residual_block()
+    # pixel tokens, blocks along rows: no patch or block moves, only the layout changes
+    options = dict(attention=attention, patch=1, block="1x4" if attention == "local" else "auto")
+    converted, report = conv2attn.convert(model, **options)
+    nchw, _ = conv2attn.convert(model, **options, layout="nchw")
+    # three Convs: NCHW -> NHWC and back around each (6) against one pair around the block
+    assert transposes(nchw) == 6 and transposes(converted) == 2
+    ops = {n.name: n for n in converted.graph.node}
+    assert "c1" not in {t for n in converted.graph.node for t in n.output}  # gone, not renamed
+    assert ops["scale"].input[1].endswith("/channels_last")  # the constants re-laid out
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv1"].output_channels_last and not layers["conv1"].input_channels_last
+    assert layers["conv2"].input_channels_last and layers["conv3"].input_channels_last
+    assert layers["conv3"].output_channels_last is None  # the graph output stays NCHW
+    feeds = random_input(model, batch=3)
+    assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_nothing_is_moved_where_it_would_add_transposes():
+    """One Conv between NCHW-only neighbours: channels-last would need a Transpose on
+    each side of every elementwise node, so the layout stays as emitted."""
+    model = residual_block()
+    converted, _ = conv2attn.convert(model, include=["conv2"], patch=1)
+    nchw, _ = conv2attn.convert(model, include=["conv2"], patch=1, layout="nchw")
+    assert transposes(converted) == transposes(nchw) == 2
+    assert [n.name for n in converted.graph.node] == [n.name for n in nchw.graph.node]
+
+
+def test_per_layer_check_and_round_trip_read_channels_last_outputs():
+    model = residual_block()
+    converted, report = conv2attn.convert(model, patch=1, attention="local")
+    assert any(layer.output_channels_last for layer in report.layers)
+    feeds = random_input(model, batch=2)
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed
+    assert [layer.name for layer in result.layers] == ["conv1", "conv2", "conv3"]
+    assert all(layer.max_rel < 1e-5 for layer in result.layers)
+
+    module = load_trainable(converted)
+    with torch.no_grad():
+        got = module.eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [got])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_lose_most_layout_changes(torchvision_model, name):
+    path = torchvision_model(name)
+    original = onnx.load(str(path))
+    converted, report = conv2attn.convert(original, attention="local")
+    nchw, _ = conv2attn.convert(original, attention="local", layout="nchw")
+    # every Conv followed by another converted Conv through elementwise ops and Adds
+    assert transposes(converted) < transposes(nchw) / 2
+    assert sum(layer.input_channels_last for layer in report.layers) >= len(report.layers) - 1
+    feeds = random_input(original, batch=2)
+    assert_parity(run(original, feeds), run(converted, feeds))
+
+
+def test_cli_layout_option_and_record(tmp_path, capsys):
+    out = tmp_path / "cl.onnx"
+    assert main(["convert", str(DIGITS), "-o", str(out), "--attention", "local", "-q"]) == 0
+    record = converted_layers(onnx.load(out))
+    assert any(entry.get("output_channels_last") for entry in record)
+    inputs = str(DIGITS.parent / "digits_test.npz")
+    assert main(["check", str(DIGITS), str(out), "--inputs", inputs, "--per-layer"]) == 0
+    text = capsys.readouterr().out
+    assert all(entry["name"] in text for entry in record)  # every source Conv named
+    nchw = tmp_path / "nchw.onnx"
+    args = ["convert", str(DIGITS), "-o", str(nchw), "--layout", "nchw", "-q"]
+    assert main(args) == 0
+    record = converted_layers(onnx.load(nchw))
+    assert not any("output_channels_last" in entry for entry in record)
+    tensors = {t for n in onnx.load(nchw).graph.node for t in n.output}
+    assert all(entry["output"] in tensors for entry in record)  # the Convs' own names
+    with pytest.raises(SystemExit) as refused:
+        main(["convert", str(DIGITS), "-o", str(nchw), "--layout", "nhwc", "--force"])
+    assert refused.value.code == 2 and "--layout" in capsys.readouterr().err
