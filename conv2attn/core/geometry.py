@@ -14,6 +14,7 @@ Every quantity is computed per spatial axis, so the same code serves 1-D, 2-D an
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -738,9 +739,32 @@ def candidate_plans(
 ) -> list[AttentionPlan]:
     """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
     output) unless ``patches`` is given, both orders, and for local attention the best
-    block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is."""
+    block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is.
+
+    Plans are immutable and depend on these arguments only, so the candidates of a Conv
+    that repeats another's attributes (a ResNet's identical blocks) are computed once."""
     validate(spec)
-    attention = Attention(attention)
+    return list(
+        _candidates(
+            spec,
+            Attention(attention),
+            None if patches is None else tuple(tuple(p) for p in patches),
+            None if block is None else tuple(block),
+            max_patch,
+            Grid(grid),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _candidates(
+    spec: ConvSpec,
+    attention: Attention,
+    patches: tuple[tuple[int, ...], ...] | None,
+    block: tuple[int, ...] | None,
+    max_patch: int,
+    grid: Grid,
+) -> tuple[AttentionPlan, ...]:
     if patches is None:
         ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
         patches = list(itertools.product(*ranges))
@@ -758,7 +782,7 @@ def candidate_plans(
                 plans.append(plan_attention(spec, patch, order, attention, block, grid))
                 continue
             plans.append(_best_block(spec, patch, order, grid))
-    return plans
+    return tuple(plans)
 
 
 def _best_block(
@@ -771,7 +795,14 @@ def _best_block(
     """
     grids = [-(-out // p) for out, p in zip(spec.output_size, patch)]
     limits = [min(MAX_AUTO_BLOCK, g) for g in grids]
-    current = plan_attention(spec, patch, order, Attention.LOCAL, [1] * spec.rank, grid)
+    seen: dict[tuple[int, ...], AttentionPlan] = {}
+
+    def plan(block: tuple[int, ...]) -> AttentionPlan:  # each block once: descents revisit
+        if block not in seen:
+            seen[block] = plan_attention(spec, patch, order, Attention.LOCAL, block, grid)
+        return seen[block]
+
+    current = plan((1,) * spec.rank)
     while True:
         neighbours = []
         for axis, limit in enumerate(limits):
@@ -779,9 +810,7 @@ def _best_block(
                 block = list(current.block)
                 block[axis] += step
                 if 1 <= block[axis] <= limit:
-                    neighbours.append(
-                        plan_attention(spec, patch, order, Attention.LOCAL, block, grid)
-                    )
+                    neighbours.append(plan(tuple(block)))
         best = min([current, *neighbours], key=_rank_key)
         if best is current:
             return current
