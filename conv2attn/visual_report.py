@@ -90,6 +90,21 @@ class AttentionPicture:
         )
 
 
+def _grid_offset(layer: dict) -> tuple[int, ...]:
+    """Whole zero tokens ahead of the input per axis (design section 8): on the fixed grid
+    output token I covers the pixels of the token I + offset of its key grid; 0 on the
+    shifted grid and along kernel-1 strided axes, which are subsampled first."""
+    rank = len(layer["kernel"])
+    if layer.get("grid") != "fixed":
+        return (0,) * rank
+    return tuple(
+        0 if k == 1 and s > 1 else -(-pb // (s * p))
+        for k, s, pb, p in zip(
+            layer["kernel"], layer["strides"], layer["pads_begin"], layer["patch"]
+        )
+    )
+
+
 def attention_picture(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
@@ -121,15 +136,17 @@ def attention_picture(
     centre = tuple(n // 2 for n in query_grid)
     row = int(np.ravel_multi_index(centre, query_grid))
     maps = probs.reshape(queries, heads, *key_grid)[row]
+    # the query's own token among the keys: on the fixed grid, behind the zero tokens
+    own = tuple(c + z for c, z in zip(centre, _grid_offset(layer)))
     offsets = []
     for head in range(heads):
         position = np.unravel_index(int(np.argmax(maps[head])), key_grid)
-        offsets.append(tuple(int(p - c) for p, c in zip(position, centre)))
+        offsets.append(tuple(int(p - c) for p, c in zip(position, own)))
     return AttentionPicture(
         layer["name"],
         heads,
         tuple(key_grid),
-        centre,
+        own,
         maps,
         offsets,
         _kernel(original, layer),

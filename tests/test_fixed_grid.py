@@ -177,3 +177,20 @@ def test_local_attention_windows_cover_the_symmetric_neighbourhood():
                           Attention.LOCAL, (2, 2), Grid.FIXED)  # fmt: skip
     # a 2x2 block of queries with offsets -1..1 needs 4 keys per axis
     assert plan.window_grid == (4, 4) and plan.heads == 9
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_the_report_shows_each_head_at_its_offset_around_the_query(attention):
+    """The HTML report reads the layer's Softmax: on the fixed grid a 3x3 Conv's heads
+    attend to the tokens at -1, 0, 1 per axis around the query's own token."""
+    from conv2attn.inputs import graph_inputs, random_samples
+    from conv2attn.visual_report import attention_picture
+
+    model = conv_model(4, 4, kernel=(3, 3), pads=[1, 1, 1, 1], size=(12, 12))
+    converted, _ = conv2attn.convert(model, patch="2", grid="fixed", attention=attention)
+    (layer,) = converted_layers(converted)
+    feeds = random_samples(graph_inputs(model), 1, 0, {}).feeds
+    picture = attention_picture(model, converted, layer, feeds)
+    assert picture.heads == 9
+    assert sorted(picture.offsets) == [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    assert all(picture.maps[h].max() == pytest.approx(1.0, abs=1e-6) for h in range(9))
