@@ -75,7 +75,7 @@ class ConvSpec:
     def rank(self) -> int:
         return len(self.kernel)
 
-    @property
+    @cached_property
     def output_size(self) -> tuple[int, ...]:
         return tuple(
             (n + pb + pe - d * (k - 1) - 1) // s + 1
@@ -354,6 +354,9 @@ class Rearrange:
 
     def moved(self, batch: int = 1) -> float:
         """Elements moved, weighted by how fast onnxruntime moves runs of this length."""
+        return _rearrange_moved(self, batch)
+
+    def _moved(self, batch: int) -> float:
         if self.is_identity:
             return 0.0
         shape, perm = self.compact()
@@ -372,6 +375,13 @@ class Rearrange:
         if len(groups) <= 3 and groups[0] == [0]:  # [B, X, Y] -> [B, Y, X]
             return SWAP_FACTOR * elements
         return SHORT_RUN_FACTOR * elements
+
+
+@functools.lru_cache(maxsize=65536)
+def _rearrange_moved(step: Rearrange, batch: int) -> float:
+    """``Rearrange.moved``, once per distinct layout step: the plan search meets the same
+    steps for every block size it tries."""
+    return step._moved(batch)
 
 
 @dataclass(frozen=True)
@@ -461,19 +471,19 @@ class AttentionPlan:
     def subsamples(self) -> bool:
         return self.input_steps is not None and max(self.input_steps) > 1
 
-    @property
+    @cached_property
     def patch(self) -> tuple[int, ...]:
         return tuple(a.patch for a in self.axes)
 
-    @property
+    @cached_property
     def in_patch(self) -> tuple[int, ...]:
         return tuple(a.in_patch for a in self.axes)
 
-    @property
+    @cached_property
     def reach(self) -> tuple[int, ...]:
         return tuple(a.reach for a in self.axes)
 
-    @property
+    @cached_property
     def token_grid(self) -> tuple[int, ...]:
         return tuple(a.tokens for a in self.axes)
 
@@ -481,7 +491,7 @@ class AttentionPlan:
     def tokens(self) -> int:
         return math.prod(self.token_grid)
 
-    @property
+    @cached_property
     def query_grid(self) -> tuple[int, ...]:
         return tuple(a.queries for a in self.axes)
 
@@ -489,7 +499,7 @@ class AttentionPlan:
     def queries(self) -> int:
         return math.prod(self.query_grid)
 
-    @property
+    @cached_property
     def block(self) -> tuple[int, ...]:
         return tuple(a.block for a in self.axes)
 
@@ -501,7 +511,7 @@ class AttentionPlan:
     def blocks(self) -> int:
         return math.prod(a.blocks for a in self.axes)
 
-    @property
+    @cached_property
     def window_grid(self) -> tuple[int, ...]:
         return tuple(a.window for a in self.axes)
 
