@@ -194,3 +194,20 @@ def test_the_report_shows_each_head_at_its_offset_around_the_query(attention):
     assert picture.heads == 9
     assert sorted(picture.offsets) == [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
     assert all(picture.maps[h].max() == pytest.approx(1.0, abs=1e-6) for h in range(9))
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_integer_convs_on_the_fixed_grid_stay_bit_identical(attention, tmp_path):
+    """The integer form selects tokens by index (design section 10); on the fixed grid the
+    zero tokens ahead are the input's zero point like any pad."""
+    from tests.test_quantized import DIGITS_DATA, quantized
+    from tests.test_quantized import run as run_quantized
+
+    images = np.load(DIGITS_DATA)["image"]
+    model = onnx.load(quantized(DIGITS, tmp_path, "static", images[:16], "image"))
+    converted, report = conv2attn.convert(model, attention=attention, grid="fixed")
+    assert report.layers and all(layer.integer for layer in report.layers)
+    assert all(layer.grid == "fixed" for layer in report.layers)
+    feeds = {"image": images[:64]}
+    for a, b in zip(run_quantized(model, feeds, False), run_quantized(converted, feeds, False)):
+        np.testing.assert_array_equal(a, b)
