@@ -9,10 +9,13 @@ Stages, in order, one function each:
 5. ``_replace``: each Conv's node detached, its attention subgraph emitted in its place
    (``graph.emit``; ``graph.emit_integer`` for ConvInteger and QLinearConv), reusing the
    Conv's output tensor so every consumer stays wired;
-6. cleanup, toposort, and the export: ``_detach_projections`` before it and
+6. ``keep_channels_last`` (``--layout channels-last``, ``graph.layout``): the tensors
+   between converted Convs stay channels-last where that removes Transposes, and
+   ``_record_layouts`` notes where each layer's output now lives;
+7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time;
-7. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
+8. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
    result must pass onnx's checks.
 """
 
