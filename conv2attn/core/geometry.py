@@ -782,16 +782,43 @@ def _candidates(
     orders = (
         [Order.ATTEND_FIRST] if spec.group > 1 and spec.in_channels == spec.group else list(Order)
     )
+    if attention is Attention.LOCAL and block is None:
+        return _local_candidates(spec, patches, orders, grid)
     plans = []
     for patch in patches:
         for order in orders:
             if attention is Attention.GLOBAL:
                 plans.append(plan_attention(spec, patch, order, grid=grid))
-                continue
-            if block is not None:
+            else:
                 plans.append(plan_attention(spec, patch, order, attention, block, grid))
-                continue
-            plans.append(_best_block(spec, patch, order, grid))
+    return tuple(plans)
+
+
+def _local_candidates(
+    spec: ConvSpec, patches: Sequence[Sequence[int]], orders: list[Order], grid: Grid
+) -> tuple[AttentionPlan, ...]:
+    """Local attention's best block for every patch and order, searched cheapest-first.
+
+    No block has fewer multiply-adds than 1 x 1 (queries round up to whole blocks, windows
+    grow), and a plan costs at least its multiply-adds; so a patch whose 1 x 1 plan has
+    more multiply-adds than the cheapest plan found so far costs more with any block. It
+    stays a candidate at 1 x 1 (for the parameter budget and the report) without a
+    search. The cheapest plan is the one an exhaustive search finds."""
+    rank = spec.rank
+    starts = [
+        plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid)
+        for patch in patches
+        for order in orders
+    ]
+    plans, best = [], None
+    for start in sorted(starts, key=lambda plan: (plan.macs, _rank_key(plan))):
+        if best is not None and start.macs > best.cost:
+            plans.append(start)
+            continue
+        plan = _best_block(spec, start.patch, start.order, grid)
+        plans.append(plan)
+        if best is None or _rank_key(plan) < _rank_key(best):
+            best = plan
     return tuple(plans)
 
 
