@@ -425,6 +425,18 @@ def _cell(text: str, value: object | None = None, css: str = "") -> str:
     return f'<td data-value="{html.escape(str(value))}"{cls}>{html.escape(text)}</td>'
 
 
+def _grids(layers: list[dict]) -> str:
+    """How many layers are on each token grid, with the heads Li et al.'s fixed grid needs
+    where the layers use fewer (design section 8)."""
+    fixed = sum(layer.get("grid") == "fixed" for layer in layers)
+    text = f"fixed (Li et al.) {fixed}, shifted {len(layers) - fixed}"
+    used = sum(layer["heads"] for layer in layers)
+    needed = sum(layer.get("fixed_grid_heads") or layer["heads"] for layer in layers)
+    if needed != used:
+        text += f"; {used} heads where the fixed grid would need {needed}"
+    return text
+
+
 def _summary_rows(data: ReportData) -> str:
     """The summary table's rows: what was converted, costs before and after, parity."""
     record, parity = data.record, data.parity
@@ -442,6 +454,7 @@ def _summary_rows(data: ReportData) -> str:
             str(len(skipped)) + "".join(f"; {s['name']}: {s['reason']}" for s in skipped),
         ),
         ("attention", record.get("attention", "global")),
+        ("token grid", _grids(data.layers)),
         ("heads in total", str(sum(layer["heads"] for layer in data.layers))),
         ("tokens in total", human(sum(int(np.prod(layer["token_grid"])) for layer in data.layers))),
         (

@@ -110,6 +110,8 @@ def test_report_has_every_part_and_is_self_contained(digits_report):
     ):
         assert phrase in text
     assert text.count("node_Conv_") >= 7  # every converted layer is in the table
+    # three Convs are on the shifted grid with 4 or 6 heads where the fixed grid needs 9
+    assert "fixed (Li et al.)" in text and "the fixed grid would need" in text
     assert_self_contained(digits_report)
 
 
