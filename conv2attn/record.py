@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from conv2attn import __version__
-from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec
+from conv2attn.core.geometry import Attention, AttentionPlan, ConvSpec, Grid, Order, plan_attention
+from conv2attn.errors import InputError
 
 METADATA_KEY = "conv2attn"
 # The operators the pass converts; readers find an original model's layers among these.
@@ -298,3 +299,42 @@ def converted_layers(model: onnx.ModelProto) -> list[dict]:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)["layers"]
     return []
+
+
+def recorded_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
+    """The source Conv and the plan of a recorded layer, as the pass chose it (rebuilt by
+    the geometry and checked against the recorded heads and token grid)."""
+    needed = ("in_channels", "out_channels", "input_size", "pads_begin", "pads_end")
+    missing = [key for key in needed if key not in layer]
+    if missing:
+        raise InputError(
+            f"layer '{layer['name']}': the model's record lacks {', '.join(missing)} "
+            "(written by an older conv2attn); convert the original model again"
+        )
+    spec = ConvSpec(
+        in_channels=layer["in_channels"],
+        out_channels=layer["out_channels"],
+        group=layer["groups"],
+        kernel=tuple(layer["kernel"]),
+        strides=tuple(layer["strides"]),
+        dilations=tuple(layer["dilations"]),
+        pads_begin=tuple(layer["pads_begin"]),
+        pads_end=tuple(layer["pads_end"]),
+        input_size=tuple(layer["input_size"]),
+    )
+    attention = Attention.LOCAL if layer.get("block") else Attention.GLOBAL
+    plan = plan_attention(
+        spec,
+        tuple(layer["patch"]),
+        Order(layer["order"]),
+        attention,
+        layer.get("block"),
+        Grid(layer.get("grid", Grid.SHIFTED.value)),  # records before the fixed grid: shifted
+    )
+    if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
+        raise InputError(
+            f"layer '{layer['name']}': the recorded geometry does not rebuild "
+            f"({plan.heads} heads, grid {list(plan.token_grid)} vs the record's "
+            f"{layer['heads']}, {layer['token_grid']})"
+        )
+    return spec, plan

@@ -30,14 +30,7 @@ from torch import nn
 from torch.nn import functional
 
 from conv2attn import names
-from conv2attn.core.geometry import (
-    Attention,
-    AttentionPlan,
-    ConvSpec,
-    Grid,
-    Order,
-    plan_attention,
-)
+from conv2attn.core.geometry import AttentionPlan
 from conv2attn.core.weights import (
     depthwise_bias_layout,
     depthwise_layout,
@@ -46,7 +39,7 @@ from conv2attn.core.weights import (
 )
 from conv2attn.errors import InputError
 from conv2attn.modelio import load_model
-from conv2attn.record import converted_layers
+from conv2attn.record import converted_layers, recorded_plan
 from conv2attn.trainable import ConvAttention
 
 __all__ = ["OnnxAttentionModel", "load_trainable", "source_conv"]
@@ -63,44 +56,6 @@ class _LayerStep:
     output: str  # the Conv's NCHW output tensor (the same as ``y`` unless channels-last)
     x_channels_last: bool = False
     y_channels_last: bool = False
-
-
-def _record_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
-    """The source Conv and the plan of a recorded layer, as the pass chose it."""
-    needed = ("in_channels", "out_channels", "input_size", "pads_begin", "pads_end")
-    missing = [key for key in needed if key not in layer]
-    if missing:
-        raise InputError(
-            f"layer '{layer['name']}': the model's record lacks {', '.join(missing)} "
-            "(written by an older conv2attn); convert the original model again"
-        )
-    spec = ConvSpec(
-        in_channels=layer["in_channels"],
-        out_channels=layer["out_channels"],
-        group=layer["groups"],
-        kernel=tuple(layer["kernel"]),
-        strides=tuple(layer["strides"]),
-        dilations=tuple(layer["dilations"]),
-        pads_begin=tuple(layer["pads_begin"]),
-        pads_end=tuple(layer["pads_end"]),
-        input_size=tuple(layer["input_size"]),
-    )
-    attention = Attention.LOCAL if layer.get("block") else Attention.GLOBAL
-    plan = plan_attention(
-        spec,
-        tuple(layer["patch"]),
-        Order(layer["order"]),
-        attention,
-        layer.get("block"),
-        Grid(layer.get("grid", Grid.SHIFTED.value)),  # records before the fixed grid: shifted
-    )
-    if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
-        raise InputError(
-            f"layer '{layer['name']}': the recorded geometry does not rebuild "
-            f"({plan.heads} heads, grid {list(plan.token_grid)} vs the record's "
-            f"{layer['heads']}, {layer['token_grid']})"
-        )
-    return spec, plan
 
 
 def _read_back(indexed: np.ndarray, stored: np.ndarray, size: int, what: str) -> np.ndarray:
@@ -123,7 +78,7 @@ def source_conv(
 ) -> tuple[AttentionPlan, np.ndarray, np.ndarray]:
     """The plan of recorded ``layer`` and the Conv weight and bias held by its W_O and
     bias initializers (in either emitted layout)."""
-    spec, plan = _record_plan(layer)
+    spec, plan = recorded_plan(layer)
     channels_last = False if layer.get("dynamic") else plan.channels_last
     shape = (spec.out_channels, spec.in_channels // spec.group, *spec.kernel)
     indices = np.arange(1, int(np.prod(shape)) + 1, dtype=np.float64).reshape(shape)

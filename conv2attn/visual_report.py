@@ -27,7 +27,7 @@ from conv2attn import names
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples
 from conv2attn.modelio import staged_file
-from conv2attn.record import converted_layers
+from conv2attn.record import converted_layers, recorded_plan
 from conv2attn.report import human
 from conv2attn.validate import CheckReport, check, run_session, session
 
@@ -92,17 +92,10 @@ class AttentionPicture:
 
 def _grid_offset(layer: dict) -> tuple[int, ...]:
     """Whole zero tokens ahead of the input per axis (design section 8): on the fixed grid
-    output token I covers the pixels of the token I + offset of its key grid; 0 on the
-    shifted grid and along kernel-1 strided axes, which are subsampled first."""
-    rank = len(layer["kernel"])
+    output token I covers the pixels of the token I + offset of its key grid."""
     if layer.get("grid") != "fixed":
-        return (0,) * rank
-    return tuple(
-        0 if k == 1 and s > 1 else -(-pb // (s * p))
-        for k, s, pb, p in zip(
-            layer["kernel"], layer["strides"], layer["pads_begin"], layer["patch"]
-        )
-    )
+        return (0,) * len(layer["kernel"])
+    return recorded_plan(layer)[1].grid_offset
 
 
 def attention_picture(

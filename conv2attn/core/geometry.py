@@ -283,7 +283,7 @@ def plan_axis(
     in_patch = stride * patch
     grid = -(-output // patch)
     phase = fixed_grid_phase(pad_begin, in_patch) if grid_kind is Grid.FIXED else 0
-    reach = (phase + in_patch - stride + dilation * (kernel - 1)) // in_patch
+    reach = axis_reach(kernel, stride, dilation, in_patch, phase)
     if block is None:
         block = queries = grid
     else:
@@ -297,6 +297,11 @@ def plan_axis(
         patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output, size,
         phase,
     )  # fmt: skip
+
+
+def axis_reach(kernel: int, stride: int, dilation: int, in_patch: int, phase: int) -> int:
+    """R of section 1 (and 8): the last input patch an output patch reads, from its own."""
+    return (phase + in_patch - stride + dilation * (kernel - 1)) // in_patch
 
 
 def fixed_grid_phase(pad_begin: int, in_patch: int) -> int:
@@ -435,7 +440,7 @@ class AttentionPlan:
         number to compare the heads used with."""
         spec = self.spec
         return math.prod(
-            (fixed_grid_phase(pb, s * a.patch) + s * a.patch - s + d * (k - 1)) // (s * a.patch) + 1
+            axis_reach(k, s, d, a.in_patch, fixed_grid_phase(pb, a.in_patch)) + 1
             for a, pb, s, d, k in zip(
                 self.axes, spec.pads_begin, spec.strides, spec.dilations, spec.kernel
             )
