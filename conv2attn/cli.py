@@ -302,6 +302,15 @@ def _add_convert(commands) -> None:
         "Transposes (default); nchw: every converted Conv reads and writes NCHW and keeps "
         "its output tensor's name",
     )
+    convert.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the batch size to run at where the model's batch is dynamic (default 1): "
+        "local attention is split into tiles of blocks whose intermediates stay in cache "
+        "at this batch; the model keeps its dynamic batch",
+    )
     _json_option(
         convert,
         "--report",
@@ -573,6 +582,7 @@ def run_convert(args: argparse.Namespace) -> int:
         form=args.form,
         grid=args.grid,
         layout=args.layout,
+        batch=args.batch,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )

@@ -76,6 +76,8 @@ class LayerReport:
     # channels-last input
     output_channels_last: str | None = None
     input_channels_last: bool = False
+    # local attention split into this many tiles of blocks (``AttentionPlan.tiles``)
+    tiles: int = 1
 
     @classmethod
     def from_plan(
@@ -90,6 +92,7 @@ class LayerReport:
         dynamic: bool = False,
         form: str = "matmul",
         auto_pad: str | None = None,
+        tiles: int = 1,
     ) -> LayerReport:
         """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
         chosen from ``considered``; ``integer`` names an integer Conv's operator (its
@@ -135,6 +138,7 @@ class LayerReport:
             auto_pad=auto_pad,
             grid=plan.grid.value,
             fixed_grid_heads=plan.fixed_grid_heads,
+            tiles=tiles,
         )
 
 
@@ -212,6 +216,7 @@ class ConversionReport:
     form: str = "matmul"
     grid: str = "auto"
     layout: str = "nchw"
+    batch: int = 1
 
     @property
     def macs_before(self) -> int:
@@ -240,6 +245,7 @@ class ConversionReport:
                 "form": self.form,
                 "grid": self.grid,
                 "layout": self.layout,
+                "batch": self.batch,
             },
             "param_budget_met": self.param_budget_met,
             "folded_batchnorms": self.folded_batchnorms,
@@ -279,6 +285,8 @@ def _recorded(layer: LayerReport) -> dict:
         entry["output_channels_last"] = layer.output_channels_last
     if layer.input_channels_last:
         entry["input_channels_last"] = True
+    if layer.tiles > 1:
+        entry["tiles"] = layer.tiles
     return entry
 
 

@@ -115,6 +115,13 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             "\n\nheads (n): the same patch needs n heads on Li et al.'s fixed token grid "
             "(--grid fixed)"
         )
+    tiled = [layer.tiles for layer in report.layers if layer.tiles > 1]
+    if tiled:
+        counts = f"{min(tiled)}-{max(tiled)}" if min(tiled) < max(tiled) else str(tiled[0])
+        text += (
+            f"\n\n{len(tiled)} layer(s) attend in tiles of blocks ({counts} tiles each) whose "
+            f"intermediates stay in cache at batch {report.batch} (--batch to change it)"
+        )
     dynamic = [layer for layer in report.layers if layer.dynamic]
     if dynamic:
         sizes = sorted({"x".join(map(str, layer.input_size)) for layer in dynamic})

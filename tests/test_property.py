@@ -72,6 +72,8 @@ def conv_configs(draw, ranks=(2,)):
         ),
         "batch": draw(st.integers(1, 3)),
         "patch": patch,
+        # convert's --batch: 1, or so large that every block of a local plan is a tile
+        "tile_batch": draw(st.sampled_from([1, 1, 10**9])),
     }
 
 
@@ -108,6 +110,7 @@ def check(config, form: str = "matmul"):
         block=config["block"],
         form=form,
         grid=config["grid"],
+        batch=config["tile_batch"],
     )
     assert len(report.layers) == 1
     if config["grid"] != "auto":
@@ -148,6 +151,7 @@ def test_property_strategy_reaches_the_hard_cases():
         "shifted": False,
         "fixed": False,
         "fixed grid phase": False,
+        "tiles": False,
     }
 
     # generation only (nothing converts here), so many draws are cheap: the rarest case,
@@ -162,6 +166,7 @@ def test_property_strategy_reaches_the_hard_cases():
         seen["same"] |= (m["auto_pad"] or "").startswith("SAME")
         seen[config["attention"]] = True
         seen[config["grid"]] = True
+        seen["tiles"] |= config["attention"] != "global" and config["tile_batch"] > 1
         if config["grid"] == "fixed" and m["pads"] and config["patch"] != "auto":
             # a begin pad that is no whole number of input patches: the grid has a phase
             patch = map(int, config["patch"].split("x"))

@@ -4,7 +4,9 @@ For each model (224x224, random weights with trained-like BatchNorm statistics):
 convert with ``--attention global`` and ``--attention local`` in a fresh process each
 (conversion time and peak memory of that process), then time the original and both
 conversions side by side with onnxruntime on the CPU at each batch size, alternating in
-blocks of runs with each block's first run dropped. Prints one table; its Transposes
+blocks of runs with each block's first run dropped; each batch size times the conversions
+made for it (``convert --batch``, which sizes local attention's tiles; conversion time,
+memory and sizes are from the first batch's). Prints one table; its Transposes
 column counts them in the original, in the conversion with NCHW between layers
 (``--layout nchw``) and in the one timed (channels-last between layers, the default).
 
@@ -67,7 +69,9 @@ def run_with_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
     return result, int(peak[0]) * 1024 if peak else 0
 
 
-def convert(source: Path, output: Path, attention: str, form: str = "matmul") -> dict:
+def convert(
+    source: Path, output: Path, attention: str, form: str = "matmul", batch: int = 1
+) -> dict:
     """Run ``conv2attn convert`` in its own process: wall time and peak resident memory."""
     report = output.with_suffix(".json")
     start = time.perf_counter()
@@ -80,6 +84,8 @@ def convert(source: Path, output: Path, attention: str, form: str = "matmul") ->
         attention,
         "--form",
         form,
+        "--batch",
+        batch,
         "--report",
         report,
         "--force",
@@ -152,15 +158,19 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     the runtime; the worst output error of each model on GPU backends."""
     source = export(name, folder / f"{name}.onnx", dynamo=False)
     original_size = source.stat().st_size
-    paths, conversions = [source], {}
+    conversions: dict = {}
     variants = [(attention, form) for form in args.forms for attention in args.attentions]
-    for attention, form in variants:
-        output = folder / f"{name}_{attention}_{form}.onnx"
-        conversions[attention, form] = convert(source, output, attention, form)
-        paths.append(output)
-    models = [onnx.load(str(p)) for p in paths]
     latency, worst, heading = {}, {}, ""
     for batch in args.batches:
+        # each batch size runs the conversion made for it (convert --batch: local
+        # attention's tiles sized for that batch); the figures are the first batch's
+        paths = [source]
+        for attention, form in variants:
+            output = folder / f"{name}_{attention}_{form}_b{batch}.onnx"
+            figures = convert(source, output, attention, form, batch)
+            conversions.setdefault((attention, form), figures)
+            paths.append(output)
+        models = [onnx.load(str(p)) for p in paths]
         report = profile(
             paths,
             models,

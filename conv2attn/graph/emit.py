@@ -21,6 +21,7 @@ are left out of the emitted shapes):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -66,9 +67,25 @@ class _Builder:
         self.pad_value = pad_value
         self.opset = graph.opset
         self.nodes: list[gs.Node] = []
+        self.root = prefix
+        self._weights: dict[str, gs.Constant] = {}
+
+    def tile(self, part: str) -> _Builder:
+        """A builder naming its nodes ``<prefix>/<part>/..`` that appends to the same
+        graph and node list and shares the layer's weights (``weight``)."""
+        child = _Builder(self.graph, f"{self.prefix}/{part}", self.dtype, self.pad_value)
+        child.nodes, child.root, child._weights = self.nodes, self.root, self._weights
+        return child
 
     def constant(self, part: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(f"{self.prefix}/{part}", np.ascontiguousarray(values))
+
+    def weight(self, part: str, values: np.ndarray) -> gs.Constant:
+        """A constant named after the layer (``<conv>/attn/<part>``, e.g. W_O) whatever
+        tile asks for it: one initializer however many tiles read it."""
+        if part not in self._weights:
+            self._weights[part] = gs.Constant(f"{self.root}/{part}", np.ascontiguousarray(values))
+        return self._weights[part]
 
     def scalar(self, part: str, value: np.ndarray) -> gs.Constant:
         """A 0-d constant (``constant`` makes every array at least 1-d)."""
@@ -318,7 +335,7 @@ def _depthwise_projection(
     product = b.op(
         "Mul",
         "proj/Mul",
-        [split, b.constant(names.PROJECTION, weight)],
+        [split, b.weight(names.PROJECTION, weight)],
         [*lead, q, taps, pixels, channels, multiplier],
     )
     axis = len(lead) + 1
@@ -341,7 +358,7 @@ def _depthwise_projection(
         )
     flat = b.reshape("proj/merge", summed, [*lead, q, plan.out_dim])
     bias = depthwise_bias_layout(plan, bias)
-    return b.op("Add", "proj/Add", [flat, b.constant("bias", bias)], [*lead, q, plan.out_dim])
+    return b.op("Add", "proj/Add", [flat, b.weight("bias", bias)], [*lead, q, plan.out_dim])
 
 
 def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
@@ -362,13 +379,18 @@ def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.
 
 
 def _key_windows(
-    b: _Builder, plan: AttentionPlan, lead: list[Dim], group_axes: int
+    b: _Builder,
+    plan: AttentionPlan,
+    lead: list[Dim],
+    group_axes: int,
+    blocks: slice = slice(None),
 ) -> Callable[[gs.Variable, int], gs.Variable]:
     """Local attention: [B, (g,) N, dim] -> [B, (g,) blocks, K, dim], each block's keys
-    and its halo, gathered; global attention attends to every token as it is."""
+    and its halo, gathered (only the ``blocks`` of one tile); global attention attends to
+    every token as it is."""
     if plan.attention is not Attention.LOCAL:
         return lambda values, dim, part="Gather": values
-    indices = b.constant("window_indices", window_indices(plan))
+    indices = b.constant("window_indices", window_indices(plan)[blocks])
 
     def windows(values: gs.Variable, dim: int, part: str = "Gather") -> gs.Variable:
         return b.op(
@@ -460,7 +482,7 @@ def project_heads(
     bias: np.ndarray,
 ) -> gs.Variable:
     """The concatenated heads [*lead, q, heads * Dg_in] times W_O, plus the bias."""
-    weight = b.constant(names.PROJECTION, projection.reshape(_weight_shape(plan, projection, g)))
+    weight = b.weight(names.PROJECTION, projection.reshape(_weight_shape(plan, projection, g)))
     shape = [*lead, plan.block_queries, plan.group_out_dim]
     projected = b.op("MatMul", "proj/MatMul", [heads_concat, weight], shape)
     return add_bias(b, plan, projected, lead, g, bias)
@@ -477,7 +499,7 @@ def add_bias(
     out_dim = plan.group_out_dim
     local = plan.attention is Attention.LOCAL
     bias_shape = [g[0], *([1] if local else []), 1, out_dim] if g else [out_dim]
-    bias_const = b.constant("bias", bias.reshape(bias_shape))
+    bias_const = b.weight("bias", bias.reshape(bias_shape))
     shape = [*lead, plan.block_queries, out_dim]
     return b.op("Add", "proj/Add", [projected, bias_const], shape)
 
@@ -491,13 +513,19 @@ def emit_attention(
     projection: np.ndarray,
     bias: np.ndarray,
     batch: Dim,
+    tiles: int = 1,
 ) -> list[gs.Node]:
     """Append the attention subgraph computing ``y`` from ``x`` to ``graph``.
 
     ``projection`` and ``bias`` come from ``weights.output_projection`` and
-    ``weights.output_bias``; ``batch`` is the batch dimension (an int or a symbol).
-    The caller detaches the Conv that produced ``y``.
+    ``weights.output_bias``; ``batch`` is the batch dimension (an int or a symbol);
+    ``tiles``: split a tileable plan's blocks into this many tiles
+    (``AttentionPlan.tiles``). The caller detaches the Conv that produced ``y``.
     """
+    if tiles > 1 and not (plan.tileable and tiles <= plan.blocks):
+        raise ValueError(
+            f"{tiles} tiles for a plan with {plan.blocks} blocks (tileable: {plan.tileable})"
+        )
     b = _Builder(graph, prefix, np.dtype(projection.dtype))
     tokens = _tokens(b, x, plan, batch)
     # One token holds every channel (channels-last), or one group's channels.
@@ -505,13 +533,46 @@ def emit_attention(
     # Local attention works on [B, g, blocks, ...]; global attention is one block.
     lead = [batch, *g, plan.blocks] if plan.attention is Attention.LOCAL else [batch, *g]
     attention = _attention_matrix(b, plan)
-    windows = _key_windows(b, plan, lead, len(g))
-    if plan.depthwise:
-        attended = _attend(b, plan, attention, tokens, windows, lead, plan.in_dim)
-        projected = _depthwise_projection(b, attended, plan, lead, projection, bias)
+    if tiles == 1:
+        projected = _blocks(b, plan, tokens, attention, lead, g, projection, bias)
     else:
-        projected = _attend_and_project(
-            b, plan, tokens, attention, windows, lead, g, projection, bias
-        )
+        # Blocks are independent: each tile gathers, attends and projects its own, so
+        # its intermediates stay in cache; the output tokens are the tiles' in order.
+        bounds = np.linspace(0, plan.blocks, tiles + 1).astype(int)
+        parts = [
+            _blocks(
+                b.tile(f"tile{index}"),
+                plan,
+                tokens,
+                attention,
+                [*lead[:-1], int(last - first)],
+                g,
+                projection,
+                bias,
+                slice(first, last),
+            )
+            for index, (first, last) in enumerate(itertools.pairwise(bounds))
+        ]
+        shape = [*lead, *parts[0].shape[len(lead) :]]
+        projected = b.op("Concat", "tiles/Concat", parts, shape, attrs={"axis": len(lead) - 1})
     _unpatchify(b, projected, plan, batch, y)
     return b.nodes
+
+
+def _blocks(
+    b: _Builder,
+    plan: AttentionPlan,
+    tokens: gs.Variable,
+    attention: gs.Variable,
+    lead: list[Dim],
+    g: list[int],
+    projection: np.ndarray,
+    bias: np.ndarray,
+    blocks: slice = slice(None),
+) -> gs.Variable:
+    """The output tokens ``[*lead, q, Dg_out]`` of ``blocks`` (global: every token)."""
+    windows = _key_windows(b, plan, lead, len(g), blocks)
+    if plan.depthwise:
+        attended = _attend(b, plan, attention, tokens, windows, lead, plan.in_dim)
+        return _depthwise_projection(b, attended, plan, lead, projection, bias)
+    return _attend_and_project(b, plan, tokens, attention, windows, lead, g, projection, bias)

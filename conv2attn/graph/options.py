@@ -37,6 +37,8 @@ class ConvertOptions:
     form: str = "matmul"
     grid: GridChoice = GridChoice.AUTO
     layout: str = "channels-last"
+    # the batch local attention's tiles are sized for where the model's batch is dynamic
+    batch: int = 1
 
     @property
     def patch_text(self) -> str:
@@ -82,6 +84,7 @@ def convert_options(
     form: str = "matmul",
     grid: str = "auto",
     layout: str = "channels-last",
+    batch: int = 1,
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
     shapes = _shapes(input_shapes)
@@ -95,6 +98,8 @@ def convert_options(
         raise InputError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
     if form not in FORMS:
         raise InputError(f"--form {form}: expected one of {', '.join(FORMS)}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"--batch {batch}: expected a positive whole number")
     if attention == AttentionChoice.GLOBAL.value and block != "auto":
         raise InputError("--block applies to --attention local or auto only")
     return ConvertOptions(
@@ -110,6 +115,7 @@ def convert_options(
         form=form,
         grid=GridChoice(grid),
         layout=layout,
+        batch=batch,
     )
 
 

@@ -100,6 +100,7 @@ def convert(
     form: str = "matmul",
     grid: str = "auto",
     layout: str = "channels-last",
+    batch: int = 1,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -118,7 +119,9 @@ def convert(
     Li et al.'s ViT setting) or ``"auto"`` (per Conv, the cheaper). ``layout``
     ``"channels-last"`` keeps the tensors between converted Convs channels-last where that
     removes Transposes (``graph.layout``); ``"nchw"`` leaves every Conv's output tensor
-    NCHW under its own name. Returns the converted model and a report.
+    NCHW under its own name. ``batch``: where the model's batch is dynamic, the batch
+    size local attention's tiles are sized for (``AttentionPlan.tiles``); the model keeps
+    its dynamic batch. Returns the converted model and a report.
     ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
     instead, which needs less memory and works at any size). ``progress(done, total,
     name)`` is called as each Conv is replaced.
@@ -137,6 +140,7 @@ def convert(
         form=form,
         grid=grid,
         layout=layout,
+        batch=batch,
     )
     model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     converted, report = convert_model(model, options, progress)
@@ -166,7 +170,7 @@ def convert_model(
     selection = select_convs(graph, options.include, options.exclude, nominal=nominal)
     _release_weight_bytes(model, selection.candidates)
     layer_plans = plan(selection.candidates, options)
-    layers = _replace(selection.candidates, layer_plans, options.form, progress)
+    layers = _replace(selection.candidates, layer_plans, options, progress)
     if options.layout == "channels-last":
         layers = _record_layouts(graph, layers, keep_channels_last(graph))
     skipped = selection.skipped
@@ -189,6 +193,7 @@ def convert_model(
         form=options.form,
         grid=options.grid.value,
         layout=options.layout,
+        batch=options.batch,
     )
     write_record(converted, report)
     return converted, report
@@ -352,11 +357,11 @@ def _fixed_grid_unfit(candidate: Candidate) -> str | None:
 def _replace(
     candidates: Sequence[Candidate],
     layer_plans: LayerPlans,
-    form: str,
+    options: ConvertOptions,
     progress: Progress | None,
 ) -> list[LayerReport]:
     """Detach each Conv and emit its attention in its place; the report of each."""
-    standard = form == "attention"
+    standard = options.form == "attention"
     layers = []
     for index, (candidate, plan, considered) in enumerate(
         zip(candidates, layer_plans.plans, layer_plans.considered, strict=True)
@@ -368,6 +373,7 @@ def _replace(
         node.inputs.clear()
         node.outputs.clear()
         quantization = candidate.quantization
+        tiles = 1
         if candidate.dynamic and quantization is not None:
             emit_dynamic_integer_attention(
                 candidate.graph,
@@ -393,17 +399,15 @@ def _replace(
                 candidate.batch,
             )
         elif quantization is None:
-            emit = emit_standard_attention if standard else emit_attention
-            emit(
-                candidate.graph,
-                names.scope(node.name),
-                x,
-                y,
-                plan,
-                output_projection(plan, candidate.weight),
-                output_bias(plan, candidate.bias, candidate.weight.dtype),
-                candidate.batch,
-            )
+            projection = output_projection(plan, candidate.weight)
+            bias = output_bias(plan, candidate.bias, candidate.weight.dtype)
+            scope, batch = names.scope(node.name), candidate.batch
+            if standard:
+                emit_standard_attention(candidate.graph, scope, x, y, plan, projection, bias, batch)
+            else:
+                planned = batch if isinstance(batch, int) else options.batch
+                tiles = plan.tiles(planned, candidate.weight.dtype.itemsize)
+                emit_attention(candidate.graph, scope, x, y, plan, projection, bias, batch, tiles)
         else:
             emit_integer_attention(
                 candidate.graph,
@@ -429,6 +433,7 @@ def _replace(
                 candidate.dynamic,
                 layer_form,
                 _size_dependent_padding(candidate),
+                tiles,
             )
         )
         candidate.weight = candidate.bias = None  # the projection replaces them
