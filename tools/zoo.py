@@ -12,6 +12,7 @@ reported and the rest go on.
     python tools/zoo.py --json zoo.json --markdown       # README table
     python tools/zoo.py --form attention                 # the standard Attention operator
     python tools/zoo.py --grid fixed --layout nchw       # convert's --grid and --layout
+    python tools/zoo.py --batch 8                        # tiles sized for batch 8
 """
 
 from __future__ import annotations
@@ -64,10 +65,12 @@ def run_model(
     form: str = "matmul",
     grid: str = "auto",
     layout: str = "channels-last",
+    batch: int = 1,
 ) -> dict:
     """Export, convert and check one model; the row of the coverage table. ``dynamic``:
     export with dynamic height and width, convert once, check at two sizes; ``form``,
-    ``grid``, ``layout``: convert's options."""
+    ``grid``, ``layout``, ``batch``: convert's options (the check runs at batch 1: tiles
+    sized for any batch run at every batch)."""
     import numpy as np
     import onnx
 
@@ -78,7 +81,7 @@ def run_model(
 
     size = INPUT_SIZE.get(name, 224)
     row: dict = {"model": name, "input": f"{size}x{size}", "attention": attention, "form": form}
-    row |= {"grid": grid, "layout": layout}
+    row |= {"grid": grid, "layout": layout, "batch": batch}
     source = folder / f"{name}.onnx"
     start = time.perf_counter()
     # opset 17: the vision transformers' attention needs 14 or newer
@@ -95,12 +98,12 @@ def run_model(
     del original
 
     start = time.perf_counter()
-    converted, report = convert(
-        source, attention=attention, check=False, form=form, grid=grid, layout=layout
-    )
+    options = dict(attention=attention, form=form, grid=grid, layout=layout, batch=batch)
+    converted, report = convert(source, check=False, **options)
     row["convert_s"] = round(time.perf_counter() - start, 2)
     row["transposes"] = sum(node.op_type == "Transpose" for node in converted.graph.node)
     row["fixed_grid_layers"] = sum(layer.grid == "fixed" for layer in report.layers)
+    row["tiled_layers"] = sum(layer.tiles > 1 for layer in report.layers)
     row["converted"] = len(report.layers)
     row["skipped"] = [f"{s.name}: {s.reason}" for s in report.skipped]
     row["macs_x"] = round(report.macs_after / max(report.macs_before, 1), 2)
@@ -148,6 +151,7 @@ def _run_isolated(name: str, args: argparse.Namespace) -> dict:
         command += ["--row", str(out), "--folder", folder]
         command += ["--dynamic"] if args.dynamic else []
         command += ["--form", args.form, "--grid", args.grid, "--layout", args.layout]
+        command += ["--batch", str(args.batch)]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -194,6 +198,7 @@ def main() -> int:
         help="export with dynamic height and width, convert once, check at two sizes",
     )
     parser.add_argument("--form", choices=("matmul", "attention"), default="matmul")
+    parser.add_argument("--batch", type=int, default=1, help="convert --batch")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -209,6 +214,7 @@ def main() -> int:
                 form=args.form,
                 grid=args.grid,
                 layout=args.layout,
+                batch=args.batch,
             )
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()
