@@ -9,7 +9,14 @@ from onnx import numpy_helper
 
 import conv2attn
 from conv2attn.errors import InputError
-from conv2attn.modelio import check_output_path, load_model, save_model, write_model
+from conv2attn.modelio import (
+    check_model,
+    check_output_path,
+    load_model,
+    save_model,
+    tensor_size,
+    write_model,
+)
 from tests.helpers import (
     assert_parity,
     chain_model,
@@ -82,6 +89,36 @@ def test_model_failing_the_checker_is_refused(tmp_path):
     path.write_bytes(model.SerializeToString())
     with pytest.raises(InputError, match=r"fails onnx\.checker"):
         load_model(path)
+
+
+def test_a_large_weight_with_too_few_bytes_fails_the_light_check():
+    """Large initializers are checked one by one (``modelio.check_model``), not skipped."""
+    model = conv_model(in_channels=64, out_channels=64)  # a 147 kB weight
+    weight = model.graph.initializer[0]
+    weight.raw_data = weight.raw_data[:-4]
+    with pytest.raises(onnx.checker.ValidationError, match="raw_data size"):
+        check_model(model)
+
+
+def test_the_light_check_finds_what_the_checker_finds():
+    """Large weights stand in as one element for the structural check: a graph error
+    beside them is still found, with the checker's own message."""
+    model = conv_model(in_channels=64, out_channels=64)
+    model.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(onnx.checker.ValidationError) as full:
+        onnx.checker.check_model(model)
+    with pytest.raises(onnx.checker.ValidationError) as light:
+        check_model(model)
+    assert str(light.value).splitlines()[0] == str(full.value).splitlines()[0]
+    check_model(conv_model(in_channels=64, out_channels=64))  # and a sound one passes
+
+
+def test_tensor_size_is_never_below_the_serialised_size():
+    """``model_size`` decides when protobuf's 2 GB limit forces external data."""
+    for dtype in (np.float32, np.float16, np.int64, np.uint8, np.bool_):
+        for shape in [(0,), (1,), (3, 5), (64, 64, 3, 3)]:
+            tensor = numpy_helper.from_array(np.zeros(shape, dtype), "a/long/tensor/name")
+            assert tensor.ByteSize() <= tensor_size(tensor) <= tensor.ByteSize() + 256
 
 
 def test_check_output_path_refusals(tmp_path):

@@ -14,7 +14,8 @@ Stages, in order, one function each:
    ``_record_layouts`` notes where each layer's output now lives;
 7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
-   a time;
+   a time; the loaded model itself is dropped as soon as the graph holds every constant
+   (``_load_constants``), so it is not held next to what replaces it;
 8. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
    result must pass onnx's checks.
 """
@@ -31,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from conv2attn import names
 from conv2attn.core.geometry import AutoPad
@@ -64,7 +66,11 @@ from conv2attn.graph.shapes import (
     skeleton,
 )
 from conv2attn.graph.verify import passes_strict_inference, verify
-from conv2attn.modelio import PROTOBUF_LIMIT, copy_fields, load_model, model_size
+from conv2attn.modelio import (
+    copy_fields,
+    load_model,
+    release_freed_memory,
+)
 from conv2attn.record import METADATA_KEY, ConversionReport, LayerReport, write_record
 
 log = logging.getLogger(__name__)
@@ -122,9 +128,9 @@ def convert(
     NCHW under its own name. ``batch``: where the model's batch is dynamic, the batch
     size local attention's tiles are sized for (``AttentionPlan.tiles``); the model keeps
     its dynamic batch. Returns the converted model and a report.
-    ``check``: run ``onnx.checker`` on the result in memory (``verify`` checks a saved file
-    instead, which needs less memory and works at any size). ``progress(done, total,
-    name)`` is called as each Conv is replaced.
+    ``check``: run ``onnx.checker`` (and strict shape inference where the input passed
+    it) on the result (``graph.verify``). ``progress(done, total, name)`` is called as
+    each Conv is replaced.
     Raises InputError for anything wrong with the model or the options.
     """
     options = convert_options(
@@ -142,20 +148,23 @@ def convert(
         layout=layout,
         batch=batch,
     )
-    model = copy.deepcopy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     converted, report = convert_model(model, options, progress)
     if check:
-        if model_size(converted) < PROTOBUF_LIMIT:
-            verify(converted, report.strict_checked)
-        else:
-            log.info("the converted model is too large to check in memory; verify() its file")
+        verify(converted, report.strict_checked)
     return converted, report
 
 
 def convert_model(
-    model: onnx.ModelProto, options: ConvertOptions, progress: Progress | None = None
+    source: onnx.ModelProto | str | os.PathLike,
+    options: ConvertOptions,
+    progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
-    """Convert ``model`` (consumed: its graph is rewritten in place), unchecked."""
+    """Convert ``source`` (a path, or a model left unchanged), unchecked.
+
+    The model is loaded (or copied) here, so that once the graph holds every weight it
+    needs, the loaded protobuf can go: it would otherwise stay in memory, whole, next to
+    the weights read out of it and the projections made from them."""
+    model = copy.deepcopy(source) if isinstance(source, onnx.ModelProto) else load_model(source)
     check_opset(model)
     if options.form == "attention":
         model = upgrade_opset(model, ATTENTION_OPSET)
@@ -168,7 +177,9 @@ def convert_model(
         log.info("folded BatchNormalization '%s' into the Conv before it", name)
     name_convs(graph)
     selection = select_convs(graph, options.include, options.exclude, nominal=nominal)
-    _release_weight_bytes(model, selection.candidates)
+    _load_constants(graph)
+    del model  # nothing refers into it now: its memory (a protobuf arena) goes at once
+    release_freed_memory()
     layer_plans = plan(selection.candidates, options)
     layers = _replace(selection.candidates, layer_plans, options, progress)
     if options.layout == "channels-last":
@@ -178,6 +189,7 @@ def convert_model(
     projections = _detach_projections(graph)
     converted = gs.export_onnx(graph)
     del graph, selection
+    release_freed_memory()
     _attach_projections(converted, projections)
     _copy_header(converted, header)
     report = ConversionReport(
@@ -266,16 +278,48 @@ def prepare_shapes(
     return strict, nominal_sizes(model, bare, nominal_shapes or {})
 
 
-def _release_weight_bytes(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> None:
-    """numpy now holds the Conv weights (each gs constant keeps what it loaded); their
-    serialized copies in the working model are dropped so they are not held twice."""
-    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    for candidate in candidates:
-        weight = candidate.weight_input
-        if isinstance(weight, gs.Constant) and isinstance(weight.values, np.ndarray):
-            source = initializers.get(weight.name)
-            if source is not None:
-                source.ClearField("raw_data")
+def _load_constants(graph: gs.Graph) -> None:
+    """Read every constant the graph imported lazily into numpy (initializers and the
+    tensors of Constant nodes and attributes), and copy the opset imports graphsurgeon
+    keeps as a view into the model, so the graph no longer refers to the loaded
+    protobuf. Types numpy cannot hold as they are (bfloat16, float8, ...) stay lazy,
+    exported byte for byte as they came."""
+    for _, body in graphs(graph):
+        _own_opset_imports(body)
+        tensors = list(body.tensors().values())
+        tensors += [v for node in body.nodes for v in node.attrs.values()]
+        for tensor in tensors:
+            lazy = isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues)
+            if lazy and tensor._values.tensor.data_type in PLAIN_NUMPY_TYPES:
+                tensor.values  # noqa: B018  (the property loads and keeps the array)
+    for function in graph.functions:
+        _own_opset_imports(function)
+
+
+def _own_opset_imports(body: gs.Graph) -> None:
+    domains = getattr(body, "import_domains", None)
+    if domains is not None:
+        body.import_domains = [copy.deepcopy(domain) for domain in domains]
+
+
+# ONNX element types whose numpy arrays export to the same TensorProto type.
+PLAIN_NUMPY_TYPES = {
+    getattr(onnx.TensorProto, name)
+    for name in (
+        "FLOAT",
+        "DOUBLE",
+        "FLOAT16",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "BOOL",
+    )
+}
 
 
 def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans:

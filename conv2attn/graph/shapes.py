@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from conv2attn.errors import InputError
-from conv2attn.modelio import copy_fields
+from conv2attn.modelio import copy_fields, tensor_size
 from conv2attn.record import CONVERTED_OPS
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     copy_fields(copied, model, skip=("graph",))
     copy_fields(copied.graph, model.graph, skip=("initializer",))
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() <= SKELETON_MAX_BYTES:
+        if tensor_size(tensor) <= SKELETON_MAX_BYTES:
             copied.graph.initializer.append(tensor)
             continue
         stub = copied.graph.initializer.add()

@@ -1,8 +1,9 @@
 """The last stage of the pass: the converted model must pass onnx's checks.
 
-``onnx.checker`` always; strict shape inference too whenever the input passed it (an
-input with custom operators, say, is held to the structural check only). A file of any
-size is checked from disk, its shape inference run on a weightless skeleton.
+``onnx.checker`` always (on the model in memory, large weights checked one by one:
+``modelio.check_model``); strict shape inference too whenever the input passed it (an
+input with custom operators, say, is held to the structural check only), run on a
+weightless skeleton.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import onnx
 
 from conv2attn.errors import InternalError
 from conv2attn.graph.shapes import skeleton
+from conv2attn.modelio import check_model
 
 
 def passes_strict_inference(model: onnx.ModelProto) -> bool:
@@ -29,18 +31,24 @@ def verify(
     strict: bool,
     in_memory: onnx.ModelProto | None = None,
 ) -> None:
-    """Check a converted model: in memory, or a file (any size).
+    """Check a converted model: in memory, or its file.
 
     ``strict``: also strict shape inference, which the output must pass whenever the
     input did; an input that fails it (custom ops, say) is held to the structural check
-    only. For a file, ``in_memory`` (the same model) lets shape inference run on its
-    weightless skeleton instead of on another full copy.
+    only. For a file, ``in_memory`` is the model it was written from (``write_model``
+    writes its exact bytes): that is checked instead, without parsing the file into a
+    second copy (unless writing moved its weights to external data: then the files are
+    checked). Shape inference runs on a weightless skeleton either way.
     """
     try:
         if isinstance(model, onnx.ModelProto):
-            onnx.checker.check_model(model, full_check=strict)
-            return
-        onnx.checker.check_model(str(model))
+            in_memory = model
+        elif in_memory is not None and _moved_out(in_memory):
+            in_memory = None  # written with external data: only the files hold it all
+        if in_memory is not None:
+            check_model(in_memory)
+        else:
+            onnx.checker.check_model(str(model))
         if strict:
             if in_memory is not None:
                 onnx.shape_inference.infer_shapes(skeleton(in_memory), strict_mode=True)
@@ -49,3 +57,8 @@ def verify(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first = str(error).strip().splitlines()[0]
         raise InternalError(f"converted model fails onnx.checker: {first}") from None
+
+
+def _moved_out(model: onnx.ModelProto) -> bool:
+    """Whether saving moved ``model``'s initializers into an external data file."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
