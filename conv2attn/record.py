@@ -155,10 +155,19 @@ def _summary(plan: AttentionPlan) -> dict:
     }
 
 
-def _alternatives(plan: AttentionPlan, candidates: list[AttentionPlan], count: int = 5) -> tuple:
-    """The cheapest plans that were not chosen, for the report."""
+ALTERNATIVES = 5
+
+
+def shortlist(plan: AttentionPlan, candidates: list[AttentionPlan]) -> list[AttentionPlan]:
+    """``plan`` and the cheapest plans that were not chosen: all the report needs of
+    the candidates."""
     others = sorted((c for c in candidates if c != plan), key=lambda c: c.cost)
-    return tuple(_summary(c) for c in others[:count])
+    return [plan, *others[:ALTERNATIVES]]
+
+
+def _alternatives(plan: AttentionPlan, candidates: list[AttentionPlan]) -> tuple:
+    """The cheapest plans that were not chosen, for the report."""
+    return tuple(_summary(c) for c in shortlist(plan, candidates)[1:])
 
 
 # The fields of a LayerReport that the converted model carries about itself.

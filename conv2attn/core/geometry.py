@@ -840,6 +840,12 @@ def _candidates(
     return tuple(plans)
 
 
+def clear_plan_cache() -> None:
+    """Forget the cached candidates (``candidate_plans``): plans hold many derived
+    figures each, and a model's thousands of candidates take tens of MB."""
+    _candidates.cache_clear()
+
+
 def _local_candidates(
     spec: ConvSpec, patches: Sequence[Sequence[int]], orders: list[Order], grid: Grid
 ) -> tuple[AttentionPlan, ...]:

@@ -26,6 +26,7 @@ from conv2attn.core.geometry import (
     best_plan,
     candidate_plans,
     choose_plans,
+    clear_plan_cache,
 )
 
 # "auto", or sizes: one for every spatial axis, or one per axis.
@@ -108,6 +109,35 @@ def plan_layers(
     over both modes (``block`` then applies to its local plans); ``grid`` ``auto``
     likewise over both grids. ``fixed_grid_unfit[i]``: why layer i has no fixed grid
     (its begin pad changes with a dynamic input size), or None."""
+    try:
+        return _plan_layers(
+            specs,
+            names,
+            attention,
+            patch,
+            block,
+            max_param_growth,
+            attend_first,
+            grid,
+            fixed_grid_unfit,
+        )
+    finally:
+        # Candidates are cached so that repeated Convs are planned once; a model's many
+        # candidate plans (each with its derived figures) would otherwise outlive it.
+        clear_plan_cache()
+
+
+def _plan_layers(
+    specs: Sequence[ConvSpec],
+    names: Sequence[str],
+    attention: Attention | AttentionChoice | str,
+    patch: Sizes,
+    block: Sizes,
+    max_param_growth: float,
+    attend_first: Sequence[bool],
+    grid: Grid | GridChoice | str,
+    fixed_grid_unfit: Sequence[str | None],
+) -> LayerPlans:
     modes = AttentionChoice(attention).modes()
     choice = GridChoice(grid)
     considered = []

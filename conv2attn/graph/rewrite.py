@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +36,7 @@ from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from conv2attn import names
-from conv2attn.core.geometry import AutoPad
+from conv2attn.core.geometry import AttentionPlan, AutoPad
 from conv2attn.core.planning import LayerPlans, PlanError, plan_layers
 from conv2attn.core.weights import output_bias, output_projection
 from conv2attn.errors import InputError
@@ -71,7 +72,13 @@ from conv2attn.modelio import (
     load_model,
     release_freed_memory,
 )
-from conv2attn.record import METADATA_KEY, ConversionReport, LayerReport, write_record
+from conv2attn.record import (
+    METADATA_KEY,
+    ConversionReport,
+    LayerReport,
+    shortlist,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +188,11 @@ def convert_model(
     del model  # nothing refers into it now: its memory (a protobuf arena) goes at once
     release_freed_memory()
     layer_plans = plan(selection.candidates, options)
-    layers = _replace(selection.candidates, layer_plans, options, progress)
+    # every candidate plan, thousands for a ResNet: the report names only a few
+    shortlists = [shortlist(*pair) for pair in zip(layer_plans.plans, layer_plans.considered)]
+    chosen, budget_met = layer_plans.plans, layer_plans.budget_met
+    del layer_plans
+    layers = _replace(selection.candidates, chosen, shortlists, options, progress)
     if options.layout == "channels-last":
         layers = _record_layouts(graph, layers, keep_channels_last(graph))
     skipped = selection.skipped
@@ -189,6 +200,7 @@ def convert_model(
     projections = _detach_projections(graph)
     converted = gs.export_onnx(graph)
     del graph, selection
+    gc.collect()  # graphsurgeon's nodes and tensors refer to each other: cycles
     release_freed_memory()
     _attach_projections(converted, projections)
     _copy_header(converted, header)
@@ -197,7 +209,7 @@ def convert_model(
         skipped=skipped,
         patch=options.patch_text,
         max_param_growth=options.max_param_growth,
-        param_budget_met=layer_plans.budget_met,
+        param_budget_met=budget_met,
         attention=options.attention.value,
         block=options.block_text,
         strict_checked=strict,
@@ -400,7 +412,8 @@ def _fixed_grid_unfit(candidate: Candidate) -> str | None:
 
 def _replace(
     candidates: Sequence[Candidate],
-    layer_plans: LayerPlans,
+    chosen: Sequence[AttentionPlan],
+    shortlists: Sequence[list[AttentionPlan]],
     options: ConvertOptions,
     progress: Progress | None,
 ) -> list[LayerReport]:
@@ -408,7 +421,7 @@ def _replace(
     standard = options.form == "attention"
     layers = []
     for index, (candidate, plan, considered) in enumerate(
-        zip(candidates, layer_plans.plans, layer_plans.considered, strict=True)
+        zip(candidates, chosen, shortlists, strict=True)
     ):
         node = candidate.node
         if progress is not None:
