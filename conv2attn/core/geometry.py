@@ -828,8 +828,11 @@ def _candidates(
     orders = (
         [Order.ATTEND_FIRST] if spec.group > 1 and spec.in_channels == spec.group else list(Order)
     )
+    global _cached_plans
     if attention is Attention.LOCAL and block is None:
-        return _local_candidates(spec, patches, orders, grid)
+        found = _local_candidates(spec, patches, orders, grid)
+        _cached_plans += len(found)
+        return found
     plans = []
     for patch in patches:
         for order in orders:
@@ -837,13 +840,24 @@ def _candidates(
                 plans.append(plan_attention(spec, patch, order, grid=grid))
             else:
                 plans.append(plan_attention(spec, patch, order, attention, block, grid))
+    _cached_plans += len(plans)
     return tuple(plans)
 
 
-def clear_plan_cache() -> None:
-    """Forget the cached candidates (``candidate_plans``): plans hold many derived
-    figures each, and a model's thousands of candidates take tens of MB."""
-    _candidates.cache_clear()
+# Candidate plans the cache may hold across models: each keeps its derived figures (about
+# 15 kB), and one ResNet plans thousands.
+CACHED_PLANS_LIMIT = 4000
+_cached_plans = 0
+
+
+def trim_plan_cache(limit: int = CACHED_PLANS_LIMIT) -> None:
+    """Forget the cached candidates (``candidate_plans``) once they are more than
+    ``limit`` plans: small models converted again and again keep theirs, a large model's
+    tens of MB go as soon as it is planned."""
+    global _cached_plans
+    if _cached_plans > limit:
+        _candidates.cache_clear()
+        _cached_plans = 0
 
 
 def _local_candidates(

@@ -26,7 +26,7 @@ from conv2attn.core.geometry import (
     best_plan,
     candidate_plans,
     choose_plans,
-    clear_plan_cache,
+    trim_plan_cache,
 )
 
 # "auto", or sizes: one for every spatial axis, or one per axis.
@@ -122,9 +122,9 @@ def plan_layers(
             fixed_grid_unfit,
         )
     finally:
-        # Candidates are cached so that repeated Convs are planned once; a model's many
-        # candidate plans (each with its derived figures) would otherwise outlive it.
-        clear_plan_cache()
+        # Candidates are cached so that repeated Convs are planned once; a large
+        # model's many candidate plans would otherwise outlive it.
+        trim_plan_cache()
 
 
 def _plan_layers(

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -199,8 +198,8 @@ def convert_model(
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)
     converted = gs.export_onnx(graph)
+    _release_values(t for _, body in graphs(graph) for t in body.tensors().values())
     del graph, selection
-    gc.collect()  # graphsurgeon's nodes and tensors refer to each other: cycles
     release_freed_memory()
     _attach_projections(converted, projections)
     _copy_header(converted, header)
@@ -306,6 +305,15 @@ def _load_constants(graph: gs.Graph) -> None:
                 tensor.values  # noqa: B018  (the property loads and keeps the array)
     for function in graph.functions:
         _own_opset_imports(function)
+
+
+def _release_values(tensors: Iterable[gs.Tensor]) -> None:
+    """Drop the arrays of constants that are done with. graphsurgeon's tensors and nodes
+    sit in reference cycles (each list points back to its owner), so without this their
+    weights would wait for Python's cycle collector."""
+    for tensor in tensors:
+        if isinstance(tensor, gs.Constant):
+            tensor.values = np.zeros(0, dtype=np.uint8)
 
 
 def _own_opset_imports(body: gs.Graph) -> None:
@@ -426,9 +434,11 @@ def _replace(
         node = candidate.node
         if progress is not None:
             progress(index, len(candidates), node.name)
-        x, y = node.inputs[0], node.outputs[0]
+        x, y, weight = node.inputs[0], node.outputs[0], candidate.weight_input
         node.inputs.clear()
         node.outputs.clear()
+        if not weight.outputs:  # read into ``candidate.weight``, and by no other node
+            _release_values([weight])
         quantization = candidate.quantization
         tiles = 1
         if candidate.dynamic and quantization is not None:
