@@ -194,3 +194,22 @@ def test_single_key_plans_pay_no_gather_and_no_per_block_calls():
     assert blocked.cost >= blocked.macs + TRAFFIC_COST * blocked.moved + (
         blocked.blocks * BLOCK_PRODUCT_MACS
     )
+
+
+def test_the_plan_cache_keeps_small_models_and_drops_large_ones():
+    """Candidates are cached so a repeated Conv (or model) is planned once, but a large
+    model's thousands of plans (about 15 kB each) must not outlive its planning."""
+    from conv2attn.core import geometry
+    from conv2attn.core.planning import plan_layers
+
+    geometry.trim_plan_cache(0)
+    spec = ConvSpec(8, 8, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (12, 12))
+    plan_layers([spec], ["c"], attention="auto")
+    hits = geometry._candidates.cache_info().hits
+    plan_layers([spec], ["c"], attention="auto")
+    assert geometry._candidates.cache_info().hits > hits  # planned once
+    sizes = range(40, 72)  # distinct Convs, each with its own candidates
+    specs = [ConvSpec(8, 8, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (n, n)) for n in sizes]
+    plan_layers(specs, [f"c{n}" for n in sizes], attention="auto")
+    assert geometry._cached_plans <= geometry.CACHED_PLANS_LIMIT
+    assert geometry._candidates.cache_info().currsize == 0
