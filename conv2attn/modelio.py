@@ -9,7 +9,6 @@ file and never touches the input.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import json
 import logging
@@ -108,10 +107,9 @@ def tensor_size(tensor: onnx.TensorProto) -> int:
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc: nothing to call
+    try:  # the process's own symbols: glibc's when it is the C library
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # another C library, or no dlopen(NULL)
         return None
 
 

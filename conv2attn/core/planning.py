@@ -109,35 +109,6 @@ def plan_layers(
     over both modes (``block`` then applies to its local plans); ``grid`` ``auto``
     likewise over both grids. ``fixed_grid_unfit[i]``: why layer i has no fixed grid
     (its begin pad changes with a dynamic input size), or None."""
-    try:
-        return _plan_layers(
-            specs,
-            names,
-            attention,
-            patch,
-            block,
-            max_param_growth,
-            attend_first,
-            grid,
-            fixed_grid_unfit,
-        )
-    finally:
-        # Candidates are cached so that repeated Convs are planned once; a large
-        # model's many candidate plans would otherwise outlive it.
-        trim_plan_cache()
-
-
-def _plan_layers(
-    specs: Sequence[ConvSpec],
-    names: Sequence[str],
-    attention: Attention | AttentionChoice | str,
-    patch: Sizes,
-    block: Sizes,
-    max_param_growth: float,
-    attend_first: Sequence[bool],
-    grid: Grid | GridChoice | str,
-    fixed_grid_unfit: Sequence[str | None],
-) -> LayerPlans:
     modes = AttentionChoice(attention).modes()
     choice = GridChoice(grid)
     considered = []
@@ -170,6 +141,9 @@ def _plan_layers(
         if index < len(attend_first) and attend_first[index]:
             plans = [p for p in plans if p.order is Order.ATTEND_FIRST]
         considered.append(plans)
+    # Candidates are cached so that repeated Convs are planned once; a large model's many
+    # plans must not outlive its planning (``considered`` keeps what is chosen from).
+    trim_plan_cache()
     if patch != "auto":
         return LayerPlans([best_plan(layer) for layer in considered], considered, True)
     original = sum(spec.params for spec in specs)
