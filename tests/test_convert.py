@@ -329,6 +329,18 @@ def test_invalid_conv_names_the_node():
         conv2attn.convert(model)
 
 
+def test_conv_whose_input_rank_differs_from_its_weights_is_refused_by_name():
+    """A Conv fed a vector (a mutated model: the Relu reads the previous Conv's bias)
+    is invalid; it is refused naming the node, not converted into a crash."""
+    model = conv_model(4, 4, pads=[1, 1, 1, 1])
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "v"))
+    graph.node.insert(0, onnx.helper.make_node("Relu", ["v"], ["r"], name="relu"))
+    graph.node[1].input[0] = "r"
+    with pytest.raises(InputError, match=r"Conv 'conv': its input 'r' has rank 1 and its weight"):
+        conv2attn.convert(model)
+
+
 def test_local_attention_gathers_windows_and_stores_no_large_constant():
     model = conv_model(8, 8, size=(24, 24), pads=[1, 1, 1, 1])
     converted, report = convert_and_compare(model, attention="local", patch="1", block="4")

@@ -288,13 +288,16 @@ def inspect_conv(
     x = node.inputs[0]
     shape = x.shape
     rank = weight.ndim - 2
-    dynamic = (
-        shape is None
-        or len(shape) != rank + 2
-        or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape[2:])
+    if shape is not None and len(shape) != rank + 2:
+        raise InputError(
+            f"Conv '{node.name}': its input '{x.name}' has rank {len(shape)} and its weight "
+            f"rank {weight.ndim}; they must be equal: the model is invalid"
+        )
+    dynamic = shape is None or not all(
+        isinstance(d, (int, np.integer)) and d >= 0 for d in shape[2:]
     )
     if dynamic:
-        known = list(shape) if shape is not None and len(shape) == rank + 2 else [None, None]
+        known = list(shape) if shape is not None else [None, None]
         nominal = tuple(nominal or (FALLBACK_NOMINAL,) * rank)
         shape = [known[0], known[1], *nominal]
         log.info("Conv '%s': dynamic size, planned for %s", node.name, "x".join(map(str, nominal)))
