@@ -311,6 +311,13 @@ def _add_convert(commands) -> None:
         "local attention is split into tiles of blocks whose intermediates stay in cache "
         "at this batch; the model keeps its dynamic batch",
     )
+    convert.add_argument(
+        "--no-tiles",
+        dest="tiles",
+        action="store_false",
+        help="emit local attention whole, one product per layer, at any batch: for GPU "
+        "runtimes, which run each tile as kernels of its own",
+    )
     _json_option(
         convert,
         "--report",
@@ -583,6 +590,7 @@ def run_convert(args: argparse.Namespace) -> int:
         grid=args.grid,
         layout=args.layout,
         batch=args.batch,
+        tiles=args.tiles,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )

@@ -226,6 +226,7 @@ class ConversionReport:
     grid: str = "auto"
     layout: str = "nchw"
     batch: int = 1
+    tiles: bool = True  # False: convert --no-tiles
 
     @property
     def macs_before(self) -> int:
@@ -255,6 +256,7 @@ class ConversionReport:
                 "grid": self.grid,
                 "layout": self.layout,
                 "batch": self.batch,
+                "tiles": self.tiles,
             },
             "param_budget_met": self.param_budget_met,
             "folded_batchnorms": self.folded_batchnorms,

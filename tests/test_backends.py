@@ -341,7 +341,7 @@ def test_cpu_runner_timing_matches_the_profile_method(tmp_path):
 
 
 def test_opset_18_reductions_move_to_opset_17_for_onnx2torch():
-    from conv2attn.runtime.torch_cuda import for_onnx2torch
+    from conv2attn.runtime.torch_import import for_onnx2torch
 
     node = onnx.helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
     graph = onnx.helper.make_graph(
@@ -361,7 +361,7 @@ def test_opset_18_reductions_move_to_opset_17_for_onnx2torch():
 
 
 def test_nodes_that_opset_17_cannot_express_are_refused_by_name():
-    from conv2attn.runtime.torch_cuda import for_onnx2torch
+    from conv2attn.runtime.torch_import import for_onnx2torch
 
     split = onnx.helper.make_node("Split", ["x"], ["a", "b"], name="halves", num_outputs=2)
     graph = onnx.helper.make_graph(
@@ -392,6 +392,86 @@ def test_converted_model_runs_through_pytorch_with_parity(tmp_path, attention):
     bf16 = TorchRunner(torch, converted, feeds, "bf16", device="cpu")
     assert_parity(reference, bf16.outputs(), *PRECISION_TOLERANCE["bf16"])
     assert len(fp32.timed_block(3)) == 3
+
+
+def test_conv_weights_behind_identity_and_constant_nodes_are_imported():
+    """torch's exporter routes shared weights through Identity nodes (convnext_tiny's
+    Conv biases); onnx2torch reads a Conv's weight and bias only from initializers."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.runtime.torch_import import for_onnx2torch, import_model
+
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((4, 3, 3, 3), np.float32)
+    bias = rng.standard_normal(4, np.float32)
+    nodes = [
+        onnx.helper.make_node("Identity", ["w"], ["w_shared"]),
+        onnx.helper.make_node("Constant", [], ["b"], value=onnx.numpy_helper.from_array(bias)),
+        onnx.helper.make_node("Conv", ["x", "w_shared", "b"], ["y"], name="conv", pads=[1] * 4),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 8, 8])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    prepared = for_onnx2torch(model)
+    assert [node.op_type for node in prepared.graph.node] == ["Conv"]
+    assert [node.op_type for node in model.graph.node] == ["Identity", "Constant", "Conv"]
+    onnx.checker.check_model(prepared, full_check=True)
+    x = rng.standard_normal((2, 3, 8, 8), np.float32)
+    with torch.no_grad():
+        result = import_model(model)(torch.from_numpy(x)).numpy()
+    assert_parity(run(model, {"x": x}), [result])
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_imported_model_never_reads_values_on_the_device(attention):
+    """On a GPU, a value read in Python waits for the GPU and breaks CUDA-graph capture.
+    On the meta device a tensor has no values, so a run there fails on any such read:
+    the constants that onnx2torch reads (shapes, pads, slice bounds) must stay on the
+    host when the module moves, and nothing else may be read."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.runtime.torch_import import import_model
+
+    converted, _ = conv2attn.convert(DIGITS, attention=attention)
+    module = import_model(converted).to("meta")
+    host = {name for name, value in module.named_buffers() if value.device.type == "cpu"}
+    assert host and all(name.startswith("host.") for name in host)
+    with torch.no_grad():
+        output = module(torch.empty((3, 1, 32, 32), device="meta"))
+    assert output.shape == (3, 10) and output.device.type == "meta"
+
+
+def test_nodes_of_constants_are_computed_once_at_import():
+    """A node whose inputs are all constants runs at import, not on every run; the
+    result still matches onnxruntime."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.runtime.torch_import import import_model
+
+    converted, _ = conv2attn.convert(DIGITS)
+    constant_only = [
+        node.name
+        for node in converted.graph.node
+        if node.op_type != "Constant"
+        and all(name in {t.name for t in converted.graph.initializer} for name in node.input)
+    ]
+    assert constant_only, "the converted digits model has nodes of constants to fold"
+    module = import_model(converted)
+    for node in module.graph.nodes:
+        if node.op == "call_module":
+            assert any(getattr(a, "op", None) != "get_attr" for a in node.args), node.name
+    feeds = {"image": np.random.default_rng(4).standard_normal((2, 1, 32, 32), np.float32)}
+    with torch.no_grad():
+        result = module(torch.from_numpy(feeds["image"])).numpy()
+    assert_parity(run(converted, feeds), [result])
 
 
 class FakeCuda:
@@ -434,6 +514,22 @@ class FakeCuda:
         self.cuda = types.SimpleNamespace(
             Stream=Stream, Event=Event, CUDAGraph=Graph, graph=graph, stream=stream
         )
+
+
+def test_a_run_that_cannot_be_captured_is_refused_with_the_reason():
+    from conv2attn.runtime.cuda_timing import CudaTimer
+
+    fake = FakeCuda()
+    runs = []
+
+    def run():
+        runs.append(1)
+        if "capture" in fake.log:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    with pytest.raises(InputError, match=r"--cuda-graph: .*not permitted when stream is captur"):
+        CudaTimer(fake, run, cuda_graph=True)
+    assert len(runs) == 2  # the eager run succeeded; the captured one raised
 
 
 def test_cuda_timer_brackets_each_run_with_events_and_synchronises_once_per_block():

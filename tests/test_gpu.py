@@ -81,3 +81,32 @@ def test_tensorrt_engine_is_built_cached_and_profiled_per_layer(pair, tmp_path):
     assert attributed and all(set(name.split(" + ")) <= convs for name in attributed)
     code, second = run_profile(pair, tmp_path, *options, "--per-layer")
     assert [m["engine_cached"] for m in second["models"]] == [True, True]
+
+
+@needs_cuda
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention):
+    """torch's sync debug mode raises on any operation that makes the host wait for the
+    GPU: the imported converted model has none (its host-read constants stay on the host)
+    and agrees with onnxruntime."""
+    pytest.importorskip("onnx2torch")
+    import numpy as np
+    import torch
+
+    from conv2attn.runtime.torch_import import import_model
+    from tests.helpers import assert_parity, run
+
+    converted, _ = conv2attn.convert(DIGITS, attention=attention)
+    image = np.random.default_rng(5).standard_normal((8, 1, 32, 32), np.float32)
+    module = import_model(converted).to("cuda")
+    inputs = torch.from_numpy(image).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            output = module(inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_parity(run(converted, {"image": image}), [output.cpu().numpy()])

@@ -172,3 +172,25 @@ def test_cli_batch_option(tmp_path, capsys):
     assert refused.value.code == 2 and "--batch" in capsys.readouterr().err
     assert main(["convert", str(DIGITS), "-o", str(out), "--batch", "0", "--force"]) != 0
     assert "--batch 0" in capsys.readouterr().err
+
+
+def test_no_tiles_emits_local_attention_whole_at_any_batch(tmp_path, capsys):
+    """``--no-tiles`` (for GPU runtimes): the same conversion as tiles for batch 1 where
+    nothing needs tiles, one product per layer where tiles would be cut."""
+    tiled, tiled_report = conv2attn.convert(DIGITS, attention="local", batch=EVERY_BLOCK)
+    whole, whole_report = conv2attn.convert(
+        DIGITS, attention="local", batch=EVERY_BLOCK, tiles=False
+    )
+    assert any(layer.tiles > 1 for layer in tiled_report.layers)
+    assert all(layer.tiles == 1 for layer in whole_report.layers)
+    assert not any("/tile" in node.name for node in whole.graph.node)
+    assert whole_report.to_dict()["options"]["tiles"] is False
+    feeds = {"image": np.random.default_rng(7).standard_normal((3, 1, 32, 32), np.float32)}
+    np.testing.assert_allclose(run(whole, feeds)[0], run(tiled, feeds)[0], rtol=1e-6, atol=1e-6)
+    out, report = tmp_path / "whole.onnx", tmp_path / "whole.json"
+    args = ["convert", str(DIGITS), "-o", str(out), "--attention", "local", "--batch", "4096"]
+    assert main([*args, "--no-tiles", "--json", str(report)]) == 0
+    assert "tiles of blocks" not in capsys.readouterr().out
+    written = json.loads(report.read_text())
+    assert written["options"]["tiles"] is False
+    assert all(layer["tiles"] == 1 for layer in written["layers"])

@@ -6,7 +6,9 @@ convert with ``--attention global`` and ``--attention local`` in a fresh process
 conversions side by side with onnxruntime on the CPU at each batch size, alternating in
 blocks of runs with each block's first run dropped; each batch size times the conversions
 made for it (``convert --batch``, which sizes local attention's tiles; conversion time,
-memory and sizes are from the first batch's). Prints one table; its Transposes
+memory and sizes are from the first batch's). On GPU backends the conversions are made
+with ``--no-tiles``: tiles keep a CPU's caches warm, and a GPU runs each tile as kernels
+of its own. Prints one table; its Transposes
 column counts them in the original, in the conversion with NCHW between layers
 (``--layout nchw``) and in the one timed (channels-last between layers, the default).
 
@@ -70,7 +72,12 @@ def run_with_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
 
 
 def convert(
-    source: Path, output: Path, attention: str, form: str = "matmul", batch: int = 1
+    source: Path,
+    output: Path,
+    attention: str,
+    form: str = "matmul",
+    batch: int = 1,
+    tiles: bool = True,
 ) -> dict:
     """Run ``conv2attn convert`` in its own process: wall time and peak resident memory."""
     report = output.with_suffix(".json")
@@ -90,6 +97,7 @@ def convert(
         report,
         "--force",
         "-q",
+        *([] if tiles else ["--no-tiles"]),
     )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
@@ -164,7 +172,8 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
         paths = [source]
         for attention, form in variants:
             output = folder / f"{name}_{attention}_{form}_b{batch}.onnx"
-            figures = convert(source, output, attention, form, batch)
+            tiles = not BACKENDS[args.backend].gpu
+            figures = convert(source, output, attention, form, batch, tiles)
             if (attention, form) not in conversions:
                 # the same conversion with NCHW between layers: the Transposes saved
                 nchw, _ = conv2attn.convert(

@@ -39,6 +39,8 @@ class ConvertOptions:
     layout: str = "channels-last"
     # the batch local attention's tiles are sized for where the model's batch is dynamic
     batch: int = 1
+    # False: local attention emitted whole (a GPU runs each tile as its own kernels)
+    tiles: bool = True
 
     @property
     def patch_text(self) -> str:
@@ -85,6 +87,7 @@ def convert_options(
     grid: str = "auto",
     layout: str = "channels-last",
     batch: int = 1,
+    tiles: bool = True,
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
     shapes = _shapes(input_shapes)
@@ -116,6 +119,7 @@ def convert_options(
         grid=GridChoice(grid),
         layout=layout,
         batch=batch,
+        tiles=bool(tiles),
     )
 
 

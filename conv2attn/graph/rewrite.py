@@ -113,6 +113,7 @@ def convert(
     grid: str = "auto",
     layout: str = "channels-last",
     batch: int = 1,
+    tiles: bool = True,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -133,7 +134,9 @@ def convert(
     removes Transposes (``graph.layout``); ``"nchw"`` leaves every Conv's output tensor
     NCHW under its own name. ``batch``: where the model's batch is dynamic, the batch
     size local attention's tiles are sized for (``AttentionPlan.tiles``); the model keeps
-    its dynamic batch. Returns the converted model and a report.
+    its dynamic batch. ``tiles=False`` emits local attention whole at any batch (for GPU
+    runtimes, where each tile is kernels of its own). Returns the converted model and a
+    report.
     ``check``: run ``onnx.checker`` (and strict shape inference where the input passed
     it) on the result (``graph.verify``). ``progress(done, total, name)`` is called as
     each Conv is replaced.
@@ -153,6 +156,7 @@ def convert(
         grid=grid,
         layout=layout,
         batch=batch,
+        tiles=tiles,
     )
     converted, report = convert_model(model, options, progress)
     if check:
@@ -217,6 +221,7 @@ def convert_model(
         grid=options.grid.value,
         layout=options.layout,
         batch=options.batch,
+        tiles=options.tiles,
     )
     write_record(converted, report)
     return converted, report
@@ -473,7 +478,7 @@ def _replace(
                 emit_standard_attention(candidate.graph, scope, x, y, plan, projection, bias, batch)
             else:
                 planned = batch if isinstance(batch, int) else options.batch
-                tiles = plan.tiles(planned, candidate.weight.dtype.itemsize)
+                tiles = plan.tiles(planned, candidate.weight.dtype.itemsize) if options.tiles else 1
                 emit_attention(candidate.graph, scope, x, y, plan, projection, bias, batch, tiles)
         else:
             emit_integer_attention(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import ModuleType
 
+from conv2attn.errors import InputError
+
 
 class CudaTimer:
     """Runs ``run`` on ``stream`` and times it with CUDA events."""
@@ -29,8 +31,17 @@ class CudaTimer:
             self._run()  # one eager run first: lazy initialisation must not be captured
         self.stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            self._run()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._run()
+        except RuntimeError as error:
+            # a run that reads a value computed on the GPU (a shape computed at run
+            # time, as in a model converted for dynamic sizes) cannot be captured
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else "no reason"
+            raise InputError(
+                f"--cuda-graph: the model cannot be captured as a CUDA graph ({reason}); "
+                "a model that computes shapes at run time cannot: run it without --cuda-graph"
+            ) from None
         self.graph = graph
 
     def run(self) -> None:

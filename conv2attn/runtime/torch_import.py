@@ -1,0 +1,325 @@
+"""The ONNX graph as a PyTorch module (onnx2torch), ready to run on a GPU.
+
+onnx2torch implements operators up to opset 17. Newer models are first rewritten to
+opset 17 where the two opsets mean the same thing (the Reduce operators take ``axes`` as
+an input from opset 18; most later versions only add types); anything else is refused
+with the node's name.
+
+Two changes to the imported module keep the GPU from waiting on the host. onnx2torch
+reads the values of some inputs in Python (a Reshape's shape, a Pad's pads, a Slice's
+bounds); a constant there lives in host memory, so reading it does not copy from the GPU
+and wait for it, and a run can be captured as a CUDA graph. And every node whose inputs
+are all constants is computed once, at import, rather than launched on every run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+from onnx import helper, numpy_helper
+
+from conv2attn.errors import InputError
+from conv2attn.runtime.base import import_module
+from conv2attn.runtime.registry import BACKENDS
+
+IMPORT_OPSET = 17
+# From opset 18 these take `axes` as an input instead of an attribute.
+REDUCE_OPS = {
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+}
+# Versions after 17 whose changes a float model does not use: new element types
+# (float8, int4, ...) or attributes checked below.
+SAME_MEANING = {
+    "Pad",  # 18: optional `axes` input; 19: `wrap` mode
+    "Split",  # 18: `num_outputs`
+    "Resize",  # 18/19: `antialias`, `axes`, `keep_aspect_ratio_policy`, half_pixel_symmetric
+    "AveragePool",  # 19: `dilations`
+    "Cast",  # 19: `saturate` (float8 only)
+    "CastLike",
+    "Constant",
+    "ConstantOfShape",
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "Equal",
+    "Flatten",
+    "Identity",
+    "If",
+    "Loop",
+    "Scan",
+    "Reshape",
+    "Shape",
+    "Size",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Gather",
+}
+NEW_FEATURES = {
+    "Pad": lambda node, inputs: (
+        (len(inputs) > 3 and bool(inputs[3])) or _attr(node, "mode") == b"wrap"
+    ),
+    "Split": lambda node, inputs: _attr(node, "num_outputs") is not None,
+    "Resize": lambda node, inputs: (
+        any(
+            _attr(node, name) is not None
+            for name in ("antialias", "axes", "keep_aspect_ratio_policy")
+        )
+        or _attr(node, "coordinate_transformation_mode") == b"half_pixel_symmetric"
+    ),
+    "AveragePool": lambda node, inputs: any(d != 1 for d in (_attr(node, "dilations") or [])),
+}
+
+
+# The inputs that onnx2torch's modules read on the host, by module class and argument
+# position (shapes, pads, slice bounds, axes, repeats, split sizes).
+HOST_ARGUMENTS = {
+    "OnnxReshape": (1,),
+    "OnnxPadDynamic": (1, 2),
+    "OnnxSlice": (1, 2, 3, 4),
+    "OnnxExpand": (1,),
+    "OnnxTile": (1,),
+    "OnnxSplit13": (1,),
+    "OnnxUnsqueezeDynamicAxes": (1,),
+    "OnnxSqueezeDynamicAxes": (1,),
+    "OnnxReduceSumDynamicAxes": (1,),
+    "OnnxConstantOfShape": (0,),
+}
+
+
+def onnx2torch(backend: str = "torch-cuda"):
+    return import_module("onnx2torch", backend, BACKENDS[backend].needs)
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return None
+
+
+def for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as onnx2torch imports it, meaning the same: constants that reach nodes
+    through Identity or Constant nodes become initializers (onnx2torch reads a Conv's
+    weight and bias only from initializers; torch's exporter routes shared weights
+    through Identity nodes), and the opset is 17 or older. A copy when anything changes."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset <= IMPORT_OPSET and not _constant_nodes(model.graph):
+        return model
+    model = copy.deepcopy(model)
+    _constants_as_initializers(model.graph)
+    if opset > IMPORT_OPSET:
+        _to_import_opset(model, opset)
+    return model
+
+
+def _constant_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Identity nodes of initializers and Constant nodes of plain tensor values, in order
+    (an Identity of an earlier one's output counts too)."""
+    known = {t.name for t in graph.initializer}
+    outputs = {value.name for value in graph.output}
+    found = []
+    for node in graph.node:
+        if node.output[0] in outputs:
+            continue
+        of_initializer = node.op_type == "Identity" and node.input[0] in known
+        if of_initializer or (node.op_type == "Constant" and _constant_value(node) is not None):
+            found.append(node)
+            known.add(node.output[0])
+    return found
+
+
+def _constant_value(node: onnx.NodeProto):
+    """A Constant node's value as a numpy array, or None for sparse and string values."""
+    import numpy as np
+
+    attribute = node.attribute[0] if len(node.attribute) == 1 else None
+    if attribute is None:
+        return None
+    value = helper.get_attribute_value(attribute)
+    if attribute.name == "value":
+        return numpy_helper.to_array(value)
+    dtype = {"value_float": np.float32, "value_floats": np.float32}.get(attribute.name)
+    if dtype is None and attribute.name in ("value_int", "value_ints"):
+        dtype = np.int64
+    return None if dtype is None else np.asarray(value, dtype)
+
+
+def _constants_as_initializers(graph: onnx.GraphProto) -> None:
+    tensors = {t.name: t for t in graph.initializer}
+    for node in _constant_nodes(graph):
+        if node.op_type == "Identity":
+            tensor = copy.copy(tensors[node.input[0]])
+        else:
+            tensor = numpy_helper.from_array(_constant_value(node))
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        tensors[tensor.name] = tensor
+        graph.node.remove(node)
+
+
+def _to_import_opset(model: onnx.ModelProto, opset: int) -> None:
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        since = onnx.defs.get_schema(node.op_type, opset, node.domain).since_version
+        if since <= IMPORT_OPSET:
+            continue
+        inputs = list(node.input)
+        if node.op_type in REDUCE_OPS:
+            if len(inputs) > 1 and inputs[1]:
+                if inputs[1] not in constants:
+                    raise _refusal(node, "its axes are computed at runtime")
+                axes = numpy_helper.to_array(constants[inputs[1]]).astype(int).tolist()
+                del node.input[1:]
+                node.attribute.append(helper.make_attribute("axes", axes))
+            continue
+        if node.op_type not in SAME_MEANING:
+            raise _refusal(node, f"{node.op_type} changed after opset {IMPORT_OPSET}")
+        uses_new = NEW_FEATURES.get(node.op_type)
+        if uses_new is not None and uses_new(node, inputs):
+            raise _refusal(node, f"it uses a feature {node.op_type} gained after opset 17")
+        for attribute in list(node.attribute):
+            if node.op_type == "Cast" and attribute.name == "saturate":
+                node.attribute.remove(attribute)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = IMPORT_OPSET
+
+
+def _refusal(node: onnx.NodeProto, why: str) -> InputError:
+    return InputError(
+        f"--backend torch-cuda: onnx2torch imports opset <= {IMPORT_OPSET}; node "
+        f"'{node.name or node.output[0]}' ({node.op_type}) cannot be moved there: {why}"
+    )
+
+
+def import_model(model: onnx.ModelProto):
+    """The ONNX model as a torch ``torch.fx.GraphModule`` in eval mode, with its constant
+    nodes computed and its host-read constants in host memory (module docstring); an
+    operator onnx2torch lacks is refused with a clear message."""
+    converter = onnx2torch()
+    try:
+        module = converter.convert(for_onnx2torch(model))
+    except NotImplementedError as error:  # onnx2torch's answer for an operator it lacks
+        raise InputError(f"--backend torch-cuda: onnx2torch cannot import it: {error}") from None
+    module.eval()
+    fold_constants(module)
+    keep_host_arguments_on_host(module)
+    return module
+
+
+def fold_constants(module) -> int:
+    """Replaces each node whose inputs are all constants by its value; the count."""
+    import torch
+
+    graph = module.graph
+    values = {}
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            values[node] = _constant(module, node.target)
+            continue
+        if node.op != "call_module" or not node.users:
+            continue
+        arguments = [*node.args, *node.kwargs.values()]
+        if not all(_known(a, values) for a in arguments) or not any(
+            isinstance(a, torch.fx.Node) for a in arguments
+        ):
+            continue
+        args = torch.fx.node.map_arg(node.args, values.__getitem__)
+        kwargs = torch.fx.node.map_arg(node.kwargs, values.__getitem__)
+        with torch.no_grad():
+            value = module.get_submodule(node.target)(*args, **kwargs)
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = f"folded_constant_{folded}"
+        module.register_buffer(name, value)
+        with graph.inserting_before(node):
+            constant = graph.get_attr(name)
+        node.replace_all_uses_with(constant)
+        graph.erase_node(node)
+        values[constant] = value
+        folded += 1
+    if folded:
+        _drop_unused(module)
+    return folded
+
+
+def keep_host_arguments_on_host(module) -> int:
+    """Gives each constant that a module reads on the host (``HOST_ARGUMENTS``) a copy in
+    a submodule, ``host``, that ``module.to(device)`` leaves in host memory; the count of
+    constants copied."""
+    graph = module.graph
+    moved: dict[str, str] = {}
+    host = None
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        positions = HOST_ARGUMENTS.get(type(module.get_submodule(node.target)).__name__, ())
+        for position in positions:
+            if position >= len(node.args):
+                continue
+            argument = node.args[position]
+            if getattr(argument, "op", None) != "get_attr":
+                continue
+            if host is None:
+                host = _host_memory_module()
+                module.add_submodule("host", host)
+            if argument.target not in moved:
+                name = f"constant_{len(moved)}"
+                host.register_buffer(name, _constant(module, argument.target).detach().cpu())
+                moved[argument.target] = f"host.{name}"
+            with graph.inserting_before(node):
+                constant = graph.get_attr(moved[argument.target])
+            node.update_arg(position, constant)
+    if moved:
+        _drop_unused(module)
+    return len(moved)
+
+
+def _host_memory_module():
+    """A module whose buffers stay where they are (host memory) when the module holding
+    it moves to a device or changes precision."""
+    from torch import nn
+
+    class HostMemory(nn.Module):
+        def _apply(self, fn, recurse=True):
+            return self
+
+    return HostMemory()
+
+
+def _known(argument, values) -> bool:
+    import torch
+
+    if isinstance(argument, torch.fx.Node):
+        return argument in values
+    if isinstance(argument, (tuple, list)):
+        return all(_known(a, values) for a in argument)
+    return True
+
+
+def _constant(module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+def _drop_unused(module) -> None:
+    """Erases dead nodes, then the buffers and submodules nothing uses any more."""
+    graph = module.graph
+    graph.eliminate_dead_code()
+    used = {node.target for node in graph.nodes if node.op == "get_attr"}
+    for qualified, _ in list(module.named_buffers()):
+        if qualified not in used:
+            owner, _, name = qualified.rpartition(".")
+            delattr(module.get_submodule(owner) if owner else module, name)
+    module.delete_all_unused_submodules()
+    module.recompile()
