@@ -15,6 +15,8 @@ are all constants is computed once, at import, rather than launched on every run
 from __future__ import annotations
 
 import copy
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import onnx
 from onnx import helper, numpy_helper
@@ -22,6 +24,9 @@ from onnx import helper, numpy_helper
 from conv2attn.errors import InputError
 from conv2attn.runtime.base import import_module
 from conv2attn.runtime.registry import BACKENDS
+
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
 
 IMPORT_OPSET = 17
 # From opset 18 these take `axes` as an input instead of an attribute.
@@ -95,7 +100,8 @@ HOST_ARGUMENTS = {
 }
 
 
-def onnx2torch(backend: str = "torch-cuda"):
+def onnx2torch(backend: str = "torch-cuda") -> ModuleType:
+    """The onnx2torch module, or BackendUnavailable saying how to install it."""
     return import_module("onnx2torch", backend, BACKENDS[backend].needs)
 
 
@@ -201,7 +207,7 @@ def _refusal(node: onnx.NodeProto, why: str) -> InputError:
     )
 
 
-def import_model(model: onnx.ModelProto):
+def import_model(model: onnx.ModelProto) -> GraphModule:
     """The ONNX model as a torch ``torch.fx.GraphModule`` in eval mode, with its constant
     nodes computed and its host-read constants in host memory (module docstring); an
     operator onnx2torch lacks is refused with a clear message."""
@@ -216,7 +222,7 @@ def import_model(model: onnx.ModelProto):
     return module
 
 
-def fold_constants(module) -> int:
+def fold_constants(module: GraphModule) -> int:
     """Replaces each node whose inputs are all constants by its value; the count."""
     import torch
 
@@ -253,7 +259,7 @@ def fold_constants(module) -> int:
     return folded
 
 
-def keep_host_arguments_on_host(module) -> int:
+def keep_host_arguments_on_host(module: GraphModule) -> int:
     """Gives each constant that a module reads on the host (``HOST_ARGUMENTS``) a copy in
     a submodule, ``host``, that ``module.to(device)`` leaves in host memory; the count of
     constants copied."""
@@ -307,12 +313,12 @@ def _known(argument, values) -> bool:
     return True
 
 
-def _constant(module, target: str):
+def _constant(module: GraphModule, target: str):
     owner, _, name = target.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, name)
 
 
-def _drop_unused(module) -> None:
+def _drop_unused(module: GraphModule) -> None:
     """Erases dead nodes, then the buffers and submodules nothing uses any more."""
     graph = module.graph
     graph.eliminate_dead_code()
