@@ -99,10 +99,20 @@ def tensor_size(tensor: onnx.TensorProto) -> int:
     measure it, which for the weights of a model costs as long as writing them)."""
     if not tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
         return tensor.ByteSize()
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    itemsize = _itemsize(tensor.data_type)
+    if itemsize is None:  # no such element type: the checker names it
+        return tensor.ByteSize()
     fields = TENSOR_OVERHEAD + 10 * len(tensor.dims)
     fields += len(tensor.name.encode()) + len(tensor.doc_string.encode())
     return math.prod(tensor.dims) * itemsize + fields
+
+
+def _itemsize(data_type: int) -> int | None:
+    """Bytes per element of an ONNX element type as numpy holds it; None if unknown."""
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except KeyError:
+        return None
 
 
 @functools.cache
@@ -137,13 +147,20 @@ def check_model(model: onnx.ModelProto) -> None:
     copy_fields(light.graph, model.graph, skip=("initializer",))
     alone = []
     for tensor in model.graph.initializer:
+        itemsize = _itemsize(tensor.data_type)
+        if itemsize is None:
+            onnx.checker.check_tensor(tensor)  # the checker's own words for a missing type
+            raise onnx.checker.ValidationError(
+                f"initializer '{tensor.name}' has element type {tensor.data_type}, which "
+                f"onnx {onnx.__version__} does not know"
+            )
         if tensor_size(tensor) <= CHECK_ALONE_BYTES:
             light.graph.initializer.append(tensor)
             continue
         alone.append(tensor)
         stand_in = light.graph.initializer.add()
         stand_in.name, stand_in.data_type = tensor.name, tensor.data_type
-        stand_in.raw_data = bytes(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+        stand_in.raw_data = bytes(itemsize)
     onnx.checker.check_model(light)
     for tensor in alone:
         onnx.checker.check_tensor(tensor)

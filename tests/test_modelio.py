@@ -121,6 +121,23 @@ def test_tensor_size_is_never_below_the_serialised_size():
             assert tensor.ByteSize() <= tensor_size(tensor) <= tensor.ByteSize() + 256
 
 
+def test_a_weight_of_no_known_element_type_is_left_to_the_checker(tmp_path):
+    """A weight whose data_type is UNDEFINED (a damaged file) is refused by the checker
+    with its own message, not a KeyError in the size estimate."""
+    model = conv_model(in_channels=64, out_channels=64)
+    model.graph.initializer[0].data_type = onnx.TensorProto.UNDEFINED
+    assert tensor_size(model.graph.initializer[0]) == model.graph.initializer[0].ByteSize()
+    with pytest.raises(onnx.checker.ValidationError):
+        check_model(model)
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=r"damaged\.onnx: fails onnx\.checker"):
+        load_model(path)
+    model.graph.initializer[0].data_type = 99  # a type from a later onnx, or noise
+    with pytest.raises(onnx.checker.ValidationError, match="element type 99"):
+        check_model(model)
+
+
 def test_check_output_path_refusals(tmp_path):
     source = tmp_path / "in.onnx"
     source.write_bytes(b"x")
