@@ -35,12 +35,11 @@ class CudaTimer:
             with torch.cuda.graph(graph, stream=self.stream):
                 self._run()
         except RuntimeError as error:
-            # a run that reads a value computed on the GPU (a shape computed at run
-            # time, as in a model converted for dynamic sizes) cannot be captured
+            # an operation that a capture does not allow: torch says which
             reason = str(error).strip().splitlines()[0] if str(error).strip() else "no reason"
             raise InputError(
                 f"--cuda-graph: the model cannot be captured as a CUDA graph ({reason}); "
-                "a model that computes shapes at run time cannot: run it without --cuda-graph"
+                "run it without --cuda-graph"
             ) from None
         self.graph = graph
 

@@ -8,8 +8,8 @@ with the node's name.
 Two changes to the imported module keep the GPU from waiting on the host. onnx2torch
 reads the values of some inputs in Python (a Reshape's shape, a Pad's pads, a Slice's
 bounds); a constant there lives in host memory, so reading it does not copy from the GPU
-and wait for it, and a run can be captured as a CUDA graph. And every node whose inputs
-are all constants is computed once, at import, rather than launched on every run.
+and wait for every kernel queued before it. And every node whose inputs are all
+constants is computed once, at import, rather than launched on every run.
 """
 
 from __future__ import annotations
