@@ -430,7 +430,7 @@ def test_conv_weights_behind_identity_and_constant_nodes_are_imported():
 
 @pytest.mark.parametrize("attention", ["global", "local"])
 def test_imported_model_never_reads_values_on_the_device(attention):
-    """On a GPU, a value read in Python waits for the GPU and breaks CUDA-graph capture.
+    """On a GPU, a value read in Python waits for every kernel queued before it.
     On the meta device a tensor has no values, so a run there fails on any such read:
     the constants that onnx2torch reads (shapes, pads, slice bounds) must stay on the
     host when the module moves, and nothing else may be read."""
