@@ -112,6 +112,8 @@ class ProfileReport:
     models: list[ModelProfile]
     precision: str = "fp32"
     device: str = "cpu"
+    # how a GPU backend issued each run: "eager", "torch.compile", "CUDA graph", ...
+    execution: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,4 +300,15 @@ def profile(
         models=results,
         precision=precision,
         device=device.name,
+        execution=execution(backend, gpu),
     )
+
+
+def execution(backend: str, gpu: GpuOptions) -> str | None:
+    """How each timed run is issued on a GPU backend (None on the CPU)."""
+    if backend == "torch-cuda":
+        parts = ["torch.compile"] * gpu.compile + ["CUDA graph"] * gpu.cuda_graph
+        return ", ".join(parts) or "eager"
+    if backend == "trt" and gpu.cuda_graph:
+        return "CUDA graph"
+    return None

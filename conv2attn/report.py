@@ -257,11 +257,18 @@ def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) ->
             )
         rows.append(row)
     threads = f", {report.threads} threads" if report.backend.startswith("ort-") else ""
+    execution = f", {report.execution}" if report.execution else ""
     lines = [
-        f"{report.backend}, {report.precision}, {report.device}{threads}",
+        f"{report.backend}, {report.precision}, {report.device}{threads}{execution}",
         "",
         format_table(rows, [False] + [True] * (len(header) - 1), colour),
     ]
+    if report.backend == "torch-cuda" and report.execution == "eager":
+        lines += [
+            "",
+            "eager PyTorch launches every node from Python and these times include that; "
+            "--cuda-graph (or --compile) times the GPU's work alone",
+        ]
     for m in report.models:
         if not m.layers:
             continue

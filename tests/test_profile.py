@@ -139,3 +139,28 @@ def test_random_feeds_follow_the_batch():
 
     feeds = model_feeds(chain_model(), batch=3, shapes={})
     assert feeds["x"].shape == (3, 3, 16, 16) and feeds["x"].dtype == np.float32
+
+
+def test_gpu_tables_say_how_runs_were_issued_and_warn_of_eager_launches():
+    """An eager torch-cuda time includes a Python call per node (resnet18 local on an
+    H200: 11.4x eager against 5.2x as a CUDA graph), so the table says so."""
+    from conv2attn.profile import ModelProfile, ProfileReport, execution
+    from conv2attn.report import profile_table
+    from conv2attn.runtime.base import GpuOptions
+
+    assert execution("torch-cuda", GpuOptions()) == "eager"
+    assert execution("torch-cuda", GpuOptions(cuda_graph=True)) == "CUDA graph"
+    both = GpuOptions(cuda_graph=True, compile=True)
+    assert execution("torch-cuda", both) == "torch.compile, CUDA graph"
+    assert execution("trt", GpuOptions(cuda_graph=True)) == "CUDA graph"
+    assert execution("trt", GpuOptions()) is None and execution("ort-cpu", GpuOptions()) is None
+    stats = latency_stats([0.002] * 10, batch=1)
+    models = [ModelProfile("a.onnx", stats, 1.0, None, None, None)]
+    eager = ProfileReport("torch-cuda", 0, models, "fp16", "GPU", "eager")
+    text = profile_table(eager)
+    assert text.splitlines()[0] == "torch-cuda, fp16, GPU, eager"
+    assert "--cuda-graph (or --compile) times the GPU's work alone" in text
+    graphed = ProfileReport("torch-cuda", 0, models, "fp16", "GPU", "CUDA graph")
+    assert "launches every node" not in profile_table(graphed)
+    assert profile_table(graphed).splitlines()[0] == "torch-cuda, fp16, GPU, CUDA graph"
+    assert json.loads(json.dumps(graphed.to_dict()))["execution"] == "CUDA graph"
