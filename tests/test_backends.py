@@ -448,6 +448,24 @@ def test_imported_model_never_reads_values_on_the_device(attention):
     assert output.shape == (3, 10) and output.device.type == "meta"
 
 
+def test_every_module_named_as_reading_on_the_host_is_one_of_onnx2torch():
+    """``HOST_ARGUMENTS`` names onnx2torch's classes by name: a renamed class would
+    silently leave its constants on the device."""
+    pytest.importorskip("onnx2torch")
+    import importlib
+    import pkgutil
+
+    import onnx2torch.node_converters as converters
+
+    from conv2attn.runtime.torch_import import HOST_ARGUMENTS
+
+    classes = set()
+    for info in pkgutil.iter_modules(converters.__path__):
+        module = importlib.import_module(f"{converters.__name__}.{info.name}")
+        classes |= {name for name, value in vars(module).items() if isinstance(value, type)}
+    assert set(HOST_ARGUMENTS) <= classes, set(HOST_ARGUMENTS) - classes
+
+
 def test_nodes_of_constants_are_computed_once_at_import():
     """A node whose inputs are all constants runs at import, not on every run; the
     result still matches onnxruntime."""
