@@ -35,7 +35,7 @@ from conv2attn.runtime.tensorrt import (
     model_digest,
     tensorrt,
 )
-from tests.helpers import assert_parity, chain_model, run, save_model_file
+from tests.helpers import assert_parity, chain_model, conv_model, run, save_model_file
 
 DIGITS = str(Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx")
 
@@ -446,6 +446,39 @@ def test_imported_model_never_reads_values_on_the_device(attention):
     with torch.no_grad():
         output = module(torch.empty((3, 1, 32, 32), device="meta"))
     assert output.shape == (3, 10) and output.device.type == "meta"
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_buffers_that_modules_use_themselves_survive_the_import(attention):
+    """Only the graph's own constants are dropped once unused: a BatchNormalization's
+    statistics and the device marker of onnx2torch's Range (which a conversion for
+    dynamic sizes uses) are buffers its modules read inside ``forward``."""
+    pytest.importorskip("onnx2torch")
+    from conv2attn.runtime.torch_cuda import TorchRunner
+
+    model = conv_model(8, 8, pads=[1, 1, 1, 1], size=("H", "W"))
+    rng = np.random.default_rng(8)
+    statistics = {
+        "scale": rng.uniform(0.5, 2, 8),
+        "shift": rng.standard_normal(8),
+        "mean": rng.standard_normal(8),
+        "var": rng.uniform(0.5, 2, 8),
+    }
+    graph = model.graph
+    graph.initializer.extend(
+        onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in statistics.items()
+    )
+    graph.node[0].output[0] = "conv_out"
+    graph.node.append(
+        onnx.helper.make_node("BatchNormalization", ["conv_out", *statistics], ["y"], name="bn")
+    )
+    converted, report = conv2attn.convert(model, attention=attention)
+    assert report.layers[0].dynamic
+    feeds = {"x": rng.standard_normal((2, 8, 12, 10)).astype(np.float32)}
+    import torch
+
+    runner = TorchRunner(torch, converted, feeds, "fp32", device="cpu")
+    assert_parity(run(converted, feeds), runner.outputs())
 
 
 def test_every_module_named_as_reading_on_the_host_is_one_of_onnx2torch():

@@ -227,6 +227,7 @@ def fold_constants(module: GraphModule) -> int:
     import torch
 
     graph = module.graph
+    constants = _graph_constants(module)
     values = {}
     folded = 0
     for node in list(graph.nodes):
@@ -255,7 +256,7 @@ def fold_constants(module: GraphModule) -> int:
         values[constant] = value
         folded += 1
     if folded:
-        _drop_unused(module)
+        _drop_unused(module, constants)
     return folded
 
 
@@ -264,6 +265,7 @@ def keep_host_arguments_on_host(module: GraphModule) -> int:
     a submodule, ``host``, that ``module.to(device)`` leaves in host memory; the count of
     constants copied."""
     graph = module.graph
+    constants = _graph_constants(module)
     moved: dict[str, str] = {}
     host = None
     for node in list(graph.nodes):
@@ -287,7 +289,7 @@ def keep_host_arguments_on_host(module: GraphModule) -> int:
                 constant = graph.get_attr(moved[argument.target])
             node.update_arg(position, constant)
     if moved:
-        _drop_unused(module)
+        _drop_unused(module, constants)
     return len(moved)
 
 
@@ -318,14 +320,19 @@ def _constant(module: GraphModule, target: str):
     return getattr(module.get_submodule(owner) if owner else module, name)
 
 
-def _drop_unused(module: GraphModule) -> None:
-    """Erases dead nodes, then the buffers and submodules nothing uses any more."""
+def _drop_unused(module: GraphModule, constants: set[str]) -> None:
+    """Erases dead nodes, then those of the graph's ``constants`` (``get_attr`` targets)
+    and the submodules that nothing uses any more. Buffers that modules use inside their
+    own ``forward`` (a BatchNorm's statistics, say) are never graph constants."""
     graph = module.graph
     graph.eliminate_dead_code()
     used = {node.target for node in graph.nodes if node.op == "get_attr"}
-    for qualified, _ in list(module.named_buffers()):
-        if qualified not in used:
-            owner, _, name = qualified.rpartition(".")
-            delattr(module.get_submodule(owner) if owner else module, name)
+    for qualified in constants - used:
+        owner, _, name = qualified.rpartition(".")
+        delattr(module.get_submodule(owner) if owner else module, name)
     module.delete_all_unused_submodules()
     module.recompile()
+
+
+def _graph_constants(module: GraphModule) -> set[str]:
+    return {node.target for node in module.graph.nodes if node.op == "get_attr"}
