@@ -481,6 +481,26 @@ def test_buffers_that_modules_use_themselves_survive_the_import(attention):
     assert_parity(run(converted, feeds), runner.outputs())
 
 
+def test_a_module_that_onnx2torch_builds_wrongly_is_refused_at_its_first_run(monkeypatch):
+    """onnx2torch imports torchvision's swin_t (original and converted alike) into a
+    module whose classifier fails with a shape error; that is one line naming the
+    backend, not a traceback."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.runtime import torch_cuda
+
+    class Miswired(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.linear(x.flatten(1)[:, :1], torch.zeros(10, 768))
+
+    monkeypatch.setattr(torch_cuda, "import_model", lambda model: Miswired())
+    feeds = {"image": np.zeros((1, 1, 32, 32), np.float32)}
+    model = onnx.load(DIGITS)
+    with pytest.raises(InputError, match=r"onnx2torch built .* fails to run \(mat1 and mat2"):
+        torch_cuda.TorchRunner(torch, model, feeds, "fp32", device="cpu")
+
+
 def test_every_module_named_as_reading_on_the_host_is_one_of_onnx2torch():
     """``HOST_ARGUMENTS`` names onnx2torch's classes by name: a renamed class would
     silently leave its constants on the device."""

@@ -13,6 +13,7 @@ from types import ModuleType
 import numpy as np
 import onnx
 
+from conv2attn.errors import InputError
 from conv2attn.runtime.base import Device, RunnerRequest, cuda_torch, device_name
 from conv2attn.runtime.registry import Backend
 from conv2attn.runtime.torch_import import import_model, onnx2torch
@@ -69,11 +70,27 @@ class TorchRunner:
             tf32 = precision == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
+        self._first_run()
+        if device == "cuda":
             from conv2attn.runtime.cuda_timing import CudaTimer
 
             self.timer = CudaTimer(torch, self._forward, cuda_graph)
         else:
             self.timer = None
+
+    def _first_run(self) -> None:
+        """One run, whose failure is the import's: onnx2torch builds some graphs into
+        modules that do not run (torchvision's swin_t, original or converted, fails in
+        its classifier's matrix product)."""
+        try:
+            self._forward()
+        except RuntimeError as error:
+            lines = str(error).strip().splitlines()
+            raise InputError(
+                "--backend torch-cuda: the module onnx2torch built from this model fails to "
+                f"run ({lines[0] if lines else type(error).__name__}); onnx2torch does not "
+                "import it faithfully: time it with --backend ort-cuda or trt"
+            ) from None
 
     def _forward(self) -> None:
         torch = self.torch
