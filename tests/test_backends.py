@@ -360,6 +360,46 @@ def test_opset_18_reductions_move_to_opset_17_for_onnx2torch():
     assert_parity(run(model, {"x": x}), run(moved, {"x": x}))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_allowzero_reshapes_reach_onnx2torch_meaning_the_same(approximate):
+    """torch's dynamo exporter writes ViTs with Gelu (opset 20) and Reshapes with
+    allowzero=1: Gelu becomes the opset-17 operators of its definition, and allowzero is
+    dropped where the shape is a constant without zeros (there it changes nothing)."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.runtime.torch_import import for_onnx2torch, import_model
+
+    nodes = [
+        onnx.helper.make_node("Gelu", ["x"], ["g"], name="gelu", approximate=approximate),
+        onnx.helper.make_node("Reshape", ["g", "shape"], ["y"], name="flat", allowzero=1),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 12])],
+        [onnx.numpy_helper.from_array(np.array([2, 12], np.int64), "shape")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+    prepared = for_onnx2torch(model)
+    assert "Gelu" not in {node.op_type for node in prepared.graph.node}
+    assert all(not node.attribute for node in prepared.graph.node if node.op_type == "Reshape")
+    onnx.checker.check_model(prepared, full_check=True)
+    x = np.linspace(-4, 4, 24, dtype=np.float32).reshape(2, 3, 4)
+    with torch.no_grad():
+        result = import_model(model)(torch.from_numpy(x)).numpy()
+    assert_parity(run(model, {"x": x}), [result])
+
+
+def test_the_standard_form_is_refused_naming_its_attention_node():
+    from conv2attn.runtime.torch_import import for_onnx2torch
+
+    converted, _ = conv2attn.convert(DIGITS, form="attention")
+    with pytest.raises(InputError, match=r"node '.*/attn/Attention' .*new in opset 23"):
+        for_onnx2torch(converted)
+
+
 def test_nodes_that_opset_17_cannot_express_are_refused_by_name():
     from conv2attn.runtime.torch_import import for_onnx2torch
 

@@ -118,13 +118,31 @@ def for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     weight and bias only from initializers; torch's exporter routes shared weights
     through Identity nodes), and the opset is 17 or older. A copy when anything changes."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset <= IMPORT_OPSET and not _constant_nodes(model.graph):
+    allowing_zero = [
+        n for n in model.graph.node if n.op_type == "Reshape" and _attr(n, "allowzero")
+    ]
+    if opset <= IMPORT_OPSET and not allowing_zero and not _constant_nodes(model.graph):
         return model
     model = copy.deepcopy(model)
     _constants_as_initializers(model.graph)
+    _reshapes_without_allowzero(model.graph)
     if opset > IMPORT_OPSET:
         _to_import_opset(model, opset)
     return model
+
+
+def _reshapes_without_allowzero(graph: onnx.GraphProto) -> None:
+    """Drops ``allowzero=1`` (which onnx2torch refuses) from Reshapes whose shape is a
+    constant without zeros: there it changes nothing."""
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Reshape" or not _attr(node, "allowzero"):
+            continue
+        shape = constants.get(node.input[1])
+        if shape is not None and 0 not in numpy_helper.to_array(shape).tolist():
+            for attribute in list(node.attribute):
+                if attribute.name == "allowzero":
+                    node.attribute.remove(attribute)
 
 
 def _constant_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -174,11 +192,16 @@ def _constants_as_initializers(graph: onnx.GraphProto) -> None:
 
 def _to_import_opset(model: onnx.ModelProto, opset: int) -> None:
     constants = {t.name: t for t in model.graph.initializer}
+    nodes = []
     for node in model.graph.node:
+        nodes.append(node)
         since = onnx.defs.get_schema(node.op_type, opset, node.domain).since_version
         if since <= IMPORT_OPSET:
             continue
         inputs = list(node.input)
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            nodes[-1:] = _gelu_of_opset_17(model.graph, node)
+            continue
         if node.op_type in REDUCE_OPS:
             if len(inputs) > 1 and inputs[1]:
                 if inputs[1] not in constants:
@@ -188,6 +211,8 @@ def _to_import_opset(model: onnx.ModelProto, opset: int) -> None:
                 node.attribute.append(helper.make_attribute("axes", axes))
             continue
         if node.op_type not in SAME_MEANING:
+            if not onnx.defs.has(node.op_type, IMPORT_OPSET, node.domain):
+                raise _refusal(node, f"{node.op_type} is new in opset {since}")
             raise _refusal(node, f"{node.op_type} changed after opset {IMPORT_OPSET}")
         uses_new = NEW_FEATURES.get(node.op_type)
         if uses_new is not None and uses_new(node, inputs):
@@ -195,9 +220,51 @@ def _to_import_opset(model: onnx.ModelProto, opset: int) -> None:
         for attribute in list(node.attribute):
             if node.op_type == "Cast" and attribute.name == "saturate":
                 node.attribute.remove(attribute)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = IMPORT_OPSET
+
+
+def _gelu_of_opset_17(graph: onnx.GraphProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Gelu (opset 20) as the opset-17 operators of its definition: x/2 (1 + erf(x/sqrt 2)),
+    or with ``approximate="tanh"`` x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    import numpy as np
+
+    (x,), (y,) = node.input, node.output
+    name = node.name or y
+    dtype = helper.tensor_dtype_to_np_dtype(_element_type(graph, x))
+
+    def constant(label: str, value: float) -> str:
+        tensor = numpy_helper.from_array(np.array(value, dtype), f"{name}/{label}")
+        graph.initializer.append(tensor)
+        return tensor.name
+
+    def op(kind: str, label: str, *inputs: str, output: str | None = None) -> str:
+        out = output or f"{name}/{label}_output"
+        nodes.append(helper.make_node(kind, list(inputs), [out], name=f"{name}/{label}"))
+        return out
+
+    nodes: list[onnx.NodeProto] = []
+    if _attr(node, "approximate") in (b"tanh", "tanh"):
+        cube = op("Mul", "cube", op("Mul", "square", x, x), x)
+        inner = op("Add", "inner", x, op("Mul", "cubic", cube, constant("c", 0.044715)))
+        scaled = op("Mul", "scaled", inner, constant("k", np.sqrt(2 / np.pi)))
+        curve = op("Tanh", "tanh", scaled)
+    else:
+        curve = op("Erf", "erf", op("Div", "div", x, constant("sqrt2", np.sqrt(2))))
+    gate = op("Add", "gate", curve, constant("one", 1.0))
+    op("Mul", "half", op("Mul", "times", x, gate), constant("half", 0.5), output=y)
+    return nodes
+
+
+def _element_type(graph: onnx.GraphProto, name: str) -> int:
+    """The element type the graph declares for ``name``; float where it declares none."""
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        if value.name == name and value.type.tensor_type.elem_type:
+            return value.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
 
 
 def _refusal(node: onnx.NodeProto, why: str) -> InputError:
