@@ -13,6 +13,7 @@ reported and the rest go on.
     python tools/zoo.py --form attention                 # the standard Attention operator
     python tools/zoo.py --grid fixed --layout nchw       # convert's --grid and --layout
     python tools/zoo.py --batch 8                        # tiles sized for batch 8
+    python tools/zoo.py --torch      # also through the torch-cuda import, on the CPU
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ def run_model(
     grid: str = "auto",
     layout: str = "channels-last",
     batch: int = 1,
+    torch_import: bool = False,
 ) -> dict:
     """Export, convert and check one model; the row of the coverage table. ``dynamic``:
     export with dynamic height and width, convert once, check at two sizes; ``form``,
     ``grid``, ``layout``, ``batch``: convert's options (the check runs at batch 1: tiles
-    sized for any batch run at every batch)."""
+    sized for any batch run at every batch). ``torch_import``: also run the conversion
+    through the torch-cuda backend's import, on the CPU in fp32, at the first size."""
     import numpy as np
     import onnx
 
@@ -116,6 +119,7 @@ def run_model(
     original_session, converted_session = session(str(source)), session(str(target))
     sizes = [(size, size), *([SECOND_SIZE] if dynamic else [])]
     row["sizes_checked"] = []
+    checked = []
     for height, width in sizes:
         feeds = {"input": rng.standard_normal((1, 3, height, width)).astype(np.float32)}
         try:
@@ -125,6 +129,10 @@ def run_model(
         actual = converted_session.run(None, feeds)
         errors += [compare(str(i), r, a) for i, (r, a) in enumerate(zip(reference, actual))]
         row["sizes_checked"].append(f"{height}x{width}")
+        checked.append((feeds, reference))
+    if torch_import:
+        del converted_session
+        row |= _through_torch(target, *checked[0])
     row["dynamic_layers"] = sum(layer.dynamic for layer in report.layers)
     worst = max(errors, key=lambda e: e.max_rel)
     row["max_abs"] = float(worst.max_abs)
@@ -132,6 +140,26 @@ def run_model(
     row["max_ref"] = float(worst.max_reference)
     row["parity"] = all(e.within(RTOL, ATOL) for e in errors)
     return row
+
+
+def _through_torch(target: Path, feeds: dict, reference: list) -> dict:
+    """The converted model through the torch-cuda backend's import (onnx2torch), run on
+    the CPU in fp32: parity with the original's onnxruntime outputs, or why it is refused."""
+    import onnx
+    import torch
+
+    from conv2attn.errors import InputError
+    from conv2attn.runtime.torch_cuda import TorchRunner
+    from conv2attn.validate import ATOL, RTOL, compare
+
+    try:
+        runner = TorchRunner(torch, onnx.load(str(target)), feeds, "fp32", device="cpu")
+        outputs = runner.outputs()
+    except InputError as error:
+        return {"torch": f"refused: {error}"}
+    errors = [compare(str(i), r, a) for i, (r, a) in enumerate(zip(reference, outputs))]
+    parity = all(e.within(RTOL, ATOL) for e in errors)
+    return {"torch": "parity" if parity else "off", "torch_max_rel": max(e.max_rel for e in errors)}
 
 
 def _all_nodes(graph):
@@ -151,7 +179,7 @@ def _run_isolated(name: str, args: argparse.Namespace) -> dict:
         command += ["--row", str(out), "--folder", folder]
         command += ["--dynamic"] if args.dynamic else []
         command += ["--form", args.form, "--grid", args.grid, "--layout", args.layout]
-        command += ["--batch", str(args.batch)]
+        command += ["--batch", str(args.batch)] + ["--torch"] * args.torch
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -199,6 +227,11 @@ def main() -> int:
     )
     parser.add_argument("--form", choices=("matmul", "attention"), default="matmul")
     parser.add_argument("--batch", type=int, default=1, help="convert --batch")
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="also run each conversion through the torch-cuda import (onnx2torch), on the CPU",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -215,6 +248,7 @@ def main() -> int:
                 grid=args.grid,
                 layout=args.layout,
                 batch=args.batch,
+                torch_import=args.torch,
             )
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()
@@ -236,6 +270,12 @@ def main() -> int:
     print(f"{len(rows) - len(failed)} of {len(rows)} models: every Conv converted with parity")
     if failed:
         print("not fully converted with parity: " + ", ".join(failed))
+    if args.torch:
+        through = [r for r in rows if r.get("torch") == "parity"]
+        print(f"through the torch-cuda import: {len(through)} of {len(rows)} with parity")
+        for row in rows:
+            if row.get("torch") != "parity":
+                print(f"  {row['model']}: {row.get('torch', row.get('error', 'not run'))}")
     return 1 if failed else 0
 
 
