@@ -541,6 +541,17 @@ def test_a_module_that_onnx2torch_builds_wrongly_is_refused_at_its_first_run(mon
         torch_cuda.TorchRunner(torch, model, feeds, "fp32", device="cpu")
 
 
+def test_a_model_over_2_gb_is_refused_before_onnx2torch_fails_on_it(monkeypatch):
+    """onnx2torch serialises the model for shape inference, which protobuf cannot do at
+    2 GB (regnet_y_128gf's conversion: an EncodeError from deep inside)."""
+    pytest.importorskip("onnx2torch")
+    from conv2attn.runtime import torch_import
+
+    monkeypatch.setattr(torch_import, "model_size", lambda model: 2_800_000_000)
+    with pytest.raises(InputError, match=r"cannot import a model of 2\.6 GB"):
+        torch_import.import_model(onnx.load(DIGITS))
+
+
 def test_every_module_named_as_reading_on_the_host_is_one_of_onnx2torch():
     """``HOST_ARGUMENTS`` names onnx2torch's classes by name: a renamed class would
     silently leave its constants on the device."""

@@ -157,6 +157,8 @@ def _through_torch(target: Path, feeds: dict, reference: list) -> dict:
         outputs = runner.outputs()
     except InputError as error:
         return {"torch": f"refused: {error}"}
+    except Exception as error:  # onnx2torch's own failure: the row keeps the rest
+        return {"torch": f"error: {type(error).__name__}: {error}"}
     errors = [compare(str(i), r, a) for i, (r, a) in enumerate(zip(reference, outputs))]
     parity = all(e.within(RTOL, ATOL) for e in errors)
     return {"torch": "parity" if parity else "off", "torch_max_rel": max(e.max_rel for e in errors)}

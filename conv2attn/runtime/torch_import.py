@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from conv2attn.errors import InputError
+from conv2attn.modelio import PROTOBUF_LIMIT, model_size
 from conv2attn.runtime.base import import_module
 from conv2attn.runtime.registry import BACKENDS
 
@@ -279,6 +280,12 @@ def import_model(model: onnx.ModelProto) -> GraphModule:
     nodes computed and its host-read constants in host memory (module docstring); an
     operator onnx2torch lacks is refused with a clear message."""
     converter = onnx2torch()
+    size = model_size(model)
+    if size >= PROTOBUF_LIMIT:  # onnx2torch serialises the model for shape inference
+        raise InputError(
+            f"--backend torch-cuda: onnx2torch cannot import a model of {size / 2**30:.1f} GB "
+            "(protobuf holds at most 2 GB): time it with --backend ort-cuda or trt"
+        )
     try:
         module = converter.convert(for_onnx2torch(model))
     except NotImplementedError as error:  # onnx2torch's answer for an operator it lacks
