@@ -117,7 +117,8 @@ def for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` as onnx2torch imports it, meaning the same: constants that reach nodes
     through Identity or Constant nodes become initializers (onnx2torch reads a Conv's
     weight and bias only from initializers; torch's exporter routes shared weights
-    through Identity nodes), and the opset is 17 or older. A copy when anything changes."""
+    through Identity nodes), ``allowzero`` goes where it changes nothing, and the opset
+    is 17 or older (Gelu spelled out in older operators). A copy when anything changes."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     allowing_zero = [
         n for n in model.graph.node if n.op_type == "Reshape" and _attr(n, "allowzero")
