@@ -20,7 +20,27 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
+
+
+class cached_property:
+    """A figure computed on first use and stored on the instance, like
+    ``functools.cached_property`` without the lock Python 3.11 takes on every first access:
+    planning derives some thirty figures for each of thousands of candidate plans. Each
+    figure is a pure function of a frozen plan, so two threads deriving it at once store
+    equal values."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
 
 
 class GeometryError(ValueError):

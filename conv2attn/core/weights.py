@@ -15,6 +15,7 @@ positional logits are built from the coordinate vectors returned here.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -31,21 +32,19 @@ ALPHA = 200.0
 TRAINABLE_ALPHA = 24.0
 
 
-def _axis_selection(
-    kernel: int, stride: int, dilation: int, patch: int, reach: int, phase: int = 0
-) -> np.ndarray:
-    """S[a, y, u, k] = 1 where output pixel u of a patch reads input pixel y of patch +a.
-
-    Along one axis: phase + u * stride + dilation * k == a * in_patch + y (section 3; the
-    phase is the fixed grid's, section 8).
-    """
+def _axis_entries(
+    kernel: int, stride: int, dilation: int, patch: int, phase: int = 0
+) -> list[tuple[int, int, int, int]]:
+    """(a, y, u, k) along one axis: output pixel u of a patch reads, through kernel tap k,
+    input pixel y of the patch at offset +a, where
+    phase + u * stride + dilation * k == a * in_patch + y (section 3; the phase is the
+    fixed grid's, section 8). Distinct taps of one output pixel read distinct pixels."""
     in_patch = stride * patch
-    selection = np.zeros((reach + 1, in_patch, patch, kernel), dtype=np.float64)
-    for u in range(patch):
-        for k in range(kernel):
-            a, y = divmod(phase + u * stride + dilation * k, in_patch)
-            selection[a, y, u, k] = 1.0
-    return selection
+    return [
+        (*divmod(phase + u * stride + dilation * k, in_patch), u, k)
+        for u in range(patch)
+        for k in range(kernel)
+    ]
 
 
 def output_projection(
@@ -59,32 +58,39 @@ def output_projection(
     Each entry is a copy of one Conv weight or zero, so the construction is exact.
     """
     spec = plan.spec
-    rank = spec.rank
     group = spec.group
     cg_out = spec.out_channels // group
     cg_in = spec.in_channels // group
     expected = (spec.out_channels, cg_in, *spec.kernel)
     if tuple(weight.shape) != expected:
         raise ValueError(f"Conv weight has shape {list(weight.shape)}, expected {list(expected)}")
-
-    # Every entry is one weight times 1 plus zeros, exact in any float type, so the
-    # product is formed in the weights' own precision (float32 for float16: numpy's
-    # float16 einsum is slow) and never in a wider, larger temporary.
-    compute = np.float32 if weight.dtype == np.float16 else weight.dtype
-    w = weight.astype(compute, copy=False).reshape(group, cg_out, cg_in, *spec.kernel)
-    selections = [
-        _axis_selection(k, s, d, a.patch, a.reach, a.phase).astype(compute)
-        for k, s, d, a in zip(spec.kernel, spec.strides, spec.dilations, plan.axes)
-    ]
-    # Letters per axis i: offset a_i, input pixel y_i, output pixel u_i, kernel tap k_i.
-    letters = "abcdefhijlmnpqrstvwxyz"[: 4 * rank]
-    offs, ins, outs, taps = (letters[i::4] for i in range(4))
-    terms = [f"{offs[i]}{ins[i]}{outs[i]}{taps[i]}" for i in range(rank)]
     if channels_last is None:
         channels_last = plan.channels_last
-    rows, cols = (f"{ins}C", f"{outs}O") if channels_last else (f"C{ins}", f"O{outs}")
-    subscripts = ",".join(terms) + f",GOC{taps}" + f"->G{offs}{rows}{cols}"
-    projection = np.einsum(subscripts, *selections, w, optimize=True)
+
+    # [g, Cg_in, Cg_out, k1, ..]: one [g, Cg_in, Cg_out] block per kernel tap.
+    w = weight.reshape(group, cg_out, cg_in, *spec.kernel).swapaxes(1, 2)
+    offsets = [a.reach + 1 for a in plan.axes]
+    in_patch = list(plan.in_patch)
+    patch = list(plan.patch)
+    if channels_last:  # rows (head, y.., c), columns (u.., co)
+        shape = [group, *offsets, *in_patch, cg_in, *patch, cg_out]
+    else:  # rows (head, c, y..), columns (co, u..)
+        shape = [group, *offsets, cg_in, *in_patch, cg_out, *patch]
+    projection = np.zeros(shape, dtype=weight.dtype)
+    every = slice(None)
+    per_axis = [
+        _axis_entries(k, s, d, a.patch, a.phase)
+        for k, s, d, a in zip(spec.kernel, spec.strides, spec.dilations, plan.axes)
+    ]
+    # Each entry is written once (one tap per input pixel of an output pixel), so the
+    # values are copies of the weights: exact in any dtype.
+    for entry in itertools.product(*per_axis):
+        a, y, u, k = ([axis[i] for axis in entry] for i in range(4))
+        if channels_last:
+            where = (every, *a, *y, every, *u, every)
+        else:
+            where = (every, *a, every, *y, every, *u)
+        projection[where] = w[(every, every, every, *k)]
     projection = projection.reshape(group, plan.heads * plan.group_in_dim, plan.group_out_dim)
     if plan.order is Order.PROJECT_FIRST:
         projection = (
@@ -92,7 +98,7 @@ def output_projection(
             .transpose(0, 2, 1, 3)
             .reshape(group, plan.group_in_dim, plan.heads * plan.group_out_dim)
         )
-    return np.ascontiguousarray(projection.astype(weight.dtype, copy=False))
+    return np.ascontiguousarray(projection)
 
 
 def depthwise_layout(plan: AttentionPlan, projection: np.ndarray) -> np.ndarray:
