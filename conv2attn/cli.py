@@ -389,7 +389,9 @@ def _add_profile(commands) -> None:
         help="measure latency side by side (onnxruntime, TensorRT, PyTorch)",
         description="Time models side by side on a backend: warm-up, then blocks of runs "
         "per model in turn (each block's first run dropped), until every model has "
-        "--iterations runs or --duration seconds are spent. Ratios are to the first model. "
+        "--iterations runs or --duration seconds are spent. Ratios are to the first model's "
+        "median, and best block to best block (the median of each model's fastest block: "
+        "steadier than the median where the machine's speed drifts). "
         "GPU runs are timed with CUDA events, inputs already on the device.",
         epilog=PROFILE_EPILOG.format(backends=help_text()),
     )

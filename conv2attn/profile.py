@@ -2,7 +2,11 @@
 
 Models are timed in one process, alternating in blocks of runs; the first run of each
 block is dropped, so a large model evicting a small one's weights from the caches does
-not count against the small one (strict A/B interleaving skews ratios that way).
+not count against the small one (strict A/B interleaving skews ratios that way). Besides
+the median, each model's *best block* (the median of its fastest block) is reported: on a
+shared machine whose speed drifts in phases lasting many runs (other tenants' memory
+traffic slows memory-bound models most), the median depends on how the phases fell, while
+the fastest block measures the model at the machine's full speed.
 Backends come from ``runtime.registry``: each builds a ``Runner`` per model; GPU runs are
 timed with CUDA events (``runtime.cuda_timing``) and their outputs compared with
 onnxruntime's CPU float32 outputs under a bound set by the precision.
@@ -50,7 +54,8 @@ PRECISION_TOLERANCE = {
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Per-run latency of one model; ``throughput`` is samples per second at the median."""
+    """Per-run latency of one model; ``throughput`` is samples per second at the median;
+    ``best_block_ms``: the median of the fastest block of runs (0 when not in blocks)."""
 
     runs: int
     batch: int
@@ -62,13 +67,22 @@ class LatencyStats:
     throughput: float
     p95_ms: float = 0.0
     max_ms: float = 0.0
+    best_block_ms: float = 0.0
 
 
-def latency_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
+def latency_stats(seconds: Sequence[float], batch: int, kept_per_block: int = 0) -> LatencyStats:
+    """Statistics of ``seconds``; ``kept_per_block``: the runs each block contributed, in
+    order (``time_runners`` keeps all but the first of each block), for ``best_block_ms``."""
     if not seconds:
         raise ValueError("no timed runs")
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     median = float(np.median(ms))
+    best_block = 0.0
+    if kept_per_block > 0:
+        best_block = min(
+            float(np.median(ms[start : start + kept_per_block]))
+            for start in range(0, len(ms), kept_per_block)
+        )
     return LatencyStats(
         runs=len(ms),
         batch=batch,
@@ -80,6 +94,7 @@ def latency_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
         throughput=batch * 1e3 / median,
         p95_ms=float(np.percentile(ms, 95)),
         max_ms=float(ms.max()),
+        best_block_ms=best_block,
     )
 
 
@@ -97,12 +112,16 @@ class Numerics:
 
 @dataclass
 class ModelProfile:
+    """One model's timing; ``ratio`` and ``best_block_ratio`` are against the first model's
+    median and best block."""
+
     path: str
     stats: LatencyStats
     ratio: float
     layers: list[LayerTime] | None = None
     numerics: Numerics | None = None
     engine_cached: bool | None = None
+    best_block_ratio: float = 0.0
 
 
 @dataclass
@@ -277,7 +296,7 @@ def profile(
         warmup=warmup,
         progress=progress,
     )
-    stats = [latency_stats(t, batch) for t in times]
+    stats = [latency_stats(t, batch, kept_per_block=block - 1) for t in times]
     records = [converted_layers(model) for model in models]
     known = next((record for record in records if record), [])
     results = []
@@ -291,7 +310,13 @@ def profile(
             numerics = _numerics(Path(path), feed, runner, precision)
         results.append(
             ModelProfile(
-                str(path), stat, stat.median_ms / stats[0].median_ms, layers, numerics, cached
+                str(path),
+                stat,
+                stat.median_ms / stats[0].median_ms,
+                layers,
+                numerics,
+                cached,
+                best_block_ratio=stat.best_block_ms / stats[0].best_block_ms,
             )
         )
     return ProfileReport(

@@ -24,6 +24,15 @@ def test_latency_statistics():
     assert stats.throughput == pytest.approx(8 * 1000 / 50.5)
 
 
+def test_best_block_is_the_median_of_the_fastest_block():
+    # three blocks of 5 kept runs: a slow phase, a fast one with an outlier, a middling one
+    blocks = [[30, 31, 29, 30, 32], [10, 11, 40, 10, 12], [20, 21, 20, 22, 19]]
+    stats = latency_stats([m / 1000 for b in blocks for m in b], batch=1, kept_per_block=5)
+    assert stats.best_block_ms == pytest.approx(11.0)  # the fast block's median, not its min
+    assert stats.min_ms == pytest.approx(10.0)
+    assert latency_stats([0.001] * 4, batch=1).best_block_ms == 0.0  # not timed in blocks
+
+
 class RecordingRunner:
     """Stands in for a backend's runner: records the order of runs."""
 
@@ -93,10 +102,15 @@ def test_profile_reports_every_model_with_ratio_to_the_first(pair, tmp_path, cap
     assert second["ratio"] == pytest.approx(
         second["stats"]["median_ms"] / first["stats"]["median_ms"]
     )
+    assert second["best_block_ratio"] == pytest.approx(
+        second["stats"]["best_block_ms"] / first["stats"]["best_block_ms"]
+    )
+    assert "best block ms" in printed and "ratio best block" in printed
     for model in report["models"]:
         stats = model["stats"]
         assert stats["runs"] >= 5 and stats["batch"] == 2
         assert stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+        assert stats["min_ms"] <= stats["best_block_ms"] <= stats["max_ms"]
 
 
 def test_per_layer_attributes_kernel_time_to_source_convs(pair, tmp_path):

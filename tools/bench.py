@@ -10,7 +10,9 @@ memory and sizes are from the first batch's). On GPU backends the conversions ar
 with ``--no-tiles``: tiles keep a CPU's caches warm, and a GPU runs each tile as kernels
 of its own. Prints one table; its Transposes
 column counts them in the original, in the conversion with NCHW between layers
-(``--layout nchw``) and in the one timed (channels-last between layers, the default).
+(``--layout nchw``) and in the one timed (channels-last between layers, the default);
+latency ratios are of medians and of best blocks (``conv2attn.profile``: the median of
+each model's fastest block of runs, steadier where the machine's speed drifts).
 
     python tools/bench.py                       # resnet18, resnet50, mobilenet_v2
     python tools/bench.py --models resnet18 --batches 1 --iterations 20
@@ -165,7 +167,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     original_size = source.stat().st_size
     conversions: dict = {}
     variants = [(attention, form) for form in args.forms for attention in args.attentions]
-    latency, worst, heading = {}, {}, ""
+    latency, best, worst, heading = {}, {}, {}, ""
     for batch in args.batches:
         # each batch size runs the conversion made for it (convert --batch: local
         # attention's tiles sized for that batch); the figures are the first batch's
@@ -197,9 +199,14 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             if m.numerics is not None:
                 worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
         latency[batch] = [m.ratio for m in report.models]
+        best[batch] = [m.best_block_ratio for m in report.models]
         medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
+        blocks = ", ".join(f"{m.stats.best_block_ms:.2f}" for m in report.models)
         labels = ", ".join(["original", *(f"{a} {f}" for a, f in variants)])
-        print(f"{name} batch {batch}: median ms ({labels}) = {medians}", flush=True)
+        print(
+            f"{name} batch {batch}: median ms ({labels}) = {medians}; best block ms = {blocks}",
+            flush=True,
+        )
     results = [
         {
             "model": name,
@@ -209,6 +216,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             "size_ratio": conversions[attention, form]["size"] / original_size,
             "transposes_before": transposes(models[0]),
             "latency_ratio": {str(b): latency[b][index] for b in args.batches},
+            "best_block_ratio": {str(b): best[b][index] for b in args.batches},
         }
         for index, (attention, form) in enumerate(variants, start=1)
     ]
@@ -228,6 +236,7 @@ def _row(result: dict, batches: list[int]) -> list[str]:
         f"{result['param_ratio']:.2f}",
         f"{result['transposes_before']}/{result['transposes_nchw']}/{result['transposes']}",
         *[f"{result['latency_ratio'][str(b)]:.2f}" for b in batches],
+        *[f"{result['best_block_ratio'][str(b)]:.2f}" for b in batches],
     ]
 
 
@@ -245,7 +254,8 @@ def main() -> None:
     header = ["model", "attention", "form", "convert s", "peak MB", "peak/size", "size x"]
     header.append("MACs x")
     header += ["params x", "Transposes o/n/c"]
-    rows = [[*header, *[f"latency x b{b}" for b in args.batches]]]
+    header += [f"latency x b{b}" for b in args.batches]
+    rows = [[*header, *[f"best block x b{b}" for b in args.batches]]]
     results, worst, heading = [], {}, ""
     with tempfile.TemporaryDirectory(prefix="conv2attn-bench-") as folder:
         for name in args.models:
