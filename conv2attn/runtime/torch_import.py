@@ -18,6 +18,7 @@ import copy
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -165,8 +166,6 @@ def _constant_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def _constant_value(node: onnx.NodeProto):
     """A Constant node's value as a numpy array, or None for sparse and string values."""
-    import numpy as np
-
     attribute = node.attribute[0] if len(node.attribute) == 1 else None
     if attribute is None:
         return None
@@ -232,8 +231,6 @@ def _to_import_opset(model: onnx.ModelProto, opset: int) -> None:
 def _gelu_of_opset_17(graph: onnx.GraphProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """Gelu (opset 20) as the opset-17 operators of its definition: x/2 (1 + erf(x/sqrt 2)),
     or with ``approximate="tanh"`` x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    import numpy as np
-
     (x,), (y,) = node.input, node.output
     name = node.name or y
     dtype = helper.tensor_dtype_to_np_dtype(_element_type(graph, x))
