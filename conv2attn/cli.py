@@ -209,6 +209,15 @@ def _plan_options(parser) -> None:
         "per Conv, the cheaper (default)",
     )
     parser.add_argument(
+        "--queries",
+        choices=["patch", "strided", "auto"],
+        default="auto",
+        help="where a strided Conv's local attention puts its queries: patch (tokens of "
+        "stride x patch pixels, fewer heads), strided (tokens of one pixel, a query every "
+        "stride tokens: the kernel's taps are the heads); auto: per Conv, the cheaper "
+        "(default)",
+    )
+    parser.add_argument(
         "--block",
         default="auto",
         metavar="auto|N|NxM",
@@ -590,6 +599,7 @@ def run_convert(args: argparse.Namespace) -> int:
         nominal_shapes=args.nominal_shape,
         form=args.form,
         grid=args.grid,
+        queries=args.queries,
         layout=args.layout,
         batch=args.batch,
         tiles=args.tiles,
@@ -623,6 +633,7 @@ def _convert_options(args: argparse.Namespace):
         fold_bn=args.fold_bn,
         nominal_shapes=args.nominal_shape,
         grid=args.grid,
+        queries=args.queries,
     )
 
 

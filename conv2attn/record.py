@@ -78,6 +78,8 @@ class LayerReport:
     input_channels_last: bool = False
     # local attention split into this many tiles of blocks (``AttentionPlan.tiles``)
     tiles: int = 1
+    # local attention on one-pixel tokens with a query every stride tokens (section 5)
+    strided_queries: bool = False
 
     @classmethod
     def from_plan(
@@ -139,6 +141,7 @@ class LayerReport:
             grid=plan.grid.value,
             fixed_grid_heads=plan.fixed_grid_heads,
             tiles=tiles,
+            strided_queries=plan.strided_queries,
         )
 
 
@@ -148,6 +151,7 @@ def _summary(plan: AttentionPlan) -> dict:
         "order": plan.order.value,
         "block": list(plan.block) if plan.attention is Attention.LOCAL else None,
         "grid": plan.grid.value,
+        "strided_queries": plan.strided_queries,
         "heads": plan.heads,
         "macs": plan.macs,
         "params": plan.params,
@@ -200,6 +204,7 @@ RECORDED_FIELDS = (
     "pads_end",
     "grid",
     "fixed_grid_heads",
+    "strided_queries",
 )
 
 
@@ -224,6 +229,7 @@ class ConversionReport:
     folded_batchnorms: list[str] = field(default_factory=list)
     form: str = "matmul"
     grid: str = "auto"
+    queries: str = "auto"
     layout: str = "nchw"
     batch: int = 1
     tiles: bool = True  # False: convert --no-tiles
@@ -254,6 +260,7 @@ class ConversionReport:
                 "max_param_growth": self.max_param_growth,
                 "form": self.form,
                 "grid": self.grid,
+                "queries": self.queries,
                 "layout": self.layout,
                 "batch": self.batch,
                 "tiles": self.tiles,
@@ -349,6 +356,7 @@ def recorded_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
         attention,
         layer.get("block"),
         Grid(layer.get("grid", Grid.SHIFTED.value)),  # records before the fixed grid: shifted
+        bool(layer.get("strided_queries", False)),
     )
     if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
         raise InputError(

@@ -71,7 +71,7 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
                 _dims(layer.kernel),
                 _dims(layer.strides),
                 str(layer.groups),
-                _dims(layer.patch),
+                _dims(layer.patch) + ("*" if layer.strided_queries else ""),
                 layer.order,
                 _dims(layer.block) if layer.block else "",
                 _heads(layer),
@@ -114,6 +114,11 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
         text += (
             "\n\nheads (n): the same patch needs n heads on Li et al.'s fixed token grid "
             "(--grid fixed)"
+        )
+    if any(layer.strided_queries for layer in report.layers):
+        text += (
+            "\n\npatch n*: strided queries: tokens of one pixel, a query every stride tokens "
+            "(the kernel's taps are the heads)"
         )
     tiled = [layer.tiles for layer in report.layers if layer.tiles > 1]
     if tiled:

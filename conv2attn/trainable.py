@@ -116,10 +116,13 @@ def plan_for(
     block: str | int | Sequence[int] = "auto",
     max_param_growth: float = 4.0,
     grid: str = "auto",
+    queries: str = "auto",
 ) -> AttentionPlan:
     """The plan ``conv2attn convert`` chooses for this Conv alone in a model."""
     spec = conv_spec(conv, input_size)
-    return _plans([spec], ["conv"], patch, attention, block, max_param_growth, grid).plans[0]
+    return _plans([spec], ["conv"], patch, attention, block, max_param_growth, grid, queries).plans[
+        0
+    ]
 
 
 def _plans(
@@ -130,6 +133,7 @@ def _plans(
     block: str | int | Sequence[int],
     max_param_growth: float,
     grid: str = "auto",
+    queries: str = "auto",
 ) -> LayerPlans:
     """``core.planning.plan_layers``, the ONNX pass's own choice, for ``nn.Module`` options."""
     attention = AttentionChoice(attention)
@@ -143,6 +147,7 @@ def _plans(
         block=block if block == "auto" else _pair(block, "block"),
         max_param_growth=max_param_growth,
         grid=grid,
+        queries=queries,
     )
 
 
@@ -355,6 +360,7 @@ class ConvAttention(nn.Module):
                     plan.attention,
                     plan.block if local else None,
                     plan.grid,
+                    plan.strided_queries,
                 )
             except GeometryError as error:
                 raise ValueError(f"input size {list(size)}: {error}") from None
@@ -478,14 +484,16 @@ def convert_module(
     key_dim: int = KEY_DIM,
     alpha: float = TRAINABLE_ALPHA,
     grid: str = "auto",
+    queries: str = "auto",
 ) -> nn.Module:
     """A copy of ``model`` with every selected ``nn.Conv2d`` replaced by ``ConvAttention``.
 
     ``example_input`` fixes each Conv's input size (one forward pass, recorded by hooks).
     ``include``/``exclude`` are glob patterns over module names (``layer1.*``). With
     ``patch="auto"`` patches are chosen per layer by the ONNX converter's cost model under
-    the same whole-model parameter budget (``max_param_growth``); ``grid`` as in
-    ``conv2attn.convert`` (``fixed``: Li et al.'s token grid). ``model`` is unchanged.
+    the same whole-model parameter budget (``max_param_growth``); ``grid`` and
+    ``queries`` as in ``conv2attn.convert`` (``fixed``: Li et al.'s token grid;
+    ``strided``: strided Convs' queries every stride pixels). ``model`` is unchanged.
     """
     converted = copy.deepcopy(model)
     convs = {
@@ -516,7 +524,7 @@ def convert_module(
         raise ValueError(f"Conv2d {unused[0]} did not run on the example input")
     names = list(convs)
     specs = [conv_spec(convs[name], sizes[name]) for name in names]
-    plans = _plans(specs, names, patch, attention, block, max_param_growth, grid).plans
+    plans = _plans(specs, names, patch, attention, block, max_param_growth, grid, queries).plans
     for name, plan in zip(names, plans):
         layer = ConvAttention.from_conv(
             convs[name], sizes[name], key_dim=key_dim, plan=plan, alpha=alpha
@@ -560,6 +568,7 @@ def attention_summary(model: nn.Module, x: torch.Tensor) -> list[dict]:
                 "name": name,
                 "heads": plan.heads,
                 "patch": list(plan.patch),
+                "strided_queries": plan.strided_queries,
                 "attention": plan.attention.value,
                 **layer.attention_statistics(inputs[name]),
             }

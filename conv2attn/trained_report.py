@@ -76,6 +76,8 @@ def render_trained(summary: Sequence[dict], title: str) -> str:
         off = 100 * float(np.mean(layer["off_convolution"]))
         gates = ", ".join(f"{g:+.2f}" for g in layer["gates"])
         patch = "x".join(map(str, layer["patch"]))
+        if layer.get("strided_queries"):
+            patch += " with strided queries"
         sections.append(
             f'<section class="layer"><h3><code>{html.escape(layer["name"])}</code></h3>'
             f'<p class="note">{layer["heads"]} heads, {layer["attention"]} attention, patch '

@@ -90,6 +90,14 @@ class AttentionPicture:
         )
 
 
+def _query_steps(layer: dict) -> list[int]:
+    """Tokens between queries per axis: the stride with strided queries (design section
+    5; kernel-1 axes are subsampled and have none), else 1."""
+    if not layer.get("strided_queries"):
+        return [1] * len(layer["kernel"])
+    return [s if k > 1 else 1 for k, s in zip(layer["kernel"], layer["strides"])]
+
+
 def _grid_offset(layer: dict) -> tuple[int, ...]:
     """Whole zero tokens ahead of the input per axis (design section 8): on the fixed grid
     output token I covers the pixels of the token I + offset of its key grid."""
@@ -116,8 +124,10 @@ def attention_picture(
     if probs.ndim == 4:  # the operator's [B', heads, q, K]: the first batch item and block
         probs = probs[0].transpose(1, 0, 2).reshape(-1, probs.shape[-1])
     reach = layer["reach"]
+    steps = _query_steps(layer)
     if layer.get("block"):
-        query_grid, key_grid = layer["block"], [b + r for b, r in zip(layer["block"], reach)]
+        query_grid = layer["block"]
+        key_grid = [s * (b - 1) + 1 + r for b, r, s in zip(layer["block"], reach, steps)]
     else:
         query_grid, key_grid = layer["query_grid"], layer["token_grid"]
     queries = int(np.prod(query_grid))
@@ -130,7 +140,7 @@ def attention_picture(
     row = int(np.ravel_multi_index(centre, query_grid))
     maps = probs.reshape(queries, heads, *key_grid)[row]
     # the query's own token among the keys: on the fixed grid, behind the zero tokens
-    own = tuple(c + z for c, z in zip(centre, _grid_offset(layer)))
+    own = tuple(c * s + z for c, s, z in zip(centre, steps, _grid_offset(layer)))
     offsets = []
     for head in range(heads):
         position = np.unravel_index(int(np.argmax(maps[head])), key_grid)
@@ -517,7 +527,10 @@ def _layer_table(data: ReportData) -> str:
             _cell("x".join(map(str, layer["strides"]))),
             _cell("x".join(map(str, layer["dilations"]))),
             _cell(str(layer["groups"]), layer["groups"]),
-            _cell("x".join(map(str, layer["patch"]))),
+            _cell(
+                "x".join(map(str, layer["patch"]))
+                + (", strided queries" if layer.get("strided_queries") else "")
+            ),
             _cell("x".join(map(str, layer["token_grid"])), int(np.prod(layer["token_grid"]))),
             _cell(str(layer["heads"]), layer["heads"]),
             _cell(human(layer["macs_before"]), layer["macs_before"]),

@@ -19,7 +19,7 @@ import conv2attn
 from conv2attn.cli import main
 from conv2attn.errors import InputError
 from tests.helpers import assert_parity, chain_model, conv_model, run, save_model_file
-from tests.test_property import conv_configs, reference
+from tests.test_property import check_queries, conv_configs, reference
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "150"))
 
@@ -175,6 +175,7 @@ def check_dynamic(config: dict, sizes: list[tuple[int, ...]], form: str = "matmu
     options = dict(
         patch=config["patch"], attention=config["attention"], block=config["block"],
         nominal_shapes={"x": [1, m["in_channels"], *m["size"]]}, form=form, grid=config["grid"],
+        queries=config["queries"],
     )  # fmt: skip
     if (
         config["grid"] == "fixed"
@@ -187,6 +188,7 @@ def check_dynamic(config: dict, sizes: list[tuple[int, ...]], form: str = "matmu
         return
     converted, report = conv2attn.convert(model, **options)
     assert report.layers[0].dynamic
+    check_queries(config, report.layers[0])
     rng = np.random.default_rng(m["seed"])
     checked = 0
     for size in [tuple(m["size"]), *sizes]:

@@ -57,6 +57,7 @@ def conv_configs(draw, ranks=(2,)):
         "attention": attention,
         "block": block,
         "grid": draw(st.sampled_from(["shifted", "fixed", "auto"])),
+        "queries": draw(st.sampled_from(["auto", "patch", "strided"])),
         "model": dict(
             in_channels=cin,
             out_channels=cout,
@@ -101,6 +102,27 @@ def reference(model, feeds, config):
     return run(model, feeds)
 
 
+def takes_strided_queries(config) -> bool:
+    """Whether ``--queries strided`` gives this Conv strided queries when it goes local:
+    a stride above 1 on an axis whose kernel is above 1 (kernel-1 axes are subsampled),
+    and patch 1 on every such axis."""
+    m = config["model"]
+    strided = [i for i, (k, s) in enumerate(zip(m["kernel"], m["strides"])) if k > 1 and s > 1]
+    if not strided:
+        return False
+    if config["patch"] == "auto":
+        return True
+    patch = [int(v) for v in config["patch"].split("x")]
+    return all(patch[i] == 1 for i in strided)
+
+
+def check_queries(config, layer) -> None:
+    if config["queries"] == "patch" or layer.attention == "global":
+        assert not layer.strided_queries
+    elif config["queries"] == "strided":
+        assert layer.strided_queries == takes_strided_queries(config)
+
+
 def check(config, form: str = "matmul"):
     model = conv_model(**config["model"])
     converted, report = conv2attn.convert(
@@ -111,10 +133,12 @@ def check(config, form: str = "matmul"):
         form=form,
         grid=config["grid"],
         batch=config["tile_batch"],
+        queries=config["queries"],
     )
     assert len(report.layers) == 1
     if config["grid"] != "auto":
         assert report.layers[0].grid == config["grid"]
+    check_queries(config, report.layers[0])
     ops = [n.op_type for n in converted.graph.node]
     assert "Conv" not in ops
     assert ("Attention" in ops) == (form == "attention")
@@ -152,6 +176,7 @@ def test_property_strategy_reaches_the_hard_cases():
         "fixed": False,
         "fixed grid phase": False,
         "tiles": False,
+        "strided queries": False,
     }
 
     # generation only (nothing converts here), so many draws are cheap: the rarest case,
@@ -167,6 +192,11 @@ def test_property_strategy_reaches_the_hard_cases():
         seen[config["attention"]] = True
         seen[config["grid"]] = True
         seen["tiles"] |= config["attention"] != "global" and config["tile_batch"] > 1
+        seen["strided queries"] |= (
+            config["attention"] != "global"
+            and config["queries"] == "strided"
+            and takes_strided_queries(config)
+        )
         if config["grid"] == "fixed" and m["pads"] and config["patch"] != "auto":
             # a begin pad that is no whole number of input patches: the grid has a phase
             patch = map(int, config["patch"].split("x"))

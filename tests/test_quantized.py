@@ -25,7 +25,7 @@ from conv2attn.cli import main
 from conv2attn.record import converted_layers
 from conv2attn.validate import default_tolerance
 from tests.helpers import conv_model, save_model_file
-from tests.test_property import conv_configs, onnxruntime_deviates
+from tests.test_property import check_queries, conv_configs, onnxruntime_deviates
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "150"))
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "models", "digits_cnn.onnx")
@@ -152,9 +152,14 @@ def check_integer(config: dict, values: dict) -> None:
     model, feeds = integer_conv(config, values)
     expected = definition(model, feeds)
     converted, report = conv2attn.convert(
-        model, patch=config["patch"], attention=config["attention"], block=config["block"]
+        model,
+        patch=config["patch"],
+        attention=config["attention"],
+        block=config["block"],
+        queries=config["queries"],
     )
     assert [layer.integer for layer in report.layers] == [values["op"]]
+    check_queries(config, report.layers[0])
     assert values["op"] not in [n.op_type for n in converted.graph.node]
     (actual,) = run(converted, feeds)
     assert actual.dtype == expected.dtype

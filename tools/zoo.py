@@ -12,6 +12,7 @@ reported and the rest go on.
     python tools/zoo.py --json zoo.json --markdown       # README table
     python tools/zoo.py --form attention                 # the standard Attention operator
     python tools/zoo.py --grid fixed --layout nchw       # convert's --grid and --layout
+    python tools/zoo.py --queries strided                # convert's --queries
     python tools/zoo.py --batch 8                        # tiles sized for batch 8
     python tools/zoo.py --torch      # also through the torch-cuda import, on the CPU
 """
@@ -68,12 +69,14 @@ def run_model(
     layout: str = "channels-last",
     batch: int = 1,
     torch_import: bool = False,
+    queries: str = "auto",
 ) -> dict:
     """Export, convert and check one model; the row of the coverage table. ``dynamic``:
     export with dynamic height and width, convert once, check at two sizes; ``form``,
-    ``grid``, ``layout``, ``batch``: convert's options (the check runs at batch 1: tiles
-    sized for any batch run at every batch). ``torch_import``: also run the conversion
-    through the torch-cuda backend's import, on the CPU in fp32, at the first size."""
+    ``grid``, ``layout``, ``batch``, ``queries``: convert's options (the check runs at
+    batch 1: tiles sized for any batch run at every batch). ``torch_import``: also run
+    the conversion through the torch-cuda backend's import, on the CPU in fp32, at the
+    first size."""
     import numpy as np
     import onnx
 
@@ -84,7 +87,7 @@ def run_model(
 
     size = INPUT_SIZE.get(name, 224)
     row: dict = {"model": name, "input": f"{size}x{size}", "attention": attention, "form": form}
-    row |= {"grid": grid, "layout": layout, "batch": batch}
+    row |= {"grid": grid, "layout": layout, "batch": batch, "queries": queries}
     source = folder / f"{name}.onnx"
     start = time.perf_counter()
     # opset 17: the vision transformers' attention needs 14 or newer
@@ -101,11 +104,14 @@ def run_model(
     del original
 
     start = time.perf_counter()
-    options = dict(attention=attention, form=form, grid=grid, layout=layout, batch=batch)
+    options = dict(
+        attention=attention, form=form, grid=grid, layout=layout, batch=batch, queries=queries
+    )
     converted, report = convert(source, check=False, **options)
     row["convert_s"] = round(time.perf_counter() - start, 2)
     row["transposes"] = sum(node.op_type == "Transpose" for node in converted.graph.node)
     row["fixed_grid_layers"] = sum(layer.grid == "fixed" for layer in report.layers)
+    row["strided_query_layers"] = sum(layer.strided_queries for layer in report.layers)
     row["tiled_layers"] = sum(layer.tiles > 1 for layer in report.layers)
     row["converted"] = len(report.layers)
     row["skipped"] = [f"{s.name}: {s.reason}" for s in report.skipped]
@@ -181,6 +187,7 @@ def _run_isolated(name: str, args: argparse.Namespace) -> dict:
         command += ["--row", str(out), "--folder", folder]
         command += ["--dynamic"] if args.dynamic else []
         command += ["--form", args.form, "--grid", args.grid, "--layout", args.layout]
+        command += ["--queries", args.queries]
         command += ["--batch", str(args.batch)] + ["--torch"] * args.torch
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -218,6 +225,7 @@ def main() -> int:
     parser.add_argument("--ci-subset", action="store_true", help="the models CI runs")
     parser.add_argument("--attention", choices=("global", "local", "auto"), default="local")
     parser.add_argument("--grid", choices=("shifted", "fixed", "auto"), default="auto")
+    parser.add_argument("--queries", choices=("patch", "strided", "auto"), default="auto")
     parser.add_argument("--layout", choices=("channels-last", "nchw"), default="channels-last")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -251,6 +259,7 @@ def main() -> int:
                 layout=args.layout,
                 batch=args.batch,
                 torch_import=args.torch,
+                queries=args.queries,
             )
         except Exception as error:  # the row says what went wrong; the parent goes on
             traceback.print_exc()

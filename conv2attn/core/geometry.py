@@ -249,6 +249,8 @@ class AxisPlan:
     # fixed grid: zeros added ahead of the begin pad so that a token boundary falls on the
     # first input pixel (0 on the shifted grid); outputs read ``phase`` pixels further on
     phase: int = 0
+    # strided queries: tokens of one pixel, queries every ``step`` tokens (the stride)
+    step: int = 1
 
     @property
     def tokens_extent(self) -> int:
@@ -282,8 +284,9 @@ class AxisPlan:
 
     @property
     def window(self) -> int:
-        """Keys one query block attends to: its own tokens and the one-sided halo."""
-        return self.block + self.reach
+        """Keys one query block attends to: its own tokens and the one-sided halo (with
+        strided queries, the tokens from its first query to its last query's reach)."""
+        return self.step * (self.block - 1) + 1 + self.reach
 
 
 def plan_axis(
@@ -296,14 +299,23 @@ def plan_axis(
     patch: int,
     block: int | None = None,
     grid_kind: Grid = Grid.SHIFTED,
+    strided: bool = False,
 ) -> AxisPlan:
-    """``block=None`` plans global attention, an int plans local attention."""
+    """``block=None`` plans global attention, an int plans local attention. ``strided``
+    (local attention, stride above 1): tokens of one pixel and a query every ``stride``
+    tokens, so the kernel's taps are its heads (section 5)."""
     if patch < 1:
         raise GeometryError(f"patch size {patch} must be positive")
-    in_patch = stride * patch
+    step = stride if strided else 1
+    if step > 1:
+        if patch != 1:
+            raise GeometryError(f"strided queries take output patch 1, not {patch}")
+        in_patch, phase, reach = 1, 0, dilation * (kernel - 1)
+    else:
+        in_patch = stride * patch
+        phase = fixed_grid_phase(pad_begin, in_patch) if grid_kind is Grid.FIXED else 0
+        reach = axis_reach(kernel, stride, dilation, in_patch, phase)
     grid = -(-output // patch)
-    phase = fixed_grid_phase(pad_begin, in_patch) if grid_kind is Grid.FIXED else 0
-    reach = axis_reach(kernel, stride, dilation, in_patch, phase)
     if block is None:
         block = queries = grid
     else:
@@ -311,11 +323,11 @@ def plan_axis(
             raise GeometryError(f"block size {block} must be positive")
         block = min(block, grid)
         queries = -(-grid // block) * block
-    tokens = queries + reach
+    tokens = step * (queries - 1) + 1 + reach
     pad_end = tokens * in_patch - pad_begin - phase - size
     return AxisPlan(
         patch, in_patch, grid, reach, block, queries, tokens, pad_begin, pad_end, output, size,
-        phase,
+        phase, step,
     )  # fmt: skip
 
 
@@ -433,6 +445,8 @@ class AttentionPlan:
     source: ConvSpec | None = None  # the Conv node's own attributes
     input_steps: tuple[int, ...] | None = None  # subsampling steps (see ``subsampled``)
     grid: Grid = Grid.SHIFTED
+    # local attention on pixel tokens with a query every stride tokens (section 5)
+    strided_queries: bool = False
 
     @property
     def channels_last(self) -> bool:
@@ -468,7 +482,12 @@ class AttentionPlan:
         number to compare the heads used with."""
         spec = self.spec
         return math.prod(
-            axis_reach(k, s, d, a.in_patch, fixed_grid_phase(pb, a.in_patch)) + 1
+            (
+                a.reach
+                if a.step > 1
+                else axis_reach(k, s, d, a.in_patch, fixed_grid_phase(pb, a.in_patch))
+            )
+            + 1
             for a, pb, s, d, k in zip(
                 self.axes, spec.pads_begin, spec.strides, spec.dilations, spec.kernel
             )
@@ -540,6 +559,12 @@ class AttentionPlan:
     @cached_property
     def patch(self) -> tuple[int, ...]:
         return tuple(a.patch for a in self.axes)
+
+    @cached_property
+    def query_steps(self) -> tuple[int, ...]:
+        """Tokens between consecutive queries per axis: the stride with strided queries,
+        else 1."""
+        return tuple(a.step for a in self.axes)
 
     @cached_property
     def in_patch(self) -> tuple[int, ...]:
@@ -760,12 +785,20 @@ def plan_attention(
     attention: Attention = Attention.GLOBAL,
     block: Sequence[int] | None = None,
     grid: Grid = Grid.SHIFTED,
+    strided_queries: bool = False,
 ) -> AttentionPlan:
-    """The plan for one patch; local attention needs ``block`` (clamped to the grid)."""
+    """The plan for one patch; local attention needs ``block`` (clamped to the grid).
+    ``strided_queries``: local attention on one-pixel tokens along the strided axes (after
+    any subsampling), a query every stride tokens; those axes take patch 1."""
     validate(spec)
     source = spec
     spec, steps = subsampled(spec)
     attention, grid = Attention(attention), Grid(grid)
+    if strided_queries:
+        if attention is not Attention.LOCAL:
+            raise GeometryError("strided queries need local attention")
+        if max(spec.strides) == 1:
+            raise GeometryError("strided queries need a stride above 1 (on a kernel above 1)")
     if len(patch) != spec.rank:
         raise GeometryError(f"patch {list(patch)} has {len(patch)} axes, the Conv has {spec.rank}")
     if attention is Attention.LOCAL:
@@ -775,7 +808,7 @@ def plan_attention(
     else:
         blocks = [None] * spec.rank
     axes = tuple(
-        plan_axis(n, k, s, d, pb, out, p, b, grid)
+        plan_axis(n, k, s, d, pb, out, p, b, grid, strided_queries)
         for n, k, s, d, pb, out, p, b in zip(
             spec.input_size,
             spec.kernel,
@@ -787,7 +820,7 @@ def plan_attention(
             blocks,
         )
     )
-    return AttentionPlan(spec, axes, Order(order), attention, source, steps, grid)
+    return AttentionPlan(spec, axes, Order(order), attention, source, steps, grid, strided_queries)
 
 
 MAX_AUTO_PATCH = 8
@@ -796,7 +829,10 @@ MAX_AUTO_BLOCK = 8
 
 def _rank_key(plan: AttentionPlan) -> tuple:
     shifted = plan.grid is Grid.SHIFTED
-    return (plan.cost, plan.params, plan.patch, plan.order.value, plan.block, shifted)
+    return (
+        plan.cost, plan.params, plan.patch, plan.order.value, plan.block, shifted,
+        plan.strided_queries,
+    )  # fmt: skip
 
 
 def best_plan(candidates: Sequence[AttentionPlan]) -> AttentionPlan:
@@ -858,10 +894,22 @@ def _candidates(
         for order in orders:
             if attention is Attention.GLOBAL:
                 plans.append(plan_attention(spec, patch, order, grid=grid))
-            else:
-                plans.append(plan_attention(spec, patch, order, attention, block, grid))
+                continue
+            for strided in _query_kinds(spec, patch):
+                plans.append(plan_attention(spec, patch, order, attention, block, grid, strided))
     _cached_plans += len(plans)
     return tuple(plans)
+
+
+def _query_kinds(spec: ConvSpec, patch: Sequence[int]) -> tuple[bool, ...]:
+    """Local attention's query layouts for ``patch``: queries on patch tokens, and strided
+    queries where the Conv has a stride above 1 (after subsampling) and ``patch`` is 1
+    along every such axis."""
+    strides = subsampled(spec)[0].strides
+    strided = [i for i, s in enumerate(strides) if s > 1]
+    if strided and all(patch[i] == 1 for i in strided):
+        return (False, True)
+    return (False,)
 
 
 # Candidate plans the cache may hold across models: each keeps its derived figures (about
@@ -892,16 +940,17 @@ def _local_candidates(
     search. The cheapest plan is the one an exhaustive search finds."""
     rank = spec.rank
     starts = [
-        plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid)
+        plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid, strided)
         for patch in patches
         for order in orders
+        for strided in _query_kinds(spec, patch)
     ]
     plans, best = [], None
     for start in sorted(starts, key=lambda plan: (plan.macs, _rank_key(plan))):
         if best is not None and start.macs > best.cost:
             plans.append(start)
             continue
-        plan = _best_block(spec, start.patch, start.order, grid)
+        plan = _best_block(spec, start.patch, start.order, grid, start.strided_queries)
         plans.append(plan)
         if best is None or _rank_key(plan) < _rank_key(best):
             best = plan
@@ -909,7 +958,11 @@ def _local_candidates(
 
 
 def _best_block(
-    spec: ConvSpec, patch: Sequence[int], order: Order, grid: Grid = Grid.SHIFTED
+    spec: ConvSpec,
+    patch: Sequence[int],
+    order: Order,
+    grid: Grid = Grid.SHIFTED,
+    strided: bool = False,
 ) -> AttentionPlan:
     """Local attention's cheapest block for one patch and order, by descent from 1 x 1.
 
@@ -922,7 +975,7 @@ def _best_block(
 
     def plan(block: tuple[int, ...]) -> AttentionPlan:  # each block once: descents revisit
         if block not in seen:
-            seen[block] = plan_attention(spec, patch, order, Attention.LOCAL, block, grid)
+            seen[block] = plan_attention(spec, patch, order, Attention.LOCAL, block, grid, strided)
         return seen[block]
 
     current = plan((1,) * spec.rank)

@@ -5,7 +5,8 @@ choices into per-Conv plans: a forced patch takes each Conv's cheapest plan with
 patch; ``auto`` takes the cheapest plans whose parameters stay within the whole-model
 growth budget (``geometry.choose_plans``). Attention ``auto`` lets each Conv's global
 and local plans compete in the same choice, and grid ``auto`` its shifted-grid and
-fixed-grid plans. The ONNX pass and the PyTorch layer both call
+fixed-grid plans, and queries ``auto`` a strided Conv's plans with and without strided
+queries. The ONNX pass and the PyTorch layer both call
 it, so a converted ONNX model and a converted ``nn.Module`` get the same plans.
 Plain Python: no onnx, numpy or torch.
 """
@@ -56,6 +57,25 @@ class GridChoice(str, Enum):
         return [Grid.SHIFTED, Grid.FIXED] if self is self.AUTO else [Grid(self)]
 
 
+class QueryChoice(str, Enum):
+    """Where a strided Conv's local attention puts its queries: on the tokens of its
+    patches (input patch = stride x output patch), on one-pixel tokens every stride tokens
+    (``strided``), or per Conv by the cost model."""
+
+    PATCH = "patch"
+    STRIDED = "strided"
+    AUTO = "auto"
+
+    def keep(self, plans: list[AttentionPlan]) -> list[AttentionPlan]:
+        """The candidates this choice allows: ``strided`` keeps a Conv's strided plans
+        (and its global ones) where it has any, ``patch`` drops them."""
+        if self is QueryChoice.PATCH:
+            return [p for p in plans if not p.strided_queries]
+        if self is QueryChoice.STRIDED and any(p.strided_queries for p in plans):
+            return [p for p in plans if p.strided_queries or p.attention is Attention.GLOBAL]
+        return plans
+
+
 class PlanError(GeometryError):
     """An option that does not fit a Conv (a patch with the wrong number of axes)."""
 
@@ -102,14 +122,17 @@ def plan_layers(
     attend_first: Sequence[bool] = (),
     grid: Grid | GridChoice | str = GridChoice.AUTO,
     fixed_grid_unfit: Sequence[str | None] = (),
+    queries: QueryChoice | str = QueryChoice.AUTO,
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
     tokens, then projects them). ``attention`` ``auto``: each Conv's cheapest plan
     over both modes (``block`` then applies to its local plans); ``grid`` ``auto``
     likewise over both grids. ``fixed_grid_unfit[i]``: why layer i has no fixed grid
-    (its begin pad changes with a dynamic input size), or None."""
+    (its begin pad changes with a dynamic input size), or None. ``queries``: where strided
+    Convs' local attention puts its queries (``QueryChoice``)."""
     modes = AttentionChoice(attention).modes()
+    query_choice = QueryChoice(queries)
     choice = GridChoice(grid)
     considered = []
     for index, (spec, name) in enumerate(zip(specs, names, strict=True)):
@@ -140,7 +163,7 @@ def plan_layers(
             plans = [p for p in plans if p.grid is Grid.FIXED or not p.grid_aligned]
         if index < len(attend_first) and attend_first[index]:
             plans = [p for p in plans if p.order is Order.ATTEND_FIRST]
-        considered.append(plans)
+        considered.append(query_choice.keep(plans))
     # Candidates are cached so that repeated Convs are planned once; a large model's many
     # plans must not outlive its planning (``considered`` keeps what is chosen from).
     trim_plan_cache()

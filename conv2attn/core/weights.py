@@ -33,13 +33,13 @@ TRAINABLE_ALPHA = 24.0
 
 
 def _axis_entries(
-    kernel: int, stride: int, dilation: int, patch: int, phase: int = 0
+    kernel: int, stride: int, dilation: int, patch: int, in_patch: int, phase: int = 0
 ) -> list[tuple[int, int, int, int]]:
     """(a, y, u, k) along one axis: output pixel u of a patch reads, through kernel tap k,
     input pixel y of the patch at offset +a, where
     phase + u * stride + dilation * k == a * in_patch + y (section 3; the phase is the
-    fixed grid's, section 8). Distinct taps of one output pixel read distinct pixels."""
-    in_patch = stride * patch
+    fixed grid's, section 8; with strided queries the patch is 1 and the input patch one
+    pixel, so a == dilation * k). Distinct taps of one output pixel read distinct pixels."""
     return [
         (*divmod(phase + u * stride + dilation * k, in_patch), u, k)
         for u in range(patch)
@@ -79,7 +79,7 @@ def output_projection(
     projection = np.zeros(shape, dtype=weight.dtype)
     every = slice(None)
     per_axis = [
-        _axis_entries(k, s, d, a.patch, a.phase)
+        _axis_entries(k, s, d, a.patch, a.in_patch, a.phase)
         for k, s, d, a in zip(spec.kernel, spec.strides, spec.dilations, plan.axes)
     ]
     # Each entry is written once (one tap per input pixel of an output pixel), so the
@@ -156,10 +156,12 @@ def _grid_coordinates(grid: tuple[int, ...]) -> list[np.ndarray]:
 def query_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
     """Per axis, the grid position of every query of the attention pattern, as float32.
 
-    Global: the kept query tokens. Local: the tokens of one block, which share one pattern.
+    Global: the kept query tokens. Local: the tokens of one block, which share one pattern
+    (with strided queries, every ``step``-th token from the block's first).
     """
-    grid = plan.query_grid if plan.attention is Attention.GLOBAL else plan.block
-    return _grid_coordinates(grid)
+    if plan.attention is Attention.GLOBAL:
+        return _grid_coordinates(plan.query_grid)
+    return [c * step for c, step in zip(_grid_coordinates(plan.block), plan.query_steps)]
 
 
 def key_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
@@ -177,23 +179,25 @@ def head_offset_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
 def window_indices(plan: AttentionPlan) -> np.ndarray:
     """``[blocks, keys]`` row-major token indices of each block's keys: its window (local
     attention) or every token (global attention, one block)."""
-    return _block_indices(plan, [a.window for a in plan.axes])
+    return _block_indices(plan, [np.arange(a.window) for a in plan.axes])
 
 
 def query_indices(plan: AttentionPlan) -> np.ndarray:
     """``[blocks, block queries]`` row-major token indices of each block's queries (global
     attention: one block holding the whole query grid)."""
-    return _block_indices(plan, [a.block for a in plan.axes])
+    return _block_indices(plan, [np.arange(a.block) * a.step for a in plan.axes])
 
 
-def _block_indices(plan: AttentionPlan, extents: list[int]) -> np.ndarray:
+def _block_indices(plan: AttentionPlan, within: list[np.ndarray]) -> np.ndarray:
+    """``within[axis]``: token offsets from a block's first token along each axis."""
     per_axis = []
-    for a, extent in zip(plan.axes, extents):
-        starts = np.arange(a.blocks) * a.block
-        per_axis.append(starts[:, None] + np.arange(extent)[None, :])  # [blocks, extent]
+    for a, offsets in zip(plan.axes, within):
+        starts = np.arange(a.blocks) * a.block * a.step
+        per_axis.append(starts[:, None] + offsets[None, :])  # [blocks, extent]
+    extents = [len(offsets) for offsets in within]
     strides = np.cumprod([1, *reversed(plan.token_grid[1:])])[::-1]
     rank = plan.spec.rank
-    index = np.zeros([a.blocks for a in plan.axes] + list(extents), np.int64)
+    index = np.zeros([a.blocks for a in plan.axes] + extents, np.int64)
     for axis, (rows, stride) in enumerate(zip(per_axis, strides)):
         shape = [1] * (2 * rank)
         shape[axis], shape[rank + axis] = rows.shape

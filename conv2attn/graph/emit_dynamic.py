@@ -183,7 +183,9 @@ def selection_indices(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Va
                       None, np.dtype(np.int64))  # fmt: skip
         within = b.op("Range", f"{part}/within", [m.scalar(0), m.scalar(a.block), m.scalar(1)],
                       None, np.dtype(np.int64))  # fmt: skip
-        start = b.op("Mul", f"{part}/start", [blocks, m.tensor(a.block)], None, blocks.dtype)
+        step = plan.axes[axis].step
+        spacing = a.block if step == 1 else m.mul(a.block, step)
+        start = b.op("Mul", f"{part}/start", [blocks, m.tensor(spacing)], None, blocks.dtype)
         shape = [1] * (2 * rank + 1)
         shape[axis] = -1
         lifted = _reshape(b, m, f"{part}/lift_start", start, shape)
@@ -193,6 +195,9 @@ def selection_indices(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Va
         offsets = np.array(plan.head_offsets, dtype=np.int64)[:, axis].reshape(
             [1] * (2 * rank) + [plan.heads]
         )
+        if step > 1:
+            lifted_within = b.op("Mul", f"{part}/within_step", [lifted_within, m.tensor(step)],
+                                 None, blocks.dtype)  # fmt: skip
         position = b.op("Add", f"{part}/position", [lifted, lifted_within], None, blocks.dtype)
         keyed = b.op("Add", f"{part}/offset", [position, b.constant(f"{part}/head_offsets",
                      offsets)], None, blocks.dtype)  # fmt: skip
@@ -217,8 +222,8 @@ def _window_indices(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Vari
             np.dtype(np.int64),
         )  # fmt: skip
         scaled = b.op(
-            "Mul", f"{part}/block_start", [starts, m.tensor(plan_axis.block)], None,
-            np.dtype(np.int64),
+            "Mul", f"{part}/block_start", [starts, m.tensor(plan_axis.block * plan_axis.step)],
+            None, np.dtype(np.int64),
         )  # fmt: skip
         shape = [1] * (2 * rank)
         shape[axis] = -1

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from conv2attn.core.planning import AttentionChoice, GridChoice, Sizes
+from conv2attn.core.planning import AttentionChoice, GridChoice, QueryChoice, Sizes
 from conv2attn.errors import InputError
 from conv2attn.inputs import parse_input_shapes
 
@@ -36,6 +36,7 @@ class ConvertOptions:
     nominal_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     form: str = "matmul"
     grid: GridChoice = GridChoice.AUTO
+    queries: QueryChoice = QueryChoice.AUTO
     layout: str = "channels-last"
     # the batch local attention's tiles are sized for where the model's batch is dynamic
     batch: int = 1
@@ -88,6 +89,7 @@ def convert_options(
     layout: str = "channels-last",
     batch: int = 1,
     tiles: bool = True,
+    queries: str = "auto",
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
     shapes = _shapes(input_shapes)
@@ -97,6 +99,8 @@ def convert_options(
         raise InputError(f"--attention {attention}: expected global, local or auto")
     if grid not in {g.value for g in GridChoice}:
         raise InputError(f"--grid {grid}: expected shifted, fixed or auto")
+    if queries not in {q.value for q in QueryChoice}:
+        raise InputError(f"--queries {queries}: expected patch, strided or auto")
     if layout not in LAYOUTS:
         raise InputError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
     if form not in FORMS:
@@ -117,6 +121,7 @@ def convert_options(
         nominal_shapes=_shapes(nominal_shapes),
         form=form,
         grid=GridChoice(grid),
+        queries=QueryChoice(queries),
         layout=layout,
         batch=batch,
         tiles=bool(tiles),

@@ -156,6 +156,7 @@ def inspect_model(
         strict_checked=strict,
         folded_batchnorms=folded,
         grid=options.grid.value,
+        queries=options.queries.value,
     )
     notes = []
     if not convs:

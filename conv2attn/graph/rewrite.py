@@ -114,6 +114,7 @@ def convert(
     layout: str = "channels-last",
     batch: int = 1,
     tiles: bool = True,
+    queries: str = "auto",
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -129,7 +130,10 @@ def convert(
     (the standard ``Attention`` operator; the model is upgraded to opset 23 first).
     ``grid`` is ``"shifted"`` (each Conv's tokens start at its padding: fewest heads),
     ``"fixed"`` (tokens start at the first pixel, one grid shared by consecutive layers,
-    Li et al.'s ViT setting) or ``"auto"`` (per Conv, the cheaper). ``layout``
+    Li et al.'s ViT setting) or ``"auto"`` (per Conv, the cheaper). ``queries``: where a
+    strided Conv's local attention puts its queries: ``"patch"`` (tokens of stride x patch
+    pixels), ``"strided"`` (tokens of one pixel, a query every stride tokens) or
+    ``"auto"`` (per Conv, the cheaper). ``layout``
     ``"channels-last"`` keeps the tensors between converted Convs channels-last where that
     removes Transposes (``graph.layout``); ``"nchw"`` leaves every Conv's output tensor
     NCHW under its own name. ``batch``: where the model's batch is dynamic, the batch
@@ -157,6 +161,7 @@ def convert(
         layout=layout,
         batch=batch,
         tiles=tiles,
+        queries=queries,
     )
     converted, report = convert_model(model, options, progress)
     if check:
@@ -219,6 +224,7 @@ def convert_model(
         folded_batchnorms=folded,
         form=options.form,
         grid=options.grid.value,
+        queries=options.queries.value,
         layout=options.layout,
         batch=options.batch,
         tiles=options.tiles,
@@ -359,6 +365,7 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
             attend_first=[c.quantization is not None for c in candidates],
             grid=options.grid,
             fixed_grid_unfit=[_fixed_grid_unfit(c) for c in candidates],
+            queries=options.queries,
         )
     except PlanError as error:
         raise InputError(str(error)) from None

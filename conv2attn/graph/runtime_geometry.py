@@ -114,7 +114,7 @@ class AxisSizes:
     blocks: Size  # blocks of queries (global: 1)
     block: Size  # queries per block (global: G)
     queries: Size  # G rounded up to whole blocks
-    tokens: Size  # T = queries + R
+    tokens: Size  # T = queries + R (strided queries: step * (queries - 1) + 1 + R)
     extent: Size  # T * P
     zeros_before: Size
     kept: Size  # input elements on the token grid
@@ -155,7 +155,11 @@ def axis_sizes(
         queries = m.mul(blocks, block)
     else:
         block, blocks, queries = grid, 1, grid
-    tokens = m.add(queries, plan_axis.reach)
+    step = plan_axis.step
+    if step == 1:
+        tokens = m.add(queries, plan_axis.reach)
+    else:  # strided queries: the last query sits at step * (queries - 1)
+        tokens = m.add(m.mul(queries, step), plan_axis.reach + 1 - step)
     extent = m.mul(tokens, plan_axis.in_patch)
     # the fixed grid's phase is planned from a begin pad that does not depend on the size
     zeros_before = m.min(m.add(begin, plan_axis.phase), extent)
