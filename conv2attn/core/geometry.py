@@ -341,6 +341,14 @@ def fixed_grid_phase(pad_begin: int, in_patch: int) -> int:
     return -pad_begin % in_patch
 
 
+def _fixed_grid_reach(axis: AxisPlan, kernel: int, stride: int, dilation: int, pad: int) -> int:
+    """R on the fixed grid for the axis's patch; one-pixel tokens (strided queries) have
+    no phase, so their reach is the kernel's."""
+    if axis.step > 1:
+        return axis.reach
+    return axis_reach(kernel, stride, dilation, axis.in_patch, fixed_grid_phase(pad, axis.in_patch))
+
+
 class Attention(str, Enum):
     """Section 2's global attention (every token attends to every token) or section 5's."""
 
@@ -482,12 +490,7 @@ class AttentionPlan:
         number to compare the heads used with."""
         spec = self.spec
         return math.prod(
-            (
-                a.reach
-                if a.step > 1
-                else axis_reach(k, s, d, a.in_patch, fixed_grid_phase(pb, a.in_patch))
-            )
-            + 1
+            _fixed_grid_reach(a, k, s, d, pb) + 1
             for a, pb, s, d, k in zip(
                 self.axes, spec.pads_begin, spec.strides, spec.dilations, spec.kernel
             )
