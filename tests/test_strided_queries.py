@@ -274,6 +274,14 @@ def test_the_table_the_json_and_the_record_name_strided_queries(tmp_path, capsys
     check = ["check", str(DIGITS), str(out), "--inputs", str(DIGITS.parent / "digits_test.npz")]
     assert main([*check, "--per-layer", "-q"]) == 0
 
+    described = tmp_path / "inspect.json"
+    inspect = ["inspect", str(DIGITS), "--attention", "local", "--json", str(described)]
+    assert main([*inspect, "--queries", "strided", "-q"]) == 0
+    planned = json.loads(described.read_text())
+    assert [layer["strided_queries"] for layer in planned["plan"]["layers"]] == [
+        layer["strided_queries"] for layer in data["layers"]
+    ]
+
     patch = tmp_path / "patch.onnx"
     assert main([*args[:3], str(patch), "--attention", "local", "--queries", "patch"]) == 0
     table = capsys.readouterr().out
