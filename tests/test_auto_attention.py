@@ -88,3 +88,30 @@ def test_pytorch_layers_take_auto_too():
     assert all(isinstance(converted[i], ConvAttention) for i in (0, 2))
     with torch.no_grad():
         torch.testing.assert_close(converted(x), cnn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "mode"),
+    [
+        # each depthwise layer timed alone in both forms (onnxruntime CPU, 2 threads):
+        # global/local latency 0.29 and 0.49 where global attention won, 1.19-1.89 where
+        # local did (``geometry.GROUP_PRODUCT_MACS``)
+        (192, 28, 7, "global"),  # convnext_tiny's second stage
+        (240, 28, 5, "global"),  # efficientnet_b0's features.3
+        (672, 14, 5, "local"),  # efficientnet_b0's features.5
+        (768, 7, 7, "local"),  # convnext_tiny's last stage
+        (960, 7, 3, "local"),  # mobilenet_v2's last stage
+    ],
+)
+def test_auto_takes_the_mode_measured_faster_for_depthwise_convs(channels, size, kernel, mode):
+    from conv2attn.core.geometry import ConvSpec
+    from conv2attn.core.planning import plan_layers
+
+    pad = kernel // 2
+    spec = ConvSpec(
+        channels, channels, channels, (kernel,) * 2, (1, 1), (1, 1), (pad,) * 2, (pad,) * 2,
+        (size, size),
+    )  # fmt: skip
+    # no parameter budget: in a whole model the depthwise Convs' share of it is small
+    (plan,) = plan_layers([spec], ["dw"], attention="auto", max_param_growth=1e9).plans
+    assert plan.attention.value == mode
