@@ -139,6 +139,8 @@ def _plans(
     attention = AttentionChoice(attention)
     if attention is AttentionChoice.GLOBAL and block != "auto":
         raise ValueError("block applies to local (or auto) attention only")
+    if attention is AttentionChoice.GLOBAL and queries == "strided":
+        raise ValueError("strided queries apply to local (or auto) attention only")
     return plan_layers(
         specs,
         names,

@@ -57,7 +57,10 @@ def conv_configs(draw, ranks=(2,)):
         "attention": attention,
         "block": block,
         "grid": draw(st.sampled_from(["shifted", "fixed", "auto"])),
-        "queries": draw(st.sampled_from(["auto", "patch", "strided"])),
+        # --queries strided is refused with global attention (an option that does nothing)
+        "queries": draw(
+            st.sampled_from(["auto", "patch"] + (["strided"] if attention != "global" else []))
+        ),
         "model": dict(
             in_channels=cin,
             out_channels=cout,

@@ -227,9 +227,10 @@ def test_patch_queries_are_never_strided_and_auto_takes_the_cheaper():
     auto = plan_layers([spec], ["down"], attention="local", queries="auto").plans[0]
     assert auto.strided_queries and auto.cost < patch.cost
     assert auto.projection_macs == spec.macs
-    # global attention has no strided queries: "strided" leaves its plans alone
-    chosen = plan_layers([spec], ["down"], attention="global", queries="strided").plans[0]
-    assert chosen.attention is Attention.GLOBAL and not chosen.strided_queries
+    # attention auto: "strided" leaves the global plans in the choice
+    plans = plan_layers([spec], ["down"], attention="auto", queries="strided").considered[0]
+    assert {p.attention for p in plans} == {Attention.GLOBAL, Attention.LOCAL}
+    assert all(p.strided_queries for p in plans if p.attention is LOCAL)
 
 
 def test_pytorch_layers_and_the_round_trip_keep_strided_queries():
@@ -240,6 +241,8 @@ def test_pytorch_layers_and_the_round_trip_keep_strided_queries():
     x = torch.randn(2, 3, 13, 12)
     converted = convert_module(cnn, x, attention="local", queries="strided")
     assert converted[2].plan.strided_queries and converted[2].plan.heads == 9
+    with pytest.raises(ValueError, match="strided queries apply to local"):
+        convert_module(cnn, x, attention="global", queries="strided")
     with torch.no_grad():
         torch.testing.assert_close(converted(x), cnn(x), rtol=1e-5, atol=1e-5)
         other = torch.randn(1, 3, 9, 16)  # another size: the layer plans it on first use
@@ -288,6 +291,12 @@ def test_the_table_the_json_and_the_record_name_strided_queries(tmp_path, capsys
     assert "*" not in table.split("\n\n")[0] and "strided queries" not in table
     with pytest.raises(InputError, match="--queries diagonal: expected patch, strided or auto"):
         conv2attn.convert(str(DIGITS), queries="diagonal")
+    with pytest.raises(InputError, match="--queries strided applies to --attention local or auto"):
+        conv2attn.convert(str(DIGITS), attention="global", queries="strided")
+    assert (
+        main(["convert", str(DIGITS), "-o", str(tmp_path / "g.onnx"), "--queries", "strided"]) == 2
+    )
+    assert "--queries strided applies to" in capsys.readouterr().err
 
 
 def test_the_fixed_grid_puts_each_head_around_the_querys_pixel():

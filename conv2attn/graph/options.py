@@ -109,6 +109,8 @@ def convert_options(
         raise InputError(f"--batch {batch}: expected a positive whole number")
     if attention == AttentionChoice.GLOBAL.value and block != "auto":
         raise InputError("--block applies to --attention local or auto only")
+    if attention == AttentionChoice.GLOBAL.value and queries == QueryChoice.STRIDED.value:
+        raise InputError("--queries strided applies to --attention local or auto only")
     return ConvertOptions(
         fold_bn=bool(fold_bn),
         attention=AttentionChoice(attention),
