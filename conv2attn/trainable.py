@@ -120,9 +120,8 @@ def plan_for(
 ) -> AttentionPlan:
     """The plan ``conv2attn convert`` chooses for this Conv alone in a model."""
     spec = conv_spec(conv, input_size)
-    return _plans([spec], ["conv"], patch, attention, block, max_param_growth, grid, queries).plans[
-        0
-    ]
+    chosen = _plans([spec], ["conv"], patch, attention, block, max_param_growth, grid, queries)
+    return chosen.plans[0]
 
 
 def _plans(

@@ -90,12 +90,12 @@ class AttentionPicture:
         )
 
 
-def _query_steps(layer: dict) -> list[int]:
+def _query_steps(layer: dict) -> tuple[int, ...]:
     """Tokens between queries per axis: the stride with strided queries (design section
-    5; kernel-1 axes are subsampled and have none), else 1."""
+    5), else 1."""
     if not layer.get("strided_queries"):
-        return [1] * len(layer["kernel"])
-    return [s if k > 1 else 1 for k, s in zip(layer["kernel"], layer["strides"])]
+        return (1,) * len(layer["kernel"])
+    return recorded_plan(layer)[1].query_steps
 
 
 def _grid_offset(layer: dict) -> tuple[int, ...]:

@@ -897,24 +897,27 @@ def _candidates(
         _cached_plans += len(found)
         return found
     plans = []
+    strided_axes = _strided_axes(spec)
     for patch in patches:
         for order in orders:
             if attention is Attention.GLOBAL:
                 plans.append(plan_attention(spec, patch, order, grid=grid))
                 continue
-            for strided in _query_kinds(spec, patch):
+            for strided in _query_kinds(strided_axes, patch):
                 plans.append(plan_attention(spec, patch, order, attention, block, grid, strided))
     _cached_plans += len(plans)
     return tuple(plans)
 
 
-def _query_kinds(spec: ConvSpec, patch: Sequence[int]) -> tuple[bool, ...]:
+def _strided_axes(spec: ConvSpec) -> list[int]:
+    """The axes with a stride above 1 after subsampling: where queries can be strided."""
+    return [i for i, s in enumerate(subsampled(spec)[0].strides) if s > 1]
+
+
+def _query_kinds(strided_axes: Sequence[int], patch: Sequence[int]) -> tuple[bool, ...]:
     """Local attention's query layouts for ``patch``: queries on patch tokens, and strided
-    queries where the Conv has a stride above 1 (after subsampling) and ``patch`` is 1
-    along every such axis."""
-    strides = subsampled(spec)[0].strides
-    strided = [i for i, s in enumerate(strides) if s > 1]
-    if strided and all(patch[i] == 1 for i in strided):
+    queries where the Conv has strided axes and ``patch`` is 1 along every one."""
+    if strided_axes and all(patch[i] == 1 for i in strided_axes):
         return (False, True)
     return (False,)
 
@@ -946,11 +949,12 @@ def _local_candidates(
     stays a candidate at 1 x 1 (for the parameter budget and the report) without a
     search. The cheapest plan is the one an exhaustive search finds."""
     rank = spec.rank
+    strided_axes = _strided_axes(spec)
     starts = [
         plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid, strided)
         for patch in patches
         for order in orders
-        for strided in _query_kinds(spec, patch)
+        for strided in _query_kinds(strided_axes, patch)
     ]
     plans, best = [], None
     for start in sorted(starts, key=lambda plan: (plan.macs, _rank_key(plan))):
