@@ -118,6 +118,54 @@ def test_per_layer_check_and_round_trip_read_channels_last_outputs():
     assert_parity(run(model, feeds), [got])
 
 
+def grouped_branch() -> onnx.ModelProto:
+    """conv1 -> Relu -> (grouped conv2 | 1x1 conv4) -> Add -> Relu -> conv3."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    conv = helper.make_node
+    nodes = [
+        conv("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        conv("Relu", ["c1"], ["r1"], "relu1"),
+        conv("Conv", ["r1", "w2"], ["c2"], "conv2", kernel_shape=[3, 3], pads=[1] * 4, group=2),
+        conv("Conv", ["r1", "w4"], ["c4"], "conv4", kernel_shape=[1, 1]),
+        conv("Add", ["c2", "c4"], ["sum"], "add"),
+        conv("Relu", ["sum"], ["r2"], "relu2"),
+        conv("Conv", ["r2", "w3"], ["y"], "conv3", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "grouped_branch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 10, 12])],
+        [weight("w1", (6, 4, 3, 3)), weight("w2", (6, 3, 3, 3)), weight("w4", (6, 6, 1, 1)),
+         weight("w3", (5, 6, 1, 1))],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_layer_whose_crop_moves_channels_last_is_still_found():
+    """A grouped Conv's channel-major tokens return to NCHW and are cropped there; the crop
+    joins the residual Add's region, so the Conv's output itself is renamed channels-last."""
+    model = grouped_branch()
+    # 10x12 outputs on 3x3 patches: a crop
+    converted, report = conv2attn.convert(model, patch=3, max_param_growth=1e9)
+    layers = {layer.name: layer for layer in report.layers}
+    held = layers["conv2"].output_channels_last
+    produced = {t for n in converted.graph.node for t in n.output}
+    assert held in produced and "c2" not in produced
+    feeds = random_input(model, batch=2)
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed
+    assert [layer.name for layer in result.layers] == ["conv1", "conv2", "conv4", "conv3"]
+    module = load_trainable(converted)
+    with torch.no_grad():
+        got = module.eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [got])
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_models_lose_most_layout_changes(torchvision_model, name):
     path = torchvision_model(name)

@@ -52,9 +52,10 @@ def to_channels_last(rank: int) -> list[int]:
 
 @dataclass
 class LayoutResult:
-    """What the pass changed, for the conversion record: NCHW tensors made by a Transpose
-    whose channels-last input other nodes now read (``outputs``: NCHW name -> that input;
-    the NCHW tensor may be gone) and every tensor that is channels-last."""
+    """What the pass changed, for the conversion record: NCHW tensors whose values other
+    nodes now read channels-last (``outputs``: NCHW name -> that tensor; the input of a
+    Transpose that made the NCHW one, or the tensor itself renamed inside a region; the
+    NCHW tensor may be gone) and every tensor that is channels-last."""
 
     outputs: dict[str, str] = field(default_factory=dict)
     channels_last: set[str] = field(default_factory=set)
@@ -279,6 +280,8 @@ class _RegionPlan:
             tensor.name = _unique(f"{nchw_name}{SUFFIX}", taken)
             tensor.shape = _permuted(nchw_shape, last)
             self.channels_last.add(tensor.name)
+            if id(tensor) not in kept:  # a converted Conv's crop may end here: say where
+                self.freed_outputs[nchw_name] = tensor.name
             if id(tensor) in kept:  # the NCHW tensor, under its own name, for other readers
                 restored = gs.Variable(nchw_name, dtype=tensor.dtype, shape=nchw_shape)
                 dropped = {id(d) for d in self.dropped}
