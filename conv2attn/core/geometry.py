@@ -389,6 +389,13 @@ BLOCK_PRODUCT_MACS = 16_000
 # for (measured on that model at batch 8, onnxruntime, 2 cores, 32 MiB L3: tiles of 1, 2,
 # 4 and 8 MiB gave 1.97, 1.92, 1.77 and 1.79x).
 TILE_BYTES = 4 * 2**20
+# A matrix product's kernel computes this many output columns at a time (onnxruntime's
+# MLAS, fp32): an attention product with fewer value columns costs as many as this.
+# Measured on local attention's per-block products ([36, 16] x [16, D] over 784 blocks and
+# [108, 72] x [72, D] over 1064): the same time for every D from 3 to 16, and steps at 32
+# and 48 columns. Tokens of a three-channel image's pixels (a stem's 3 or 12 features) pay
+# 5x or 1.3x their multiply-adds.
+PRODUCT_COLUMNS = 16
 
 
 @dataclass(frozen=True)
@@ -777,7 +784,18 @@ class AttentionPlan:
         if self.attention is Attention.LOCAL and not self.single_key:
             groups = 1 if self.channels_last else self.spec.group
             calls += groups * self.blocks * BLOCK_PRODUCT_MACS
-        return int(self.macs + TRAFFIC_COST * self.moved + calls)
+        return int(self.projection_macs + self._attention_cost + TRAFFIC_COST * self.moved + calls)
+
+    @property
+    def _attention_cost(self) -> int:
+        """The attention product's multiply-adds with its value columns rounded up to
+        whole kernel widths (``PRODUCT_COLUMNS``); per-group products are priced by their
+        calls instead (``GROUP_PRODUCT_MACS``)."""
+        if self._per_group_products:
+            return self.attention_macs
+        dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
+        padded = -(-dim // PRODUCT_COLUMNS) * PRODUCT_COLUMNS
+        return self.attention_macs * padded // dim
 
     @cached_property
     def params(self) -> int:
