@@ -280,9 +280,9 @@ class _RegionPlan:
             tensor.name = _unique(f"{nchw_name}{SUFFIX}", taken)
             tensor.shape = _permuted(nchw_shape, last)
             self.channels_last.add(tensor.name)
-            if id(tensor) not in kept:  # a converted Conv's crop may end here: say where
+            if id(tensor) not in kept:  # gone in NCHW (a converted Conv's crop may end here)
                 self.freed_outputs[nchw_name] = tensor.name
-            if id(tensor) in kept:  # the NCHW tensor, under its own name, for other readers
+            else:  # the NCHW tensor, under its own name, for other readers
                 restored = gs.Variable(nchw_name, dtype=tensor.dtype, shape=nchw_shape)
                 dropped = {id(d) for d in self.dropped}
                 for consumer in list(tensor.outputs):
