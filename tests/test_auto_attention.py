@@ -93,26 +93,27 @@ def test_pytorch_layers_take_auto_too():
 
 
 @pytest.mark.parametrize(
-    ("channels", "size", "kernel", "mode"),
+    ("channels", "size", "kernel", "stride", "mode"),
     [
         # each depthwise layer timed in both forms between two converted pointwise Convs
         # (onnxruntime CPU, 2 threads): global minus local -1.4 and -0.8 ms where global
         # attention won, +0.2 to +0.8 ms where local did (``geometry.GROUP_PRODUCT_MACS``,
         # ``CHANNEL_MAJOR_NEIGHBOUR_MOVES``)
-        (192, 28, 7, "global"),  # convnext_tiny's second stage
-        (240, 28, 5, "global"),  # efficientnet_b0's features.3
-        (144, 56, 5, "local"),  # efficientnet_b0's features.3.0 (stride 2): +0.8 ms
-        (672, 14, 5, "local"),  # efficientnet_b0's features.5
-        (768, 7, 7, "local"),  # convnext_tiny's last stage
-        (960, 7, 3, "local"),  # mobilenet_v2's last stage
+        (192, 28, 7, 1, "global"),  # convnext_tiny's second stage
+        (240, 28, 5, 1, "global"),  # efficientnet_b0's features.3
+        (144, 56, 5, 2, "local"),  # efficientnet_b0's features.3.0: +0.8 ms
+        (672, 14, 5, 1, "local"),  # efficientnet_b0's features.5
+        (768, 7, 7, 1, "local"),  # convnext_tiny's last stage
+        (960, 7, 3, 1, "local"),  # mobilenet_v2's last stage
     ],
 )
-def test_auto_takes_the_mode_measured_faster_for_depthwise_convs(channels, size, kernel, mode):
+def test_auto_takes_the_mode_measured_faster_for_depthwise_convs(
+    channels, size, kernel, stride, mode
+):
     from conv2attn.core.geometry import ConvSpec
     from conv2attn.core.planning import plan_layers
 
     pad = kernel // 2
-    stride = 2 if size == 56 else 1
     spec = ConvSpec(
         channels, channels, channels, (kernel,) * 2, (stride,) * 2, (1, 1), (pad,) * 2,
         (pad,) * 2, (size, size),

@@ -125,15 +125,15 @@ def grouped_branch() -> onnx.ModelProto:
     def weight(name, shape):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
-    conv = helper.make_node
+    node = helper.make_node
     nodes = [
-        conv("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
-        conv("Relu", ["c1"], ["r1"], "relu1"),
-        conv("Conv", ["r1", "w2"], ["c2"], "conv2", kernel_shape=[3, 3], pads=[1] * 4, group=2),
-        conv("Conv", ["r1", "w4"], ["c4"], "conv4", kernel_shape=[1, 1]),
-        conv("Add", ["c2", "c4"], ["sum"], "add"),
-        conv("Relu", ["sum"], ["r2"], "relu2"),
-        conv("Conv", ["r2", "w3"], ["y"], "conv3", kernel_shape=[1, 1]),
+        node("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        node("Relu", ["c1"], ["r1"], "relu1"),
+        node("Conv", ["r1", "w2"], ["c2"], "conv2", kernel_shape=[3, 3], pads=[1] * 4, group=2),
+        node("Conv", ["r1", "w4"], ["c4"], "conv4", kernel_shape=[1, 1]),
+        node("Add", ["c2", "c4"], ["sum"], "add"),
+        node("Relu", ["sum"], ["r2"], "relu2"),
+        node("Conv", ["r2", "w3"], ["y"], "conv3", kernel_shape=[1, 1]),
     ]
     graph = helper.make_graph(
         nodes,

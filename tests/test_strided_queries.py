@@ -238,7 +238,7 @@ def test_a_three_channel_stem_keeps_tokens_wider_than_its_pixels(kernel, out_cha
     # Strided queries would make each head attend over pixels of 3 features; a matrix
     # product costs the same for 3 value columns as for 16 (``geometry.PRODUCT_COLUMNS``):
     # measured alone, mobilenet_v2's stem ran 12x its Conv on pixel tokens against 11x on
-    # the 1x3 patches picked now, resnet's 9.2x against 3.6x.
+    # the 1x3 patches the cost model picks, resnet's 9.2x against 3.6x.
     pad = kernel // 2
     spec = ConvSpec(3, out_channels, 1, (kernel,) * 2, (2, 2), (1, 1), (pad,) * 2, (pad,) * 2,
                     (224, 224))  # fmt: skip
