@@ -76,6 +76,11 @@ class LayerReport:
     # channels-last input
     output_channels_last: str | None = None
     input_channels_last: bool = False
+    # tokens between layers (``graph.tokens``): the output tensor above holds this Conv's
+    # output as patch tokens [B, T1, T2, P1, P2, C] of this patch; the patch of the
+    # tokens the layer reads
+    output_patch: tuple[int, ...] = ()
+    input_patch: tuple[int, ...] = ()
     # local attention split into this many tiles of blocks (``AttentionPlan.tiles``)
     tiles: int = 1
     # local attention on one-pixel tokens with a query every stride tokens (section 5)
@@ -303,6 +308,10 @@ def _recorded(layer: LayerReport) -> dict:
         entry["output_channels_last"] = layer.output_channels_last
     if layer.input_channels_last:
         entry["input_channels_last"] = True
+    if layer.output_patch:
+        entry["output_patch"] = list(layer.output_patch)
+    if layer.input_patch:
+        entry["input_patch"] = list(layer.input_patch)
     if layer.tiles > 1:
         entry["tiles"] = layer.tiles
     return entry

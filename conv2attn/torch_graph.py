@@ -30,7 +30,12 @@ from torch import nn
 from torch.nn import functional
 
 from conv2attn import names
-from conv2attn.core.geometry import AttentionPlan
+from conv2attn.core.geometry import (
+    AttentionPlan,
+    channels_first_to_grid_tokens,
+    grid_tokens_to_channels_first,
+    tokens_shape_of,
+)
 from conv2attn.core.weights import (
     depthwise_bias_layout,
     depthwise_layout,
@@ -56,6 +61,9 @@ class _LayerStep:
     output: str  # the Conv's NCHW output tensor (the same as ``y`` unless channels-last)
     x_channels_last: bool = False
     y_channels_last: bool = False
+    # patch tokens on a grid [B, T1, T2, P1, P2, C] (``graph.tokens``), of this patch
+    x_patch: tuple[int, ...] = ()
+    y_patch: tuple[int, ...] = ()
 
 
 def _read_back(indexed: np.ndarray, stored: np.ndarray, size: int, what: str) -> np.ndarray:
@@ -92,6 +100,18 @@ def source_conv(
     weight = _read_back(indexed, projection, indices.size, where).reshape(shape)
     conv_bias = _read_back(indexed_bias, bias, spec.out_channels, f"{where[:-4]} bias")
     return plan, weight.astype(projection.dtype), conv_bias.astype(projection.dtype)
+
+
+def _grid_tokens_as_nchw(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    rank = len(patch)
+    nchw = x.permute(*grid_tokens_to_channels_first(rank))
+    tokens = nchw.shape[2 : 2 + 2 * rank : 2]
+    return nchw.reshape(*nchw.shape[:2], *(t * p for t, p in zip(tokens, patch)))
+
+
+def _nchw_as_grid_tokens(y: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    split = y.reshape(tokens_shape_of(list(y.shape), patch))
+    return split.permute(*channels_first_to_grid_tokens(len(patch)))
 
 
 def _scope_input(nodes: list[onnx.NodeProto], scope: str, constants: set[str]) -> str:
@@ -372,6 +392,8 @@ class OnnxAttentionModel(nn.Module):
             record["output"],
             bool(record.get("input_channels_last")),
             bool(record.get("output_channels_last")),
+            tuple(record.get("input_patch", ())),
+            tuple(record.get("output_patch", ())),
         )
 
     def layer(self, conv: str) -> ConvAttention:
@@ -395,11 +417,15 @@ class OnnxAttentionModel(nn.Module):
         for step in self._steps:
             if isinstance(step, _LayerStep):
                 x = values[step.x]
-                if step.x_channels_last:
+                if step.x_patch:
+                    x = _grid_tokens_as_nchw(x, step.x_patch)
+                elif step.x_channels_last:
                     x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
                 y = self.layer(step.name)(x)
                 values[step.output] = y
-                if step.y_channels_last:
+                if step.y_patch:
+                    values[step.y] = _nchw_as_grid_tokens(y, step.y_patch)
+                elif step.y_channels_last:
                     values[step.y] = y.permute(0, *range(2, y.dim()), 1)
                 continue
             args = [

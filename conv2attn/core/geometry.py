@@ -341,6 +341,24 @@ def fixed_grid_phase(pad_begin: int, in_patch: int) -> int:
     return -pad_begin % in_patch
 
 
+def grid_tokens_to_channels_first(rank: int) -> list[int]:
+    """The permutation [B, T1, .., P1, .., C] -> [B, C, T1, P1, T2, P2, ..]: patch tokens on
+    a grid (tokens kept between layers) laid out as NCHW once the pairs are merged."""
+    return [0, 1 + 2 * rank, *(axis for i in range(rank) for axis in (1 + i, 1 + rank + i))]
+
+
+def channels_first_to_grid_tokens(rank: int) -> list[int]:
+    """The permutation [B, C, T1, P1, T2, P2, ..] -> [B, T1, .., P1, .., C]."""
+    return [0, *(2 + 2 * i for i in range(rank)), *(3 + 2 * i for i in range(rank)), 1]
+
+
+def tokens_shape_of(shape: Sequence[int], patch: Sequence[int]) -> list[int]:
+    """[B, C, T1·P1, ..] -> [B, C, T1, P1, ..]: NCHW with each axis split into tokens and
+    patch, ready for ``channels_first_to_grid_tokens``."""
+    split = [size for n, p in zip(shape[2:], patch) for size in (n // p, p)]
+    return [*shape[:2], *split]
+
+
 def _fixed_grid_reach(axis: AxisPlan, kernel: int, stride: int, dilation: int, pad: int) -> int:
     """R on the fixed grid for the axis's patch; one-pixel tokens (strided queries) have
     no phase, so their reach is the kernel's."""

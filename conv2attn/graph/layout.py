@@ -63,7 +63,7 @@ class LayoutResult:
     added: int = 0
 
 
-def _perm(node: gs.Node) -> list[int] | None:
+def transpose_perm(node: gs.Node) -> list[int] | None:
     perm = node.attrs.get("perm") if node.op == "Transpose" else None
     return list(perm) if perm is not None else None
 
@@ -149,11 +149,11 @@ def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
     one's input."""
     outputs = {t.name for t in graph.outputs}
     for second in graph.nodes:
-        if _perm(second) != to_channels_last(rank) or second.outputs[0].name in outputs:
+        if transpose_perm(second) != to_channels_last(rank) or second.outputs[0].name in outputs:
             continue
         middle = second.inputs[0]
         first = middle.inputs[0] if middle.inputs else None
-        if first is None or _perm(first) != to_channels_first(rank):
+        if first is None or transpose_perm(first) != to_channels_first(rank):
             continue
         source, target = first.inputs[0], second.outputs[0]
         for consumer in list(target.outputs):
@@ -225,7 +225,7 @@ class _RegionPlan:
                     continue
                 seen.add(id(tensor))
                 producer = tensor.inputs[0] if tensor.inputs else None
-                if producer is not None and _perm(producer) == to_channels_first(rank):
+                if producer is not None and transpose_perm(producer) == to_channels_first(rank):
                     free.append(tensor)
                 else:
                     new.append(tensor)
@@ -243,7 +243,7 @@ class _RegionPlan:
             nchw_readers = False
             for consumer in outside:
                 if (
-                    _perm(consumer) == to_channels_last(rank)
+                    transpose_perm(consumer) == to_channels_last(rank)
                     and consumer.outputs[0].name not in graph_outputs
                 ):
                     dropped.append(consumer)
@@ -263,7 +263,7 @@ class _RegionPlan:
             self._swap_input(tensor, source)
             self.channels_last.add(source.name)
         for tensor in self.new_inputs:
-            name = _unique(f"{tensor.name}{SUFFIX}", taken)
+            name = unique_name(f"{tensor.name}{SUFFIX}", taken)
             moved = gs.Variable(name, dtype=tensor.dtype, shape=_permuted(tensor.shape, last))
             graph.nodes.append(
                 gs.Node("Transpose", f"{name}/Transpose", {"perm": last}, [tensor], [moved])
@@ -277,7 +277,7 @@ class _RegionPlan:
         for node in self.nodes:
             tensor = node.outputs[0]
             nchw_name, nchw_shape = tensor.name, tensor.shape
-            tensor.name = _unique(f"{nchw_name}{SUFFIX}", taken)
+            tensor.name = unique_name(f"{nchw_name}{SUFFIX}", taken)
             tensor.shape = _permuted(nchw_shape, last)
             self.channels_last.add(tensor.name)
             if id(tensor) not in kept:  # gone in NCHW (a converted Conv's crop may end here)
@@ -310,7 +310,8 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
             node.inputs[index] = new
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``.. if taken; the result is taken from then on."""
     candidate, count = name, 0
     while candidate in taken:
         count += 1
@@ -335,7 +336,7 @@ def _relayout(
     def replace(index: int, values: np.ndarray) -> None:
         original = node.inputs[index]
         if id(original) not in relaid:
-            name = _unique(f"{original.name}{SUFFIX}", taken)
+            name = unique_name(f"{original.name}{SUFFIX}", taken)
             relaid[id(original)] = gs.Constant(name, np.ascontiguousarray(values))
         node.inputs[index] = relaid[id(original)]
 

@@ -10,8 +10,9 @@ Stages, in order, one function each:
    (``graph.emit``; ``graph.emit_integer`` for ConvInteger and QLinearConv), reusing the
    Conv's output tensor so every consumer stays wired;
 6. ``keep_channels_last`` (``--layout channels-last``, ``graph.layout``): the tensors
-   between converted Convs stay channels-last where that removes Transposes, and
-   ``_record_layouts`` notes where each layer's output now lives;
+   between converted Convs stay channels-last where that removes Transposes; then
+   ``keep_tokens`` (``graph.tokens``): patch tokens stay tokens between Convs that share
+   a token grid; ``_record_layouts`` notes where each layer's output now lives;
 7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time; the loaded model itself is dropped as soon as the graph holds every constant
@@ -65,6 +66,7 @@ from conv2attn.graph.shapes import (
     sizes_open,
     skeleton,
 )
+from conv2attn.graph.tokens import ConvertedConv, TokenResult, keep_tokens
 from conv2attn.graph.verify import passes_strict_inference, verify
 from conv2attn.modelio import (
     copy_fields,
@@ -202,7 +204,13 @@ def convert_model(
     del layer_plans
     layers = _replace(selection.candidates, chosen, shortlists, options, progress)
     if options.layout == "channels-last":
-        layers = _record_layouts(graph, layers, keep_channels_last(graph))
+        moved = keep_channels_last(graph)
+        static = [
+            ConvertedConv(names.scope(candidate.node.name), plan)
+            for candidate, plan in zip(selection.candidates, chosen)
+            if candidate.graph is graph and not candidate.dynamic and candidate.quantization is None
+        ]
+        layers = _record_layouts(graph, layers, moved, keep_tokens(graph, static))
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)
@@ -388,11 +396,12 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
 
 
 def _record_layouts(
-    graph: gs.Graph, layers: list[LayerReport], moved: LayoutResult
+    graph: gs.Graph, layers: list[LayerReport], moved: LayoutResult, tokens: TokenResult
 ) -> list[LayerReport]:
-    """Each layer's record after ``keep_channels_last``: the channels-last tensor holding
-    its output where the NCHW one is gone, and whether it reads channels-last input."""
-    if not moved.channels_last:
+    """Each layer's record after ``keep_channels_last`` and ``keep_tokens``: the
+    channels-last tensor (or tokens, with their patch) holding its output where the NCHW
+    one is gone, and whether it reads channels-last input (or tokens)."""
+    if not moved.channels_last and not tokens.outputs and not tokens.inputs:
         return layers
     updated = []
     for layer in layers:
@@ -405,11 +414,16 @@ def _record_layouts(
             for t in n.inputs
             if isinstance(t, gs.Variable) and id(t) not in produced
         }
+        scope = names.scope(layer.name)
+        output, output_patch = tokens.outputs.get(scope, (moved.outputs.get(layer.output), ()))
+        input_patch = tokens.inputs.get(scope, ())
         updated.append(
             dataclasses.replace(
                 layer,
-                output_channels_last=moved.outputs.get(layer.output),
-                input_channels_last=bool(reads & moved.channels_last),
+                output_channels_last=output,
+                input_channels_last=bool(reads & moved.channels_last) or bool(input_patch),
+                output_patch=output_patch,
+                input_patch=input_patch,
             )
         )
     log.info(
@@ -417,6 +431,12 @@ def _record_layouts(
         moved.removed,
         moved.added,
     )
+    if tokens.removed:
+        log.info(
+            "tokens between converted Convs: %d patch shuffles removed, %d added",
+            tokens.removed,
+            tokens.added,
+        )
     return updated
 
 

@@ -1,0 +1,181 @@
+"""Patch tokens flow between converted Convs that share a token grid (``graph/tokens.py``,
+design section 8): no un-patchify/patchify pair between them, the same function, every
+layer still checked and rebuilt in PyTorch from its record.
+
+Parity is ``helpers.assert_parity`` (1e-5 of the largest value plus 1e-6); between the
+layouts the comparison is exact, since the pass only moves values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import conv2attn
+from conv2attn.inputs import Samples
+from conv2attn.record import converted_layers
+from conv2attn.torch_graph import load_trainable
+from conv2attn.validate import check
+from tests.helpers import assert_parity, random_input, run
+
+
+def shuffles(model: onnx.ModelProto) -> list[str]:
+    """The patch shuffles left: each converted Conv's patchify and un-patchify Transposes."""
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Transpose" and node.name.endswith("patchify/Transpose")
+    ]
+
+
+def vit_stretch(extra_output: bool = False) -> onnx.ModelProto:
+    """conv1 -> per-channel scale/shift -> Relu -> conv2 -> residual Add -> SiLU -> 1x1
+    conv3: on a fixed grid of 2x2 patches, the stretch of a ViT's residual stream."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Mul", ["c1", "scale"], ["s1"], "scale"),
+        helper.make_node("Add", ["s1", "shift"], ["b1"], "shift"),
+        helper.make_node("Relu", ["b1"], ["r1"], "relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Add", ["c2", "r1"], ["sum"], "residual"),
+        helper.make_node("Sigmoid", ["sum"], ["gate"], "sigmoid"),
+        helper.make_node("Mul", ["sum", "gate"], ["silu"], "silu"),
+        helper.make_node("Conv", ["silu", "w3"], ["y"], "conv3", kernel_shape=[1, 1]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8, 12])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info("r1", TensorProto.FLOAT, ["N", 6, 8, 12]))
+    graph = helper.make_graph(
+        nodes,
+        "stretch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 12])],
+        outputs,
+        [
+            weight("w1", (6, 4, 3, 3)),
+            weight("w2", (6, 6, 3, 3)),
+            weight("w3", (5, 6, 1, 1)),
+            weight("scale", (6, 1, 1)),
+            weight("shift", (1, 6, 1, 1)),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+FIXED = dict(attention="global", grid="fixed", patch=2, max_param_growth=100)
+
+
+def test_tokens_flow_through_the_residual_stream():
+    model = vit_stretch()
+    converted, report = conv2attn.convert(model, **FIXED)
+    nchw, _ = conv2attn.convert(model, **FIXED, layout="nchw")
+    # every Conv patchifies and un-patchifies on its own (6) against one pair around all
+    assert len(shuffles(nchw)) == 6
+    assert shuffles(converted) == [
+        "conv1/attn/patchify/Transpose",
+        "conv3/attn/unpatchify/Transpose",
+    ]
+    produced = {t for node in converted.graph.node for t in node.output}
+    assert "conv2/attn/unpatchify/tokens_output_0" in produced
+    assert {"r1/tokens", "silu/tokens"} <= produced and not {"c1", "r1", "silu"} & produced
+    # the padding of conv2 is whole tokens: [B, T1, T2, P1, P2, C] padded on T1 and T2
+    pad = next(n for n in converted.graph.node if n.name == "conv2/attn/pad/Pad")
+    pads = next(i for i in converted.graph.initializer if i.name == pad.input[1])
+    assert numpy_helper.to_array(pads).tolist() == [0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0]
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv1"].output_patch == (2, 2) and layers["conv1"].input_patch == ()
+    assert layers["conv2"].input_patch == layers["conv2"].output_patch == (2, 2)
+    assert layers["conv3"].input_patch == (2, 2) and layers["conv3"].output_patch == ()
+    recorded = {layer["name"]: layer for layer in converted_layers(converted)}
+    assert recorded["conv2"]["output_patch"] == [2, 2]
+    assert recorded["conv2"]["output_channels_last"] == "conv2/attn/unpatchify/tokens_output_0"
+    feeds = random_input(model, batch=3)
+    assert_parity(run(model, feeds), run(converted, feeds))
+    np.testing.assert_array_equal(run(converted, feeds)[0], run(nchw, feeds)[0])
+
+
+def test_every_layer_is_checked_and_rebuilt_from_its_tokens():
+    """``check --per-layer`` un-patchifies a layer held as tokens itself, and the PyTorch
+    model lays its layers' NCHW tensors out as the tokens the graph holds."""
+    model = vit_stretch()
+    converted, _ = conv2attn.convert(model, **FIXED)
+    feeds = random_input(model, batch=2)
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed
+    assert [layer.name for layer in result.layers] == ["conv1", "conv2", "conv3"]
+    assert all(layer.max_rel < 1e-5 for layer in result.layers)
+
+    module = load_trainable(converted).eval()
+    with torch.no_grad():
+        got = module(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [got])
+
+
+def test_a_tensor_read_outside_the_stream_keeps_its_name_and_layout():
+    """r1 is also a graph output: it is un-patchified once, under its own name, and the
+    tokens still flow into conv2 and the residual Add."""
+    model = vit_stretch(extra_output=True)
+    converted, _ = conv2attn.convert(model, **FIXED)
+    assert [o.name for o in converted.graph.output] == ["y", "r1"]
+    assert shuffles(converted) == [
+        "conv1/attn/patchify/Transpose",
+        "conv3/attn/unpatchify/Transpose",
+    ]
+    assert sum(n.name == "r1/tokens/to_pixels" for n in converted.graph.node) == 1
+    feeds = random_input(model, batch=2)
+    assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_a_layer_whose_padding_splits_tokens_reads_pixels():
+    """On the shifted grid conv2's tokens start one pixel before the image, inside conv1's
+    output tokens: it patchifies pixels made from the stream, once, while the 1x1 conv3
+    (no padding: its tokens start at the first pixel, as every output's do) reads the
+    stream's tokens."""
+    model = vit_stretch()
+    shifted = {**FIXED, "grid": "shifted"}
+    converted, report = conv2attn.convert(model, **shifted)
+    assert shuffles(converted) == [
+        "conv1/attn/patchify/Transpose",
+        "conv2/attn/patchify/Transpose",
+        "conv3/attn/unpatchify/Transpose",
+    ]
+    assert sum(n.name == "r1/tokens/to_pixels" for n in converted.graph.node) == 1
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv2"].input_patch == () and layers["conv2"].output_patch == (2, 2)
+    assert layers["conv3"].input_patch == (2, 2)
+    feeds = random_input(model, batch=2)
+    assert_parity(run(model, feeds), run(converted, feeds))
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed and len(result.layers) == 3
+
+
+def test_resnet18_on_the_fixed_grid_is_a_token_stream(torchvision_model):
+    """Global attention on the fixed grid: layer1's four Convs share patch tokens
+    through their residual Adds, and layer2's downsampling Conv merges them in token
+    space (its input patch is layer1's output patch); its 1x1 shortcut, which subsamples
+    pixels, reads them un-patchified."""
+    original = onnx.load(str(torchvision_model("resnet18")))
+    options = dict(attention="global", grid="fixed")
+    converted, report = conv2attn.convert(original, **options)
+    nchw, _ = conv2attn.convert(original, **options, layout="nchw")
+    layers = {layer.name: layer for layer in report.layers}
+    stretch = [f"/layer1/layer1.{block}/conv{conv}/Conv" for block in (0, 1) for conv in (1, 2)]
+    patch = layers[stretch[0]].patch  # the cost model's: 2x4 today
+    assert max(patch) > 1 and all(layers[name].patch == patch for name in stretch)
+    assert all(layers[name].output_patch == patch for name in stretch)
+    assert all(layers[name].input_patch == patch for name in stretch[1:])
+    assert layers["/layer2/layer2.0/conv1/Conv"].input_patch == patch
+    assert layers["/layer2/layer2.0/downsample/downsample.0/Conv"].input_patch == ()
+    left = shuffles(converted)
+    assert not [name for name in left if name.startswith("/layer1/")]
+    assert len(left) <= len(shuffles(nchw)) - 9
+    feeds = random_input(original, batch=2)
+    assert_parity(run(original, feeds), run(converted, feeds))
+    for moved, kept in zip(run(converted, feeds), run(nchw, feeds)):
+        np.testing.assert_array_equal(moved, kept)
