@@ -3,22 +3,30 @@ design section 8): no un-patchify/patchify pair between them, the same function,
 layer still checked and rebuilt in PyTorch from its record.
 
 Parity is ``helpers.assert_parity`` (1e-5 of the largest value plus 1e-6); between the
-layouts the comparison is exact, since the pass only moves values.
+layouts the comparison is exact, since the pass only moves values. CI runs 60 random
+streams; PROPERTY_EXAMPLES raises it.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import torch
+from hypothesis import assume, event, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
+from conv2attn.errors import InputError
 from conv2attn.inputs import Samples
 from conv2attn.record import converted_layers
 from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import check
 from tests.helpers import assert_parity, random_input, run
+
+EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "60"))
 
 
 def shuffles(model: onnx.ModelProto) -> list[str]:
@@ -179,3 +187,102 @@ def test_resnet18_on_the_fixed_grid_is_a_token_stream(torchvision_model):
     assert_parity(run(original, feeds), run(converted, feeds))
     for moved, kept in zip(run(converted, feeds), run(nchw, feeds)):
         np.testing.assert_array_equal(moved, kept)
+
+
+@st.composite
+def streams(draw):
+    """A random stretch of Convs joined by the operations tokens flow through: per-channel
+    scales, activations, SiLU gates, residual Adds, some tensors also graph outputs."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    channels = draw(st.integers(2, 6))
+    # mostly even sizes: a Conv's output tokens flow when its patch tiles its output
+    size = [draw(st.sampled_from([4, 6, 8, 8, 12, 5, 7])) for _ in range(2)]
+    nodes, inits, outputs = [], [], []
+    shapes = {"x": (channels, *size)}
+
+    def weight(name, shape):
+        # unit variance through each Conv (He-style), as in a trained network: parity is
+        # stated against the largest output, and a Sigmoid at the end would hide how large
+        # unscaled random weights make the values before it
+        fan_in = int(np.prod(shape[1:])) if len(shape) == 4 else 1
+        values = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        inits.append(numpy_helper.from_array(values, name))
+        return name
+
+    current = "x"
+    for index in range(draw(st.integers(2, 4))):
+        kernel = draw(st.sampled_from([1, 3, 3, 5]))
+        stride = draw(st.sampled_from([1, 1, 1, 2]))
+        pad = draw(st.sampled_from([kernel // 2, kernel // 2, 0]))
+        out_size = [(n + 2 * pad - kernel) // stride + 1 for n in size]
+        if min(out_size) < 1:
+            break
+        width = draw(st.integers(2, 6))
+        conv = f"conv{index}"
+        w = weight(f"w{index}", (width, channels, kernel, kernel))
+        attrs = dict(kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[pad] * 4)
+        nodes.append(helper.make_node("Conv", [current, w], [f"{conv}_y"], conv, **attrs))
+        block_input, current = current, f"{conv}_y"
+        shapes[current] = (width, *out_size)
+        if draw(st.booleans()):
+            scale = weight(f"scale{index}", (width, 1, 1))
+            nodes.append(helper.make_node("Mul", [current, scale], [f"{conv}_s"], f"scale{index}"))
+            current = f"{conv}_s"
+        if draw(st.booleans()) and shapes[block_input] == (width, *out_size):
+            nodes.append(
+                helper.make_node("Add", [current, block_input], [f"{conv}_r"], f"add{index}")
+            )
+            current = f"{conv}_r"
+        activation = draw(st.sampled_from(["Relu", "Sigmoid", "silu", None]))
+        if activation == "silu":
+            nodes.append(helper.make_node("Sigmoid", [current], [f"{conv}_g"], f"gate{index}"))
+            nodes.append(
+                helper.make_node("Mul", [current, f"{conv}_g"], [f"{conv}_a"], f"silu{index}")
+            )
+            current = f"{conv}_a"
+        elif activation:
+            nodes.append(helper.make_node(activation, [current], [f"{conv}_a"], f"act{index}"))
+            current = f"{conv}_a"
+        shapes[current] = (width, *out_size)
+        if draw(st.integers(0, 4)) == 0:
+            outputs.append(current)
+        channels, size = width, out_size
+    assume(len(nodes) >= 2 and any(n.op_type == "Conv" for n in nodes[1:]))
+    if current not in outputs:
+        outputs.append(current)
+    graph = helper.make_graph(
+        nodes,
+        "stream",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shapes["x"]])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", *shapes[o]]) for o in outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = dict(
+        attention=draw(st.sampled_from(["global", "global", "global", "local"])),
+        grid=draw(st.sampled_from(["fixed", "fixed", "fixed", "shifted", "auto"])),
+        patch=draw(st.sampled_from(["2", "2", "2x1", "auto", "1", "1x3"])),
+        max_param_growth=1e9,
+    )
+    return model, options
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None)
+@given(streams())
+def test_random_streams_keep_parity_and_every_layer_checks(case):
+    model, options = case
+    try:
+        converted, report = conv2attn.convert(model, **options)
+    except InputError:  # a forced patch larger than a Conv's output, say
+        event("refused")
+        assume(False)
+    flowing = sum(bool(layer.input_patch) for layer in report.layers)
+    event(f"Convs reading tokens: {min(flowing, 2)}{'+' if flowing >= 2 else ''}")
+    nchw, _ = conv2attn.convert(model, **options, layout="nchw")
+    feeds = random_input(model, batch=2)
+    got = run(converted, feeds)
+    for moved, kept in zip(got, run(nchw, feeds)):  # only where values sit changes
+        np.testing.assert_array_equal(moved, kept)
+    assert_parity(run(model, feeds), got)
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed and len(result.layers) == len(report.layers)
