@@ -127,6 +127,13 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             f"\n\n{len(tiled)} layer(s) attend in tiles of blocks ({counts} tiles each) whose "
             f"intermediates stay in cache at batch {report.batch} (--batch to change it)"
         )
+    streamed = [layer for layer in report.layers if layer.input_patch]
+    if streamed:
+        text += (
+            f"\n\n{len(streamed)} layer(s) read patch tokens straight from the Convs before "
+            "them: they share a token grid, so nothing between them is un-patchified and "
+            "patchified again (design section 8)"
+        )
     dynamic = [layer for layer in report.layers if layer.dynamic]
     if dynamic:
         sizes = sorted({"x".join(map(str, layer.input_size)) for layer in dynamic})

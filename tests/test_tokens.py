@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
+from conv2attn.cli import main
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples
 from conv2attn.record import converted_layers
@@ -106,6 +107,19 @@ def test_tokens_flow_through_the_residual_stream():
     feeds = random_input(model, batch=3)
     assert_parity(run(model, feeds), run(converted, feeds))
     np.testing.assert_array_equal(run(converted, feeds)[0], run(nchw, feeds)[0])
+
+
+def test_the_conversion_table_says_which_layers_read_tokens(tmp_path, capsys):
+    source, out = tmp_path / "stretch.onnx", tmp_path / "out.onnx"
+    onnx.save(vit_stretch(), source)
+    args = ["convert", str(source), "-o", str(out), "--attention", "global", "--grid", "fixed"]
+    assert main([*args, "--patch", "2", "--max-param-growth", "100"]) == 0
+    assert (
+        "2 layer(s) read patch tokens straight from the Convs before them"
+        in capsys.readouterr().out
+    )
+    recorded = {layer["name"]: layer for layer in converted_layers(onnx.load(out))}
+    assert recorded["conv3"]["input_patch"] == [2, 2] and "input_patch" not in recorded["conv1"]
 
 
 def test_every_layer_is_checked_and_rebuilt_from_its_tokens():
