@@ -139,6 +139,36 @@ def test_every_layer_is_checked_and_rebuilt_from_its_tokens():
     assert_parity(run(model, feeds), [got])
 
 
+def test_local_attention_blocks_are_laid_on_the_grid_once():
+    """Local attention's output tokens come block by block: one reorder (whole runs of a
+    block row) lays them on the grid, in place of the un-patchify, and the next Conv
+    still reads them without a patchify."""
+    model = vit_stretch()
+    options = dict(attention="local", grid="fixed", patch=2, block="2x3", max_param_growth=100)
+    converted, report = conv2attn.convert(model, **options)
+    nchw, _ = conv2attn.convert(model, **options, layout="nchw")
+    assert shuffles(converted) == [
+        "conv1/attn/patchify/Transpose",
+        "conv3/attn/unpatchify/Transpose",
+    ]
+    reorders = [n.name for n in converted.graph.node if n.name.endswith("/tokens/Transpose")]
+    assert reorders == [
+        "conv1/attn/unpatchify/tokens/Transpose",
+        "conv2/attn/unpatchify/tokens/Transpose",
+    ]
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv2"].block == (2, 3) and layers["conv2"].input_patch == (2, 2)
+    feeds = random_input(model, batch=2)
+    got = run(converted, feeds)
+    np.testing.assert_array_equal(got[0], run(nchw, feeds)[0])
+    assert_parity(run(model, feeds), got)
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed and len(result.layers) == 3
+    with torch.no_grad():
+        rebuilt = load_trainable(converted).eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [rebuilt])
+
+
 def test_a_tensor_read_outside_the_stream_keeps_its_name_and_layout():
     """r1 is also a graph output: it is un-patchified once, under its own name, and the
     tokens still flow into conv2 and the residual Add."""

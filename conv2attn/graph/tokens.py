@@ -9,7 +9,9 @@ padding is whole tokens, as on the fixed grid of section 8) and only elementwise
 operations lie between them (activations, gates, residual ``Add``, per-channel scales),
 both shuffles can go: the tensors between them are held as tokens ``[B, T1, T2, P1, P2,
 C]``, the elementwise operations act on them unchanged (their constants are per channel,
-the last axis in both layouts), and the second Conv's padding becomes whole tokens.
+the last axis in both layouts), and the second Conv's padding becomes whole tokens. Local
+attention's output tokens come block by block: one reorder to grid order replaces their
+un-patchify, so there only the next Conv's shuffle is saved.
 
 The pass works on *regions*: tensors joined by such operations, all of one shape. Its
 sources are a Conv's output pixels (the Conv's tokens are read instead, for free) or any
@@ -64,7 +66,8 @@ class TokenResult:
 
 @dataclass
 class _Producer:
-    """A Conv whose output tokens ``values`` [B, N, D] are un-patchified into ``pixels``."""
+    """A Conv whose output tokens ``values`` [B, (blocks,) q, D] are un-patchified into
+    ``pixels``; local attention's tokens come block by block (``blocks`` per axis)."""
 
     scope: str
     values: gs.Variable
@@ -72,6 +75,14 @@ class _Producer:
     pixels: gs.Variable
     patch: tuple[int, ...]
     grid: tuple[int, ...]
+    blocks: tuple[int, ...]
+    block: tuple[int, ...]
+
+    @property
+    def in_grid_order(self) -> bool:
+        """One block: the tokens already lie on the grid, and un-patchifying them was a
+        shuffle saved; several need one reorder (block order -> grid order) instead."""
+        return max(self.blocks) == 1
 
 
 @dataclass
@@ -113,11 +124,10 @@ def _shuffle(nodes: dict[str, gs.Node], part: str) -> tuple[gs.Node, gs.Node] | 
 def _producer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Producer | None:
     plan = layer.plan
     axes = plan.axes
-    global_grid = plan.attention is Attention.GLOBAL or all(a.blocks == 1 for a in axes)
     full = [a.queries * a.patch for a in axes]
-    if not (
-        plan.channels_last and plan.spec.group == 1 and global_grid and max(plan.patch) > 1
-    ) or full != list(plan.spec.output_size):
+    if not (plan.channels_last and plan.spec.group == 1 and max(plan.patch) > 1):
+        return None
+    if full != list(plan.spec.output_size):  # extra queries, cropped: not on the grid
         return None
     scope = layer.scope
     chain = _shuffle(nodes, f"{scope}/unpatchify")
@@ -129,7 +139,11 @@ def _producer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Producer | No
     if pixels.shape is None or list(pixels.shape[1:]) != shape:
         return None
     grid = tuple(a.queries for a in axes)
-    return _Producer(scope, split.inputs[0], merge, pixels, plan.patch, grid)
+    if plan.attention is Attention.GLOBAL:
+        blocks, block = (1,) * len(axes), grid
+    else:
+        blocks, block = tuple(a.blocks for a in axes), plan.block
+    return _Producer(scope, split.inputs[0], merge, pixels, plan.patch, grid, blocks, block)
 
 
 def _consumer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Consumer | None:
@@ -231,7 +245,7 @@ class _Region:
 
     @property
     def removed(self) -> int:
-        return len(self.producers) + len(self.consumers)
+        return sum(p.in_grid_order for p in self.producers) + len(self.consumers)
 
     @property
     def added(self) -> int:
@@ -353,25 +367,55 @@ def _patchify_source(
         source = tensor
         split_shape = _pixel_split(grid, patch, channels)
         perm = _to_tokens_perm(rank)
-    base = _base(tensor.name)
-    split = gs.Variable(unique_name(f"{base}{TOKENS}/split_output_0", taken), tensor.dtype)
-    shape = _int64(f"{base}{TOKENS}/split/shape", split_shape, taken)
+    _split_and_permute(
+        graph, f"{_base(tensor.name)}{TOKENS}", source, split_shape, perm, target, taken
+    )
+
+
+def _split_and_permute(
+    graph: gs.Graph,
+    name: str,
+    source: gs.Variable,
+    split_shape: list[int],
+    perm: list[int],
+    target: gs.Variable,
+    taken: set[str],
+) -> None:
+    """``target`` = Transpose(Reshape(``source``, ``split_shape``), ``perm``), as nodes
+    ``<name>/split`` and ``<name>/Transpose``."""
+    split = gs.Variable(unique_name(f"{name}/split_output_0", taken), source.dtype)
+    shape = _int64(f"{name}/split/shape", split_shape, taken)
     graph.nodes.append(
         gs.Node(
-            "Reshape",
-            unique_name(f"{base}{TOKENS}/split", taken),
-            inputs=[source, shape],
-            outputs=[split],
+            "Reshape", unique_name(f"{name}/split", taken), inputs=[source, shape], outputs=[split]
         )
     )
     graph.nodes.append(
         gs.Node(
-            "Transpose",
-            unique_name(f"{base}{TOKENS}/Transpose", taken),
-            {"perm": perm},
-            [split],
-            [target],
+            "Transpose", unique_name(f"{name}/Transpose", taken), {"perm": perm}, [split], [target]
         )
+    )
+
+
+def _lay_on_grid(
+    graph: gs.Graph, producer: _Producer, target: gs.Variable, channels: int, taken: set[str]
+) -> None:
+    """``target`` [B, T1, T2, P1, P2, C]: the Conv's own output tokens on the grid. One
+    block is a view (no data moves); blocks [B, nb1, nb2, b1, b2, P1, P2, C] are reordered
+    to [B, nb1, b1, nb2, b2, P1, P2, C] first, moving whole (b2, P1, P2, C) runs."""
+    name = f"{producer.scope}/unpatchify/tokens"
+    grid, patch, rank = producer.grid, producer.patch, len(producer.patch)
+    values = producer.values
+    if not producer.in_grid_order:
+        split = [-1, *producer.blocks, *producer.block, *patch, channels]
+        perm = [0, *(axis for i in range(rank) for axis in (1 + i, 1 + rank + i))]
+        perm += list(range(1 + 2 * rank, 2 + 3 * rank))
+        ordered = gs.Variable(unique_name(f"{name}/Transpose_output_0", taken), values.dtype)
+        _split_and_permute(graph, name, values, split, perm, ordered, taken)
+        values = ordered
+    shape = _int64(f"{name}/shape", [-1, *grid, *patch, channels], taken)
+    graph.nodes.append(
+        gs.Node("Reshape", unique_name(name, taken), inputs=[values, shape], outputs=[target])
     )
 
 
@@ -390,18 +434,8 @@ def _apply(graph: gs.Graph, region: _Region, result: TokenResult, taken: set[str
     to_tokens = _to_tokens_perm(rank)
     to_pixels = [to_tokens.index(axis) for axis in range(len(to_tokens))]
     for producer in region.producers:
-        # the Conv's own tokens, viewed on the grid: no data moves
         target = tokens[id(producer.pixels)]
-        name = f"{producer.scope}/unpatchify/tokens"
-        shape = _int64(f"{name}/shape", [-1, *grid, *patch, channels], taken)
-        graph.nodes.append(
-            gs.Node(
-                "Reshape",
-                unique_name(name, taken),
-                inputs=[producer.values, shape],
-                outputs=[target],
-            )
-        )
+        _lay_on_grid(graph, producer, target, channels, taken)
         producer.merge.outputs.clear()
         result.outputs[producer.scope] = (target.name, patch)
     for tensor in region.sources:
