@@ -504,7 +504,8 @@ def check(
     converted_names = [o.name for o in converted.graph.output]
     layers, notes = _layers_to_compare(converted, per_layer, names[1])
     layer_tensors = [layer["output"] for layer in layers]
-    # a layer whose output stays channels-last (--layout channels-last) is read there
+    # a layer whose output stays channels-last or patch tokens (--layout channels-last) is
+    # read there
     held = [layer.get("output_channels_last") or layer["output"] for layer in layers]
     with _fetching(original, layer_tensors), _fetching(converted, held):
         reference, actual = _run_both(
