@@ -166,6 +166,56 @@ def test_a_layer_whose_crop_moves_channels_last_is_still_found():
     assert_parity(run(model, feeds), [got])
 
 
+def inception_join() -> onnx.ModelProto:
+    """Two converted branches joined by a channel Concat (Inception, GoogLeNet), a ReLU and
+    a converted Conv on the join."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["b1"], "branch1", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w2"], ["b2"], "branch2", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Concat", ["b1", "b2"], ["joined"], "join", axis=1),
+        helper.make_node("Relu", ["joined"], ["r"], "relu"),
+        helper.make_node("Conv", ["r", "w3"], ["y"], "head", kernel_shape=[3, 3], pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "join",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 11])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 9, 11])],
+        [weight("w1", (2, 3, 1, 1)), weight("w2", (5, 3, 3, 3)), weight("w3", (4, 7, 3, 3))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_channel_concat_joins_channels_last_branches():
+    model = inception_join()
+    converted, report = conv2attn.convert(model, attention="local", patch=1)
+    nchw, _ = conv2attn.convert(model, attention="local", patch=1, layout="nchw")
+    # three go: both branches' way back to NCHW and the head's way to channels-last
+    assert transposes(converted) == transposes(nchw) - 3
+    names = {n.name for n in converted.graph.node if n.op_type == "Transpose"}
+    assert (
+        not {"branch1/attn/unpatchify/to_nchw/Transpose", "head/attn/patchify/to_nhwc/Transpose"}
+        & names
+    )
+    join = next(n for n in converted.graph.node if n.name == "join")
+    assert helper.get_attribute_value(join.attribute[0]) == 3  # the channel axis, last
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["head"].input_channels_last and layers["branch1"].output_channels_last
+    feeds = random_input(model, batch=2)
+    got = run(converted, feeds)
+    np.testing.assert_array_equal(got[0], run(nchw, feeds)[0])
+    assert_parity(run(model, feeds), got)
+    assert check(model, converted, Samples(feeds, None, "random"), per_layer=True).passed
+    with torch.no_grad():
+        rebuilt = load_trainable(converted).eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [rebuilt])
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_models_lose_most_layout_changes(torchvision_model, name):
     path = torchvision_model(name)

@@ -3,7 +3,7 @@
 Every converted Conv reads NCHW, turns it into channels-last tokens (``to_nhwc``) and
 turns its output back (``to_nchw``). Where converted Convs follow each other through
 operations that do not depend on the layout (elementwise activations and gates, residual
-``Add``, per-channel constants, ``Pad``, ``Slice``), the tensors between them can stay
+``Add``, per-channel constants, ``Pad``, ``Slice``, ``Concat``), the tensors between them can stay
 channels-last: the pair of Transposes cancels.
 
 The pass works on *regions*: connected sets of such nodes (joined by any tensor they
@@ -106,6 +106,8 @@ def _eligible(node: gs.Node, rank: int) -> bool:
     if node.op == "Slice":
         constant = all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name)
         return len(node.inputs) >= 4 and constant
+    if node.op == "Concat":  # DenseNet's and Inception's joins, along any axis
+        return all(isinstance(t, gs.Variable) and _rank(t) == rank for t in node.inputs)
     return False
 
 
@@ -352,3 +354,5 @@ def _relayout(
         axes = node.inputs[3].values
         position = {source: target for target, source in enumerate(perm)}
         replace(3, np.array([position[a % rank] for a in axes], dtype=axes.dtype))
+    elif node.op == "Concat":
+        node.attrs["axis"] = perm.index(node.attrs["axis"] % rank)
