@@ -3,8 +3,8 @@
 Every converted Conv reads NCHW, turns it into channels-last tokens (``to_nhwc``) and
 turns its output back (``to_nchw``). Where converted Convs follow each other through
 operations that do not depend on the layout (elementwise activations and gates, residual
-``Add``, per-channel constants, ``Pad``, ``Slice``, ``Concat``), the tensors between them can stay
-channels-last: the pair of Transposes cancels.
+``Add``, per-channel constants, ``Pad``, ``Slice``, ``Concat``), the tensors between them
+can stay channels-last: the pair of Transposes cancels.
 
 The pass works on *regions*: connected sets of such nodes (joined by any tensor they
 share). A region's inputs are either the output of a channels-last -> NCHW Transpose
@@ -106,7 +106,7 @@ def _eligible(node: gs.Node, rank: int) -> bool:
     if node.op == "Slice":
         constant = all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name)
         return len(node.inputs) >= 4 and constant
-    if node.op == "Concat":  # DenseNet's and Inception's joins, along any axis
+    if node.op == "Concat":  # Inception's and GoogLeNet's joins, along any axis
         return all(isinstance(t, gs.Variable) and _rank(t) == rank for t in node.inputs)
     return False
 
