@@ -34,6 +34,7 @@ from conv2attn.core.geometry import (
     AttentionPlan,
     channels_first_to_grid_tokens,
     grid_tokens_to_channels_first,
+    pixels_shape_of,
     tokens_shape_of,
 )
 from conv2attn.core.weights import (
@@ -103,10 +104,8 @@ def source_conv(
 
 
 def _grid_tokens_as_nchw(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
-    rank = len(patch)
-    nchw = x.permute(*grid_tokens_to_channels_first(rank))
-    tokens = nchw.shape[2 : 2 + 2 * rank : 2]
-    return nchw.reshape(*nchw.shape[:2], *(t * p for t, p in zip(tokens, patch)))
+    nchw = x.permute(*grid_tokens_to_channels_first(len(patch)))
+    return nchw.reshape(pixels_shape_of(list(nchw.shape), len(patch)))
 
 
 def _nchw_as_grid_tokens(y: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from conv2attn.core.geometry import grid_tokens_to_channels_first
+from conv2attn.core.geometry import grid_tokens_to_channels_first, pixels_shape_of
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples, graph_inputs
 from conv2attn.modelio import PROTOBUF_LIMIT, model_size
@@ -412,10 +412,8 @@ def _as_nchw(layer: dict, values: np.ndarray) -> np.ndarray:
         return values
     patch = layer.get("output_patch")
     if patch:  # [B, T1, T2, P1, P2, C] tokens on a grid
-        rank = len(patch)
-        nchw = values.transpose(grid_tokens_to_channels_first(rank))
-        tokens, pixels = nchw.shape[2 : 2 + 2 * rank : 2], patch
-        return nchw.reshape(*nchw.shape[:2], *(t * p for t, p in zip(tokens, pixels)))
+        nchw = values.transpose(grid_tokens_to_channels_first(len(patch)))
+        return nchw.reshape(pixels_shape_of(nchw.shape, len(patch)))
     return values.transpose(0, values.ndim - 1, *range(1, values.ndim - 1))
 
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from conv2attn.validate import ATOL, RTOL, compare, session
+
+
+def random_initializers(seed: int = 0) -> Callable[[str, Sequence[int]], TensorProto]:
+    """``weight(name, shape)``: a standard-normal float32 initializer, drawn in call order
+    from one generator seeded with ``seed`` (so a model builder's weights are fixed)."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, shape: Sequence[int]) -> TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    return weight
 
 
 def conv_model(

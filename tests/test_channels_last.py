@@ -22,7 +22,7 @@ from conv2attn.inputs import Samples
 from conv2attn.record import converted_layers
 from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import check
-from tests.helpers import assert_parity, random_input, run
+from tests.helpers import assert_parity, random_initializers, random_input, run
 
 DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
@@ -37,10 +37,7 @@ def transposes(model: onnx.ModelProto) -> int:
 def residual_block(opset: int = 13) -> onnx.ModelProto:
     """conv -> BN-like scale/shift -> Clip -> conv, plus a residual Add and a SiLU gate:
     the operations between converted Convs that commute with the layout."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    weight = random_initializers(seed=0)
 
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
@@ -120,10 +117,7 @@ def test_per_layer_check_and_round_trip_read_channels_last_outputs():
 
 def grouped_branch() -> onnx.ModelProto:
     """conv1 -> Relu -> (grouped conv2 | 1x1 conv4) -> Add -> Relu -> conv3."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    weight = random_initializers(seed=0)
 
     node = helper.make_node
     nodes = [
@@ -169,10 +163,7 @@ def test_a_layer_whose_crop_moves_channels_last_is_still_found():
 def inception_join() -> onnx.ModelProto:
     """Two converted branches joined by a channel Concat (Inception, GoogLeNet), a ReLU and
     a converted Conv on the join."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    weight = random_initializers(seed=0)
 
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["b1"], "branch1", kernel_shape=[1, 1]),

@@ -25,7 +25,7 @@ from conv2attn.inputs import Samples
 from conv2attn.record import converted_layers
 from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import check
-from tests.helpers import assert_parity, random_input, run
+from tests.helpers import assert_parity, random_initializers, random_input, run
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "60"))
 
@@ -42,10 +42,7 @@ def shuffles(model: onnx.ModelProto) -> list[str]:
 def vit_stretch(extra_output: bool = False) -> onnx.ModelProto:
     """conv1 -> per-channel scale/shift -> Relu -> conv2 -> residual Add -> SiLU -> 1x1
     conv3: on a fixed grid of 2x2 patches, the stretch of a ViT's residual stream."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    weight = random_initializers(seed=0)
 
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),

@@ -352,6 +352,12 @@ def channels_first_to_grid_tokens(rank: int) -> list[int]:
     return [0, *(2 + 2 * i for i in range(rank)), *(3 + 2 * i for i in range(rank)), 1]
 
 
+def pixels_shape_of(shape: Sequence[int], rank: int) -> list[int]:
+    """[B, C, T1, P1, T2, P2, ..] -> [B, C, T1·P1, ..]: the NCHW shape of tokens laid out by
+    ``grid_tokens_to_channels_first``."""
+    return [*shape[:2], *(shape[2 + 2 * i] * shape[3 + 2 * i] for i in range(rank))]
+
+
 def tokens_shape_of(shape: Sequence[int], patch: Sequence[int]) -> list[int]:
     """[B, C, T1·P1, ..] -> [B, C, T1, P1, ..]: NCHW with each axis split into tokens and
     patch, ready for ``channels_first_to_grid_tokens``."""
