@@ -18,6 +18,7 @@ SCOPE = "attn"
 SOFTMAX = "Softmax"
 LOGITS = "logits"
 PROJECTION = "W_O"
+FOLD = "fold"  # heads folded into W_O (``AttentionPlan.folds_heads``)
 
 
 def scope(conv: str) -> str:

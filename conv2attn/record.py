@@ -103,7 +103,8 @@ class LayerReport:
     ) -> LayerReport:
         """The report of Conv ``name`` (attributes ``spec``) converted with ``plan``,
         chosen from ``considered``; ``integer`` names an integer Conv's operator (its
-        attention is a selection, so only the projection multiplies)."""
+        attention is a selection, so only the projection multiplies, as in a plan that
+        folds its heads into W_O)."""
         return cls(
             name=name,
             output=output,
@@ -129,7 +130,7 @@ class LayerReport:
             macs_before=spec.macs,
             macs_after=(
                 plan.projection_macs
-                if integer
+                if integer or plan.folds_heads
                 else plan.macs + (plan.query_key_macs if form == "attention" else 0)
             ),
             params_before=spec.params,

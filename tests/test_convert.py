@@ -133,7 +133,59 @@ def test_depthwise_uses_a_grouped_projection():
     converted, _ = convert_and_compare(model, patch="2", attention="local")
     assert list(projection(converted).dims) == [4 * 4, 4, 8, 1]
     kinds = ops(converted)
-    assert "ReduceSum" in kinds and kinds.count("MatMul") == 1
+    # one product: the shared attention's, or (one query per block) the fold's
+    assert "ReduceSum" in kinds and kinds.count("MatMul") + kinds.count("Gemm") == 1
+
+
+@pytest.mark.parametrize("patch", ["1", "1x2"])
+def test_depthwise_blocks_of_one_query_fold_the_heads_into_w_o(patch):
+    model = conv_model(8, 16, group=8, size=(12, 12), pads=[1, 1, 1, 1])  # multiplier 2
+    options = dict(attention="local", patch=patch, block="1")
+    converted, report = convert_and_compare(model, **options)
+    (layer,) = report.layers
+    # the attention is folded at load time: a run does only the per-tap products, on
+    # pixel tokens exactly the Conv's multiply-adds (tokens of 1x2 pixels: each head's
+    # 2 input pixels for each of the 2 output pixels and 2 outputs per channel)
+    per_token = 1 * 2 if patch == "1" else 2 * 4
+    assert layer.macs_after == layer.queries * layer.heads * per_token * 8
+    if patch == "1":
+        assert layer.macs_after == layer.macs_before
+    nodes = {node.name: node for node in converted.graph.node}
+    fold = nodes["conv/attn/fold/Gemm"]
+    assert "MatMul" not in [n.op_type for n in converted.graph.node]  # no attention product
+    assert fold.input[0] == "conv/attn/Softmax_output_0"
+    # every folded weight row is one head's row of W_O, unmixed: a one-hot attention
+    inspect = onnx.ModelProto()
+    inspect.CopyFrom(converted)
+    inspect.graph.output.append(onnx.ValueInfoProto(name=fold.output[0]))
+    feeds = random_input(model, batch=1)
+    folded = run(inspect, feeds)[-1]
+    w_o = numpy_helper.to_array(
+        next(i for i in converted.graph.initializer if i.name == "conv/attn/W_O")
+    )
+    heads = layer.heads
+    rows = lambda a: sorted(map(tuple, a.reshape(heads, -1).tolist()))  # noqa: E731
+    assert rows(folded) == rows(w_o)
+
+
+def test_forms_that_keep_the_attention_are_planned_without_folding():
+    from tests.test_dynamic import dynamic
+
+    model = conv_model(16, 16, size=(12, 12), pads=[1, 1, 1, 1])
+    options = dict(attention="local", patch="1", check=False)
+    folded, report = conv2attn.convert(model, **options)
+    (layer,) = report.layers
+    assert layer.block == (1, 1) and layer.macs_after == layer.macs_before
+    assert any("/fold/" in node.name for node in folded.graph.node)
+    # the standard operator and a dynamic size compute the attention product: priced
+    # with it, their plans take larger blocks, and nothing is folded
+    for converted, other in (
+        conv2attn.convert(model, form="attention", **options),
+        conv2attn.convert(dynamic(model), **options),
+    ):
+        (explicit,) = other.layers
+        assert explicit.block != (1, 1) and explicit.macs_after > layer.macs_after
+        assert not any("/fold/" in node.name for node in converted.graph.node)
 
 
 def test_float16_model_converts_with_float16_precision():

@@ -108,7 +108,7 @@ def softmax_and_logits(converted: onnx.ModelProto) -> set[str]:
         node = softmax
         while True:
             (following,) = consumers[node.output[0]]
-            if following.op_type == "MatMul":
+            if following.op_type in ("MatMul", "Gemm"):  # the product, or the fold's
                 break
             selected.add(following.name)
             node = following

@@ -388,8 +388,22 @@ TRAFFIC_COST = 16
 # 0.2-0.5 G elements/s), except a plain swap of two blocks such as NCHW <-> NHWC (~5).
 SHORT_RUN = 16
 SHORT_RUN_FACTOR = 25
+# A Gather of local key windows pays ~4 ns per gathered row up to ~48 floats and moves
+# longer rows at the copy rate (onnxruntime, fp32, 2 cores, windows of 3x3 keys: 0.7, 1.9,
+# 3.5, 6.9 and 11.7 G elements/s for rows of 3, 8, 16, 32 and 64 floats): a row costs
+# at least this many elements moved.
+GATHER_ROW_MOVES = 48
 SWAP_FACTOR = 2
 DEPTHWISE_PRODUCT_MOVES = 5
+# A plan that folds its heads (``AttentionPlan.folds_heads``) multiplies the gathered
+# windows themselves, tile by tile in cache: no attended heads are written, and each
+# product is written and read back. Measured on depthwise layers between converted
+# pointwise Convs (onnxruntime, fp32, 2 cores, 30-40 blocks of 10 runs, best blocks):
+# 96 channels 7x7 at 56x56 took 4.2 ms folded on pixel tokens, 5.0 ms folded on 1x2
+# patches (fewer keys gathered, 14% more products) and 3.7 ms with global attention;
+# 240 channels 5x5 at 28x28 2.2 ms folded against 2.9 ms global. At 3 moves per product
+# the cost model orders each of these pairs as measured (at 2 it took the patches).
+FOLDED_PRODUCT_MOVES = 3
 # Grouped Convs with channel-major tokens attend in one small product per group: each
 # re-reads the attention matrix (few output columns to share each read with) and pays a
 # fixed call cost. Measured per layer on torchvision mobilenet_v2 and convnext_tiny
@@ -497,6 +511,9 @@ class AttentionPlan:
     grid: Grid = Grid.SHIFTED
     # local attention on pixel tokens with a query every stride tokens (section 5)
     strided_queries: bool = False
+    # whether emission folds the heads into W_O where the plan allows (``folds_heads``):
+    # the standard operator form, dynamic sizes and integer Convs keep the attention
+    fold_heads: bool = True
 
     @property
     def channels_last(self) -> bool:
@@ -516,6 +533,22 @@ class AttentionPlan:
             and self.spec.in_channels == self.spec.group
             and self.order is Order.ATTEND_FIRST
             and self.attention is Attention.LOCAL
+        )
+
+    @property
+    def folds_heads(self) -> bool:
+        """Local attention attending first on channels-last tokens (ungrouped or depthwise)
+        with one query per block and several heads: the block's window is exactly the
+        heads' keys, so each head's one-hot attention folds into its rows of W_O (design
+        section 3). The fold reads only constants and is computed at load time; a run
+        projects the gathered windows themselves, with no attention product."""
+        return (
+            self.fold_heads
+            and self.attention is Attention.LOCAL
+            and self.order is Order.ATTEND_FIRST
+            and self.channels_last
+            and self.block_queries == 1
+            and self.heads > 1
         )
 
     @property
@@ -792,11 +825,16 @@ class AttentionPlan:
             moved += step.moved()
         if self.attention is Attention.LOCAL and not self.single_key:
             dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
-            moved += self.blocks * self.keys * dim
+            # the Gather copies one token's features (of one group) per key, each row
+            # costing at least GATHER_ROW_MOVES
+            groups = 1 if self.channels_last else self.spec.group
+            row = max(dim // groups, GATHER_ROW_MOVES)
+            moved += self.blocks * self.keys * groups * row
         if self.depthwise:
             # The per-channel projection is a broadcast Mul and a ReduceSum: each product is
             # written and read back (measured ~2 G elements/s, ~80 MatMul multiply-adds).
-            moved += DEPTHWISE_PRODUCT_MOVES * self.projection_macs
+            per_product = FOLDED_PRODUCT_MOVES if self.folds_heads else DEPTHWISE_PRODUCT_MOVES
+            moved += per_product * self.projection_macs
         if self._per_group_products:
             reads = self.spec.group * self.heads * self.queries * self.keys
             moved += GROUPED_ATTENTION_READ_MOVES * reads
@@ -816,7 +854,7 @@ class AttentionPlan:
         """What the patch choice minimises: multiply-adds plus weighted data movement,
         plus the fixed cost of each per-group and per-block product."""
         calls = self.spec.group * GROUP_PRODUCT_MACS if self._per_group_products else 0
-        if self.attention is Attention.LOCAL and not self.single_key:
+        if self.attention is Attention.LOCAL and not (self.single_key or self.folds_heads):
             groups = 1 if self.channels_last else self.spec.group
             calls += groups * self.blocks * BLOCK_PRODUCT_MACS
         return int(self.projection_macs + self._attention_cost + TRAFFIC_COST * self.moved + calls)
@@ -825,9 +863,12 @@ class AttentionPlan:
     def _attention_cost(self) -> int:
         """The attention product's multiply-adds with its value columns rounded up to
         whole kernel widths (``PRODUCT_COLUMNS``); per-group products are priced by their
-        calls instead (``GROUP_PRODUCT_MACS``)."""
+        calls instead (``GROUP_PRODUCT_MACS``); a plan that folds its heads
+        (``folds_heads``) runs none."""
         if self._per_group_products:
             return self.attention_macs
+        if self.folds_heads:
+            return 0
         dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
         padded = -(-dim // PRODUCT_COLUMNS) * PRODUCT_COLUMNS
         return self.attention_macs * padded // dim
@@ -846,10 +887,12 @@ def plan_attention(
     block: Sequence[int] | None = None,
     grid: Grid = Grid.SHIFTED,
     strided_queries: bool = False,
+    fold_heads: bool = True,
 ) -> AttentionPlan:
     """The plan for one patch; local attention needs ``block`` (clamped to the grid).
     ``strided_queries``: local attention on one-pixel tokens along the strided axes (after
-    any subsampling), a query every stride tokens; those axes take patch 1."""
+    any subsampling), a query every stride tokens; those axes take patch 1.
+    ``fold_heads``: whether emission may fold the heads into W_O (``folds_heads``)."""
     validate(spec)
     source = spec
     spec, steps = subsampled(spec)
@@ -880,7 +923,9 @@ def plan_attention(
             blocks,
         )
     )
-    return AttentionPlan(spec, axes, Order(order), attention, source, steps, grid, strided_queries)
+    return AttentionPlan(
+        spec, axes, Order(order), attention, source, steps, grid, strided_queries, fold_heads
+    )
 
 
 MAX_AUTO_PATCH = 8
@@ -908,10 +953,12 @@ def candidate_plans(
     block: Sequence[int] | None = None,
     max_patch: int = MAX_AUTO_PATCH,
     grid: Grid = Grid.SHIFTED,
+    fold_heads: bool = True,
 ) -> list[AttentionPlan]:
     """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
     output) unless ``patches`` is given, both orders, and for local attention the best
-    block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is.
+    block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is;
+    ``fold_heads`` as ``plan_attention``.
 
     Plans are immutable and depend on these arguments only, so the candidates of a Conv
     that repeats another's attributes (a ResNet's identical blocks) are computed once."""
@@ -924,6 +971,7 @@ def candidate_plans(
             None if block is None else tuple(block),
             max_patch,
             Grid(grid),
+            fold_heads,
         )
     )
 
@@ -936,6 +984,7 @@ def _candidates(
     block: tuple[int, ...] | None,
     max_patch: int,
     grid: Grid,
+    fold_heads: bool,
 ) -> tuple[AttentionPlan, ...]:
     if patches is None:
         ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
@@ -946,7 +995,7 @@ def _candidates(
     )
     global _cached_plans
     if attention is Attention.LOCAL and block is None:
-        found = _local_candidates(spec, patches, orders, grid)
+        found = _local_candidates(spec, patches, orders, grid, fold_heads)
         _cached_plans += len(found)
         return found
     plans = []
@@ -957,7 +1006,9 @@ def _candidates(
                 plans.append(plan_attention(spec, patch, order, grid=grid))
                 continue
             for strided in _query_kinds(strided_axes, patch):
-                plans.append(plan_attention(spec, patch, order, attention, block, grid, strided))
+                plans.append(
+                    plan_attention(spec, patch, order, attention, block, grid, strided, fold_heads)
+                )
     _cached_plans += len(plans)
     return tuple(plans)
 
@@ -992,19 +1043,24 @@ def trim_plan_cache(limit: int = CACHED_PLANS_LIMIT) -> None:
 
 
 def _local_candidates(
-    spec: ConvSpec, patches: Sequence[Sequence[int]], orders: list[Order], grid: Grid
+    spec: ConvSpec,
+    patches: Sequence[Sequence[int]],
+    orders: list[Order],
+    grid: Grid,
+    fold_heads: bool,
 ) -> tuple[AttentionPlan, ...]:
     """Local attention's best block for every patch and order, searched cheapest-first.
 
     No block has fewer multiply-adds than 1 x 1 (queries round up to whole blocks, windows
-    grow), and a plan costs at least its multiply-adds; so a patch whose 1 x 1 plan has
-    more multiply-adds than the cheapest plan found so far costs more with any block. It
-    stays a candidate at 1 x 1 (for the parameter budget and the report) without a
-    search. The cheapest plan is the one an exhaustive search finds."""
+    grow), and a plan that does not fold its heads costs at least its multiply-adds; so
+    a patch whose 1 x 1 plan has more multiply-adds than the cheapest plan found so far
+    costs more with any larger block. It stays a candidate at 1 x 1 (for the parameter
+    budget and the report, and folded, possibly the cheapest) without a search. The
+    cheapest plan is the one an exhaustive search finds."""
     rank = spec.rank
     strided_axes = _strided_axes(spec)
     starts = [
-        plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid, strided)
+        plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid, strided, fold_heads)
         for patch in patches
         for order in orders
         for strided in _query_kinds(strided_axes, patch)
@@ -1014,7 +1070,7 @@ def _local_candidates(
         if best is not None and start.macs > best.cost:
             plans.append(start)
             continue
-        plan = _best_block(spec, start.patch, start.order, grid, start.strided_queries)
+        plan = _best_block(spec, start.patch, start.order, grid, start.strided_queries, fold_heads)
         plans.append(plan)
         if best is None or _rank_key(plan) < _rank_key(best):
             best = plan
@@ -1027,6 +1083,7 @@ def _best_block(
     order: Order,
     grid: Grid = Grid.SHIFTED,
     strided: bool = False,
+    fold_heads: bool = True,
 ) -> AttentionPlan:
     """Local attention's cheapest block for one patch and order, by descent from 1 x 1.
 
@@ -1039,7 +1096,9 @@ def _best_block(
 
     def plan(block: tuple[int, ...]) -> AttentionPlan:  # each block once: descents revisit
         if block not in seen:
-            seen[block] = plan_attention(spec, patch, order, Attention.LOCAL, block, grid, strided)
+            seen[block] = plan_attention(
+                spec, patch, order, Attention.LOCAL, block, grid, strided, fold_heads
+            )
         return seen[block]
 
     current = plan((1,) * spec.rank)

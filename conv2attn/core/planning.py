@@ -123,6 +123,7 @@ def plan_layers(
     grid: Grid | GridChoice | str = GridChoice.AUTO,
     fixed_grid_unfit: Sequence[str | None] = (),
     queries: QueryChoice | str = QueryChoice.AUTO,
+    explicit_attention: Sequence[bool] = (),
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
@@ -130,7 +131,9 @@ def plan_layers(
     over both modes (``block`` then applies to its local plans); ``grid`` ``auto``
     likewise over both grids. ``fixed_grid_unfit[i]``: why layer i has no fixed grid
     (its begin pad changes with a dynamic input size), or None. ``queries``: where strided
-    Convs' local attention puts its queries (``QueryChoice``)."""
+    Convs' local attention puts its queries (``QueryChoice``). ``explicit_attention[i]``:
+    layer i's emission keeps the attention product (the standard operator form, a dynamic
+    size, an integer Conv), so its plans are priced without folding the heads into W_O."""
     modes = AttentionChoice(attention).modes()
     query_choice = QueryChoice(queries)
     choice = GridChoice(grid)
@@ -157,6 +160,7 @@ def plan_layers(
                 patches=None if forced is None else [forced],
                 block=blocks if mode is Attention.LOCAL else None,
                 grid=kind,
+                fold_heads=not (index < len(explicit_attention) and explicit_attention[index]),
             )
         ]
         if len(grids) > 1:  # a shifted plan without a phase is its fixed twin: keep one

@@ -325,18 +325,54 @@ def _depthwise_projection(
     ``[heads * P, p, C, m]``; the sum over (head, input pixel) leaves [.., q, p, C, m],
     the channels-last output patch. No zero blocks are stored or multiplied.
     """
+    taps = plan.heads * math.prod(plan.in_patch)
+    weight = b.weight(names.PROJECTION, depthwise_layout(plan, projection))
+    return _per_channel_sum(b, attended, plan, lead, taps, weight, bias)
+
+
+def _folded_heads(
+    b: _Builder, plan: AttentionPlan, attention: gs.Variable, projection: np.ndarray
+) -> gs.Variable:
+    """The projection of a plan that folds its heads (``AttentionPlan.folds_heads``):
+    each head's one-hot attention ``[heads, K]`` over the block's K keys times its rows
+    of W_O, summed over the heads. Ungrouped: ``[K * D_in, D_out]``, rows (key, feature);
+    depthwise: ``[K * P, p, C, m]``, one weight per key pixel and output feature. Every
+    input is a constant, so runtimes compute it once, at load time."""
+    if plan.depthwise:
+        weight = b.weight(names.PROJECTION, depthwise_layout(plan, projection))
+        rows = plan.keys * math.prod(plan.in_patch)
+        outputs = list(weight.shape[1:])  # [p, C, m]; W_O's taps: (head, input pixel)
+    else:
+        weight = b.weight(names.PROJECTION, projection.reshape(projection.shape[1:]))
+        rows, outputs = plan.keys * plan.in_dim, [plan.out_dim]
+    heads, keys = plan.heads, plan.keys
+    width = weight.shape[0] // heads * math.prod(outputs)
+    per_head = b.static_reshape(f"{names.FOLD}/per_head", weight, [heads, width])
+    # attention^T @ W_O: transA keeps the graph free of a Transpose node
+    folded = b.op(
+        "Gemm", f"{names.FOLD}/Gemm", [attention, per_head], [keys, width], attrs={"transA": 1}
+    )
+    return b.static_reshape(f"{names.FOLD}/rows", folded, [rows, *outputs])
+
+
+def _per_channel_sum(
+    b: _Builder,
+    source: gs.Variable,
+    plan: AttentionPlan,
+    lead: list[Dim],
+    taps: int,
+    weight: gs.Tensor,
+    bias: np.ndarray,
+) -> gs.Variable:
+    """``source`` [.., q * taps / P, P * C] as [.., q, taps, 1, C, 1] times ``weight``
+    ``[taps, p, C, m]``, summed over the taps, plus the bias: [.., q, p * C * m]."""
     spec = plan.spec
     channels, multiplier = spec.in_channels, spec.out_channels // spec.group
-    taps = plan.heads * math.prod(plan.in_patch)
     pixels = math.prod(plan.patch)
     q = plan.block_queries
-    split = b.reshape("concat_heads", attended, [*lead, q, taps, 1, channels, 1])
-    weight = depthwise_layout(plan, projection)
+    split = b.reshape("concat_heads", source, [*lead, q, taps, 1, channels, 1])
     product = b.op(
-        "Mul",
-        "proj/Mul",
-        [split, b.weight(names.PROJECTION, weight)],
-        [*lead, q, taps, pixels, channels, multiplier],
+        "Mul", "proj/Mul", [split, weight], [*lead, q, taps, pixels, channels, multiplier]
     )
     axis = len(lead) + 1
     summed_shape = [*lead, q, pixels, channels, multiplier]
@@ -533,6 +569,8 @@ def emit_attention(
     # Local attention works on [B, g, blocks, ...]; global attention is one block.
     lead = [batch, *g, plan.blocks] if plan.attention is Attention.LOCAL else [batch, *g]
     attention = _attention_matrix(b, plan)
+    if plan.folds_heads:
+        attention = _folded_heads(b, plan, attention, projection)
     if tiles == 1:
         projected = _blocks(b, plan, tokens, attention, lead, g, projection, bias)
     else:
@@ -572,6 +610,15 @@ def _blocks(
 ) -> gs.Variable:
     """The output tokens ``[*lead, q, Dg_out]`` of ``blocks`` (global: every token)."""
     windows = _key_windows(b, plan, lead, len(g), blocks)
+    if plan.folds_heads:  # ``attention`` holds the folded projection
+        keys = windows(tokens, plan.in_dim)
+        if plan.depthwise:
+            taps = plan.keys * math.prod(plan.in_patch)
+            return _per_channel_sum(b, keys, plan, lead, taps, attention, bias)
+        flat = b.reshape("concat_heads", keys, [*lead, 1, plan.keys * plan.in_dim])
+        shape = [*lead, 1, plan.out_dim]
+        projected = b.op("MatMul", "proj/MatMul", [flat, attention], shape)
+        return add_bias(b, plan, projected, lead, g, bias)
     if plan.depthwise:
         attended = _attend(b, plan, attention, tokens, windows, lead, plan.in_dim)
         return _depthwise_projection(b, attended, plan, lead, projection, bias)

@@ -374,6 +374,10 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
             grid=options.grid,
             fixed_grid_unfit=[_fixed_grid_unfit(c) for c in candidates],
             queries=options.queries,
+            explicit_attention=[
+                options.form == "attention" or c.dynamic or c.quantization is not None
+                for c in candidates
+            ],
         )
     except PlanError as error:
         raise InputError(str(error)) from None
