@@ -85,6 +85,8 @@ class LayerReport:
     tiles: int = 1
     # local attention on one-pixel tokens with a query every stride tokens (section 5)
     strided_queries: bool = False
+    # one query per block, heads folded into W_O (``AttentionPlan.folds_heads``)
+    folded: bool = False
 
     @classmethod
     def from_plan(
@@ -148,6 +150,7 @@ class LayerReport:
             fixed_grid_heads=plan.fixed_grid_heads,
             tiles=tiles,
             strided_queries=plan.strided_queries,
+            folded=plan.folds_heads,
         )
 
 
@@ -315,6 +318,8 @@ def _recorded(layer: LayerReport) -> dict:
         entry["input_patch"] = list(layer.input_patch)
     if layer.tiles > 1:
         entry["tiles"] = layer.tiles
+    if layer.folded:
+        entry["folded"] = True
     return entry
 
 
@@ -367,6 +372,7 @@ def recorded_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
         layer.get("block"),
         Grid(layer.get("grid", Grid.SHIFTED.value)),  # records before the fixed grid: shifted
         bool(layer.get("strided_queries", False)),
+        bool(layer.get("folded", False)),  # the graph has no attention product
     )
     if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
         raise InputError(

@@ -127,13 +127,21 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             f"\n\n{len(tiled)} layer(s) attend in tiles of blocks ({counts} tiles each) whose "
             f"intermediates stay in cache at batch {report.batch} (--batch to change it)"
         )
-    streamed = [layer for layer in report.layers if layer.input_patch]
-    if streamed:
-        text += (
-            f"\n\n{len(streamed)} layer(s) read patch tokens straight from the Convs before "
-            "them: they share a token grid, so nothing between them is un-patchified and "
-            "patchified again (design section 8)"
-        )
+    for count, what in (
+        (
+            sum(layer.folded for layer in report.layers),
+            "fold their heads into W_O: one query per block, so each query's gathered "
+            "window is projected directly, with no attention product (design section 3)",
+        ),
+        (
+            sum(bool(layer.input_patch) for layer in report.layers),
+            "read patch tokens straight from the Convs before them: they share a token "
+            "grid, so nothing between them is un-patchified and patchified again (design "
+            "section 8)",
+        ),
+    ):
+        if count:
+            text += f"\n\n{count} layer(s) {what}"
     dynamic = [layer for layer in report.layers if layer.dynamic]
     if dynamic:
         sizes = sorted({"x".join(map(str, layer.input_size)) for layer in dynamic})

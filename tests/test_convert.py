@@ -10,7 +10,8 @@ from onnx.backend.test.case.node import collect_testcases
 
 import conv2attn
 from conv2attn.errors import InputError
-from conv2attn.record import METADATA_KEY
+from conv2attn.record import METADATA_KEY, converted_layers
+from conv2attn.report import conversion_table
 from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
 
 
@@ -143,6 +144,8 @@ def test_depthwise_blocks_of_one_query_fold_the_heads_into_w_o(patch):
     options = dict(attention="local", patch=patch, block="1")
     converted, report = convert_and_compare(model, **options)
     (layer,) = report.layers
+    assert layer.folded and converted_layers(converted)[0]["folded"] is True
+    assert "1 layer(s) fold their heads into W_O" in conversion_table(report)
     # the attention is folded at load time: a run does only the per-tap products, on
     # pixel tokens exactly the Conv's multiply-adds (tokens of 1x2 pixels: each head's
     # 2 input pixels for each of the 2 output pixels and 2 outputs per channel)
@@ -185,6 +188,7 @@ def test_forms_that_keep_the_attention_are_planned_without_folding():
     ):
         (explicit,) = other.layers
         assert explicit.block != (1, 1) and explicit.macs_after > layer.macs_after
+        assert not explicit.folded and "folded" not in converted_layers(converted)[0]
         assert not any("/fold/" in node.name for node in converted.graph.node)
 
 
