@@ -519,8 +519,21 @@ def project_heads(
 ) -> gs.Variable:
     """The concatenated heads [*lead, q, heads * Dg_in] times W_O, plus the bias."""
     weight = b.weight(names.PROJECTION, projection.reshape(_weight_shape(plan, projection, g)))
+    return _project(b, plan, heads_concat, lead, g, weight, bias)
+
+
+def _project(
+    b: _Builder,
+    plan: AttentionPlan,
+    features: gs.Variable,
+    lead: list[Dim],
+    g: list[int],
+    weight: gs.Tensor,
+    bias: np.ndarray,
+) -> gs.Variable:
+    """``features`` [*lead, q, rows] times ``weight`` [(g,) rows, Dg_out], plus the bias."""
     shape = [*lead, plan.block_queries, plan.group_out_dim]
-    projected = b.op("MatMul", "proj/MatMul", [heads_concat, weight], shape)
+    projected = b.op("MatMul", "proj/MatMul", [features, weight], shape)
     return add_bias(b, plan, projected, lead, g, bias)
 
 
@@ -616,9 +629,7 @@ def _blocks(
             taps = plan.keys * math.prod(plan.in_patch)
             return _per_channel_sum(b, keys, plan, lead, taps, attention, bias)
         flat = b.reshape("concat_heads", keys, [*lead, 1, plan.keys * plan.in_dim])
-        shape = [*lead, 1, plan.out_dim]
-        projected = b.op("MatMul", "proj/MatMul", [flat, attention], shape)
-        return add_bias(b, plan, projected, lead, g, bias)
+        return _project(b, plan, flat, lead, g, attention, bias)
     if plan.depthwise:
         attended = _attend(b, plan, attention, tokens, windows, lead, plan.in_dim)
         return _depthwise_projection(b, attended, plan, lead, projection, bias)
