@@ -206,7 +206,7 @@ def _plan_options(parser) -> None:
         help="shifted: each Conv's tokens start at its own padding (fewest heads: 4 for a "
         "3x3 Conv at patch >= 2); fixed: tokens start at the first pixel and consecutive "
         "layers share one grid, Li et al.'s ViT setting (9 heads for a 3x3 Conv); auto: "
-        "per Conv, the cheaper (default)",
+        "one grid per stretch of consecutive Convs, the cheaper for the stretch (default)",
     )
     parser.add_argument(
         "--queries",

@@ -494,7 +494,9 @@ def convert_module(
     ``patch="auto"`` patches are chosen per layer by the ONNX converter's cost model under
     the same whole-model parameter budget (``max_param_growth``); ``grid`` and
     ``queries`` as in ``conv2attn.convert`` (``fixed``: Li et al.'s token grid;
-    ``strided``: strided Convs' queries every stride pixels). ``model`` is unchanged.
+    ``strided``: strided Convs' queries every stride pixels), except that ``grid="auto"``
+    chooses per Conv: a module does not show which Convs follow each other, so each is a
+    stretch of its own. ``model`` is unchanged.
     """
     converted = copy.deepcopy(model)
     convs = {

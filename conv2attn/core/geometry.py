@@ -579,6 +579,35 @@ class AttentionPlan:
             pb % a.in_patch == 0 for pb, a in zip(self.spec.pads_begin, self.axes, strict=True)
         )
 
+    @property
+    def gives_grid_tokens(self) -> bool:
+        """Its output tokens tile the output exactly (no extra queries to crop), over all
+        channels and above one pixel: a following Conv on the same grid can read them as
+        they are (design section 8, "Tokens that flow")."""
+        return (
+            self.spec.group == 1
+            and max(self.patch) > 1
+            and all(a.queries * a.patch == a.output for a in self.axes)
+        )
+
+    @property
+    def takes_grid_tokens(self) -> bool:
+        """Its input tokens are whole patches of its input, over all channels and above
+        one pixel: its padding is whole tokens and it keeps every input pixel, so it can
+        read a previous Conv's output tokens of its input patch instead of patchifying."""
+        return (
+            self.spec.group == 1
+            and not self.subsamples
+            and max(self.in_patch) > 1
+            and all(
+                a.input_kept == a.input_size
+                and a.input_size % a.in_patch == 0
+                and a.zeros_before % a.in_patch == 0
+                and a.zeros_after % a.in_patch == 0
+                for a in self.axes
+            )
+        )
+
     @cached_property
     def grid_head_offsets(self) -> tuple[tuple[int, ...], ...]:
         """Each head's key token relative to the query's own token: on the fixed grid
@@ -928,6 +957,22 @@ def plan_attention(
     )
 
 
+def flow_saving(producer: AttentionPlan, consumer: AttentionPlan) -> float:
+    """Elements moved (weighted as in ``AttentionPlan.moved``) that are saved when
+    ``consumer`` reads ``producer``'s output tokens (through elementwise operations only)
+    instead of their pixels: its patchify shuffle, and the producer's un-patchify where
+    its tokens are already in grid order (global attention, or one local block). 0 where
+    the two plans do not share a token grid."""
+    if not (producer.gives_grid_tokens and consumer.takes_grid_tokens):
+        return 0.0
+    if consumer.in_patch != producer.patch:
+        return 0.0
+    saved = consumer.patchify_layout()[-1].moved()
+    if producer.attention is Attention.GLOBAL or max(a.blocks for a in producer.axes) == 1:
+        saved += producer.unpatchify_layout()[0].moved()
+    return saved
+
+
 MAX_AUTO_PATCH = 8
 MAX_AUTO_BLOCK = 8
 
@@ -1120,16 +1165,18 @@ def choose_plans(
     candidates_per_layer: Sequence[Sequence[AttentionPlan]],
     original_params: int,
     max_param_growth: float,
+    start: Sequence[AttentionPlan] | None = None,
 ) -> tuple[list[AttentionPlan], bool]:
     """Per-layer plans minimising the total cost under a whole-model parameter budget.
 
-    Starts from each layer's cheapest plan; while the converted layers' parameters exceed
-    ``max_param_growth * original_params``, applies the single switch that saves
-    parameters at the smallest cost increase per parameter saved. Returns the plans and
-    whether the budget was met (when even the smallest plans exceed it, it is not).
+    Starts from ``start`` (by default each layer's cheapest plan); while the converted
+    layers' parameters exceed ``max_param_growth * original_params``, applies the single
+    switch that saves parameters at the smallest cost increase per parameter saved.
+    Returns the plans and whether the budget was met (when even the smallest plans
+    exceed it, it is not).
     """
     layers = [sorted(c, key=_rank_key) for c in candidates_per_layer]
-    chosen = [c[0] for c in layers]
+    chosen = [c[0] for c in layers] if start is None else list(start)
     budget = max_param_growth * original_params
     total = sum(p.params for p in chosen)
     while total > budget:

@@ -6,18 +6,24 @@ patch; ``auto`` takes the cheapest plans whose parameters stay within the whole-
 growth budget (``geometry.choose_plans``). Attention ``auto`` lets each Conv's global
 and local plans compete in the same choice, and grid ``auto`` its shifted-grid and
 fixed-grid plans, and queries ``auto`` a strided Conv's plans with and without strided
-queries. The ONNX pass and the PyTorch layer both call
-it, so a converted ONNX model and a converted ``nn.Module`` get the same plans.
+queries. Where the caller knows which Convs follow each other (``Stretches``), grid
+``auto`` picks one grid per stretch of consecutive layers: the grid whose plans cost least
+together, less the shuffles that tokens flowing between them save
+(``geometry.flow_saving``). The ONNX pass and the PyTorch layer both call it, so a
+converted ONNX model and a converted ``nn.Module`` get the same plans for the same
+stretches (a module does not show how its Convs connect: each is a stretch of its own).
 Plain Python: no onnx, numpy or torch.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from conv2attn.core.geometry import (
+    TRAFFIC_COST,
     Attention,
     AttentionPlan,
     ConvSpec,
@@ -27,6 +33,7 @@ from conv2attn.core.geometry import (
     best_plan,
     candidate_plans,
     choose_plans,
+    flow_saving,
     trim_plan_cache,
 )
 
@@ -74,6 +81,43 @@ class QueryChoice(str, Enum):
         if self is QueryChoice.STRIDED and any(p.strided_queries for p in plans):
             return [p for p in plans if p.strided_queries or p.attention is Attention.GLOBAL]
         return plans
+
+
+@dataclass(frozen=True)
+class Stretches:
+    """How a model's Convs meet. ``links``: (producer, consumer) pairs where the consumer
+    reads the producer's output through elementwise operations only (activations, gates,
+    residual ``Add``, per-channel scales), so tokens can flow between them; ``of[i]``:
+    the stretch of Conv i, the Convs joined to it by links or by reading the same feature
+    map (consecutive layers that could share one token grid). Without them every Conv is
+    a stretch of its own."""
+
+    of: Sequence[int] = ()
+    links: Sequence[tuple[int, int]] = ()
+
+    def members(self, layers: int) -> list[list[int]]:
+        """The layers of each stretch, stretches in the order of their first layer."""
+        grouped: dict[int, list[int]] = defaultdict(list)
+        for index in range(layers):
+            grouped[self.of[index] if index < len(self.of) else -1 - index].append(index)
+        return sorted(grouped.values(), key=lambda members: members[0])
+
+
+@dataclass
+class _Links:
+    """Each link's layers, and the links that touch each layer."""
+
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    touching: defaultdict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def of(cls, stretches: Stretches) -> _Links:
+        links = cls()
+        for index, (producer, consumer) in enumerate(stretches.links):
+            links.pairs.append((producer, consumer))
+            links.touching[producer].append(index)
+            links.touching[consumer].append(index)
+        return links
 
 
 class PlanError(GeometryError):
@@ -124,6 +168,7 @@ def plan_layers(
     fixed_grid_unfit: Sequence[str | None] = (),
     queries: QueryChoice | str = QueryChoice.AUTO,
     explicit_attention: Sequence[bool] = (),
+    stretches: Stretches | None = None,
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
@@ -133,7 +178,9 @@ def plan_layers(
     (its begin pad changes with a dynamic input size), or None. ``queries``: where strided
     Convs' local attention puts its queries (``QueryChoice``). ``explicit_attention[i]``:
     layer i's emission keeps the attention product (the standard operator form, a dynamic
-    size, an integer Conv), so its plans are priced without folding the heads into W_O."""
+    size, an integer Conv), so its plans are priced without folding the heads into W_O.
+    ``stretches``: which Convs feed each other (``Stretches``); grid ``auto`` then takes
+    one grid per stretch (``_plan_stretches``)."""
     modes = AttentionChoice(attention).modes()
     query_choice = QueryChoice(queries)
     choice = GridChoice(grid)
@@ -171,8 +218,62 @@ def plan_layers(
     # Candidates are cached so that repeated Convs are planned once; a large model's many
     # plans must not outlive its planning (``considered`` keeps what is chosen from).
     trim_plan_cache()
+    start = _plan_stretches(considered, choice.grids(), stretches or Stretches())
     if patch != "auto":
-        return LayerPlans([best_plan(layer) for layer in considered], considered, True)
+        return LayerPlans(start, considered, True)
     original = sum(spec.params for spec in specs)
-    plans, met = choose_plans(considered, original, max_param_growth)
+    plans, met = choose_plans(considered, original, max_param_growth, start)
     return LayerPlans(plans, considered, met)
+
+
+def _on_grid(plans: list[AttentionPlan], grid: Grid) -> list[AttentionPlan]:
+    """The plans on ``grid`` (a plan without a phase is on both); all of them where the
+    layer has none there (a Conv with no fixed grid)."""
+    kept = [p for p in plans if p.grid is grid or p.grid_aligned]
+    return kept or plans
+
+
+def _plan_stretches(
+    considered: list[list[AttentionPlan]], grids: list[Grid], stretches: Stretches
+) -> list[AttentionPlan]:
+    """Each layer's starting plan, stretch by stretch: a stretch tries each of ``grids``
+    and keeps the one whose plans cost least together, less what tokens flowing along
+    its links save (the fixed grid on a tie); ``considered`` is narrowed to the plans on
+    the grid kept. A link to a layer of another stretch is priced with that layer's
+    current plan (its own cheapest until its stretch is chosen)."""
+    chosen = [best_plan(layer) for layer in considered]
+    if len(grids) == 1:
+        return chosen
+    links = _Links.of(stretches)
+    for members in stretches.members(len(considered)):
+        outcome = None
+        for grid in grids:
+            lists = {i: _on_grid(considered[i], grid) for i in members}
+            total, plans = _priced(lists, chosen, links)
+            # an exact tie goes to the fixed grid, as between two plans (``best_plan``)
+            key = (total, grid is Grid.SHIFTED)
+            if outcome is None or key < outcome[0]:
+                outcome = (key, lists, plans)
+        assert outcome is not None
+        _, lists, plans = outcome
+        for index in members:
+            considered[index] = lists[index]
+            chosen[index] = plans[index]
+    return chosen
+
+
+def _priced(
+    lists: dict[int, list[AttentionPlan]], chosen: list[AttentionPlan], links: _Links
+) -> tuple[float, dict[int, AttentionPlan]]:
+    """Each layer's cheapest plan of ``lists``, and their total: their costs less the
+    flow savings of the links that touch them (other layers keep their ``chosen``
+    plans)."""
+    plans = {index: best_plan(options) for index, options in lists.items()}
+    touched = {link for index in plans for link in links.touching[index]}
+    saved = 0.0
+    for link in touched:
+        producer, consumer = links.pairs[link]
+        saved += flow_saving(
+            plans.get(producer, chosen[producer]), plans.get(consumer, chosen[consumer])
+        )
+    return sum(plan.cost for plan in plans.values()) - TRAFFIC_COST * saved, plans

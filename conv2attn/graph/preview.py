@@ -19,6 +19,7 @@ from conv2attn.graph.options import ConvertOptions
 from conv2attn.graph.rewrite import check_opset, plan, prepare_shapes
 from conv2attn.graph.select import name_convs, select_convs
 from conv2attn.graph.shapes import graphs
+from conv2attn.graph.stretches import find_stretches
 from conv2attn.inputs import graph_inputs
 from conv2attn.modelio import load_model
 from conv2attn.record import ConversionReport, LayerReport
@@ -108,7 +109,8 @@ def inspect_model(
     folded = fold_batchnorms(graph) if options.fold_bn else []
     name_convs(graph)
     selection = select_convs(graph, options.include, options.exclude, survey=True, nominal=nominal)
-    chosen = plan(selection.candidates, options) if selection.candidates else None
+    candidates = selection.candidates
+    chosen = plan(candidates, options, find_stretches(graph, candidates)) if candidates else None
     reasons = {skip.name: skip.reason for skip in selection.skipped}
     convs = []
     for path, body in graphs(graph):

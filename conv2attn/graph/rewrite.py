@@ -37,7 +37,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from conv2attn import names
 from conv2attn.core.geometry import AttentionPlan, AutoPad
-from conv2attn.core.planning import LayerPlans, PlanError, plan_layers
+from conv2attn.core.planning import LayerPlans, PlanError, Stretches, plan_layers
 from conv2attn.core.weights import output_bias, output_projection
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import fold_batchnorms
@@ -66,6 +66,7 @@ from conv2attn.graph.shapes import (
     sizes_open,
     skeleton,
 )
+from conv2attn.graph.stretches import find_stretches
 from conv2attn.graph.tokens import ConvertedConv, TokenResult, keep_tokens
 from conv2attn.graph.verify import passes_strict_inference, verify
 from conv2attn.modelio import (
@@ -132,7 +133,8 @@ def convert(
     (the standard ``Attention`` operator; the model is upgraded to opset 23 first).
     ``grid`` is ``"shifted"`` (each Conv's tokens start at its padding: fewest heads),
     ``"fixed"`` (tokens start at the first pixel, one grid shared by consecutive layers,
-    Li et al.'s ViT setting) or ``"auto"`` (per Conv, the cheaper). ``queries``: where a
+    Li et al.'s ViT setting) or ``"auto"`` (one grid per stretch of consecutive Convs,
+    the cheaper for the stretch; ``graph.stretches``). ``queries``: where a
     strided Conv's local attention puts its queries: ``"patch"`` (tokens of stride x patch
     pixels), ``"strided"`` (tokens of one pixel, a query every stride tokens) or
     ``"auto"`` (per Conv, the cheaper). ``layout``
@@ -197,7 +199,7 @@ def convert_model(
     _load_constants(graph)
     del model  # nothing refers into it now: its memory (a protobuf arena) goes at once
     release_freed_memory()
-    layer_plans = plan(selection.candidates, options)
+    layer_plans = plan(selection.candidates, options, find_stretches(graph, selection.candidates))
     # every candidate plan, thousands for a ResNet: the report names only a few
     shortlists = [shortlist(*pair) for pair in zip(layer_plans.plans, layer_plans.considered)]
     chosen, budget_met = layer_plans.plans, layer_plans.budget_met
@@ -361,7 +363,11 @@ PLAIN_NUMPY_TYPES = {
 }
 
 
-def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans:
+def plan(
+    candidates: Sequence[Candidate], options: ConvertOptions, stretches: Stretches
+) -> LayerPlans:
+    """The plans of ``candidates`` under ``options``; ``stretches`` from
+    ``stretches.find_stretches`` on the graph they are in."""
     try:
         chosen = plan_layers(
             [c.spec for c in candidates],
@@ -378,6 +384,7 @@ def plan(candidates: Sequence[Candidate], options: ConvertOptions) -> LayerPlans
                 options.form == "attention" or c.dynamic or c.quantization is not None
                 for c in candidates
             ],
+            stretches=stretches,
         )
     except PlanError as error:
         raise InputError(str(error)) from None

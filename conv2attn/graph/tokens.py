@@ -124,11 +124,9 @@ def _shuffle(nodes: dict[str, gs.Node], part: str) -> tuple[gs.Node, gs.Node] | 
 def _producer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Producer | None:
     plan = layer.plan
     axes = plan.axes
+    if not plan.gives_grid_tokens:
+        return None
     full = [a.queries * a.patch for a in axes]
-    if not (plan.channels_last and plan.spec.group == 1 and max(plan.patch) > 1):
-        return None
-    if full != list(plan.spec.output_size):  # extra queries, cropped: not on the grid
-        return None
     scope = layer.scope
     chain = _shuffle(nodes, f"{scope}/unpatchify")
     if chain is None:
@@ -149,17 +147,7 @@ def _producer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Producer | No
 def _consumer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Consumer | None:
     plan = layer.plan
     spec, axes = plan.spec, plan.axes
-    patch = tuple(a.in_patch for a in axes)
-    if not plan.channels_last or spec.group != 1 or plan.subsamples:
-        return None
-    whole = all(
-        a.input_kept == a.input_size
-        and a.input_size % a.in_patch == 0
-        and a.zeros_before % a.in_patch == 0
-        and a.zeros_after % a.in_patch == 0
-        for a in axes
-    )
-    if not whole or max(patch) == 1:
+    if not plan.takes_grid_tokens:
         return None
     scope = layer.scope
     chain = _shuffle(nodes, f"{scope}/patchify")
@@ -184,21 +172,30 @@ def _consumer(layer: ConvertedConv, nodes: dict[str, gs.Node]) -> _Consumer | No
         pad,
         merge,
         pad or split,
-        patch,
+        plan.in_patch,
         tuple(a.zeros_before // a.in_patch for a in axes),
         tuple(a.zeros_after // a.in_patch for a in axes),
     )
 
 
-def _per_channel(tensor: gs.Tensor) -> bool:
-    """A constant that broadcasts over the last axis only: the same in both layouts."""
+def per_channel(tensor: gs.Tensor, rank: int, channel_axis: int) -> bool:
+    """A constant that varies along ``channel_axis`` of rank-``rank`` data at most (its
+    shape read without loading its values)."""
     if not isinstance(tensor, gs.Constant):
         return False
-    shape = tensor.values.shape
-    return all(size == 1 for size in shape[:-1])
+    shape = tensor.shape
+    if shape is None or len(shape) > rank:
+        return False
+    aligned = (1,) * (rank - len(shape)) + tuple(shape)
+    channel = channel_axis % rank
+    return all(size == 1 for axis, size in enumerate(aligned) if axis != channel)
 
 
-def _elementwise(node: gs.Node) -> bool:
+def elementwise(node: gs.Node, channel_axis: int = -1) -> bool:
+    """An elementwise node on data of rank 3 or more whose output has the shape of a
+    variable input, and whose other inputs are variables of that shape, scalars, or
+    constants per channel (``channel_axis``: -1 for channels-last data and tokens, 1 for
+    NCHW): values move with their channel, so it acts the same on any layout of pixels."""
     if node.op not in _ELEMENTWISE or len(node.outputs) != 1:
         return False
     shape = node.outputs[0].shape
@@ -210,7 +207,7 @@ def _elementwise(node: gs.Node) -> bool:
         if isinstance(tensor, gs.Variable):
             if tensor.shape is None or list(tensor.shape) not in (list(shape), []):
                 return False
-        elif not _per_channel(tensor):
+        elif not per_channel(tensor, len(shape), channel_axis):
             return False
     return any(isinstance(t, gs.Variable) and t.shape == shape for t in node.inputs)
 
@@ -276,7 +273,7 @@ def _regions(
 ) -> list[_Region]:
     union = _Union()
     tensors: dict[int, gs.Variable] = {}
-    members = [n for n in graph.nodes if _elementwise(n)]
+    members = [n for n in graph.nodes if elementwise(n)]
     for seed in [p.pixels for p in producers] + [c.pixels for c in consumers]:
         tensors[id(seed)] = seed
         union.find(id(seed))

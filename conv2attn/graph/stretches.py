@@ -1,0 +1,85 @@
+"""Which Convs of a graph read one feature map, and which read another's output through
+elementwise operations only: the stretches that grid ``auto`` picks one grid for, and
+the links along which tokens can flow (``core.planning.Stretches``, design section 8).
+
+Runs on the graph as imported (NCHW, before any Conv is replaced). Tensors of one shape
+joined by activations, gates, residual ``Add`` and per-channel scales and shifts are one
+feature map, as ``tokens`` would hold them. A Conv that reads the feature map another
+one writes is linked to it (tokens could flow between them), and a stretch is the Convs
+joined by links or by reading one feature map: consecutive layers that could share one
+token grid. Only the Convs the token pass can join take part (static, in the main graph,
+not integer); every other one is a stretch of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx_graphsurgeon as gs
+
+from conv2attn.core.planning import Stretches
+from conv2attn.graph.select import Candidate
+from conv2attn.graph.tokens import elementwise
+
+
+def find_stretches(graph: gs.Graph, candidates: Sequence[Candidate]) -> Stretches:
+    """The stretch of each candidate and the (producer, consumer) links between them."""
+    parent: dict[int, int] = {}
+
+    def find(key: int) -> int:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    def join(a: int, b: int) -> None:
+        parent[find(a)] = find(b)
+
+    for node in graph.nodes:
+        if elementwise(node, channel_axis=1):
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Variable) and tensor.shape == node.outputs[0].shape:
+                    join(id(tensor), id(node.outputs[0]))
+    joinable = [
+        index
+        for index, candidate in enumerate(candidates)
+        if candidate.graph is graph and not candidate.dynamic and candidate.quantization is None
+    ]
+    readers: dict[int, list[int]] = {}
+    for index in joinable:
+        readers.setdefault(find(id(candidates[index].node.inputs[0])), []).append(index)
+    conv_of = {id(candidates[index].node): index for index in joinable}
+    links = []
+    for producer in joinable:
+        # forward only: a Conv that reads the residual stream before this one adds to
+        # it shares the feature map but not this Conv's output
+        reached = [candidates[producer].node.outputs[0]]
+        seen = {id(reached[0])}
+        while reached:
+            tensor = reached.pop()
+            for node in tensor.outputs:
+                consumer = conv_of.get(id(node))
+                if consumer is not None and node.inputs[0] is tensor:
+                    links.append((producer, consumer))
+                    continue
+                if not elementwise(node, channel_axis=1) or node.outputs[0].shape != tensor.shape:
+                    continue
+                if id(node.outputs[0]) not in seen:
+                    seen.add(id(node.outputs[0]))
+                    reached.append(node.outputs[0])
+    # a stretch: Convs that read one feature map, and Convs joined by links, transitively
+    stretch = list(range(len(candidates)))
+
+    def root(index: int) -> int:
+        while stretch[index] != index:
+            stretch[index] = stretch[stretch[index]]
+            index = stretch[index]
+        return index
+
+    for members in readers.values():
+        for index in members[1:]:
+            stretch[root(index)] = root(members[0])
+    for producer, consumer in links:
+        stretch[root(consumer)] = root(producer)
+    return Stretches([root(index) for index in range(len(candidates))], links)
