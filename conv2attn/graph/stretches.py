@@ -19,41 +19,41 @@ import onnx_graphsurgeon as gs
 
 from conv2attn.core.planning import Stretches
 from conv2attn.graph.select import Candidate
-from conv2attn.graph.tokens import elementwise
+from conv2attn.graph.tokens import Union, elementwise
 
 
 def find_stretches(graph: gs.Graph, candidates: Sequence[Candidate]) -> Stretches:
     """The stretch of each candidate and the (producer, consumer) links between them."""
-    parent: dict[int, int] = {}
-
-    def find(key: int) -> int:
-        parent.setdefault(key, key)
-        while parent[key] != key:
-            parent[key] = parent[parent[key]]
-            key = parent[key]
-        return key
-
-    def join(a: int, b: int) -> None:
-        parent[find(a)] = find(b)
-
+    feature_maps = Union()
     for node in graph.nodes:
         if elementwise(node, channel_axis=1):
             for tensor in node.inputs:
                 if isinstance(tensor, gs.Variable) and tensor.shape == node.outputs[0].shape:
-                    join(id(tensor), id(node.outputs[0]))
+                    feature_maps.join(id(tensor), id(node.outputs[0]))
     joinable = [
         index
         for index, candidate in enumerate(candidates)
         if candidate.graph is graph and not candidate.dynamic and candidate.quantization is None
     ]
-    readers: dict[int, list[int]] = {}
+    links = _links(candidates, joinable)
+    stretches = Union()
+    readers: dict[int, int] = {}
     for index in joinable:
-        readers.setdefault(find(id(candidates[index].node.inputs[0])), []).append(index)
+        feature_map = feature_maps.find(id(candidates[index].node.inputs[0]))
+        stretches.join(index, readers.setdefault(feature_map, index))
+    for producer, consumer in links:
+        stretches.join(consumer, producer)
+    return Stretches([stretches.find(index) for index in range(len(candidates))], links)
+
+
+def _links(candidates: Sequence[Candidate], joinable: list[int]) -> list[tuple[int, int]]:
+    """(producer, consumer) pairs: the consumer's input is the producer's output or
+    follows from it through elementwise operations only. Forward only: a Conv that reads
+    the residual stream before another one adds to it shares that feature map but does
+    not read the other's output."""
     conv_of = {id(candidates[index].node): index for index in joinable}
     links = []
     for producer in joinable:
-        # forward only: a Conv that reads the residual stream before this one adds to
-        # it shares the feature map but not this Conv's output
         reached = [candidates[producer].node.outputs[0]]
         seen = {id(reached[0])}
         while reached:
@@ -68,18 +68,4 @@ def find_stretches(graph: gs.Graph, candidates: Sequence[Candidate]) -> Stretche
                 if id(node.outputs[0]) not in seen:
                     seen.add(id(node.outputs[0]))
                     reached.append(node.outputs[0])
-    # a stretch: Convs that read one feature map, and Convs joined by links, transitively
-    stretch = list(range(len(candidates)))
-
-    def root(index: int) -> int:
-        while stretch[index] != index:
-            stretch[index] = stretch[stretch[index]]
-            index = stretch[index]
-        return index
-
-    for members in readers.values():
-        for index in members[1:]:
-            stretch[root(index)] = root(members[0])
-    for producer, consumer in links:
-        stretch[root(consumer)] = root(producer)
-    return Stretches([root(index) for index in range(len(candidates))], links)
+    return links

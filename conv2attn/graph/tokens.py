@@ -212,7 +212,9 @@ def elementwise(node: gs.Node, channel_axis: int = -1) -> bool:
     return any(isinstance(t, gs.Variable) and t.shape == shape for t in node.inputs)
 
 
-class _Union:
+class Union:
+    """Union-find over integer keys (tensor ids, layer indices)."""
+
     def __init__(self):
         self.parent: dict[int, int] = {}
 
@@ -271,7 +273,7 @@ def keep_tokens(graph: gs.Graph, layers: list[ConvertedConv]) -> TokenResult:
 def _regions(
     graph: gs.Graph, producers: list[_Producer], consumers: list[_Consumer]
 ) -> list[_Region]:
-    union = _Union()
+    union = Union()
     tensors: dict[int, gs.Variable] = {}
     members = [n for n in graph.nodes if elementwise(n)]
     for seed in [p.pixels for p in producers] + [c.pixels for c in consumers]:
