@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from conv2attn.core.geometry import (
@@ -101,23 +101,6 @@ class Stretches:
         for index in range(layers):
             grouped[self.of[index] if index < len(self.of) else -1 - index].append(index)
         return sorted(grouped.values(), key=lambda members: members[0])
-
-
-@dataclass
-class _Links:
-    """Each link's layers, and the links that touch each layer."""
-
-    pairs: list[tuple[int, int]] = field(default_factory=list)
-    touching: defaultdict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-
-    @classmethod
-    def of(cls, stretches: Stretches) -> _Links:
-        links = cls()
-        for index, (producer, consumer) in enumerate(stretches.links):
-            links.pairs.append((producer, consumer))
-            links.touching[producer].append(index)
-            links.touching[consumer].append(index)
-        return links
 
 
 class PlanError(GeometryError):
@@ -244,12 +227,11 @@ def _plan_stretches(
     chosen = [best_plan(layer) for layer in considered]
     if len(grids) == 1:
         return chosen
-    links = _Links.of(stretches)
     for members in stretches.members(len(considered)):
         outcome = None
         for grid in grids:
             lists = {i: _on_grid(considered[i], grid) for i in members}
-            total, plans = _priced(lists, chosen, links)
+            total, plans = _priced(lists, chosen, stretches.links)
             # an exact tie goes to the fixed grid, as between two plans (``best_plan``)
             key = (total, grid is Grid.SHIFTED)
             if outcome is None or key < outcome[0]:
@@ -263,17 +245,17 @@ def _plan_stretches(
 
 
 def _priced(
-    lists: dict[int, list[AttentionPlan]], chosen: list[AttentionPlan], links: _Links
+    lists: dict[int, list[AttentionPlan]],
+    chosen: list[AttentionPlan],
+    links: Sequence[tuple[int, int]],
 ) -> tuple[float, dict[int, AttentionPlan]]:
     """Each layer's cheapest plan of ``lists``, and their total: their costs less the
     flow savings of the links that touch them (other layers keep their ``chosen``
     plans)."""
     plans = {index: best_plan(options) for index, options in lists.items()}
-    touched = {link for index in plans for link in links.touching[index]}
-    saved = 0.0
-    for link in touched:
-        producer, consumer = links.pairs[link]
-        saved += flow_saving(
-            plans.get(producer, chosen[producer]), plans.get(consumer, chosen[consumer])
-        )
+    saved = sum(
+        flow_saving(plans.get(producer, chosen[producer]), plans.get(consumer, chosen[consumer]))
+        for producer, consumer in links
+        if producer in plans or consumer in plans
+    )
     return sum(plan.cost for plan in plans.values()) - TRAFFIC_COST * saved, plans

@@ -19,12 +19,12 @@ import onnx_graphsurgeon as gs
 
 from conv2attn.core.planning import Stretches
 from conv2attn.graph.select import Candidate
-from conv2attn.graph.tokens import Union, elementwise
+from conv2attn.graph.tokens import UnionFind, elementwise
 
 
 def find_stretches(graph: gs.Graph, candidates: Sequence[Candidate]) -> Stretches:
     """The stretch of each candidate and the (producer, consumer) links between them."""
-    feature_maps = Union()
+    feature_maps = UnionFind()
     for node in graph.nodes:
         if elementwise(node, channel_axis=1):
             for tensor in node.inputs:
@@ -36,7 +36,7 @@ def find_stretches(graph: gs.Graph, candidates: Sequence[Candidate]) -> Stretche
         if candidate.graph is graph and not candidate.dynamic and candidate.quantization is None
     ]
     links = _links(candidates, joinable)
-    stretches = Union()
+    stretches = UnionFind()
     readers: dict[int, int] = {}
     for index in joinable:
         feature_map = feature_maps.find(id(candidates[index].node.inputs[0]))

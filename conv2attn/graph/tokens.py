@@ -212,7 +212,7 @@ def elementwise(node: gs.Node, channel_axis: int = -1) -> bool:
     return any(isinstance(t, gs.Variable) and t.shape == shape for t in node.inputs)
 
 
-class Union:
+class UnionFind:
     """Union-find over integer keys (tensor ids, layer indices)."""
 
     def __init__(self):
@@ -273,7 +273,7 @@ def keep_tokens(graph: gs.Graph, layers: list[ConvertedConv]) -> TokenResult:
 def _regions(
     graph: gs.Graph, producers: list[_Producer], consumers: list[_Consumer]
 ) -> list[_Region]:
-    union = Union()
+    union = UnionFind()
     tensors: dict[int, gs.Variable] = {}
     members = [n for n in graph.nodes if elementwise(n)]
     for seed in [p.pixels for p in producers] + [c.pixels for c in consumers]:
