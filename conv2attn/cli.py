@@ -324,8 +324,9 @@ def _add_convert(commands) -> None:
         "--no-tiles",
         dest="tiles",
         action="store_false",
-        help="emit local attention whole, one product per layer, at any batch: for GPU "
-        "runtimes, which run each tile as kernels of its own",
+        help="emit for GPU runtimes: local attention whole, one product per layer, at any "
+        "batch (a GPU runs each tile as kernels of its own), and biases added token by "
+        "token, not over rows of several tokens (which onnxruntime's CPU Add prefers)",
     )
     _json_option(
         convert,

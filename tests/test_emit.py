@@ -7,7 +7,7 @@ import pytest
 
 from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
 from conv2attn.core.weights import output_bias, output_projection
-from conv2attn.graph.emit import emit_attention
+from conv2attn.graph.emit import WIDE_BIAS_ROW, emit_attention
 from conv2attn.validate import session
 from tests.reference import direct_conv
 
@@ -18,7 +18,15 @@ CASES = {
 }
 
 
-def build(spec, patch, order, dtype=np.float32, attention=Attention.GLOBAL, block=None):
+def build(
+    spec,
+    patch,
+    order,
+    dtype=np.float32,
+    attention=Attention.GLOBAL,
+    block=None,
+    wide_bias_rows=False,
+):
     plan = plan_attention(spec, patch, order, attention, block)
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((spec.out_channels, spec.in_channels // spec.group, *spec.kernel))
@@ -35,6 +43,7 @@ def build(spec, patch, order, dtype=np.float32, attention=Attention.GLOBAL, bloc
         output_projection(plan, weight.astype(dtype)),
         output_bias(plan, bias, dtype),
         "B",
+        wide_bias_rows=wide_bias_rows,
     )
     model = gs.export_onnx(graph.cleanup().toposort())
     return model, weight, bias
@@ -150,3 +159,43 @@ def test_blocks_with_several_keys_keep_their_own_products():
         CASES["dense"], (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1)
     )
     assert "Gather" in {n.op_type for n in model.graph.node}
+
+
+WIDE_BIAS = {
+    # 2 x 6 output patches of 6 channels: 72 features a token, 110 tokens
+    "dense-global": (CASES["dense"], (2, 6), Order.ATTEND_FIRST, Attention.GLOBAL, None),
+    "dense-local": (CASES["dense"], (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1)),
+    "depthwise-folded": (CASES["depthwise"], (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1)),
+    "dense-project-first": (CASES["dense"], (1, 2), Order.PROJECT_FIRST, Attention.LOCAL, (1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", WIDE_BIAS.values(), ids=WIDE_BIAS.keys())
+def test_wide_bias_rows_add_the_same_numbers_over_rows_of_several_tokens(case):
+    """The bias Add over k tokens side by side, with the bias repeated k times, computes the
+    very same sums as token by token: the outputs are identical, and the Add's rows hold
+    several tokens but at most WIDE_BIAS_ROW features."""
+    spec, patch, order, attention, block = case
+    per_token, weight, bias = build(spec, patch, order, np.float32, attention, block)
+    wide, _, _ = build(spec, patch, order, np.float32, attention, block, wide_bias_rows=True)
+    onnx.checker.check_model(wide, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(wide)
+    shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
+    add = next(n for n in wide.graph.node if n.name == "layer/attn/proj/Add")
+    row = shapes[add.output[0]].dim[-1].dim_value
+    token = next(n for n in per_token.graph.node if n.name == "layer/attn/proj/Add")
+    token_features = onnx.numpy_helper.to_array(
+        next(i for i in per_token.graph.initializer if i.name == token.input[1])
+    ).size
+    assert token_features < row <= WIDE_BIAS_ROW and row % token_features == 0
+    # the layer's bias initializer still holds one token's features (the PyTorch import
+    # reads it); the row is tiled from it
+    kept = {i.name: i for i in wide.graph.initializer}["layer/attn/bias"]
+    assert onnx.numpy_helper.to_array(kept).size == token_features
+    x = np.random.default_rng(2).standard_normal((3, spec.in_channels, *spec.input_size))
+    x = x.astype(np.float32)
+    (expected,) = session(per_token).run(None, {"x": x})
+    (got,) = session(wide).run(None, {"x": x})
+    np.testing.assert_array_equal(got, expected)
+    reference = direct_conv(x, weight, bias, spec)
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6

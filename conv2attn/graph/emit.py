@@ -4,7 +4,7 @@ The module that builds the attention's ONNX nodes (``layout`` only adds Transpos
 between layers). Every node and tensor is named ``<conv name>/attn/<part>`` so a
 converted graph reads well in Netron and diffs cleanly; the parts other stages look
 for (logits, Softmax, W_O) come from ``names``. Only ops of opset 11 are used (Slice,
-Pad, Reshape, Transpose, Sub, Mul, Add, Softmax, MatMul, Cast), with the forms that
+Pad, Reshape, Transpose, Sub, Mul, Add, Softmax, MatMul, Cast, Tile), with the forms that
 are identical in later opsets.
 
 Dataflow (2-D shown, ``g`` is the group count; the group axis and every size-1 axis
@@ -45,14 +45,21 @@ Dim = int | str | None
 
 
 # Ops whose output has their first input's type.
-SAME_TYPE_OPS = {"Reshape", "Transpose", "Slice", "Pad", "Gather"}
+SAME_TYPE_OPS = {"Reshape", "Transpose", "Slice", "Pad", "Gather", "Tile"}
+# onnxruntime's CPU Add of a per-feature bias pays a fixed cost per row of features as
+# well as per element: at mobilenet_v2's 16- to 32-channel layers' sizes it took 1.6-3x
+# as long over rows of one token's features as over rows of 256-1024 (fp32, 2 cores). Emission
+# for the CPU lays k tokens side by side as one row of at most this many features and
+# repeats the bias k times: the same sums, in fewer and longer rows.
+WIDE_BIAS_ROW = 1024
 
 
 class _Builder:
     """Appends named nodes to a graph and tracks the static shape of what it makes.
 
     ``pad_value``: what padding fills in (the Conv's zeros; an integer Conv's input zero
-    point, which may be computed at runtime)."""
+    point, which may be computed at runtime). ``wide_bias_rows``: add biases over rows of
+    several tokens (``WIDE_BIAS_ROW``)."""
 
     def __init__(
         self,
@@ -60,11 +67,13 @@ class _Builder:
         prefix: str,
         dtype: np.dtype,
         pad_value: gs.Tensor | None = None,
+        wide_bias_rows: bool = False,
     ):
         self.graph = graph
         self.prefix = prefix
         self.dtype = dtype
         self.pad_value = pad_value
+        self.wide_bias_rows = wide_bias_rows
         self.opset = graph.opset
         self.nodes: list[gs.Node] = []
         self.root = prefix
@@ -73,7 +82,9 @@ class _Builder:
     def tile(self, part: str) -> _Builder:
         """A builder naming its nodes ``<prefix>/<part>/..`` that appends to the same
         graph and node list and shares the layer's weights (``weight``)."""
-        child = _Builder(self.graph, f"{self.prefix}/{part}", self.dtype, self.pad_value)
+        child = _Builder(
+            self.graph, f"{self.prefix}/{part}", self.dtype, self.pad_value, self.wide_bias_rows
+        )
         child.nodes, child.root, child._weights = self.nodes, self.root, self._weights
         return child
 
@@ -393,8 +404,38 @@ def _per_channel_sum(
             attrs={"axes": [axis], "keepdims": 0},
         )
     flat = b.reshape("proj/merge", summed, [*lead, q, plan.out_dim])
-    bias = depthwise_bias_layout(plan, bias)
-    return b.op("Add", "proj/Add", [flat, b.weight("bias", bias)], [*lead, q, plan.out_dim])
+    return _add_bias(b, flat, depthwise_bias_layout(plan, bias), [*lead, q, plan.out_dim])
+
+
+def _add_bias(b: _Builder, x: gs.Variable, bias: np.ndarray, shape: list[Dim]) -> gs.Variable:
+    """``x`` plus ``bias`` (broadcast to ``shape``, the shape of ``x``), as ``proj/Add``.
+
+    A bias of one token's features over a tensor static past its batch axis is added over
+    rows of k tokens where ``b.wide_bias_rows`` asks for it (``WIDE_BIAS_ROW``): the
+    tokens of one batch item are contiguous, so k of them side by side are one row and the
+    bias repeated k times is that row's bias."""
+    width = shape[-1]
+    static = all(isinstance(d, int) for d in shape[1:])
+    tokens = math.prod(shape[1:-1]) if static else 0
+    side_by_side = 1
+    if b.wide_bias_rows and tokens and bias.size == width:
+        side_by_side = max(
+            k for k in range(1, max(WIDE_BIAS_ROW // width, 1) + 1) if tokens % k == 0
+        )
+    if side_by_side == 1:
+        return b.op("Add", "proj/Add", [x, b.weight("bias", bias)], shape)
+    rows = [shape[0], tokens // side_by_side, side_by_side * width]
+    # The layer keeps one bias initializer of one token's features (what the PyTorch
+    # import reads); the repeated row is computed from it, once, when a runtime loads.
+    row_bias = b.op(
+        "Tile",
+        "proj/bias_row",
+        [b.weight("bias", bias.reshape(-1)), b.int64("proj/bias_row/repeats", [side_by_side])],
+        [side_by_side * width],
+    )
+    wide = b.reshape("proj/bias_rows", x, rows)
+    added = b.op("Add", "proj/Add", [wide, row_bias], rows)
+    return b.reshape("proj/tokens", added, shape)
 
 
 def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
@@ -548,9 +589,7 @@ def add_bias(
     out_dim = plan.group_out_dim
     local = plan.attention is Attention.LOCAL
     bias_shape = [g[0], *([1] if local else []), 1, out_dim] if g else [out_dim]
-    bias_const = b.weight("bias", bias.reshape(bias_shape))
-    shape = [*lead, plan.block_queries, out_dim]
-    return b.op("Add", "proj/Add", [projected, bias_const], shape)
+    return _add_bias(b, projected, bias.reshape(bias_shape), [*lead, plan.block_queries, out_dim])
 
 
 def emit_attention(
@@ -563,19 +602,21 @@ def emit_attention(
     bias: np.ndarray,
     batch: Dim,
     tiles: int = 1,
+    wide_bias_rows: bool = False,
 ) -> list[gs.Node]:
     """Append the attention subgraph computing ``y`` from ``x`` to ``graph``.
 
     ``projection`` and ``bias`` come from ``weights.output_projection`` and
     ``weights.output_bias``; ``batch`` is the batch dimension (an int or a symbol);
     ``tiles``: split a tileable plan's blocks into this many tiles
-    (``AttentionPlan.tiles``). The caller detaches the Conv that produced ``y``.
+    (``AttentionPlan.tiles``); ``wide_bias_rows``: add the bias over rows of several
+    tokens (``WIDE_BIAS_ROW``). The caller detaches the Conv that produced ``y``.
     """
     if tiles > 1 and not (plan.tileable and tiles <= plan.blocks):
         raise ValueError(
             f"{tiles} tiles for a plan with {plan.blocks} blocks (tileable: {plan.tileable})"
         )
-    b = _Builder(graph, prefix, np.dtype(projection.dtype))
+    b = _Builder(graph, prefix, np.dtype(projection.dtype), wide_bias_rows=wide_bias_rows)
     tokens = _tokens(b, x, plan, batch)
     # One token holds every channel (channels-last), or one group's channels.
     g = [] if plan.channels_last or plan.spec.group == 1 else [plan.spec.group]

@@ -517,7 +517,19 @@ def _replace(
             else:
                 planned = batch if isinstance(batch, int) else options.batch
                 tiles = plan.tiles(planned, candidate.weight.dtype.itemsize) if options.tiles else 1
-                emit_attention(candidate.graph, scope, x, y, plan, projection, bias, batch, tiles)
+                # tiles and wide bias rows shape the graph for onnxruntime's CPU kernels
+                emit_attention(
+                    candidate.graph,
+                    scope,
+                    x,
+                    y,
+                    plan,
+                    projection,
+                    bias,
+                    batch,
+                    tiles,
+                    wide_bias_rows=options.tiles,
+                )
         else:
             emit_integer_attention(
                 candidate.graph,
