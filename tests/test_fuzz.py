@@ -15,8 +15,10 @@ import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from conv2attn.cli import main
+from conv2attn.validate import ATOL, RTOL, compare
 from tests.helpers import assert_parity, chain_model, random_input, run
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -72,7 +74,28 @@ def assert_converted_or_refused(path, out) -> None:
         return
     if not all(np.isfinite(r).all() for r in reference):
         return  # the original overflows (a weight near the float limit): no parity to hold
-    assert_parity(reference, run(str(out), feeds))
+    # One Conv in float16: its outputs round to 11 bits, and a different summation order
+    # may round one the other way, by one unit in the last place: at most 2**-10 of the
+    # largest output.
+    rtol = 2**-10 if reference[0].dtype == np.float16 else RTOL
+    converted = run(str(out), feeds)
+    if any(same_padding(node) for node in original.graph.node):
+        # Where SAME asks for negative padding, onnxruntime departs from the ONNX
+        # definition, which conv2attn follows (README, "One difference from onnxruntime").
+        try:
+            defined = ReferenceEvaluator(original).run(None, feeds)
+        except Exception:  # attributes the reference refuses: onnxruntime's is the one
+            defined = reference
+        if compare("0", defined[0], converted[0]).within(rtol, ATOL):
+            reference = defined
+    assert_parity(reference, converted, rtol=rtol)
+
+
+def same_padding(node: onnx.NodeProto) -> bool:
+    return any(
+        a.name == "auto_pad" and a.s.decode(errors="replace").startswith("SAME")
+        for a in node.attribute
+    )
 
 
 @st.composite

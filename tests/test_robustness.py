@@ -138,6 +138,29 @@ def test_zero_sized_spatial_dims_are_refused(tmp_path):
     assert "Conv 'conv': input spatial size [0, 5] must be positive" in result.stderr
 
 
+def with_pads(model: onnx.ModelProto, pads: list[int]) -> onnx.ModelProto:
+    model.graph.node[0].attribute.append(helper.make_attribute("pads", pads))
+    return model
+
+
+def test_auto_pad_and_pads_that_disagree_are_refused(tmp_path):
+    """ONNX forbids auto_pad with pads, and runtimes differ in which they follow: the Conv
+    is refused by name, nothing is written. Pads that say what auto_pad says convert."""
+    path, out = tmp_path / "both.onnx", tmp_path / "out.onnx"
+    onnx.save(with_pads(conv_model(auto_pad="SAME_LOWER"), [3, 1, 0, 0]), str(path))
+    result = cli("convert", path, "-o", out)
+    assert result.returncode == 2
+    assert (
+        "Conv 'conv': auto_pad SAME_LOWER and pads [3, 1, 0, 0] are both set and disagree "
+        "(SAME_LOWER pads [1, 1, 1, 1] here)" in result.stderr
+    )
+    assert not out.exists()
+    onnx.save(with_pads(conv_model(auto_pad="SAME_LOWER"), [1, 1, 1, 1]), str(path))
+    result = cli("convert", path, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+
+
 # Runs a command with an audit hook that reports every file the process opens.
 WATCH_OPENS = """
 import sys, runpy

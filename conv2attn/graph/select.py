@@ -149,9 +149,15 @@ def _conv_spec(
         )
     if auto_pad not in AutoPad.__members__:
         raise GeometryError(f"auto_pad '{auto_pad}' is not an ONNX auto_pad value")
-    pads_begin, pads_end = resolve_pads(
-        auto_pad, input_size, kernel, strides, dilations, node.attrs.get("pads")
-    )
+    pads = node.attrs.get("pads")
+    pads_begin, pads_end = resolve_pads(auto_pad, input_size, kernel, strides, dilations, pads)
+    if auto_pad != "NOTSET" and pads is not None and list(pads) != [*pads_begin, *pads_end]:
+        # ONNX forbids the pair, and runtimes differ in which of the two they follow
+        raise GeometryError(
+            f"auto_pad {auto_pad} and pads {list(pads)} are both set and disagree "
+            f"({auto_pad} pads {[*pads_begin, *pads_end]} here); ONNX allows only one: "
+            "remove the other"
+        )
     spec = ConvSpec(
         in_channels=int(weight.shape[1]) * group,
         out_channels=int(weight.shape[0]),
