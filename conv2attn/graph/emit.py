@@ -48,9 +48,9 @@ Dim = int | str | None
 SAME_TYPE_OPS = {"Reshape", "Transpose", "Slice", "Pad", "Gather", "Tile"}
 # onnxruntime's CPU Add of a per-feature bias pays a fixed cost per row of features as
 # well as per element: at mobilenet_v2's 16- to 32-channel layers' sizes it took 1.6-3x
-# as long over rows of one token's features as over rows of 256-1024 (fp32, 2 cores). Emission
-# for the CPU lays k tokens side by side as one row of at most this many features and
-# repeats the bias k times: the same sums, in fewer and longer rows.
+# as long over rows of one token's features as over rows of 256-1024 (fp32, 2 cores).
+# Emission for the CPU lays k tokens side by side as one row of at most this many
+# features and repeats the bias k times: the same sums, in fewer and longer rows.
 WIDE_BIAS_ROW = 1024
 
 
