@@ -252,11 +252,131 @@ def _squeeze(node, x, axes=None):
     return x.squeeze() if axes is None else x.squeeze(axes)
 
 
+def _div(node, a, b):
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")  # integer Div, as onnxruntime's
+
+
+def _gather(node, data, indices):
+    axis = _attribute(node, "axis", 0) % data.dim()
+    size = data.shape[axis]
+    flat = indices.reshape(-1).long()
+    flat = torch.where(flat < 0, flat + size, flat)  # negative indices count from the end
+    picked = data.index_select(axis, flat)
+    return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
+
+
+def _slice(node, data, starts=None, ends=None, axes=None, steps=None):
+    if starts is None:  # opset 1-9: attributes
+        starts, ends = _attribute(node, "starts"), _attribute(node, "ends")
+        axes = _attribute(node, "axes")
+    else:
+        starts, ends = starts.tolist(), ends.tolist()
+        axes = None if axes is None else axes.tolist()
+        steps = None if steps is None else steps.tolist()
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        axis %= data.dim()
+        # ONNX clamps starts and ends as numpy does, and so does Python's slice
+        kept = range(*slice(start, end, step).indices(data.shape[axis]))
+        if kept.step == 1:
+            data = data.narrow(axis, kept.start, len(kept))
+        else:
+            data = data.index_select(axis, torch.tensor(list(kept), dtype=torch.long))
+    return data
+
+
+def _pad_indices(size: int, begin: int, end: int, mode: str) -> torch.Tensor:
+    """Source position of each position of one axis padded by ``mode``."""
+    positions = torch.arange(-begin, size + end)
+    if mode == "edge":
+        return positions.clamp(0, size - 1)
+    if mode == "wrap":
+        return positions.remainder(size)
+    period = max(2 * (size - 1), 1)  # reflect: mirrored without repeating the edge
+    folded = positions.remainder(period)
+    return torch.where(folded < size, folded, period - folded)
+
+
+def _pad(node, x, pads=None, value=None, axes=None):
+    rank = x.dim()
+    pads = list(_attribute(node, "pads")) if pads is None else pads.tolist()  # opset < 11
+    value = _attribute(node, "value", 0.0) if value is None else float(value.reshape(-1)[0])
+    mode = (_attribute(node, "mode", b"constant") or b"constant").decode()
+    axes = list(range(rank)) if axes is None else [a % rank for a in axes.tolist()]
+    begins, ends = pads[: len(axes)], pads[len(axes) :]
+    if mode == "constant":
+        flat = [0] * 2 * rank  # torch lists the last axis first
+        for axis, begin, end in zip(axes, begins, ends, strict=True):
+            flat[2 * (rank - 1 - axis)], flat[2 * (rank - 1 - axis) + 1] = begin, end
+        return functional.pad(x, flat, value=value)
+    if mode not in ("reflect", "edge", "wrap"):
+        raise InputError(f"node '{node.name}' (Pad): mode {mode} is not supported")
+    for axis, begin, end in zip(axes, begins, ends, strict=True):
+        # negative pads crop before the rest is padded
+        crop_begin, crop_end = max(-begin, 0), max(-end, 0)
+        x = x.narrow(axis, crop_begin, x.shape[axis] - crop_begin - crop_end)
+        x = x.index_select(axis, _pad_indices(x.shape[axis], max(begin, 0), max(end, 0), mode))
+    return x
+
+
+def _scatter_nd(node, data, indices, updates):
+    if (_attribute(node, "reduction", b"none") or b"none") != b"none":
+        raise InputError(f"node '{node.name}' (ScatterND): only reduction none is supported")
+    out = data.clone()
+    out[tuple(indices[..., i].long() for i in range(indices.shape[-1]))] = updates
+    return out
+
+
+def _constant_of_shape(node, shape):
+    value = _attribute(node, "value")
+    fill = numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+    return torch.full(shape.tolist(), fill.reshape(-1)[0].item(), dtype=_TORCH_TYPES[fill.dtype])
+
+
+def _range(node, start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def _cast(node, x):
+    to = onnx.helper.tensor_dtype_to_np_dtype(_attribute(node, "to"))
+    if to not in _TORCH_TYPES:
+        raise InputError(f"node '{node.name}' (Cast): to {to} is not supported")
+    return x.to(_TORCH_TYPES[to])
+
+
+def _layer_norm(node, x, scale, bias=None):
+    axis = _attribute(node, "axis", -1) % x.dim()
+    shape = x.shape[axis:]
+    return functional.layer_norm(
+        x,
+        shape,
+        scale.expand(shape),
+        None if bias is None else bias.expand(shape),
+        _attribute(node, "epsilon", 1e-5),
+    )
+
+
+_TORCH_TYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.bool_): torch.bool,
+}
+
+
 OPS: dict[str, Callable] = {
     "Add": lambda node, a, b: a + b,
     "Sub": lambda node, a, b: a - b,
     "Mul": lambda node, a, b: a * b,
-    "Div": lambda node, a, b: a / b,
+    "Div": _div,
     "MatMul": lambda node, a, b: a @ b,
     "Relu": lambda node, x: torch.relu(x),
     "LeakyRelu": lambda node, x: functional.leaky_relu(x, _attribute(node, "alpha", 0.01)),
@@ -289,6 +409,24 @@ OPS: dict[str, Callable] = {
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Shape": lambda node, x: torch.tensor(x.shape, dtype=torch.int64),
+    "Gather": _gather,
+    "Slice": _slice,
+    "Pad": _pad,
+    "Cast": _cast,
+    "Einsum": lambda node, *xs: torch.einsum(_attribute(node, "equation").decode(), *xs),
+    "LayerNormalization": _layer_norm,
+    "Expand": lambda node, x, shape: x.expand(
+        torch.broadcast_shapes(tuple(x.shape), tuple(shape.tolist()))
+    ),
+    "Mod": lambda node, a, b: torch.fmod(a, b) if _attribute(node, "fmod", 0) else a % b,
+    "ScatterND": _scatter_nd,
+    "Where": lambda node, condition, a, b: torch.where(condition.bool(), a, b),
+    "Not": lambda node, x: torch.logical_not(x),
+    "Equal": lambda node, a, b: torch.eq(a, b),
+    "ConstantOfShape": _constant_of_shape,
+    "Range": _range,
+    "Exp": lambda node, x: torch.exp(x),
+    "ReduceL2": _reduce(torch.linalg.vector_norm),
 }
 
 

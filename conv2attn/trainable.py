@@ -57,6 +57,7 @@ from conv2attn.core.weights import (
     output_projection,
     quadratic_encoding,
     query_indices,
+    relative_position_range,
     relative_positions,
     window_indices,
 )
@@ -172,10 +173,8 @@ class _Geometry:
 
 def _geometry(plan: AttentionPlan, device) -> _Geometry:
     """Indices of ``plan`` (its bias table's range: ``weights.quadratic_encoding``'s)."""
-    relative = relative_positions(plan)
-    lows = [int(d.min()) for d in relative]
-    spans = [int(d.max()) - low + 1 for d, low in zip(relative, lows)]
-    deltas = [d - low for d, low in zip(relative, lows)]
+    lows, spans = relative_position_range(plan)
+    deltas = [d - low for d, low in zip(relative_positions(plan), lows)]
     return _Geometry(
         plan,
         torch.from_numpy(query_indices(plan)).to(device),
@@ -225,10 +224,12 @@ class ConvAttention(nn.Module):
         self.position_bias = nn.Parameter(torch.from_numpy(table).to(dtype))
         self.w_o = nn.Parameter(torch.from_numpy(output_projection(plan, weight)))
         self.bias = nn.Parameter(torch.from_numpy(output_bias(plan, bias, weight.dtype)))
-        built = _geometry(plan, "cpu")
-        self.register_buffer("query_index", built.query_index, False)
-        self.register_buffer("key_index", built.key_index, False)
-        self.register_buffer("bias_index", built.bias_index, False)
+        # the indices at the plan's own size come with the first input of that size: a
+        # layer read from a dynamic model is planned for a nominal size it may never see,
+        # where global attention's [queries, keys] indices can be gigabytes
+        self.register_buffer("query_index", None, False)
+        self.register_buffer("key_index", None, False)
+        self.register_buffer("bias_index", None, False)
         # what the report shows each head next to: the Conv's mean |weight| per tap
         kernel = np.abs(weight.astype(np.float32)).mean(axis=(0, 1))
         self.register_buffer("source_kernel", torch.from_numpy(kernel), False)
@@ -347,6 +348,10 @@ class ConvAttention(nn.Module):
         # the geometry's input is after a padding mode's own padding
         size = tuple(n + 2 * p for n, p in zip(size, self.explicit_padding))
         if size == tuple(built):
+            if self.bias_index is None:
+                own = _geometry(plan, self.position_bias.device)
+                self.query_index, self.key_index = own.query_index, own.key_index
+                self.bias_index = own.bias_index
             return _Geometry(
                 plan, self.query_index, self.key_index, self.bias_index, self.table_lows
             )

@@ -9,8 +9,10 @@ width open. It is converted with a random choice of attention, grid, layout, pat
 queries, form, batch, tile budget and BatchNormalization folding.
 
 What a user relies on, whatever the mix: every Conv converts, the outputs keep parity
-(``helpers.assert_parity``: 1e-5 of the largest value plus 1e-6) and ``check --per-layer``
-passes on every converted layer. CI runs 40 networks; PROPERTY_EXAMPLES raises it.
+(``helpers.assert_parity``: 1e-5 of the largest value plus 1e-6), ``check --per-layer``
+passes on every converted layer, and ``torch_graph.load_trainable`` rebuilds the
+converted model in PyTorch with the same parity. CI runs 40 networks; PROPERTY_EXAMPLES
+raises it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from unittest import mock
 
 import numpy as np
+import torch
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -27,6 +30,7 @@ import conv2attn
 from conv2attn.core import geometry
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples
+from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import check
 from tests.helpers import assert_parity, run
 
@@ -229,6 +233,11 @@ def test_random_networks_convert_with_parity_and_every_layer_checks(network, cho
     assert len(report.layers) == convs
     event(f"tiled layers: {'some' if any(layer.tiles > 1 for layer in report.layers) else 'none'}")
     event(f"dynamic layers: {'some' if any(layer.dynamic for layer in report.layers) else 'none'}")
-    assert_parity(run(model, feeds), run(converted, feeds))
+    expected = run(model, feeds)
+    assert_parity(expected, run(converted, feeds))
     result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
     assert result.passed and len(result.layers) == convs
+    with torch.no_grad():
+        rebuilt = load_trainable(converted).eval()(torch.from_numpy(feeds["x"]))
+    rebuilt = [rebuilt] if isinstance(rebuilt, torch.Tensor) else list(rebuilt)
+    assert_parity(expected, [tensor.numpy() for tensor in rebuilt])

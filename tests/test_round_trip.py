@@ -54,6 +54,18 @@ def test_torchvision_resnet18_round_trips(torchvision_model, tmp_path, form):
     assert_parity(run(str(path), feeds), _torch_run(module, feeds))
 
 
+@pytest.mark.parametrize("name, layers", [("shufflenet_v2_x0_5", 56), ("swin_t", 1)])
+def test_torchvision_models_with_shape_arithmetic_round_trip(torchvision_model, name, layers):
+    """shufflenet_v2 splits channels by Gather, Div and Slice of the tensor's Shape; swin_t
+    pads, rolls and masks its windows with Range, Mod, Equal, Where and ScatterND."""
+    path = torchvision_model(name)
+    converted, _ = conv2attn.convert(path, attention="local")
+    module = load_trainable(converted)
+    assert len(module.named_layers()) == layers
+    feeds = random_input(onnx.load(str(path)), batch=2)
+    assert_parity(run(str(path), feeds), _torch_run(module, feeds))
+
+
 def test_a_dynamic_model_round_trips_at_other_sizes():
     model = dynamic(chain_model())
     converted, _ = conv2attn.convert(model, attention="local")
@@ -62,6 +74,23 @@ def test_a_dynamic_model_round_trips_at_other_sizes():
     for size in ((9, 11), (16, 20), (5, 7)):
         feeds = {"x": rng.standard_normal((2, 3, *size)).astype(np.float32)}
         assert_parity(run(model, feeds), _torch_run(module, feeds))
+
+
+def test_a_dynamic_global_layer_builds_indices_only_for_the_sizes_it_runs_at():
+    """Planned for the nominal 224x224 on 2x2 patches, the stem's global attention has
+    12769 tokens: its [queries, keys] indices take 1.3 GB per axis (20 GB on one-pixel
+    patches). The module builds them only for the sizes it is given."""
+    model = dynamic(chain_model())
+    converted, report = conv2attn.convert(
+        model, attention="global", patch=2, include=["stem"], max_param_growth=1e9
+    )
+    assert report.layers[0].tokens == 113 * 113
+    module = load_trainable(converted)
+    stem = module.layer("stem")
+    assert stem.bias_index is None
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 12, 10)).astype(np.float32)}
+    assert_parity(run(model, feeds), _torch_run(module, feeds))
+    assert stem.bias_index is None  # built for 12x10 alone
 
 
 def test_the_round_tripped_model_fine_tunes():

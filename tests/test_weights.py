@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
-from conv2attn.core.weights import attention_probabilities, output_bias, output_projection
+from conv2attn.core.geometry import Attention, ConvSpec, Grid, Order, plan_attention
+from conv2attn.core.weights import (
+    attention_probabilities,
+    output_bias,
+    output_projection,
+    relative_position_range,
+    relative_positions,
+)
 from tests.reference import attention_conv, direct_conv
 
 # (in, out, group, kernel, stride, dilation, pads_begin, pads_end, size, patch)
@@ -30,15 +36,20 @@ ATTENTION = {
 }
 
 
-@pytest.mark.parametrize("attention", ATTENTION.values(), ids=ATTENTION.keys())
-@pytest.mark.parametrize("order", list(Order))
-@pytest.mark.parametrize("config", CONFIGS)
-def test_construction_equals_direct_conv_float64(config, order, attention):
+def config_plan(config, attention, order, grid=Grid.SHIFTED):
     cin, cout, group, kernel, stride, dilation, pb, pe, size, patch = config
     spec = ConvSpec(cin, cout, group, kernel, stride, dilation, pb, pe, size)
     mode, block = attention
     blocks = None if block is None else (block,) * spec.rank
-    plan = plan_attention(spec, patch, order, mode, blocks)
+    return spec, plan_attention(spec, patch, order, mode, blocks, grid)
+
+
+@pytest.mark.parametrize("attention", ATTENTION.values(), ids=ATTENTION.keys())
+@pytest.mark.parametrize("order", list(Order))
+@pytest.mark.parametrize("config", CONFIGS)
+def test_construction_equals_direct_conv_float64(config, order, attention):
+    cin, cout, group, kernel, _, _, _, _, size, _ = config
+    spec, plan = config_plan(config, attention, order)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, cin, *size))
     w = rng.standard_normal((cout, cin // group, *kernel))
@@ -107,3 +118,14 @@ def test_weight_shape_mismatch_is_refused():
     spec = ConvSpec(2, 2, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (4, 4))
     with pytest.raises(ValueError, match="expected"):
         output_projection(plan_attention(spec, (1, 1)), np.zeros((2, 2, 3, 2)))
+
+
+@pytest.mark.parametrize("grid", list(Grid))
+@pytest.mark.parametrize("attention", ATTENTION.values(), ids=ATTENTION.keys())
+@pytest.mark.parametrize("config", CONFIGS)
+def test_relative_position_range_is_the_tables_without_building_it(config, attention, grid):
+    _, plan = config_plan(config, attention, Order.ATTEND_FIRST, grid)
+    table = relative_positions(plan)
+    lows, spans = relative_position_range(plan)
+    assert lows == [int(d.min()) for d in table]
+    assert spans == [int(d.max()) - int(d.min()) + 1 for d in table]

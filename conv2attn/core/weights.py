@@ -213,14 +213,23 @@ def relative_positions(plan: AttentionPlan) -> list[np.ndarray]:
     return [(k[None, :] - q[:, None]).astype(np.int64) for q, k in zip(queries, keys)]
 
 
+def relative_position_range(plan: AttentionPlan) -> tuple[list[int], list[int]]:
+    """Per axis, the smallest relative position ``relative_positions`` holds and how many
+    there are from it to the largest: every query meets every key, so they are the
+    extreme coordinates' differences, found without the ``[queries, keys]`` table (which
+    global attention on a large grid could not hold)."""
+    queries, keys = query_coordinates(plan), key_coordinates(plan)
+    lows = [int(k.min() - q.max()) for q, k in zip(queries, keys)]
+    spans = [int(k.max() - q.min()) - low + 1 for q, k, low in zip(queries, keys, lows)]
+    return lows, spans
+
+
 def quadratic_encoding(plan: AttentionPlan, alpha: float = ALPHA) -> tuple[np.ndarray, list[int]]:
     """Section 2's logits as a table over relative positions: ``table[h, d_0.., d_r]`` =
     ``-alpha * sum_i (d_i - offset_h,i)^2``, for every relative position ``d`` that
     ``relative_positions`` holds, and per axis the smallest such ``d`` (index 0).
     Float32; differences are squared before scaling (section 2's fp16 rule)."""
-    deltas = relative_positions(plan)
-    lows = [int(d.min()) for d in deltas]
-    spans = [int(d.max()) - low + 1 for d, low in zip(deltas, lows)]
+    lows, spans = relative_position_range(plan)
     offsets = np.array(plan.head_offsets, dtype=np.float64).reshape(plan.heads, -1)
     distance = np.zeros([plan.heads, *spans])
     for axis, (low, span) in enumerate(zip(lows, spans)):
