@@ -18,6 +18,7 @@ SCOPE = "attn"
 SOFTMAX = "Softmax"
 LOGITS = "logits"
 PROJECTION = "W_O"
+BIAS = "bias"
 FOLD = "fold"  # heads folded into W_O (``AttentionPlan.folds_heads``)
 
 
@@ -29,6 +30,12 @@ def scope(conv: str) -> str:
 def owner_prefix(conv: str) -> str:
     """What every node name of ``conv``'s replacement starts with."""
     return f"{scope(conv)}/"
+
+
+def layer_weights(conv: str) -> tuple[str, str]:
+    """The initializers of ``conv``'s replacement that hold the Conv's weight and bias, as
+    emitted: W_O and the bias. The PyTorch import reads the Conv back out of them."""
+    return f"{scope(conv)}/{PROJECTION}", f"{scope(conv)}/{BIAS}"
 
 
 def output_of(node: str) -> str:

@@ -511,11 +511,10 @@ class OnnxAttentionModel(nn.Module):
                 f"layer '{name}': auto_pad {record['auto_pad']} with a dynamic input size pads "
                 "by the size; convert with --input-shape to fix the size first"
             )
-        scope = names.scope(name)
-        projection = initializers.get(f"{scope}/{names.PROJECTION}")
-        bias = initializers.get(f"{scope}/bias")
+        projection_name, bias_name = names.layer_weights(name)
+        projection, bias = initializers.get(projection_name), initializers.get(bias_name)
         if projection is None or bias is None:
-            raise InputError(f"layer '{name}': no {scope}/W_O or {scope}/bias initializer")
+            raise InputError(f"layer '{name}': no {projection_name} or {bias_name} initializer")
         plan, weight, conv_bias = source_conv(record, projection, bias)
         key = f"layer{len(self.layers)}"
         self.layers[key] = ConvAttention(plan, weight, conv_bias)

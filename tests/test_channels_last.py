@@ -17,6 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
+from conv2attn import names
 from conv2attn.cli import main
 from conv2attn.inputs import Samples
 from conv2attn.record import converted_layers
@@ -188,10 +189,10 @@ def test_a_channel_concat_joins_channels_last_branches():
     nchw, _ = conv2attn.convert(model, attention="local", patch=1, layout="nchw")
     # three go: both branches' way back to NCHW and the head's way to channels-last
     assert transposes(converted) == transposes(nchw) - 3
-    names = {n.name for n in converted.graph.node if n.op_type == "Transpose"}
+    left = {n.name for n in converted.graph.node if n.op_type == "Transpose"}
     assert (
         not {"branch1/attn/unpatchify/to_nchw/Transpose", "head/attn/patchify/to_nhwc/Transpose"}
-        & names
+        & left
     )
     join = next(n for n in converted.graph.node if n.name == "join")
     assert helper.get_attribute_value(join.attribute[0]) == 3  # the channel axis, last
@@ -202,6 +203,57 @@ def test_a_channel_concat_joins_channels_last_branches():
     np.testing.assert_array_equal(got[0], run(nchw, feeds)[0])
     assert_parity(run(model, feeds), got)
     assert check(model, converted, Samples(feeds, None, "random"), per_layer=True).passed
+    with torch.no_grad():
+        rebuilt = load_trainable(converted).eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [rebuilt])
+
+
+def grouped_into_branches() -> onnx.ModelProto:
+    """A grouped Conv whose global attention's bias Add writes its NCHW output, then Relu,
+    two Pads and two branches joined by a channel Concat: channels-last from the Relu on
+    removes a Transpose, and would from the bias Add on too."""
+    rng = np.random.default_rng(0)
+
+    def init(name, shape, dtype=np.float32):
+        values = rng.standard_normal(shape) / 3 if dtype == np.float32 else np.zeros(shape)
+        return numpy_helper.from_array(values.astype(dtype), name)
+
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "pads")
+    nodes = [
+        helper.make_node("Conv", ["x", "wg"], ["g"], "grouped", group=3, strides=[2, 2]),
+        helper.make_node("Relu", ["g"], ["r"], "relu"),
+        helper.make_node("Pad", ["r", "pads"], ["p1"], "pad1"),
+        helper.make_node("Pad", ["p1", "pads"], ["p2"], "pad2"),
+        helper.make_node("Conv", ["p2", "w1", "b1"], ["c1"], "point"),
+        helper.make_node("Relu", ["c1"], ["a1"], "point_relu"),
+        helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], "neighbour", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a1", "c3"], ["y"], "join", axis=1),
+    ]
+    weights = [init("wg", (3, 1, 3, 3)), init("w1", (4, 3, 1, 1)), init("b1", (4,))]
+    weights += [init("w3", (2, 3, 3, 3)), init("b3", (2,)), pads]
+    graph = helper.make_graph(
+        nodes,
+        "grouped_into_branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 9, 9])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_each_layer_keeps_its_weights_as_emitted_where_the_tensors_after_it_move():
+    """The PyTorch import reads each Conv back out of its layer's W_O and bias: the pass
+    moves the tensors after a layer, never the constants the layer is made of."""
+    model = grouped_into_branches()
+    options = dict(attention="global", grid="fixed", max_param_growth=1e9)
+    converted, report = conv2attn.convert(model, **options)
+    # one token per output row of each channel: the bias Add writes the NCHW output
+    assert report.layers[0].patch == (1, 7)
+    initializers = {t.name for t in converted.graph.initializer}
+    assert "pads/channels_last" in initializers  # the Pads run channels-last
+    for layer in report.layers:
+        assert set(names.layer_weights(layer.name)) <= initializers, layer.name
+    feeds = random_input(model, batch=2)
     with torch.no_grad():
         rebuilt = load_trainable(converted).eval()(torch.from_numpy(feeds["x"])).numpy()
     assert_parity(run(model, feeds), [rebuilt])

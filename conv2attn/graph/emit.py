@@ -423,14 +423,14 @@ def _add_bias(b: _Builder, x: gs.Variable, bias: np.ndarray, shape: list[Dim]) -
             k for k in range(1, max(WIDE_BIAS_ROW // width, 1) + 1) if tokens % k == 0
         )
     if side_by_side == 1:
-        return b.op("Add", "proj/Add", [x, b.weight("bias", bias)], shape)
+        return b.op("Add", "proj/Add", [x, b.weight(names.BIAS, bias)], shape)
     rows = [shape[0], tokens // side_by_side, side_by_side * width]
     # The layer keeps one bias initializer of one token's features (what the PyTorch
     # import reads); the repeated row is computed from it, once, when a runtime loads.
     row_bias = b.op(
         "Tile",
         "proj/bias_row",
-        [b.weight("bias", bias.reshape(-1)), b.int64("proj/bias_row/repeats", [side_by_side])],
+        [b.weight(names.BIAS, bias.reshape(-1)), b.int64("proj/bias_row/repeats", [side_by_side])],
         [side_by_side * width],
     )
     wide = b.reshape("proj/bias_rows", x, rows)

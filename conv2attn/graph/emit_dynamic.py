@@ -302,7 +302,7 @@ def emit_dynamic_attention(
             stacked = _reshape(b, m, "stack_heads", keys, [*lead, plan.keys * heads, dim_out]
                                if local else [0, group, -1, dim_out])  # fmt: skip
             projected = b.op("MatMul", "MatMul", [attention, stacked], None, dtype)
-    bias_const = b.constant("bias", bias.reshape(group, *([1] if local else []), 1, dim_out))
+    bias_const = b.constant(names.BIAS, bias.reshape(group, *([1] if local else []), 1, dim_out))
     out = b.op("Add", "proj/Add", [projected, bias_const], None, dtype)
     _unpatchify(b, m, out, plan, axes, y)
     return b.nodes

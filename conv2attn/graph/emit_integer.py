@@ -23,6 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from conv2attn import names
 from conv2attn.core.geometry import Attention, AttentionPlan, AutoPad
 from conv2attn.core.weights import column_channels, integer_projection, selection_indices
 from conv2attn.graph.emit import Dim, _Builder, _tokens, _unpatchify
@@ -179,7 +180,7 @@ def _requantize(
     channels = _output_channels(plan) if channels is None else channels
     features = _feature_shape(plan, g)
     if quantization.bias is not None:
-        bias = b.constant("bias", quantization.bias[channels].reshape(features))
+        bias = b.constant(names.BIAS, quantization.bias[channels].reshape(features))
         accumulated = b.op("Add", "proj/Add", [accumulated, bias], shape, np.int32)
     as_float = b.op(
         "Cast", "requant/Cast", [accumulated], shape, np.float32,

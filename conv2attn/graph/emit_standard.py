@@ -285,7 +285,7 @@ def emit_dynamic_standard_attention(
         concat = _reshape(b, m, "concat_heads", attended, [-1, group, *blocks, q, heads * dim_in])
         weight = projection.reshape(group, *per_block, *projection.shape[1:])
         out = b.op("MatMul", "proj/MatMul", [concat, b.constant(names.PROJECTION, weight)], None)
-    bias_const = b.constant("bias", bias.reshape(group, *per_block, 1, dim_out))
+    bias_const = b.constant(names.BIAS, bias.reshape(group, *per_block, 1, dim_out))
     out = b.op("Add", "proj/Add", [out, bias_const], None)
     dynamic_unpatchify(b, m, out, plan, axes, y)
     return b.nodes

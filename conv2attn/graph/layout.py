@@ -21,11 +21,13 @@ Exact: only where values sit in memory changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from conv2attn import names
 
 SUFFIX = "/channels_last"
 
@@ -134,14 +136,18 @@ class _Regions:
         return list(grouped.values())
 
 
-def keep_channels_last(graph: gs.Graph) -> LayoutResult:
+def keep_channels_last(graph: gs.Graph, converted: Collection[str] = ()) -> LayoutResult:
     """Rewrite ``graph`` (the main graph, in place) so that the tensors between converted
     Convs stay channels-last wherever that removes Transposes; see the module docstring.
-    The caller cleans up and sorts the graph afterwards."""
+    The weights of the Convs named in ``converted`` keep their emitted names and layouts
+    (``names.layer_weights``: the PyTorch import reads each Conv back out of them), so
+    the nodes reading them stay as they are. The caller cleans up and sorts the graph
+    afterwards."""
     result = LayoutResult()
     taken = {t.name for t in graph.tensors().values()}
+    weights = {name for conv in converted for name in names.layer_weights(conv)}
     for rank in sorted({len(t.shape) for t in graph.tensors().values() if t.shape} - {0, 1, 2}):
-        _rewrite_rank(graph, rank, result, taken)
+        _rewrite_rank(graph, rank, result, taken, weights)
     return result
 
 
@@ -169,9 +175,15 @@ def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
             result.removed += 1
 
 
-def _rewrite_rank(graph: gs.Graph, rank: int, result: LayoutResult, taken: set[str]) -> None:
+def _rewrite_rank(
+    graph: gs.Graph, rank: int, result: LayoutResult, taken: set[str], weights: set[str]
+) -> None:
     _cancel_pairs(graph, rank, result)
-    eligible = [n for n in graph.nodes if _eligible(n, rank)]
+    eligible = [
+        n
+        for n in graph.nodes
+        if _eligible(n, rank) and not any(t.name in weights for t in n.inputs)
+    ]
     if not eligible:
         return
     regions = _Regions(eligible)

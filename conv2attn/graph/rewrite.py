@@ -206,7 +206,9 @@ def convert_model(
     del layer_plans
     layers = _replace(selection.candidates, chosen, shortlists, options, progress)
     if options.layout == "channels-last":
-        moved = keep_channels_last(graph)
+        moved = keep_channels_last(
+            graph, [candidate.node.name for candidate in selection.candidates]
+        )
         static = [
             ConvertedConv(names.scope(candidate.node.name), plan)
             for candidate, plan in zip(selection.candidates, chosen)
