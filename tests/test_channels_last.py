@@ -212,12 +212,7 @@ def grouped_into_branches() -> onnx.ModelProto:
     """A grouped Conv whose global attention's bias Add writes its NCHW output, then Relu,
     two Pads and two branches joined by a channel Concat: channels-last from the Relu on
     removes a Transpose, and would from the bias Add on too."""
-    rng = np.random.default_rng(0)
-
-    def init(name, shape, dtype=np.float32):
-        values = rng.standard_normal(shape) / 3 if dtype == np.float32 else np.zeros(shape)
-        return numpy_helper.from_array(values.astype(dtype), name)
-
+    init = random_initializers(seed=0)
     pads = numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "pads")
     nodes = [
         helper.make_node("Conv", ["x", "wg"], ["g"], "grouped", group=3, strides=[2, 2]),
