@@ -136,8 +136,6 @@ def _attribute(node: onnx.NodeProto, name: str, default=None):
 
 def _pool_padding(node: onnx.NodeProto, rank: int) -> tuple[list[int], bool]:
     pads = list(_attribute(node, "pads", [0] * 2 * rank))
-    if (_attribute(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", b"VALID"):
-        raise InputError(f"node '{node.name}' ({node.op_type}): auto_pad is not supported here")
     return pads, pads[:rank] == pads[rank:]
 
 
@@ -161,9 +159,7 @@ def _max_pool(node, x):
 
 def _average_pool(node, x):
     rank = x.dim() - 2
-    pads, symmetric = _pool_padding(node, rank)
-    if not symmetric:
-        raise InputError(f"node '{node.name}' (AveragePool): asymmetric pads are not supported")
+    pads, _ = _pool_padding(node, rank)
     pool = {1: functional.avg_pool1d, 2: functional.avg_pool2d, 3: functional.avg_pool3d}[rank]
     return pool(
         x,
@@ -218,8 +214,6 @@ def _batch_norm(node, x, scale, bias, mean, var):
 def _conv(node, x, weight, bias=None):
     rank = x.dim() - 2
     pads = list(_attribute(node, "pads", [0] * 2 * rank))
-    if (_attribute(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", b"VALID"):
-        raise InputError(f"node '{node.name}' (Conv): auto_pad is not supported here")
     flat = [p for axis in reversed(range(rank)) for p in (pads[axis], pads[rank + axis])]
     conv = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}[rank]
     return conv(
@@ -312,8 +306,6 @@ def _pad(node, x, pads=None, value=None, axes=None):
         for axis, begin, end in zip(axes, begins, ends, strict=True):
             flat[2 * (rank - 1 - axis)], flat[2 * (rank - 1 - axis) + 1] = begin, end
         return functional.pad(x, flat, value=value)
-    if mode not in ("reflect", "edge", "wrap"):
-        raise InputError(f"node '{node.name}' (Pad): mode {mode} is not supported")
     for axis, begin, end in zip(axes, begins, ends, strict=True):
         # negative pads crop before the rest is padded
         crop_begin, crop_end = max(-begin, 0), max(-end, 0)
@@ -323,8 +315,6 @@ def _pad(node, x, pads=None, value=None, axes=None):
 
 
 def _scatter_nd(node, data, indices, updates):
-    if (_attribute(node, "reduction", b"none") or b"none") != b"none":
-        raise InputError(f"node '{node.name}' (ScatterND): only reduction none is supported")
     out = data.clone()
     out[tuple(indices[..., i].long() for i in range(indices.shape[-1]))] = updates
     return out
@@ -341,10 +331,7 @@ def _range(node, start, limit, delta):
 
 
 def _cast(node, x):
-    to = onnx.helper.tensor_dtype_to_np_dtype(_attribute(node, "to"))
-    if to not in _TORCH_TYPES:
-        raise InputError(f"node '{node.name}' (Cast): to {to} is not supported")
-    return x.to(_TORCH_TYPES[to])
+    return x.to(_TORCH_TYPES[onnx.helper.tensor_dtype_to_np_dtype(_attribute(node, "to"))])
 
 
 def _layer_norm(node, x, scale, bias=None):
@@ -430,6 +417,36 @@ OPS: dict[str, Callable] = {
 }
 
 
+def _unsupported(node: onnx.NodeProto) -> str | None:
+    """Why ``OPS`` cannot run ``node`` as its attributes ask, or None: checked when the
+    model loads, so a model is refused at once rather than at its first forward."""
+    op = node.op_type
+    if op not in OPS:
+        return f"{op} has no PyTorch equivalent here; supported: {', '.join(sorted(OPS))}"
+    auto_pad = _attribute(node, "auto_pad", b"NOTSET") or b"NOTSET"
+    if op in ("Conv", "MaxPool", "AveragePool") and auto_pad not in (b"NOTSET", b"VALID"):
+        return f"{op} with auto_pad {auto_pad.decode()} is not supported here"
+    if op == "AveragePool":
+        pads = list(_attribute(node, "pads", []))
+        if pads[: len(pads) // 2] != pads[len(pads) // 2 :]:
+            return "AveragePool with asymmetric pads is not supported here"
+    if op == "Pad":
+        mode = (_attribute(node, "mode", b"constant") or b"constant").decode()
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            return f"Pad mode {mode} is not supported here"
+    if op == "ScatterND" and (_attribute(node, "reduction", b"none") or b"none") != b"none":
+        return "ScatterND with a reduction is not supported here"
+    if op == "Cast":
+        target = onnx.helper.tensor_dtype_to_np_dtype(_attribute(node, "to"))
+        if target not in _TORCH_TYPES:
+            return f"Cast to {target} is not supported here"
+    if op == "ConstantOfShape" and _attribute(node, "value") is not None:
+        fill = numpy_helper.to_array(_attribute(node, "value")).dtype
+        if fill not in _TORCH_TYPES:
+            return f"ConstantOfShape of {fill} is not supported here"
+    return None
+
+
 class OnnxAttentionModel(nn.Module):
     """An ONNX graph run in torch, with converted Convs as ``ConvAttention`` modules
     (``layers``, by Conv name) and float initializers as trainable ``parameters``."""
@@ -469,11 +486,9 @@ class OnnxAttentionModel(nn.Module):
             if owner is not None:
                 self._steps += [steps[out] for out in node.output if out in steps]
             elif node.op_type != "Constant":
-                if node.op_type not in OPS:
-                    raise InputError(
-                        f"node '{node.name}': {node.op_type} has no PyTorch equivalent here; "
-                        f"supported: {', '.join(sorted(OPS))}"
-                    )
+                refusal = _unsupported(node)
+                if refusal:
+                    raise InputError(f"node '{node.name}': {refusal}")
                 self._steps.append(node)
         used = {name for node in others for name in node.input}
         self.parameters_by_name = nn.ParameterDict()

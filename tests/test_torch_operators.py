@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
+from conv2attn.errors import InputError
 from conv2attn.torch_graph import load_trainable
 from tests.helpers import assert_parity, run
 
@@ -178,3 +179,47 @@ def test_the_module_computes_what_onnxruntime_computes(build):
         got = load_trainable(converted).eval()(torch.from_numpy(feeds["x"])).numpy()
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert_parity([expected], [got])
+
+
+def _one_node(op: str, inputs, elem_type: int = TensorProto.FLOAT, **attrs):
+    def build():
+        case = Case()
+        return case.model(case.node(op, ["y", *inputs(case)], "out", **attrs), elem_type)
+
+    return build
+
+
+REFUSED = {
+    "ScatterND reduction": (
+        _one_node(
+            "ScatterND",
+            lambda case: [
+                case.constant("i", _ints(0).reshape(1, 1)),
+                case.constant("u", np.ones((1, *SHAPE[1:]), np.float32)),
+            ],
+            reduction="add",
+        ),
+        "ScatterND with a reduction",
+    ),
+    "Cast to bfloat16": (
+        _one_node("Cast", lambda case: [], TensorProto.BFLOAT16, to=TensorProto.BFLOAT16),
+        "Cast to bfloat16",
+    ),
+    "MaxPool SAME_UPPER": (
+        _one_node("MaxPool", lambda case: [], kernel_shape=[2, 2], auto_pad="SAME_UPPER"),
+        "MaxPool with auto_pad SAME_UPPER",
+    ),
+    "AveragePool asymmetric pads": (
+        _one_node("AveragePool", lambda case: [], kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
+        "AveragePool with asymmetric pads",
+    ),
+}
+
+
+@pytest.mark.parametrize("build, reason", REFUSED.values(), ids=REFUSED.keys())
+def test_what_the_module_cannot_run_is_refused_when_it_loads(build, reason):
+    """Refused by name at load time, not at the first forward: a training script learns
+    before it has built an optimiser or read a batch."""
+    converted, _ = conv2attn.convert(build(), attention="local")
+    with pytest.raises(InputError, match=f"node 'out': {reason}"):
+        load_trainable(converted)

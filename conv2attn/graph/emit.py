@@ -4,8 +4,9 @@ The module that builds the attention's ONNX nodes (``layout`` only adds Transpos
 between layers). Every node and tensor is named ``<conv name>/attn/<part>`` so a
 converted graph reads well in Netron and diffs cleanly; the parts other stages look
 for (logits, Softmax, W_O) come from ``names``. Only ops of opset 11 are used (Slice,
-Pad, Reshape, Transpose, Sub, Mul, Add, Softmax, MatMul, Cast, Tile), with the forms that
-are identical in later opsets.
+Pad, Reshape, Transpose, Gather, Concat, Tile, Sub, Mul, Add, Softmax, MatMul, Gemm,
+ReduceSum, Cast), with the forms that are identical in later opsets, except ReduceSum,
+whose axes became an input in opset 13: it is written in the model's opset's form.
 
 Dataflow (2-D shown, ``g`` is the group count; the group axis and every size-1 axis
 are left out of the emitted shapes):
