@@ -68,6 +68,21 @@ def test_a_file_that_fails_the_check_is_exit_3_and_never_written(tmp_path, monke
     assert sorted(os.listdir(tmp_path)) == before  # no output, no staging leftovers
 
 
+def test_a_model_in_memory_that_fails_the_check_itself_is_bad_input_not_a_bug():
+    """``convert`` takes a ModelProto unchecked (a file is checked as it loads); where the
+    result fails the checker as the input already did, the input is named, not the tool."""
+    model = conv_model()
+    cast = helper.make_node("Cast", [model.graph.output[0].name], ["cast"], to=TensorProto.BFLOAT16)
+    model.graph.node.append(cast)
+    del model.graph.output[:]
+    # declared float, made bfloat16: the checker refuses the output's type
+    model.graph.output.append(helper.make_tensor_value_info("cast", TensorProto.FLOAT, None))
+    with pytest.raises(
+        conv2attn.errors.InputError, match=r"the input model fails onnx\.checker before"
+    ):
+        conv2attn.convert(model)
+
+
 # -- 2. a window that reads padding only ---------------------------------------------------
 
 

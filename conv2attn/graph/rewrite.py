@@ -169,7 +169,7 @@ def convert(
     )
     converted, report = convert_model(model, options, progress)
     if check:
-        verify(converted, report.strict_checked)
+        verify(converted, report.strict_checked, source=model)
     return converted, report
 
 

@@ -12,7 +12,7 @@ import os
 
 import onnx
 
-from conv2attn.errors import InternalError
+from conv2attn.errors import InputError, InternalError
 from conv2attn.graph.shapes import skeleton
 from conv2attn.modelio import check_model
 
@@ -30,6 +30,7 @@ def verify(
     model: onnx.ModelProto | str | os.PathLike,
     strict: bool,
     in_memory: onnx.ModelProto | None = None,
+    source: onnx.ModelProto | str | os.PathLike | None = None,
 ) -> None:
     """Check a converted model: in memory, or its file.
 
@@ -39,6 +40,11 @@ def verify(
     writes its exact bytes): that is checked instead, without parsing the file into a
     second copy (unless writing moved its weights to external data: then the files are
     checked). Shape inference runs on a weightless skeleton either way.
+
+    ``source``: the model converted (a path or the caller's unchanged ModelProto; a
+    file was checked when it was loaded, a ModelProto given to ``convert`` was not).
+    Where the converted model fails with the very message that ``source`` fails the
+    checker with, the fault came in with the input: InputError, not InternalError.
     """
     try:
         if isinstance(model, onnx.ModelProto):
@@ -55,8 +61,30 @@ def verify(
             else:
                 onnx.shape_inference.infer_shapes_path(str(model), strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        first = str(error).strip().splitlines()[0]
+        first = _first_line(error)
+        if source is not None and _structural_failure(source) == first:
+            where = "the input model" if isinstance(source, onnx.ModelProto) else str(source)
+            raise InputError(
+                f"{where} fails onnx.checker before conversion too: {first} "
+                "(fix or re-export it, then convert again)"
+            ) from None
         raise InternalError(f"converted model fails onnx.checker: {first}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+def _structural_failure(source: onnx.ModelProto | str | os.PathLike) -> str | None:
+    """The first line of what ``onnx.checker`` says of ``source``, or None if it passes."""
+    try:
+        if isinstance(source, onnx.ModelProto):
+            check_model(source)
+        else:
+            onnx.checker.check_model(str(source))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return _first_line(error)
+    return None
 
 
 def _moved_out(model: onnx.ModelProto) -> bool:
