@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from conv2attn.profile import ProfileReport
@@ -144,12 +145,15 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             text += f"\n\n{count} layer(s) {what}"
     dynamic = [layer for layer in report.layers if layer.dynamic]
     if dynamic:
-        sizes = sorted({"x".join(map(str, layer.input_size)) for layer in dynamic})
+        sizes = sorted(
+            {tuple(layer.input_size) for layer in dynamic}, key=lambda s: (-math.prod(s), s)
+        )
+        shown = [_dims(s) for s in sizes]
+        seen = ", ".join(shown) if len(shown) <= 2 else f"{shown[0]} down to {shown[-1]}"
         text += (
             f"\n\n{len(dynamic)} layer(s) keep dynamic sizes: their graphs compute the token "
-            f"grid at run time; patches, tokens and costs above are for the nominal input "
-            f"size(s) {', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''} "
-            f"(--nominal-shape to change it)"
+            f"grid at run time; patches, tokens and costs above are for the sizes they see "
+            f"at the nominal input size ({seen}; --nominal-shape to change it)"
         )
     if report.skipped:
         text += "\n\nnot converted:\n" + "\n".join(

@@ -176,7 +176,10 @@ def test_a_dynamic_size_converts_and_stays_dynamic(tmp_path, capsys):
     path = tmp_path / "dynamic.onnx"
     onnx.save(conv_model(size=("H", "W")), str(path))
     assert main(["convert", str(path), "-o", str(tmp_path / "o.onnx")]) == 0
-    assert "keep dynamic sizes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "keep dynamic sizes" in out
+    # the one layer's input at the default nominal input: what its plan is for
+    assert "at the nominal input size (224x224; --nominal-shape to change it)" in out
     dims = onnx.load(str(tmp_path / "o.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims[2:]] == ["H", "W"]
 
