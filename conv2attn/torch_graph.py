@@ -40,6 +40,7 @@ from conv2attn.core.geometry import (
 from conv2attn.core.weights import (
     depthwise_bias_layout,
     depthwise_layout,
+    emitted_channels_last,
     output_bias,
     output_projection,
 )
@@ -88,13 +89,13 @@ def source_conv(
     """The plan of recorded ``layer`` and the Conv weight and bias held by its W_O and
     bias initializers (in either emitted layout)."""
     spec, plan = recorded_plan(layer)
-    channels_last = False if layer.get("dynamic") else plan.channels_last
+    channels_last = emitted_channels_last(plan, bool(layer.get("dynamic")))
     shape = (spec.out_channels, spec.in_channels // spec.group, *spec.kernel)
     indices = np.arange(1, int(np.prod(shape)) + 1, dtype=np.float64).reshape(shape)
     indexed = output_projection(plan, indices, channels_last=channels_last)
     bias_indices = np.arange(1, spec.out_channels + 1, dtype=np.float64)
     indexed_bias = output_bias(plan, bias_indices, np.float64, channels_last=channels_last)
-    if plan.depthwise and not layer.get("dynamic"):
+    if plan.depthwise and channels_last:
         indexed = depthwise_layout(plan, indexed)
         indexed_bias = depthwise_bias_layout(plan, indexed_bias)
     where = f"layer '{layer['name']}': W_O"

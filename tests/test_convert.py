@@ -171,7 +171,7 @@ def test_depthwise_blocks_of_one_query_fold_the_heads_into_w_o(patch):
     assert rows(folded) == rows(w_o)
 
 
-def test_forms_that_keep_the_attention_are_planned_without_folding():
+def test_the_standard_operator_is_planned_without_folding_and_dynamic_sizes_fold():
     from tests.test_dynamic import dynamic
 
     model = conv_model(16, 16, size=(12, 12), pads=[1, 1, 1, 1])
@@ -180,16 +180,21 @@ def test_forms_that_keep_the_attention_are_planned_without_folding():
     (layer,) = report.layers
     assert layer.block == (1, 1) and layer.macs_after == layer.macs_before
     assert any("/fold/" in node.name for node in folded.graph.node)
-    # the standard operator and a dynamic size compute the attention product: priced
-    # with it, their plans take larger blocks, and nothing is folded
-    for converted, other in (
-        conv2attn.convert(model, form="attention", **options),
-        conv2attn.convert(dynamic(model), **options),
-    ):
-        (explicit,) = other.layers
-        assert explicit.block != (1, 1) and explicit.macs_after > layer.macs_after
-        assert not explicit.folded and "folded" not in converted_layers(converted)[0]
-        assert not any("/fold/" in node.name for node in converted.graph.node)
+    # the standard operator computes the attention product: priced with it, its plan
+    # takes larger blocks, and nothing is folded
+    converted, other = conv2attn.convert(model, form="attention", **options)
+    (explicit,) = other.layers
+    assert explicit.block != (1, 1) and explicit.macs_after > layer.macs_after
+    assert not explicit.folded and "folded" not in converted_layers(converted)[0]
+    assert not any("/fold/" in node.name for node in converted.graph.node)
+    # a dynamic size folds as a static one: the block pattern is one constant at any size
+    converted, other = conv2attn.convert(dynamic(model), **options)
+    (dynamic_layer,) = other.layers
+    assert dynamic_layer.dynamic and dynamic_layer.folded
+    # (planned for the nominal 224x224: the Conv's own multiply-adds there)
+    assert dynamic_layer.block == layer.block
+    assert dynamic_layer.macs_after == dynamic_layer.macs_before
+    assert any("/fold/" in node.name for node in converted.graph.node)
 
 
 def test_float16_model_converts_with_float16_precision():

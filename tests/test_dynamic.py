@@ -12,12 +12,15 @@ import os
 import numpy as np
 import onnx
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from onnx import helper
 
 import conv2attn
 from conv2attn.cli import main
 from conv2attn.errors import InputError
+from conv2attn.torch_graph import load_trainable
 from tests.helpers import assert_parity, chain_model, conv_model, run, save_model_file
 from tests.test_property import check_queries, conv_configs, reference
 
@@ -305,3 +308,47 @@ def test_single_key_attention_keeps_dynamic_sizes(group):
     for size in SIZES:
         feeds = {"x": rng.standard_normal((2, 4, *size)).astype(np.float32)}
         assert_parity(run(model, feeds), run(converted, feeds))
+
+
+@pytest.mark.parametrize(
+    "group, out_channels, patch, strides, dtype",
+    [
+        (1, 6, (1, 1), None, np.float32),
+        (1, 6, (2, 1), None, np.float32),
+        (4, 4, (1, 1), (2, 2), np.float32),  # depthwise
+        (4, 8, (2, 2), None, np.float32),  # depthwise, two outputs per channel
+        (4, 4, (1, 1), None, np.float16),
+    ],
+)
+def test_one_query_per_block_folds_the_heads_into_w_o_at_any_size(
+    group, out_channels, patch, strides, dtype
+):
+    """A dynamic local plan with one query per block projects its gathered windows with
+    W_O and the attention folded together (design section 3), as on static sizes: no
+    product per block; a depthwise one gathers whole pixels. The module that
+    ``load_trainable`` rebuilds reads its W_O back and agrees at two sizes."""
+    model = dynamic(
+        conv_model(4, out_channels, group=group, strides=strides, pads=[1, 1, 1, 1], dtype=dtype)
+    )
+    converted, report = conv2attn.convert(model, attention="local", patch=list(patch), block=1)
+    (layer,) = report.layers
+    assert layer.dynamic and layer.folded and layer.heads > 1
+    nodes = converted.graph.node
+    products = [n.name for n in nodes if n.op_type == "MatMul" and "/attn/fold/" not in n.name]
+    assert products == ([] if group > 1 else ["conv/attn/proj/MatMul"])
+    if group > 1:
+        (gather,) = [n for n in nodes if n.op_type == "Gather"]
+        assert helper.get_attribute_value(gather.attribute[0]) == 1  # tokens, not channels
+    rng = np.random.default_rng(0)
+    # float16: the projection sums the Conv's products in another order; two float16
+    # roundings (2 * 2**-10) of the largest output, as for static sizes
+    tolerance = {} if dtype == np.float32 else dict(rtol=2 * 2**-10, atol=0)
+    module = load_trainable(converted).eval() if dtype == np.float32 else None
+    for size in [(9, 11), (16, 13), (3, 5), (1, 1)]:
+        feeds = {"x": rng.standard_normal((2, 4, *size)).astype(dtype)}
+        expected = run(model, feeds)
+        assert_parity(expected, run(converted, feeds), **tolerance)
+        if module is not None and size != (1, 1):
+            with torch.no_grad():
+                got = module(torch.from_numpy(feeds["x"])).numpy()
+            assert_parity(expected, [got])

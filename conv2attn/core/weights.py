@@ -101,6 +101,16 @@ def output_projection(
     return np.ascontiguousarray(projection)
 
 
+def emitted_channels_last(plan: AttentionPlan, dynamic: bool) -> bool:
+    """Whether the graph emitted for ``plan`` holds channels-last tokens and W_O
+    (``output_projection``). Static sizes: as the plan says. Dynamic sizes: one general
+    channel-major layout per group, except a depthwise plan that folds its heads, whose
+    gathered windows must hold whole pixels (every channel of a key) to be read fast."""
+    if not dynamic:
+        return plan.channels_last
+    return plan.depthwise and plan.folds_heads
+
+
 def depthwise_layout(plan: AttentionPlan, projection: np.ndarray) -> np.ndarray:
     """A depthwise Conv's W_O as the emitted per-channel product reads it: per channel
     ``[C, heads * P, p * m]`` stored as ``[heads * P, p, C, m]`` (``emit``)."""

@@ -4,9 +4,11 @@ The construction is the static one (``emit``), with every size-dependent number 
 in the graph from ``Shape(x)`` (``runtime_geometry``): pads (SAME included), crops, the
 token grid, the query coordinates of global attention and the key windows of local
 attention. Weights, head offsets, and local attention's block pattern do not depend on
-the size and stay constants. Tokens use one general layout, channel-major per group
-([B, g, N, Dg], g = 1 for ungrouped Convs); the static path's faster special layouts need
-sizes known at conversion time.
+the size and stay constants, and so does a local plan's fold of its heads into W_O
+(design section 3). Tokens use one general layout, channel-major per group ([B, g, N, Dg],
+g = 1 for ungrouped Convs), except a folded depthwise plan's, which gathers whole pixels
+from channels-last tokens (``weights.emitted_channels_last``); the static path's other
+special layouts need sizes known at conversion time.
 
     x [B, C, *n] -> (subsample) -> crop/pad to T*P -> [B, g, N, Dg]
       -> attention (global: logits from Range coordinates; local: Gather of windows)
@@ -16,6 +18,7 @@ sizes known at conversion time.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -23,9 +26,15 @@ from onnx import helper
 
 from conv2attn import names
 from conv2attn.core.geometry import Attention, AttentionPlan, AutoPad, Order
-from conv2attn.core.weights import ALPHA, head_offset_coordinates, query_coordinates
+from conv2attn.core.weights import (
+    ALPHA,
+    depthwise_bias_layout,
+    head_offset_coordinates,
+    query_coordinates,
+)
 from conv2attn.core.weights import key_coordinates as static_key_coordinates
 from conv2attn.graph.emit import Dim, _Builder, _route
+from conv2attn.graph.emit import _folded_heads as _folded_heads_static
 from conv2attn.graph.runtime_geometry import AxisSizes, ShapeMath, Size, axis_sizes, input_sizes
 
 
@@ -46,6 +55,29 @@ def _slice_to(b, m, part, x, ends: list[Size], first_axis: int, steps=None):
     return b.op("Slice", f"{part}/Slice", inputs, None, x.dtype)
 
 
+def _moved(b, m, part: str, x: gs.Variable, dims: list[Size], perm: list[int]) -> gs.Variable:
+    """``x`` viewed as ``dims`` and transposed by ``perm``, in as few axes as that takes:
+    axes of size 1 (a patch, block or group of one) are left out and axes that stay
+    together are merged, so a one-pixel patchify is an NCHW -> NHWC move of whole
+    channels rather than an element-wise walk over seven axes. The caller reshapes the
+    result to the shape it needs. Axis 0 (the batch, ``dims[0]`` = 0: kept from ``x``) is
+    never merged."""
+    kept = [i for i, d in enumerate(dims) if not (isinstance(d, int) and d == 1)]
+    runs: list[list[int]] = []
+    for axis in (a for a in perm if a in kept):
+        last = runs[-1][-1] if runs else None
+        if last is not None and last != 0 and kept.index(axis) == kept.index(last) + 1:
+            runs[-1].append(axis)
+        else:
+            runs.append([axis])
+    in_order = sorted(runs)
+    view = _reshape(b, m, f"{part}/split", x, [m.product([dims[a] for a in r]) for r in in_order])
+    moved_perm = [in_order.index(r) for r in runs]
+    if moved_perm == sorted(moved_perm):
+        return view
+    return b.op("Transpose", f"{part}/Transpose", [view], None, x.dtype, {"perm": moved_perm})
+
+
 def _pad(b, m, part, x, begin: list[Size], end: list[Size]):
     if all(isinstance(v, int) and v == 0 for v in (*begin, *end)):
         return x
@@ -54,9 +86,9 @@ def _pad(b, m, part, x, begin: list[Size], end: list[Size]):
     return b.op("Pad", f"{part}/Pad", [x, pads, *fill], None, x.dtype, attrs={"mode": "constant"})
 
 
-def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
-    """x -> [B, g, N, Dg]: subsample, crop and pad to the token grid, patchify."""
-    spec, rank = plan.spec, plan.spec.rank
+def _grid_input(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """x subsampled, cropped and padded to the token grid: [B, C, T1 * P1, T2 * P2]."""
+    rank = plan.spec.rank
     if plan.subsamples:
         steps = plan.input_steps
         on = [i for i in range(rank) if steps[i] > 1]
@@ -73,13 +105,19 @@ def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
         ]
         x = b.op("Slice", "subsample/Slice", inputs, None, x.dtype)
     x = _slice_to(b, m, "crop_input", x, [a.kept for a in axes], first_axis=2)
-    x = _pad(b, m, "pad", x, [a.zeros_before for a in axes], [a.zeros_after for a in axes])
+    return _pad(b, m, "pad", x, [a.zeros_before for a in axes], [a.zeros_after for a in axes])
+
+
+def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """x -> [B, g, N, Dg]: on the token grid (``_grid_input``), patchified."""
+    spec, rank = plan.spec, plan.spec.rank
+    x = _grid_input(b, m, x, plan, axes)
     group = spec.group
     patches = [v for a, axis in zip(axes, plan.axes) for v in (a.tokens, axis.in_patch)]
-    split = _reshape(b, m, "patchify/split", x, [0, group, spec.in_channels // group, *patches])
     # [B, g, Cg, T1, P1, T2, P2] -> [B, g, T1, T2, Cg, P1, P2]
     perm = [0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))]
-    moved = b.op("Transpose", "patchify/Transpose", [split], None, x.dtype, {"perm": perm})
+    dims = [0, group, spec.in_channels // group, *patches]
+    moved = _moved(b, m, "patchify", x, dims, perm)
     return _reshape(b, m, "patchify/merge", moved, [0, group, -1, plan.group_in_dim])
 
 
@@ -270,6 +308,9 @@ def emit_dynamic_attention(
     dtype = np.dtype(projection.dtype)
     b = _Builder(graph, prefix, dtype)
     m, axes = runtime_axes(b, x, plan, auto_pad)
+    if plan.depthwise and plan.folds_heads:
+        _depthwise_folded(b, m, x, y, plan, axes, projection, bias)
+        return b.nodes
     spec, local = plan.spec, plan.attention is Attention.LOCAL
     tokens = _tokens(b, m, x, plan, axes)  # [B, g, N, Dg]
     group, heads = spec.group, plan.heads
@@ -284,7 +325,15 @@ def emit_dynamic_attention(
 
     q = plan.block_queries
     lead = [0, group, -1] if local else [0, group]  # local: [B, g, blocks, ..]
-    if plan.order is Order.ATTEND_FIRST:
+    if plan.folds_heads:
+        folded = _folded_heads(b, m, plan, attention, projection)
+        # one group: a 2-D weight, which onnxruntime packs once for its matrix kernel
+        grouped = [] if group == 1 else [group]
+        flat_shape = [0, *grouped, -1, plan.keys * dim_in]
+        flat = _reshape(b, m, "concat_heads", windows(tokens), flat_shape)
+        product = b.op("MatMul", "proj/MatMul", [flat, folded], None, dtype)
+        projected = _reshape(b, m, "proj/blocks", product, [0, group, -1, 1, dim_out])
+    elif plan.order is Order.ATTEND_FIRST:
         weight = projection.reshape(group, *([1] if local else []), *projection.shape[1:])
         attended = _attend(b, m, plan, attention, tokens, windows, dim_in)
         concat = _reshape(b, m, "concat_heads", attended, [*lead, q, heads * dim_in] if local
@@ -308,6 +357,64 @@ def emit_dynamic_attention(
     return b.nodes
 
 
+def _folded_heads(b, m, plan: AttentionPlan, attention, projection: np.ndarray) -> gs.Variable:
+    """``[g, K * Dg_in, Dg_out]`` (one group: ``[K * D_in, D_out]``): per group, each
+    head's one-hot attention over the block's K keys times its rows of W_O, summed over
+    the heads (design section 3; the static path's fold, over channel-major tokens). Its
+    inputs are constants."""
+    group, heads = plan.spec.group, plan.heads
+    width = plan.group_in_dim * plan.group_out_dim
+    per_head = b.constant(names.PROJECTION, projection.reshape(group, heads, width))
+    keys_first = b.op(
+        "Transpose", f"{names.FOLD}/Transpose", [attention], None, attention.dtype,
+        {"perm": [1, 0]},
+    )  # fmt: skip
+    folded = b.op("MatMul", f"{names.FOLD}/MatMul", [keys_first, per_head], None, per_head.dtype)
+    rows = [plan.keys * plan.group_in_dim, plan.group_out_dim]
+    return _reshape(b, m, f"{names.FOLD}/rows", folded, rows if group == 1 else [group, *rows])
+
+
+def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -> None:
+    """A depthwise plan that folds its heads (``weights.emitted_channels_last``), as on
+    static sizes (``emit._per_channel_sum``): channels-last tokens [B, N, P * C], each
+    block's window of K keys gathered whole, times the folded weight [K * P, p, C, m],
+    summed over the K * P taps, plus the bias: [B, blocks, p * C * m]."""
+    spec, rank = plan.spec, plan.spec.rank
+    channels, multiplier = spec.in_channels, spec.out_channels // spec.group
+    padded = _grid_input(b, m, x, plan, axes)
+    patches = [v for a, axis in zip(axes, plan.axes) for v in (a.tokens, axis.in_patch)]
+    # [B, C, T1, P1, T2, P2] -> [B, T1, T2, P1, P2, C]
+    perm = [0, *(2 + 2 * i for i in range(rank)), *(3 + 2 * i for i in range(rank)), 1]
+    moved = _moved(b, m, "patchify", padded, [0, channels, *patches], perm)
+    tokens = _reshape(b, m, "patchify/merge", moved, [0, -1, plan.in_dim])
+    indices = _window_indices(b, m, plan, axes)
+    windows = b.op("Gather", "Gather", [tokens, indices], None, tokens.dtype, {"axis": 1})
+    taps = plan.keys * math.prod(plan.in_patch)
+    split = _reshape(b, m, "concat_heads", windows, [0, -1, taps, 1, channels, 1])
+    folded = _folded_heads_static(b, plan, _attention_matrix(b, m, plan, axes), projection)
+    product = b.op("Mul", "proj/Mul", [split, folded], None, tokens.dtype)
+    summed = b.op(
+        "ReduceSum", "proj/ReduceSum", [product], None, tokens.dtype,
+        {"axes": [2], "keepdims": 0},
+    ) if b.opset < 13 else b.op(
+        "ReduceSum", "proj/ReduceSum", [product, b.int64("proj/axes", [2])], None,
+        tokens.dtype, {"keepdims": 0},
+    )  # fmt: skip
+    flat = _reshape(b, m, "proj/merge", summed, [0, -1, plan.out_dim])
+    bias_row = b.constant(names.BIAS, depthwise_bias_layout(plan, bias))
+    out = b.op("Add", "proj/Add", [flat, bias_row], None, tokens.dtype)
+    blocks = [a.blocks for a in axes]
+    # [B, Q1, Q2, p1, p2, C_out] -> [B, C_out, Q1, p1, Q2, p2] (one query per block)
+    split = [0, *blocks, *plan.patch, channels * multiplier]
+    perm = [0, 1 + 2 * rank, *itertools.chain.from_iterable((1 + i, 1 + rank + i) for i in
+                                                             range(rank))]  # fmt: skip
+    moved = _moved(b, m, "unpatchify", out, split, perm)
+    full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
+    merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
+    cropped = _slice_to(b, m, "crop_output", merged, [a.output for a in axes], first_axis=2)
+    _route(b, cropped, y)
+
+
 def _attend(b, m, plan: AttentionPlan, attention, values, windows, dim: int) -> gs.Variable:
     """Attention times each block's keys, ``[B, g, (blocks,) q * heads, dim]``; a
     single-key plan multiplies every token in one product (``emit._attend``)."""
@@ -327,13 +434,12 @@ def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> 
     blocks = [a.blocks for a in axes]
     block = [a.block for a in axes]
     split = [0, group, *blocks, *block, cg_out, *plan.patch]
-    grid = _reshape(b, m, "unpatchify/split", values, split)
     # [B, g, nb.., b.., Cg_out, p..] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2, ..]
     interleave = itertools.chain.from_iterable(
         (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
     )
     perm = [0, 1, 2 + 2 * rank, *interleave]
-    moved = b.op("Transpose", "unpatchify/Transpose", [grid], None, values.dtype, {"perm": perm})
+    moved = _moved(b, m, "unpatchify", values, split, perm)
     full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
     merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
     out = _slice_to(b, m, "crop_output", merged, [a.output for a in axes], first_axis=2)

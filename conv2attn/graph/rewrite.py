@@ -38,7 +38,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from conv2attn import names
 from conv2attn.core.geometry import AttentionPlan, AutoPad
 from conv2attn.core.planning import LayerPlans, PlanError, Stretches, plan_layers
-from conv2attn.core.weights import output_bias, output_projection
+from conv2attn.core.weights import emitted_channels_last, output_bias, output_projection
 from conv2attn.errors import InputError
 from conv2attn.graph.constants import fold_batchnorms
 from conv2attn.graph.emit import emit_attention
@@ -383,8 +383,7 @@ def plan(
             fixed_grid_unfit=[_fixed_grid_unfit(c) for c in candidates],
             queries=options.queries,
             explicit_attention=[
-                options.form == "attention" or c.dynamic or c.quantization is not None
-                for c in candidates
+                options.form == "attention" or c.quantization is not None for c in candidates
             ],
             stretches=stretches,
         )
@@ -499,6 +498,7 @@ def _replace(
             )
         elif candidate.dynamic:
             emit = emit_dynamic_standard_attention if standard else emit_dynamic_attention
+            layout = emitted_channels_last(plan, dynamic=True)
             emit(
                 candidate.graph,
                 names.scope(node.name),
@@ -506,8 +506,8 @@ def _replace(
                 y,
                 plan,
                 candidate.auto_pad,
-                output_projection(plan, candidate.weight, channels_last=False),
-                output_bias(plan, candidate.bias, candidate.weight.dtype, channels_last=False),
+                output_projection(plan, candidate.weight, channels_last=layout),
+                output_bias(plan, candidate.bias, candidate.weight.dtype, channels_last=layout),
                 candidate.batch,
             )
         elif quantization is None:
