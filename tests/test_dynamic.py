@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -352,3 +353,40 @@ def test_one_query_per_block_folds_the_heads_into_w_o_at_any_size(
             with torch.no_grad():
                 got = module(torch.from_numpy(feeds["x"])).numpy()
             assert_parity(expected, [got])
+
+
+def test_a_stride_1_conv_on_pixel_tokens_crops_nothing_and_pads_by_constants():
+    """Its runtime geometry is the input size plus constants (``runtime_geometry.Offset``):
+    the pads resolve to ints, the crops to the sizes themselves, so the subgraph has no
+    Slice copying the tensor whole and no arithmetic for its pads."""
+    model = dynamic(conv_model(4, 6, pads=[1, 1, 1, 1]))
+    converted, report = conv2attn.convert(model, attention="local", patch=1, block=1)
+    (layer,) = report.layers
+    assert layer.dynamic
+    nodes = converted.graph.node
+    assert not [n.name for n in nodes if "crop" in n.name]
+    constants = {t.name for t in converted.graph.initializer}
+    (pad,) = [n for n in nodes if n.op_type == "Pad"]
+    assert pad.input[1] in constants
+    rng = np.random.default_rng(0)
+    for size in SIZES:
+        feeds = {"x": rng.standard_normal((2, 4, *size)).astype(np.float32)}
+        assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_a_size_plus_a_constant_cancels_and_compares():
+    from conv2attn.graph.emit import _Builder
+    from conv2attn.graph.runtime_geometry import ShapeMath
+
+    graph = gs.Graph(opset=13)
+    m = ShapeMath(_Builder(graph, "conv/attn", np.dtype(np.float32)))
+    n = m.runtime(gs.Variable("n", np.int64, [1]), least=1)
+    wider = m.add(m.mul(m.div(n, 1), 1), 2)  # n + 2
+    assert m.sub(wider, n) == 2 and m.same(m.sub(wider, 2), n)
+    assert m.min(wider, n) is n and m.max(n, wider) is wider
+    assert m.min(1, wider) == 1  # n + 2 >= 3 at every size
+    assert m.max(0, m.sub(n, 1)) == m.sub(n, 1)  # n - 1 >= 0
+    undecided = m.min(m.sub(n, 1), 1)  # n - 1 against 1: either, so computed
+    assert isinstance(undecided, gs.Variable)
+    assert [node.op for node in graph.nodes] == ["Add", "Less", "Where"]  # n - 1, min
+    assert not m.same(m.mul(n, 2), m.mul(n, 2))  # products are computed, not compared

@@ -42,7 +42,12 @@ def _reshape(b: _Builder, m: ShapeMath, part: str, x: gs.Variable, dims: list[Si
     return b.op("Reshape", part, [x, m.shape(dims)], None, x.dtype)
 
 
-def _slice_to(b, m, part, x, ends: list[Size], first_axis: int, steps=None):
+def _slice_to(b, m, part, x, ends: list[Size], first_axis: int, steps=None, sizes=None):
+    """``x``'s first ``ends`` positions along the axes from ``first_axis`` on (every
+    ``steps``-th); ``x`` itself where ``sizes``, its own sizes there, are ``ends`` at
+    every input size (``ShapeMath.same``): a Slice would copy it whole."""
+    if sizes is not None and steps is None and all(map(m.same, ends, sizes)):
+        return x
     rank = len(ends)
     inputs = [
         x,
@@ -104,7 +109,8 @@ def _grid_input(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Varia
             b.int64("subsample/steps", [steps[i] for i in on]),
         ]
         x = b.op("Slice", "subsample/Slice", inputs, None, x.dtype)
-    x = _slice_to(b, m, "crop_input", x, [a.kept for a in axes], first_axis=2)
+    kept, sizes = [a.kept for a in axes], [a.size for a in axes]
+    x = _slice_to(b, m, "crop_input", x, kept, first_axis=2, sizes=sizes)
     return _pad(b, m, "pad", x, [a.zeros_before for a in axes], [a.zeros_after for a in axes])
 
 
@@ -411,7 +417,8 @@ def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -
     moved = _moved(b, m, "unpatchify", out, split, perm)
     full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
     merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
-    cropped = _slice_to(b, m, "crop_output", merged, [a.output for a in axes], first_axis=2)
+    outputs = [a.output for a in axes]
+    cropped = _slice_to(b, m, "crop_output", merged, outputs, first_axis=2, sizes=full)
     _route(b, cropped, y)
 
 
@@ -442,5 +449,6 @@ def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> 
     moved = _moved(b, m, "unpatchify", values, split, perm)
     full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
     merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
-    out = _slice_to(b, m, "crop_output", merged, [a.output for a in axes], first_axis=2)
+    outputs = [a.output for a in axes]
+    out = _slice_to(b, m, "crop_output", merged, outputs, first_axis=2, sizes=full)
     _route(b, out, y)

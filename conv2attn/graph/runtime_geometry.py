@@ -5,7 +5,11 @@ SAME ``auto_pad``, the output size, the patch grid, the blocks of local attentio
 token grid and the crop and pad amounts do. ``AxisSizes`` holds them per axis, each an
 ``int`` when it is known at conversion time or an int64 tensor of shape [1] computed from
 ``Shape(x)`` at run time; ``ShapeMath`` folds ints and emits nodes only where a value is
-dynamic, so a static axis costs nothing. The formulas are ``geometry.plan_axis``'s.
+dynamic, so a static axis costs nothing. A runtime size plus a constant stays symbolic
+(``Offset``) through sums, differences, and products and divisions by 1, so the geometry of
+a stride-1 Conv on one-pixel tokens (most layers of a ResNet or a MobileNet) resolves its
+pads to ints and its crops to the size itself: no nodes, and no copy for a crop that
+keeps everything. The formulas are ``geometry.plan_axis``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +22,22 @@ import onnx_graphsurgeon as gs
 
 from conv2attn.core.geometry import AttentionPlan, AutoPad, ConvSpec
 
-Size = int | gs.Variable
+
+@dataclass(frozen=True)
+class Offset:
+    """``base + offset``: a runtime size (``base``, an int64 tensor of shape [1], at least
+    ``least``) plus a constant, kept symbolic so that it can cancel or compare."""
+
+    base: gs.Variable
+    offset: int
+    least: int  # the smallest value ``base`` takes
+
+    @property
+    def smallest(self) -> int:
+        return self.least + self.offset
+
+
+Size = int | gs.Variable | Offset
 
 
 class ShapeMath:
@@ -28,6 +47,7 @@ class ShapeMath:
     def __init__(self, builder):
         self.b = builder
         self.count = 0
+        self._materialised: dict[tuple[int, int], gs.Variable] = {}
 
     def _name(self, op: str) -> str:
         self.count += 1
@@ -36,7 +56,29 @@ class ShapeMath:
     def tensor(self, value: Size) -> gs.Tensor:
         if isinstance(value, int):
             return self.b.int64(self._name("const"), [value])
+        if isinstance(value, Offset):
+            if value.offset == 0:
+                return value.base
+            key = (id(value.base), value.offset)
+            if key not in self._materialised:
+                shift = self.b.int64(self._name("const"), [value.offset])
+                self._materialised[key] = self.b.op(
+                    "Add", self._name("Add"), [value.base, shift], [1], np.dtype(np.int64)
+                )
+            return self._materialised[key]
         return value
+
+    def runtime(self, size: gs.Variable, least: int) -> Offset:
+        """A size known only at run time, at least ``least``."""
+        return Offset(size, 0, least)
+
+    def same(self, x: Size, y: Size) -> bool:
+        """Whether ``x`` and ``y`` are equal at every size (False where that is unknown)."""
+        if isinstance(x, Offset) and isinstance(y, Offset):
+            return x.base is y.base and x.offset == y.offset
+        if isinstance(x, int) and isinstance(y, int):
+            return x == y
+        return x is y
 
     def _binary(self, op: str, x: Size, y: Size, fold) -> Size:
         if isinstance(x, int) and isinstance(y, int):
@@ -46,16 +88,30 @@ class ShapeMath:
         )
 
     def add(self, x: Size, y: Size) -> Size:
+        if isinstance(x, int) and isinstance(y, Offset):
+            x, y = y, x
+        if isinstance(x, Offset) and isinstance(y, int):
+            return Offset(x.base, x.offset + y, x.least)
         return self._binary("Add", x, y, lambda a, c: a + c)
 
     def sub(self, x: Size, y: Size) -> Size:
+        if isinstance(x, Offset) and isinstance(y, int):
+            return Offset(x.base, x.offset - y, x.least)
+        if isinstance(x, Offset) and isinstance(y, Offset) and x.base is y.base:
+            return x.offset - y.offset
         return self._binary("Sub", x, y, lambda a, c: a - c)
 
     def mul(self, x: Size, y: Size) -> Size:
+        if isinstance(x, Offset) and isinstance(y, int) and y == 1:
+            return x
+        if isinstance(y, Offset) and isinstance(x, int) and x == 1:
+            return y
         return self._binary("Mul", x, y, lambda a, c: a * c)
 
     def div(self, x: Size, y: int) -> Size:
         """Floor division of a size that is never negative (ONNX Div truncates)."""
+        if isinstance(x, Offset) and y == 1:
+            return x
         return self._binary("Div", x, y, lambda a, c: a // c)
 
     def ceil_div(self, x: Size, y: int) -> Size:
@@ -64,10 +120,23 @@ class ShapeMath:
     def _pick(self, x: Size, y: Size, smaller: bool) -> Size:
         if isinstance(x, int) and isinstance(y, int):
             return min(x, y) if smaller else max(x, y)
+        order = self._order(x, y)  # -1: x <= y at every size, 1: x >= y, None: unknown
+        if order is not None:
+            return x if (order < 0) == smaller else y
         tx, ty = self.tensor(x), self.tensor(y)
         less = self.b.op("Less", self._name("Less"), [tx, ty], [1], np.dtype(np.bool_))
         chosen = [tx, ty] if smaller else [ty, tx]
         return self.b.op("Where", self._name("Where"), [less, *chosen], [1], np.dtype(np.int64))
+
+    @staticmethod
+    def _order(x: Size, y: Size) -> int | None:
+        if isinstance(x, Offset) and isinstance(y, Offset) and x.base is y.base:
+            return -1 if x.offset <= y.offset else 1
+        if isinstance(x, Offset) and isinstance(y, int):
+            return 1 if x.smallest >= y else None
+        if isinstance(x, int) and isinstance(y, Offset):
+            return -1 if x <= y.smallest else None
+        return None
 
     def min(self, x: Size, y: Size) -> Size:
         return self._pick(x, y, smaller=True)
@@ -99,7 +168,10 @@ class ShapeMath:
         if isinstance(value, int):
             return self.b.scalar(self._name("scalar"), np.array(value, dtype=np.int64))
         target = self.b.int64(self._name("scalar_shape"), [])
-        return self.b.op("Reshape", self._name("Reshape"), [value, target], [], np.dtype(np.int64))
+        return self.b.op(
+            "Reshape", self._name("Reshape"), [self.tensor(value), target], [],
+            np.dtype(np.int64),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -183,13 +255,12 @@ def input_sizes(m: ShapeMath, x: gs.Variable, rank: int) -> list[Size]:
             continue
         if whole is None:
             whole = m.b.op("Shape", m._name("Shape"), [x], [rank + 2], np.dtype(np.int64))
-        sizes.append(
-            m.b.op(
-                "Slice",
-                m._name("Slice"),
-                [whole, m.tensor(2 + axis), m.tensor(3 + axis), m.tensor(0)],
-                [1],
-                np.dtype(np.int64),
-            )
+        size = m.b.op(
+            "Slice",
+            m._name("Slice"),
+            [whole, m.tensor(2 + axis), m.tensor(3 + axis), m.tensor(0)],
+            [1],
+            np.dtype(np.int64),
         )
+        sizes.append(m.runtime(size, least=1))  # an image has a pixel along every axis
     return sizes
