@@ -115,11 +115,14 @@ def _nchw_as_grid_tokens(y: torch.Tensor, patch: tuple[int, ...]) -> torch.Tenso
 
 
 def _scope_input(nodes: list[onnx.NodeProto], scope: str, constants: set[str]) -> str:
-    """The tensor a layer's nodes read from outside the layer: its Conv's input."""
+    """The tensor a layer's nodes read from outside the layer: its Conv's input. A
+    dynamic layer's ``Shape`` may read the same values in the other layout (the layout
+    pass moves it to whichever is made): sizes only, not the input."""
     produced = {out for node in nodes for out in node.output}
     outside = {
         name
         for node in nodes
+        if node.op_type != "Shape"
         for name in node.input
         if name and name not in produced and name not in constants
     }

@@ -30,8 +30,10 @@ DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
 def transposes(model: onnx.ModelProto) -> int:
     """Transposes of data (not of the attention constants, which runtimes fold)."""
+    constant = ("/Softmax/", f"/{names.FOLD}/")
     return sum(
-        node.op_type == "Transpose" and "/Softmax/" not in node.name for node in model.graph.node
+        node.op_type == "Transpose" and not any(part in node.name for part in constant)
+        for node in model.graph.node
     )
 
 
@@ -289,3 +291,35 @@ def test_cli_layout_option_and_record(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["convert", str(DIGITS), "-o", str(nchw), "--layout", "nhwc", "--force"])
     assert refused.value.code == 2 and "--layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_dynamic_sizes_stay_channels_last_between_pixel_token_layers(attention):
+    """With height and width open, Convs on one-pixel tokens read and write channels-last
+    pixels through one Transpose each (``emit_dynamic.pixel_tokens``), so the pairs
+    cancel as on static sizes; each layer's ``Shape`` reads the channels-last tensor
+    through a Gather of its dims, and the NCHW tensors between the layers are not made.
+    Every size, each layer's check and the PyTorch module agree."""
+    from tests.test_dynamic import dynamic
+
+    model = dynamic(residual_block())
+    options = dict(attention=attention, patch=1, block=1 if attention == "local" else "auto")
+    converted, report = conv2attn.convert(model, **options)
+    nchw, _ = conv2attn.convert(model, **options, layout="nchw")
+    assert all(layer.dynamic for layer in report.layers)
+    assert transposes(nchw) == 6 and transposes(converted) == 2
+    made = {t for n in converted.graph.node for t in n.output}
+    assert not {"c1", "r1", "c2", "silu"} & made
+    shapes = [n for n in converted.graph.node if n.op_type == "Shape"]
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv2"].input_channels_last and layers["conv3"].input_channels_last
+    assert len(shapes) == 3 and all(n.input[0] != "x" for n in shapes[1:])
+    module = load_trainable(converted).eval()
+    for size in [(10, 12), (7, 5), (1, 1)]:
+        feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, *size)).astype(np.float32)}
+        expected = run(model, feeds)
+        assert_parity(expected, run(converted, feeds))
+        result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+        assert result.passed and len(result.layers) == 3
+        with torch.no_grad():
+            assert_parity(expected, [module(torch.from_numpy(feeds["x"])).numpy()])

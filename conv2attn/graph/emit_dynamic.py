@@ -7,8 +7,11 @@ attention. Weights, head offsets, and local attention's block pattern do not dep
 the size and stay constants, and so does a local plan's fold of its heads into W_O
 (design section 3). Tokens use one general layout, channel-major per group ([B, g, N, Dg],
 g = 1 for ungrouped Convs), except a folded depthwise plan's, which gathers whole pixels
-from channels-last tokens (``weights.emitted_channels_last``); the static path's other
-special layouts need sizes known at conversion time.
+from channels-last tokens (``weights.emitted_channels_last``). One-pixel tokens that
+hold every channel (``pixel_tokens``) are the channels-last input itself, so such layers
+start and end with one NCHW <-> channels-last Transpose, which the layout pass cancels
+between them; the static path's other special layouts need sizes known at conversion
+time.
 
     x [B, C, *n] -> (subsample) -> crop/pad to T*P -> [B, g, N, Dg]
       -> attention (global: logits from Range coordinates; local: Gather of windows)
@@ -83,10 +86,10 @@ def _moved(b, m, part: str, x: gs.Variable, dims: list[Size], perm: list[int]) -
     return b.op("Transpose", f"{part}/Transpose", [view], None, x.dtype, {"perm": moved_perm})
 
 
-def _pad(b, m, part, x, begin: list[Size], end: list[Size]):
+def _pad(b, m, part, x, begin: list[Size], end: list[Size], channels_last: bool = False):
     if all(isinstance(v, int) and v == 0 for v in (*begin, *end)):
         return x
-    pads = m.shape([0, 0, *begin, 0, 0, *end])
+    pads = m.shape([0, *begin, 0, 0, *end, 0] if channels_last else [0, 0, *begin, 0, 0, *end])
     fill = [] if b.pad_value is None else [b.pad_value]  # an integer Conv's zero point
     return b.op("Pad", f"{part}/Pad", [x, pads, *fill], None, x.dtype, attrs={"mode": "constant"})
 
@@ -114,9 +117,39 @@ def _grid_input(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Varia
     return _pad(b, m, "pad", x, [a.zeros_before for a in axes], [a.zeros_after for a in axes])
 
 
+def pixel_tokens(plan: AttentionPlan) -> bool:
+    """Whether ``plan``'s tokens are single pixels holding every channel, in and out, in
+    grid order (one query per block, or global attention), without subsampling: then
+    its tokens are the channels-last input itself and its output tokens channels-last
+    pixels, so patchify and un-patchify are one NCHW <-> channels-last Transpose each,
+    which the layout pass (``graph.layout``) cancels between consecutive layers."""
+    one_query = plan.attention is Attention.GLOBAL or plan.block_queries == 1
+    whole_pixels = plan.spec.group == 1 or (plan.depthwise and plan.folds_heads)
+    return (
+        one_query
+        and whole_pixels
+        and not plan.subsamples
+        and all(p == 1 for p in (*plan.patch, *plan.in_patch))
+    )
+
+
+def _pixel_grid(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
+    """x -> channels-last, cropped and padded to the token grid: [B, T1, T2, C]."""
+    rank = plan.spec.rank
+    perm = [0, *range(2, rank + 2), 1]
+    x = b.op("Transpose", "patchify/to_nhwc/Transpose", [x], None, x.dtype, {"perm": perm})
+    kept, sizes = [a.kept for a in axes], [a.size for a in axes]
+    x = _slice_to(b, m, "crop_input", x, kept, first_axis=1, sizes=sizes)
+    before, after = [a.zeros_before for a in axes], [a.zeros_after for a in axes]
+    return _pad(b, m, "pad", x, before, after, channels_last=True)
+
+
 def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
     """x -> [B, g, N, Dg]: on the token grid (``_grid_input``), patchified."""
     spec, rank = plan.spec, plan.spec.rank
+    if pixel_tokens(plan):
+        grid = _pixel_grid(b, m, x, plan, axes)
+        return _reshape(b, m, "patchify/merge", grid, [0, 1, -1, spec.in_channels])
     x = _grid_input(b, m, x, plan, axes)
     group = spec.group
     patches = [v for a, axis in zip(axes, plan.axes) for v in (a.tokens, axis.in_patch)]
@@ -387,11 +420,14 @@ def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -
     summed over the K * P taps, plus the bias: [B, blocks, p * C * m]."""
     spec, rank = plan.spec, plan.spec.rank
     channels, multiplier = spec.in_channels, spec.out_channels // spec.group
-    padded = _grid_input(b, m, x, plan, axes)
-    patches = [v for a, axis in zip(axes, plan.axes) for v in (a.tokens, axis.in_patch)]
-    # [B, C, T1, P1, T2, P2] -> [B, T1, T2, P1, P2, C]
-    perm = [0, *(2 + 2 * i for i in range(rank)), *(3 + 2 * i for i in range(rank)), 1]
-    moved = _moved(b, m, "patchify", padded, [0, channels, *patches], perm)
+    if pixel_tokens(plan):
+        moved = _pixel_grid(b, m, x, plan, axes)
+    else:
+        padded = _grid_input(b, m, x, plan, axes)
+        patches = [v for a, axis in zip(axes, plan.axes) for v in (a.tokens, axis.in_patch)]
+        # [B, C, T1, P1, T2, P2] -> [B, T1, T2, P1, P2, C]
+        perm = [0, *(2 + 2 * i for i in range(rank)), *(3 + 2 * i for i in range(rank)), 1]
+        moved = _moved(b, m, "patchify", padded, [0, channels, *patches], perm)
     tokens = _reshape(b, m, "patchify/merge", moved, [0, -1, plan.in_dim])
     indices = _window_indices(b, m, plan, axes)
     windows = b.op("Gather", "Gather", [tokens, indices], None, tokens.dtype, {"axis": 1})
@@ -409,6 +445,9 @@ def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -
     flat = _reshape(b, m, "proj/merge", summed, [0, -1, plan.out_dim])
     bias_row = b.constant(names.BIAS, depthwise_bias_layout(plan, bias))
     out = b.op("Add", "proj/Add", [flat, bias_row], None, tokens.dtype)
+    if pixel_tokens(plan):
+        _pixels_to_output(b, m, out, plan, axes, y)
+        return
     blocks = [a.blocks for a in axes]
     # [B, Q1, Q2, p1, p2, C_out] -> [B, C_out, Q1, p1, Q2, p2] (one query per block)
     split = [0, *blocks, *plan.patch, channels * multiplier]
@@ -437,6 +476,9 @@ def _attend(b, m, plan: AttentionPlan, attention, values, windows, dim: int) -> 
 def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> None:
     """[B, g, (blocks,) q, Dg_out] -> [B, C_out, *Q*p] -> crop to the output -> ``y``."""
     spec, rank = plan.spec, plan.spec.rank
+    if pixel_tokens(plan):
+        _pixels_to_output(b, m, values, plan, axes, y)
+        return
     group, cg_out = spec.group, spec.out_channels // spec.group
     blocks = [a.blocks for a in axes]
     block = [a.block for a in axes]
@@ -452,3 +494,16 @@ def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> 
     outputs = [a.output for a in axes]
     out = _slice_to(b, m, "crop_output", merged, outputs, first_axis=2, sizes=full)
     _route(b, out, y)
+
+
+def _pixels_to_output(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> None:
+    """Output pixels in grid order, every channel each ([B, (1,) Q, (1,) C_out]) -> [B, Q1,
+    Q2, C_out] -> crop to the output -> one Transpose to NCHW -> ``y``."""
+    rank = plan.spec.rank
+    queries = [a.queries for a in axes]
+    grid = _reshape(b, m, "unpatchify/merge", values, [0, *queries, plan.spec.out_channels])
+    outputs = [a.output for a in axes]
+    out = _slice_to(b, m, "crop_output", grid, outputs, first_axis=1, sizes=queries)
+    perm = [0, rank + 1, *range(1, rank + 1)]
+    nchw = b.op("Transpose", "unpatchify/to_nchw/Transpose", [out], None, out.dtype, {"perm": perm})
+    _route(b, nchw, y)

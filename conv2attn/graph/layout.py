@@ -14,7 +14,10 @@ to other nodes and graph outputs (a Transpose back to NCHW is added, under the t
 own name). A region is rewritten only when that removes more Transposes than it adds.
 Constants are laid out anew, ``Pad`` and ``Slice`` get their axes permuted, and every
 tensor the region now holds channels-last is renamed ``<name>/channels_last``, so no
-tensor keeps a name from the original model in another layout.
+tensor keeps a name from the original model in another layout. A ``Shape`` of such a
+tensor (a dynamic Conv's geometry reads its input's sizes) takes the channels-last
+tensor's shape and a Gather of its dims back into NCHW order, so it keeps no NCHW tensor
+alive.
 
 Exact: only where values sit in memory changes.
 """
@@ -171,6 +174,8 @@ def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
         result.removed += 1
         result.channels_last.add(source.name)
         result.outputs[middle.name] = source.name
+        for reader in [c for c in middle.outputs if _reads_shape(c)]:
+            _read_shape_channels_last(graph, reader, middle, source, rank)
         if not middle.outputs and middle.name not in outputs:
             result.removed += 1
 
@@ -261,7 +266,7 @@ class _RegionPlan:
                     and consumer.outputs[0].name not in graph_outputs
                 ):
                     dropped.append(consumer)
-                else:
+                elif not _reads_shape(consumer):
                     nchw_readers = True
             if nchw_readers or tensor.name in graph_outputs:
                 kept.append(tensor)
@@ -290,6 +295,9 @@ class _RegionPlan:
         kept = {id(t) for t in self.kept_nchw}
         for node in self.nodes:
             tensor = node.outputs[0]
+            shape_readers = [c for c in tensor.outputs if id(c) not in inside and _reads_shape(c)]
+            for reader in shape_readers:
+                _read_shape_channels_last(graph, reader, tensor, tensor, rank)
             nchw_name, nchw_shape = tensor.name, tensor.shape
             tensor.name = unique_name(f"{nchw_name}{SUFFIX}", taken)
             tensor.shape = _permuted(nchw_shape, last)
@@ -298,7 +306,7 @@ class _RegionPlan:
                 self.freed_outputs[nchw_name] = tensor.name
             else:  # the NCHW tensor, under its own name, for other readers
                 restored = gs.Variable(nchw_name, dtype=tensor.dtype, shape=nchw_shape)
-                dropped = {id(d) for d in self.dropped}
+                dropped = {id(d) for d in (*self.dropped, *shape_readers)}
                 for consumer in list(tensor.outputs):
                     if id(consumer) not in inside and id(consumer) not in dropped:
                         _replace_input(consumer, tensor, restored)
@@ -316,6 +324,27 @@ class _RegionPlan:
     def _swap_input(self, old: gs.Variable, new: gs.Variable) -> None:
         for node in self.nodes:
             _replace_input(node, old, new)
+
+
+def _reads_shape(node: gs.Node) -> bool:
+    """A ``Shape`` of the whole tensor: it reads the dims, which a channels-last tensor
+    holds too, in another order."""
+    return node.op == "Shape" and "start" not in node.attrs and "end" not in node.attrs
+
+
+def _read_shape_channels_last(
+    graph: gs.Graph, reader: gs.Node, nchw: gs.Tensor, channels_last: gs.Variable, rank: int
+) -> None:
+    """``reader`` (a ``Shape`` of ``nchw``) takes the shape of ``channels_last`` (the same
+    values, channels-last) and a Gather puts its dims back in NCHW order, under the
+    output's own name: the dynamic geometry of a converted Conv reads its input's sizes
+    so, and the NCHW tensor need not be made for it."""
+    (out,) = reader.outputs
+    moved = gs.Variable(f"{out.name}{SUFFIX}", dtype=out.dtype, shape=out.shape)
+    _replace_input(reader, nchw, channels_last)
+    reader.outputs = [moved]
+    order = gs.Constant(f"{out.name}{SUFFIX}/order", np.array(to_channels_first(rank)))
+    graph.nodes.append(gs.Node("Gather", f"{out.name}/Gather", {"axis": 0}, [moved, order], [out]))
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

@@ -420,9 +420,10 @@ def _record_layouts(
         prefix = names.owner_prefix(layer.name)
         nodes = [n for n in graph.nodes if n.name.startswith(prefix)] if not layer.graph else []
         produced = {id(t) for n in nodes for t in n.outputs}
-        reads = {
+        reads = {  # a dynamic layer's Shape reads sizes, in either layout
             t.name
             for n in nodes
+            if n.op != "Shape"
             for t in n.inputs
             if isinstance(t, gs.Variable) and id(t) not in produced
         }
