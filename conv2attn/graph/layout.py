@@ -154,7 +154,7 @@ def keep_channels_last(graph: gs.Graph, converted: Collection[str] = ()) -> Layo
     return result
 
 
-def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
+def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult, taken: set[str]) -> None:
     """A channels-last -> NCHW Transpose read by an NCHW -> channels-last one (one
     converted Conv straight into the next): the second one's readers take the first
     one's input."""
@@ -175,7 +175,7 @@ def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
         result.channels_last.add(source.name)
         result.outputs[middle.name] = source.name
         for reader in [c for c in middle.outputs if _reads_shape(c)]:
-            _read_shape_channels_last(graph, reader, middle, source, rank)
+            _read_shape_channels_last(graph, reader, middle, source, rank, taken)
         if not middle.outputs and middle.name not in outputs:
             result.removed += 1
 
@@ -183,7 +183,7 @@ def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult) -> None:
 def _rewrite_rank(
     graph: gs.Graph, rank: int, result: LayoutResult, taken: set[str], weights: set[str]
 ) -> None:
-    _cancel_pairs(graph, rank, result)
+    _cancel_pairs(graph, rank, result, taken)
     eligible = [
         n
         for n in graph.nodes
@@ -297,7 +297,7 @@ class _RegionPlan:
             tensor = node.outputs[0]
             shape_readers = [c for c in tensor.outputs if id(c) not in inside and _reads_shape(c)]
             for reader in shape_readers:
-                _read_shape_channels_last(graph, reader, tensor, tensor, rank)
+                _read_shape_channels_last(graph, reader, tensor, tensor, rank, taken)
             nchw_name, nchw_shape = tensor.name, tensor.shape
             tensor.name = unique_name(f"{nchw_name}{SUFFIX}", taken)
             tensor.shape = _permuted(nchw_shape, last)
@@ -333,18 +333,25 @@ def _reads_shape(node: gs.Node) -> bool:
 
 
 def _read_shape_channels_last(
-    graph: gs.Graph, reader: gs.Node, nchw: gs.Tensor, channels_last: gs.Variable, rank: int
+    graph: gs.Graph,
+    reader: gs.Node,
+    nchw: gs.Tensor,
+    channels_last: gs.Variable,
+    rank: int,
+    taken: set[str],
 ) -> None:
     """``reader`` (a ``Shape`` of ``nchw``) takes the shape of ``channels_last`` (the same
     values, channels-last) and a Gather puts its dims back in NCHW order, under the
     output's own name: the dynamic geometry of a converted Conv reads its input's sizes
     so, and the NCHW tensor need not be made for it."""
     (out,) = reader.outputs
-    moved = gs.Variable(f"{out.name}{SUFFIX}", dtype=out.dtype, shape=out.shape)
+    name = unique_name(f"{out.name}{SUFFIX}", taken)
+    moved = gs.Variable(name, dtype=out.dtype, shape=out.shape)
     _replace_input(reader, nchw, channels_last)
     reader.outputs = [moved]
-    order = gs.Constant(f"{out.name}{SUFFIX}/order", np.array(to_channels_first(rank)))
-    graph.nodes.append(gs.Node("Gather", f"{out.name}/Gather", {"axis": 0}, [moved, order], [out]))
+    order = gs.Constant(unique_name(f"{name}/order", taken), np.array(to_channels_first(rank)))
+    gather = gs.Node("Gather", f"{out.name}/Gather", {"axis": 0}, [moved, order], [out])
+    graph.nodes.append(gather)
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
