@@ -130,6 +130,23 @@ class _Builder:
         self.nodes.append(node)
         return output
 
+    def reduce_sum(
+        self,
+        part: str,
+        x: gs.Variable,
+        axis: int,
+        shape: Sequence[Dim] | None,
+        axes_part: str,
+        dtype: np.dtype | None = None,
+    ) -> gs.Variable:
+        """``x`` summed over ``axis`` (dropped), in the form of the graph's opset: the
+        axes an attribute before opset 13, an input (``axes_part``) from it on."""
+        if self.opset >= 13:
+            inputs, attrs = [x, self.int64(axes_part, [axis])], {"keepdims": 0}
+        else:
+            inputs, attrs = [x], {"axes": [axis], "keepdims": 0}
+        return self.op("ReduceSum", part, inputs, shape, dtype, attrs)
+
     def reshape(self, part: str, x: gs.Variable, shape: Sequence[Dim]) -> gs.Variable:
         """Reshape whose target copies the batch dimension (``0``), so it may stay symbolic."""
         if x.shape is not None and list(x.shape) == list(shape):
@@ -388,22 +405,7 @@ def _per_channel_sum(
     )
     axis = len(lead) + 1
     summed_shape = [*lead, q, pixels, channels, multiplier]
-    if b.opset >= 13:
-        summed = b.op(
-            "ReduceSum",
-            "proj/ReduceSum",
-            [product, b.int64("proj/axes", [axis])],
-            summed_shape,
-            attrs={"keepdims": 0},
-        )
-    else:
-        summed = b.op(
-            "ReduceSum",
-            "proj/ReduceSum",
-            [product],
-            summed_shape,
-            attrs={"axes": [axis], "keepdims": 0},
-        )
+    summed = b.reduce_sum("proj/ReduceSum", product, axis, summed_shape, "proj/axes")
     flat = b.reshape("proj/merge", summed, [*lead, q, plan.out_dim])
     return _add_bias(b, flat, depthwise_bias_layout(plan, bias), [*lead, q, plan.out_dim])
 

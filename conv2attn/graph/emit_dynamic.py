@@ -207,13 +207,9 @@ def relative_logits(b, m, plan: AttentionPlan, axes: list[AxisSizes]):
     relative = b.op("Sub", f"{names.LOGITS}/relative", [key_row, query_col], None, np.float32)
     delta = b.op("Sub", f"{names.LOGITS}/delta", [relative, offsets], None, np.float32)
     square = b.op("Mul", f"{names.LOGITS}/square", [delta, delta], None, np.float32)
-    squared = b.op(
-        "ReduceSum", f"{names.LOGITS}/sum", [square], None, np.float32,
-        {"axes": [0], "keepdims": 0},
-    ) if b.opset < 13 else b.op(
-        "ReduceSum", f"{names.LOGITS}/sum", [square, b.int64(f"{names.LOGITS}/sum_axes", [0])],
-        None, np.float32, {"keepdims": 0},
-    )  # fmt: skip
+    squared = b.reduce_sum(
+        f"{names.LOGITS}/sum", square, 0, None, f"{names.LOGITS}/sum_axes", np.float32
+    )
     scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
     logits = b.op("Mul", f"{names.LOGITS}/Mul", [squared, scale], None, np.float32)  # [q, h, k]
     return logits, q, k
@@ -435,13 +431,7 @@ def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -
     split = _reshape(b, m, "concat_heads", windows, [0, -1, taps, 1, channels, 1])
     folded = _folded_heads_static(b, plan, _attention_matrix(b, m, plan, axes), projection)
     product = b.op("Mul", "proj/Mul", [split, folded], None, tokens.dtype)
-    summed = b.op(
-        "ReduceSum", "proj/ReduceSum", [product], None, tokens.dtype,
-        {"axes": [2], "keepdims": 0},
-    ) if b.opset < 13 else b.op(
-        "ReduceSum", "proj/ReduceSum", [product, b.int64("proj/axes", [2])], None,
-        tokens.dtype, {"keepdims": 0},
-    )  # fmt: skip
+    summed = b.reduce_sum("proj/ReduceSum", product, 2, None, "proj/axes", tokens.dtype)
     flat = _reshape(b, m, "proj/merge", summed, [0, -1, plan.out_dim])
     bias_row = b.constant(names.BIAS, depthwise_bias_layout(plan, bias))
     out = b.op("Add", "proj/Add", [flat, bias_row], None, tokens.dtype)
@@ -453,12 +443,7 @@ def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -
     split = [0, *blocks, *plan.patch, channels * multiplier]
     perm = [0, 1 + 2 * rank, *itertools.chain.from_iterable((1 + i, 1 + rank + i) for i in
                                                              range(rank))]  # fmt: skip
-    moved = _moved(b, m, "unpatchify", out, split, perm)
-    full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
-    merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
-    outputs = [a.output for a in axes]
-    cropped = _slice_to(b, m, "crop_output", merged, outputs, first_axis=2, sizes=full)
-    _route(b, cropped, y)
+    _to_output(b, m, _moved(b, m, "unpatchify", out, split, perm), plan, axes, y)
 
 
 def _attend(b, m, plan: AttentionPlan, attention, values, windows, dim: int) -> gs.Variable:
@@ -488,9 +473,14 @@ def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> 
         (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
     )
     perm = [0, 1, 2 + 2 * rank, *interleave]
-    moved = _moved(b, m, "unpatchify", values, split, perm)
+    _to_output(b, m, _moved(b, m, "unpatchify", values, split, perm), plan, axes, y)
+
+
+def _to_output(b, m, moved: gs.Variable, plan: AttentionPlan, axes: list[AxisSizes], y) -> None:
+    """Output patches moved into NCHW order -> [B, C_out, *Q*p] -> crop to the output ->
+    ``y``."""
     full = [m.mul(a.queries, p) for a, p in zip(axes, plan.patch)]
-    merged = _reshape(b, m, "unpatchify/merge", moved, [0, spec.out_channels, *full])
+    merged = _reshape(b, m, "unpatchify/merge", moved, [0, plan.spec.out_channels, *full])
     outputs = [a.output for a in axes]
     out = _slice_to(b, m, "crop_output", merged, outputs, first_axis=2, sizes=full)
     _route(b, out, y)
