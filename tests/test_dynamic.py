@@ -390,3 +390,39 @@ def test_a_size_plus_a_constant_cancels_and_compares():
     assert isinstance(undecided, gs.Variable)
     assert [node.op for node in graph.nodes] == ["Add", "Less", "Where"]  # n - 1, min
     assert not m.same(m.mul(n, 2), m.mul(n, 2))  # products are computed, not compared
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (3, 3, 3)])
+def test_global_logits_are_built_axis_by_axis_and_written_once_at_full_size(kernel):
+    """A dynamic model's global attention computes its logits on every run. Along each
+    axis they are a small [queries, heads, keys] table, and the tables are summed by
+    broadcasting: the full [q, heads, K] tensor is written once, by the last Add, then
+    read by the Softmax, with no pass per step of the formula at full size."""
+    rank = len(kernel)
+    size = {2: (20, 24), 3: (6, 8, 10)}[rank]
+    names = {2: ("H", "W"), 3: ("D", "H", "W")}[rank]
+    model = dynamic(conv_model(kernel=kernel, pads=[1] * 2 * rank, size=size), names=names)
+    converted, _ = conv2attn.convert(model, attention="global", patch=1)
+    logits = [
+        node.output[0]
+        for node in converted.graph.node
+        if "/attn/logits/" in node.name and node.op_type in {"Sub", "Mul", "Add", "ReduceSum"}
+    ]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(converted)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in logits
+    )
+    (softmax,) = [node for node in converted.graph.node if node.op_type == "Softmax"]
+    probe.graph.output.append(
+        helper.make_tensor_value_info(softmax.input[0], onnx.TensorProto.FLOAT, None)
+    )
+    rng = np.random.default_rng(2)
+    for spatial in (size, tuple(s + 3 for s in size)):
+        feeds = {"x": rng.standard_normal((1, 4, *spatial)).astype(np.float32)}
+        outputs = run(probe, feeds)
+        assert_parity(run(model, feeds), outputs[:1])
+        full = outputs[-1].size  # q * heads * K
+        written = dict(zip(logits, outputs[1:-1]))
+        at_full_size = [name for name, value in written.items() if value.size >= full]
+        assert at_full_size == [f"conv/attn/logits/axis{rank - 1}/sum_output_0"]

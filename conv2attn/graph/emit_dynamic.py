@@ -14,7 +14,8 @@ between them; the static path's other special layouts need sizes known at conver
 time.
 
     x [B, C, *n] -> (subsample) -> crop/pad to T*P -> [B, g, N, Dg]
-      -> attention (global: logits from Range coordinates; local: Gather of windows)
+      -> attention (global: logits from Range coordinates, axis by axis; local: Gather
+         of windows)
       -> projection + bias -> [B, C_out, *Q*p] -> crop to the Conv's output size
 """
 
@@ -160,45 +161,62 @@ def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
     return _reshape(b, m, "patchify/merge", moved, [0, group, -1, plan.group_in_dim])
 
 
-def _grid_coordinates(b, m, part: str, grid: list[Size]) -> gs.Variable:
-    """Per axis, the row-major coordinate of every point of ``grid``, [axes, points]."""
-    coords = []
-    rank = len(grid)
-    full = m.shape(grid)
-    for axis, size in enumerate(grid):
-        start, delta = m.scalar(0), m.scalar(1)
-        line = b.op(
-            "Range", f"{part}/axis{axis}/Range", [start, m.scalar(size), delta], None,
-            np.dtype(np.int64),
-        )  # fmt: skip
-        shape = [1] * rank
-        shape[axis] = -1
-        lifted = _reshape(b, m, f"{part}/axis{axis}/lift", line, shape)
-        spread = b.op("Expand", f"{part}/axis{axis}/Expand", [lifted, full], None, line.dtype)
-        flat = _reshape(b, m, f"{part}/axis{axis}/flat", spread, [1, -1])
-        coords.append(flat)
-    stacked = coords[0] if rank == 1 else b.op(
-        "Concat", f"{part}/Concat", coords, None, np.dtype(np.int64), attrs={"axis": 0}
+def _coordinate_line(b, m, part: str, size: Size) -> gs.Variable:
+    """0, 1, ..., size - 1 as float32."""
+    line = b.op(
+        "Range", f"{part}/Range", [m.scalar(0), m.scalar(size), m.scalar(1)], None,
+        np.dtype(np.int64),
     )  # fmt: skip
     to_float = helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
-    return b.op("Cast", f"{part}/Cast", [stacked], None, np.float32, {"to": to_float})
+    return b.op("Cast", f"{part}/Cast", [line], None, np.float32, {"to": to_float})
+
+
+def _global_logits(b, m, plan: AttentionPlan, axes: list[AxisSizes], q: Size, k: Size):
+    """Global attention's logits [q, heads, K] on the runtime grid, one axis at a time.
+    Along axis a, ``-ALPHA * (key_a - query_a - offset_a)^2`` is a small [queries_a,
+    heads, keys_a] table; the logits are the broadcast sum of the tables, so the
+    full-size tensor is written once, by the last Add, and queries and keys stay in
+    row-major grid order. Every entry is an exact multiple of ALPHA, 0 only where a query's head
+    lands on the key, so the softmax is the same one-hot (section 2)."""
+    rank, heads = plan.spec.rank, plan.heads
+    scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
+    total = None
+    for axis, (a, offsets) in enumerate(zip(axes, head_offset_coordinates(plan))):
+        tag = f"{names.LOGITS}/axis{axis}"
+        queries = _coordinate_line(b, m, f"{tag}/queries", a.grid)
+        keys = _coordinate_line(b, m, f"{tag}/keys", a.tokens)
+        query_col = _reshape(b, m, f"{tag}/query_col", queries, [-1, 1, 1])
+        key_row = _reshape(b, m, f"{tag}/key_row", keys, [1, 1, -1])
+        relative = b.op("Sub", f"{tag}/relative", [key_row, query_col], None, np.float32)
+        offset = b.constant(f"{tag}/head_offsets", offsets.reshape(1, heads, 1))
+        delta = b.op("Sub", f"{tag}/delta", [relative, offset], None, np.float32)
+        square = b.op("Mul", f"{tag}/square", [delta, delta], None, np.float32)
+        table = b.op("Mul", f"{tag}/Mul", [square, scale], None, np.float32)
+        if rank > 1:
+            # query axes, heads, key axes: this axis's table spans its own two
+            dims: list[Size] = [1] * (2 * rank + 1)
+            dims[axis], dims[rank], dims[rank + 1 + axis] = a.grid, heads, a.tokens
+            table = _reshape(b, m, f"{tag}/spread", table, dims)
+        total = table if total is None else b.op(
+            "Add", f"{tag}/sum", [total, table], None, np.float32
+        )  # fmt: skip
+    if rank == 1:
+        return total
+    return _reshape(b, m, f"{names.LOGITS}/by_query", total, [q, heads, k])
 
 
 def relative_logits(b, m, plan: AttentionPlan, axes: list[AxisSizes]):
     """Section 2's logits [q, heads, K] float32, with ``q`` and ``K``. Local: one block's
-    pattern, constants only. Global: the query and key coordinates come from the runtime
-    grid."""
+    pattern, constants only. Global: from the runtime grid's coordinates, axis by axis
+    (``_global_logits``)."""
     rank = plan.spec.rank
-    local = plan.attention is Attention.LOCAL
-    if local:
-        q, k = plan.block_queries, plan.keys
-        queries = b.constant(f"{names.LOGITS}/query_coords", np.stack(query_coordinates(plan)))
-        keys = b.constant(f"{names.LOGITS}/key_coords", np.stack(static_key_coordinates(plan)))
-    else:
+    if plan.attention is not Attention.LOCAL:
         q = m.product([a.grid for a in axes])
         k = m.product([a.tokens for a in axes])
-        queries = _grid_coordinates(b, m, f"{names.LOGITS}/queries", [a.grid for a in axes])
-        keys = _grid_coordinates(b, m, f"{names.LOGITS}/keys", [a.tokens for a in axes])
+        return _global_logits(b, m, plan, axes, q, k), q, k
+    q, k = plan.block_queries, plan.keys
+    queries = b.constant(f"{names.LOGITS}/query_coords", np.stack(query_coordinates(plan)))
+    keys = b.constant(f"{names.LOGITS}/key_coords", np.stack(static_key_coordinates(plan)))
     offsets = b.constant(
         f"{names.LOGITS}/head_offsets", np.stack(head_offset_coordinates(plan))[:, None, :, None]
     )  # [axes, 1, heads, 1]
