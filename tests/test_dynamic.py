@@ -336,10 +336,14 @@ def test_one_query_per_block_folds_the_heads_into_w_o_at_any_size(
     assert layer.dynamic and layer.folded and layer.heads > 1
     nodes = converted.graph.node
     products = [n.name for n in nodes if n.op_type == "MatMul" and "/attn/fold/" not in n.name]
-    assert products == ([] if group > 1 else ["conv/attn/proj/MatMul"])
+    # one product per tile of blocks (sized at the nominal 224x224), none per block
+    runs = [""] if layer.tiles == 1 else [f"tile{i}/" for i in range(layer.tiles)]
+    assert products == ([] if group > 1 else [f"conv/attn/{run}proj/MatMul" for run in runs])
     if group > 1:
-        (gather,) = [n for n in nodes if n.op_type == "Gather"]
-        assert helper.get_attribute_value(gather.attribute[0]) == 1  # tokens, not channels
+        gathers = [n for n in nodes if n.op_type == "Gather"]
+        assert len(gathers) == layer.tiles
+        # tokens, not channels
+        assert all(helper.get_attribute_value(g.attribute[0]) == 1 for g in gathers)
     rng = np.random.default_rng(0)
     # float16: the projection sums the Conv's products in another order; two float16
     # roundings (2 * 2**-10) of the largest output, as for static sizes
@@ -426,3 +430,31 @@ def test_global_logits_are_built_axis_by_axis_and_written_once_at_full_size(kern
         written = dict(zip(logits, outputs[1:-1]))
         at_full_size = [name for name, value in written.items() if value.size >= full]
         assert at_full_size == [f"conv/attn/logits/axis{rank - 1}/sum_output_0"]
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_a_folded_plan_gathers_in_the_tiles_of_its_nominal_size_at_any_size(group):
+    """A dynamic local plan that folds its heads gathers and projects its blocks in tiles,
+    as a static one does, so the gathered windows stay in cache: as many tiles as the
+    static conversion at the nominal size, none with ``tiles=False``. At small sizes the
+    runtime split leaves some tiles empty; the outputs still agree, in onnxruntime and in
+    the module ``load_trainable`` rebuilds."""
+    options = dict(attention="local", patch=[1, 1], block=1)
+    model = conv_model(8, 8, group=group, pads=[1, 1, 1, 1], size=(224, 224))
+    _, static = conv2attn.convert(model, **options)
+    converted, report = conv2attn.convert(dynamic(model), **options)
+    (layer,), (pinned,) = report.layers, static.layers
+    assert layer.dynamic and layer.folded and layer.tiles == pinned.tiles > 1
+    gathers = [n for n in converted.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == layer.tiles
+    whole, _ = conv2attn.convert(dynamic(model), tiles=False, **options)
+    assert len([n for n in whole.graph.node if n.op_type == "Gather"]) == 1
+    module = load_trainable(converted).eval()
+    rng = np.random.default_rng(3)
+    for size in [(224, 224), (97, 131), (2, 3), (1, 1)]:  # 6 and 1 blocks: empty tiles
+        feeds = {"x": rng.standard_normal((2, 8, *size)).astype(np.float32)}
+        expected = run(model, feeds)
+        assert_parity(expected, run(converted, feeds))
+        with torch.no_grad():
+            got = module(torch.from_numpy(feeds["x"])).numpy()
+        assert_parity(expected, [got])

@@ -352,17 +352,21 @@ def emit_dynamic_attention(
     projection: np.ndarray,
     bias: np.ndarray,
     batch: Dim,
+    tiles: int = 1,
 ) -> list[gs.Node]:
     """Append the attention computing ``y`` from ``x`` for any spatial size of ``x``.
 
     ``projection`` and ``bias`` are ``weights.output_projection``/``output_bias`` in the
     channel-major layout (``channels_last=False``); ``plan`` was chosen for a nominal size
-    and supplies everything that does not depend on it."""
+    and supplies everything that does not depend on it, ``tiles`` included: a plan that
+    folds its heads gathers and projects its blocks in that many runs (``_tiled``)."""
+    if tiles > 1 and not (plan.folds_heads and plan.tileable):
+        raise ValueError(f"{tiles} tiles for a plan that does not fold its heads")
     dtype = np.dtype(projection.dtype)
     b = _Builder(graph, prefix, dtype)
     m, axes = runtime_axes(b, x, plan, auto_pad)
     if plan.depthwise and plan.folds_heads:
-        _depthwise_folded(b, m, x, y, plan, axes, projection, bias)
+        _depthwise_folded(b, m, x, y, plan, axes, projection, bias, tiles)
         return b.nodes
     spec, local = plan.spec, plan.attention is Attention.LOCAL
     tokens = _tokens(b, m, x, plan, axes)  # [B, g, N, Dg]
@@ -378,15 +382,24 @@ def emit_dynamic_attention(
 
     q = plan.block_queries
     lead = [0, group, -1] if local else [0, group]  # local: [B, g, blocks, ..]
+    bias_const = b.constant(names.BIAS, bias.reshape(group, *([1] if local else []), 1, dim_out))
     if plan.folds_heads:
         folded = _folded_heads(b, m, plan, attention, projection)
         # one group: a 2-D weight, which onnxruntime packs once for its matrix kernel
         grouped = [] if group == 1 else [group]
         flat_shape = [0, *grouped, -1, plan.keys * dim_in]
-        flat = _reshape(b, m, "concat_heads", windows(tokens), flat_shape)
-        product = b.op("MatMul", "proj/MatMul", [flat, folded], None, dtype)
-        projected = _reshape(b, m, "proj/blocks", product, [0, group, -1, 1, dim_out])
-    elif plan.order is Order.ATTEND_FIRST:
+
+        def project(t: _Builder, rows: gs.Variable) -> gs.Variable:
+            gathered = t.op("Gather", "Gather", [tokens, rows], None, dtype, {"axis": 2})
+            flat = _reshape(t, m, "concat_heads", gathered, flat_shape)
+            product = t.op("MatMul", "proj/MatMul", [flat, folded], None, dtype)
+            projected = _reshape(t, m, "proj/blocks", product, [0, group, -1, 1, dim_out])
+            return t.op("Add", "proj/Add", [projected, bias_const], None, dtype)
+
+        out = _tiled(b, m, axes, indices, tiles, project, axis=2)
+        _unpatchify(b, m, out, plan, axes, y)
+        return b.nodes
+    if plan.order is Order.ATTEND_FIRST:
         weight = projection.reshape(group, *([1] if local else []), *projection.shape[1:])
         attended = _attend(b, m, plan, attention, tokens, windows, dim_in)
         concat = _reshape(b, m, "concat_heads", attended, [*lead, q, heads * dim_in] if local
@@ -404,10 +417,32 @@ def emit_dynamic_attention(
             stacked = _reshape(b, m, "stack_heads", keys, [*lead, plan.keys * heads, dim_out]
                                if local else [0, group, -1, dim_out])  # fmt: skip
             projected = b.op("MatMul", "MatMul", [attention, stacked], None, dtype)
-    bias_const = b.constant(names.BIAS, bias.reshape(group, *([1] if local else []), 1, dim_out))
     out = b.op("Add", "proj/Add", [projected, bias_const], None, dtype)
     _unpatchify(b, m, out, plan, axes, y)
     return b.nodes
+
+
+def _tiled(b, m, axes: list[AxisSizes], indices, tiles: int, body, axis: int) -> gs.Variable:
+    """``body(builder, window indices)`` over every block: at once, or in ``tiles`` runs
+    of blocks concatenated along ``axis``. The blocks are independent, so each run
+    gathers, projects and adds the bias on its own while its intermediates are in cache
+    (design section 6). Run ``i`` takes blocks ``[R * i // tiles, R * (i + 1) // tiles)``
+    of the ``R`` at run time: as even as the static split at the size the plan was made
+    for, and empty runs where an input is so small that ``R < tiles``."""
+    if tiles == 1:
+        return body(b, indices)
+    blocks = m.product([a.blocks for a in axes])
+    bounds = [0, *(m.div(m.mul(blocks, i), tiles) for i in range(1, tiles)), blocks]
+    parts = []
+    for index, (first, last) in enumerate(itertools.pairwise(bounds)):
+        t = b.tile(f"tile{index}")
+        rows = t.op(
+            "Slice", "window_indices",
+            [indices, m.tensor(first), m.tensor(last), t.int64("window_indices/axes", [0])],
+            None, np.dtype(np.int64),
+        )  # fmt: skip
+        parts.append(body(t, rows))
+    return b.op("Concat", "tiles/Concat", parts, None, parts[0].dtype, attrs={"axis": axis})
 
 
 def _folded_heads(b, m, plan: AttentionPlan, attention, projection: np.ndarray) -> gs.Variable:
@@ -427,7 +462,7 @@ def _folded_heads(b, m, plan: AttentionPlan, attention, projection: np.ndarray) 
     return _reshape(b, m, f"{names.FOLD}/rows", folded, rows if group == 1 else [group, *rows])
 
 
-def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -> None:
+def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias, tiles) -> None:
     """A depthwise plan that folds its heads (``weights.emitted_channels_last``), as on
     static sizes (``emit._per_channel_sum``): channels-last tokens [B, N, P * C], each
     block's window of K keys gathered whole, times the folded weight [K * P, p, C, m],
@@ -444,15 +479,20 @@ def _depthwise_folded(b, m, x, y, plan: AttentionPlan, axes, projection, bias) -
         moved = _moved(b, m, "patchify", padded, [0, channels, *patches], perm)
     tokens = _reshape(b, m, "patchify/merge", moved, [0, -1, plan.in_dim])
     indices = _window_indices(b, m, plan, axes)
-    windows = b.op("Gather", "Gather", [tokens, indices], None, tokens.dtype, {"axis": 1})
     taps = plan.keys * math.prod(plan.in_patch)
-    split = _reshape(b, m, "concat_heads", windows, [0, -1, taps, 1, channels, 1])
     folded = _folded_heads_static(b, plan, _attention_matrix(b, m, plan, axes), projection)
-    product = b.op("Mul", "proj/Mul", [split, folded], None, tokens.dtype)
-    summed = b.reduce_sum("proj/ReduceSum", product, 2, None, "proj/axes", tokens.dtype)
-    flat = _reshape(b, m, "proj/merge", summed, [0, -1, plan.out_dim])
     bias_row = b.constant(names.BIAS, depthwise_bias_layout(plan, bias))
-    out = b.op("Add", "proj/Add", [flat, bias_row], None, tokens.dtype)
+    dtype = tokens.dtype
+
+    def per_channel_sum(t: _Builder, rows: gs.Variable) -> gs.Variable:
+        windows = t.op("Gather", "Gather", [tokens, rows], None, dtype, {"axis": 1})
+        split = _reshape(t, m, "concat_heads", windows, [0, -1, taps, 1, channels, 1])
+        product = t.op("Mul", "proj/Mul", [split, folded], None, dtype)
+        summed = t.reduce_sum("proj/ReduceSum", product, 2, None, "proj/axes", dtype)
+        flat = _reshape(t, m, "proj/merge", summed, [0, -1, plan.out_dim])
+        return t.op("Add", "proj/Add", [flat, bias_row], None, dtype)
+
+    out = _tiled(b, m, axes, indices, tiles, per_channel_sum, axis=1)
     if pixel_tokens(plan):
         _pixels_to_output(b, m, out, plan, axes, y)
         return

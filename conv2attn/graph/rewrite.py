@@ -498,9 +498,8 @@ def _replace(
                 quantization,
             )
         elif candidate.dynamic:
-            emit = emit_dynamic_standard_attention if standard else emit_dynamic_attention
             layout = emitted_channels_last(plan, dynamic=True)
-            emit(
+            arguments = (
                 candidate.graph,
                 names.scope(node.name),
                 x,
@@ -511,6 +510,14 @@ def _replace(
                 output_bias(plan, candidate.bias, candidate.weight.dtype, channels_last=layout),
                 candidate.batch,
             )
+            if standard:
+                emit_dynamic_standard_attention(*arguments)
+            else:
+                # sized at the nominal shape the plan was made for
+                if options.tiles and plan.folds_heads:
+                    planned = candidate.batch if isinstance(candidate.batch, int) else options.batch
+                    tiles = plan.tiles(planned, candidate.weight.dtype.itemsize)
+                emit_dynamic_attention(*arguments, tiles=tiles)
         elif quantization is None:
             projection = output_projection(plan, candidate.weight)
             bias = output_bias(plan, candidate.bias, candidate.weight.dtype)
