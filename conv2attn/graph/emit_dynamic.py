@@ -95,6 +95,14 @@ def _pad(b, m, part, x, begin: list[Size], end: list[Size], channels_last: bool 
     return b.op("Pad", f"{part}/Pad", [x, pads, *fill], None, x.dtype, attrs={"mode": "constant"})
 
 
+def _crop_and_pad(b, m, x, axes: list[AxisSizes], channels_last: bool = False) -> gs.Variable:
+    """``x`` cropped to the input the token grid reads and padded to the grid's extent."""
+    kept, sizes = [a.kept for a in axes], [a.size for a in axes]
+    x = _slice_to(b, m, "crop_input", x, kept, first_axis=1 if channels_last else 2, sizes=sizes)
+    before, after = [a.zeros_before for a in axes], [a.zeros_after for a in axes]
+    return _pad(b, m, "pad", x, before, after, channels_last)
+
+
 def _grid_input(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
     """x subsampled, cropped and padded to the token grid: [B, C, T1 * P1, T2 * P2]."""
     rank = plan.spec.rank
@@ -113,9 +121,7 @@ def _grid_input(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Varia
             b.int64("subsample/steps", [steps[i] for i in on]),
         ]
         x = b.op("Slice", "subsample/Slice", inputs, None, x.dtype)
-    kept, sizes = [a.kept for a in axes], [a.size for a in axes]
-    x = _slice_to(b, m, "crop_input", x, kept, first_axis=2, sizes=sizes)
-    return _pad(b, m, "pad", x, [a.zeros_before for a in axes], [a.zeros_after for a in axes])
+    return _crop_and_pad(b, m, x, axes)
 
 
 def pixel_tokens(plan: AttentionPlan) -> bool:
@@ -139,10 +145,7 @@ def _pixel_grid(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Varia
     rank = plan.spec.rank
     perm = [0, *range(2, rank + 2), 1]
     x = b.op("Transpose", "patchify/to_nhwc/Transpose", [x], None, x.dtype, {"perm": perm})
-    kept, sizes = [a.kept for a in axes], [a.size for a in axes]
-    x = _slice_to(b, m, "crop_input", x, kept, first_axis=1, sizes=sizes)
-    before, after = [a.zeros_before for a in axes], [a.zeros_after for a in axes]
-    return _pad(b, m, "pad", x, before, after, channels_last=True)
+    return _crop_and_pad(b, m, x, axes, channels_last=True)
 
 
 def _tokens(b, m, x, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Variable:
@@ -176,8 +179,8 @@ def _global_logits(b, m, plan: AttentionPlan, axes: list[AxisSizes], q: Size, k:
     Along axis a, ``-ALPHA * (key_a - query_a - offset_a)^2`` is a small [queries_a,
     heads, keys_a] table; the logits are the broadcast sum of the tables, so the
     full-size tensor is written once, by the last Add, and queries and keys stay in
-    row-major grid order. Every entry is an exact multiple of ALPHA, 0 only where a query's head
-    lands on the key, so the softmax is the same one-hot (section 2)."""
+    row-major grid order. Every entry is an exact multiple of ALPHA, 0 only where a
+    query's head lands on the key, so the softmax is the same one-hot (section 2)."""
     rank, heads = plan.spec.rank, plan.heads
     scale = b.constant(f"{names.LOGITS}/scale", np.array(-ALPHA, dtype=np.float32))
     total = None

@@ -513,10 +513,8 @@ def _replace(
             if standard:
                 emit_dynamic_standard_attention(*arguments)
             else:
-                # sized at the nominal shape the plan was made for
-                if options.tiles and plan.folds_heads:
-                    planned = candidate.batch if isinstance(candidate.batch, int) else options.batch
-                    tiles = plan.tiles(planned, candidate.weight.dtype.itemsize)
+                # tiled as at the nominal shape the plan was made for
+                tiles = _tile_count(plan, candidate, options) if plan.folds_heads else 1
                 emit_dynamic_attention(*arguments, tiles=tiles)
         elif quantization is None:
             projection = output_projection(plan, candidate.weight)
@@ -525,8 +523,7 @@ def _replace(
             if standard:
                 emit_standard_attention(candidate.graph, scope, x, y, plan, projection, bias, batch)
             else:
-                planned = batch if isinstance(batch, int) else options.batch
-                tiles = plan.tiles(planned, candidate.weight.dtype.itemsize) if options.tiles else 1
+                tiles = _tile_count(plan, candidate, options)
                 # tiles and wide bias rows shape the graph for onnxruntime's CPU kernels
                 emit_attention(
                     candidate.graph,
@@ -570,6 +567,15 @@ def _replace(
         )
         candidate.weight = candidate.bias = None  # the projection replaces them
     return layers
+
+
+def _tile_count(plan: AttentionPlan, candidate: Candidate, options: ConvertOptions) -> int:
+    """Tiles for ``plan``'s blocks at the batch the model is converted for (its own fixed
+    batch, else ``--batch``); 1 with ``--no-tiles``."""
+    if not options.tiles:
+        return 1
+    batch = candidate.batch if isinstance(candidate.batch, int) else options.batch
+    return plan.tiles(batch, candidate.weight.dtype.itemsize)
 
 
 def _size_dependent_padding(candidate: Candidate) -> str | None:
