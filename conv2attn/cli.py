@@ -408,7 +408,9 @@ def _add_profile(commands) -> None:
     profile.add_argument(
         "models", type=Path, nargs="+", help="models to time; the first is the baseline"
     )
-    profile.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    profile.add_argument(
+        "--batch", type=int, help="batch size (default 1, or the batch --input-shape gives)"
+    )
     profile.add_argument(
         "--threads", type=int, default=0, help="intra-op threads (default: all cores)"
     )
@@ -429,7 +431,9 @@ def _add_profile(commands) -> None:
         "--block-runs", type=int, default=6, help="runs per block, the first dropped (default 6)"
     )
     _input_shape_option(
-        profile, "shape of an input with dynamic dims other than the batch (repeatable)"
+        profile,
+        "shape of an input with dynamic dims (repeatable); a batch above 1 there is the "
+        "batch timed",
     )
     _shape_range_options(profile)
     profile.add_argument(

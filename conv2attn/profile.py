@@ -157,6 +157,42 @@ def model_feeds(
     return random_samples(inputs, batch if not fixed else 1, seed, shapes).feeds
 
 
+def served_batch(
+    models: Sequence[onnx.ModelProto],
+    batch: int | None,
+    shapes: Mapping[str, Sequence[int]],
+) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """The samples each run holds, and the shapes to draw one sample with. An input
+    whose dynamic batch ``--input-shape`` pins above 1 (trtexec's ``input:8x3x224x224``,
+    or ``--opt-shapes``) runs at that batch; ``--batch`` may repeat the number, or
+    multiply a pinned batch of 1, and nothing else."""
+    shapes = {name: tuple(dims) for name, dims in shapes.items()}
+    pinned: dict[str, int] = {}
+    for model in models:
+        for graph_input in graph_inputs(model):
+            dims = shapes.get(graph_input.name)
+            if dims and graph_input.dims and graph_input.dims[0] is None and dims[0] != 1:
+                pinned[graph_input.name] = dims[0]
+    if not pinned:
+        return batch or 1, shapes
+    (name, size), *others = pinned.items()
+    for other, other_size in others:
+        if other_size != size:
+            raise InputError(
+                f"--input-shape gives '{name}' a batch of {size} and '{other}' one of "
+                f"{other_size}: every input of a run holds the same batch"
+            )
+    if batch not in (None, size):
+        shown = "x".join(map(str, shapes[name]))
+        raise InputError(
+            f"--input-shape {name}:{shown} runs a batch of {size} and --batch asks for "
+            f"{batch}: give the batch once"
+        )
+    for pinned_name in pinned:
+        shapes[pinned_name] = (1, *shapes[pinned_name][1:])
+    return size, shapes
+
+
 def time_runners(
     runners: Sequence[Runner],
     *,
@@ -260,7 +296,7 @@ def profile(
     models: Sequence[onnx.ModelProto],
     *,
     backend: str = "ort-cpu",
-    batch: int = 1,
+    batch: int | None = None,
     threads: int = 0,
     iterations: int = 50,
     duration: float | None = None,
@@ -272,22 +308,27 @@ def profile(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ProfileReport:
     """Time ``paths`` (their loaded ``models`` give inputs and metadata) side by side on
-    ``backend``. Raises ``BackendUnavailable`` (an InputError) when the backend cannot
-    run here, saying what to install."""
+    ``backend``, ``batch`` samples a run (default 1, or the batch ``input_shapes`` pins:
+    ``served_batch``). Raises ``BackendUnavailable`` (an InputError) when the backend
+    cannot run here, saying what to install."""
     gpu = gpu or GpuOptions()
+    batch, shapes = served_batch(models, batch, input_shapes or {})
     _check_options(backend, batch, iterations, per_layer, gpu)
     entry = BACKENDS[backend]
     device = entry.implementation().prepare(entry)
     precision = resolve_precision(backend, gpu.precision, device.torch)
     threads = threads or os.cpu_count() or 1
-    shapes = dict(input_shapes or {})
     feeds = [model_feeds(model, batch, shapes, others=models) for model in models]
-    built = [
-        entry.implementation().create_runner(
-            RunnerRequest(backend, Path(p), m, f, precision, threads, gpu, per_layer, device)
-        )
-        for p, m, f in zip(paths, models, feeds)
-    ]
+    built = []
+    for p, m, f in zip(paths, models, feeds):
+        request = RunnerRequest(backend, Path(p), m, f, precision, threads, gpu, per_layer, device)
+        try:
+            built.append(entry.implementation().create_runner(request))
+        except InputError as error:  # several models run side by side: say which one
+            message = str(error)
+            if message.startswith(str(p)):
+                raise
+            raise type(error)(f"{p}: {message}") from None
     times = time_runners(
         [runner for runner, _ in built],
         iterations=iterations,

@@ -143,6 +143,58 @@ def test_fixed_batch_conflicts_with_batch_option(tmp_path):
     assert main(["profile", str(path), "--batch", "4", "-q"]) == 2
 
 
+def test_a_batch_given_in_the_input_shape_is_the_batch_timed(tmp_path, capsys, monkeypatch):
+    """trtexec's ``--input-shape x:4x3x16x16`` means batch 4: each run feeds 4 samples and
+    the report (batch, samples/s) says 4, whether or not --batch repeats it; a pinned
+    batch of 1 is multiplied by --batch; two different batches are refused in one line."""
+    import conv2attn.profile as profiling
+
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain_model(), str(path))
+    fed = []
+    draw = profiling.model_feeds
+
+    def recorded(*args, **kwargs):
+        feeds = draw(*args, **kwargs)
+        fed.append(feeds["x"].shape)
+        return feeds
+
+    monkeypatch.setattr(profiling, "model_feeds", recorded)
+    timing = ["--iterations", "2", "--warmup", "0", "-q", "--json"]
+    for options, batch in [
+        (["--input-shape", "x:4x3x16x16"], 4),
+        (["--input-shape", "x:4x3x16x16", "--batch", "4"], 4),
+        (["--input-shape", "x:1x3x16x16", "--batch", "3"], 3),
+        ([], 1),
+    ]:
+        fed.clear()
+        report = tmp_path / "p.json"
+        assert main(["profile", str(path), *options, *timing, str(report)]) == 0
+        assert fed == [(batch, 3, 16, 16)]
+        assert json.loads(report.read_text())["models"][0]["stats"]["batch"] == batch
+    capsys.readouterr()
+    assert main(["profile", str(path), "--input-shape", "x:4x3x16x16", "--batch", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "x:4x3x16x16" in error and "--batch" in error and len(error.splitlines()) == 1
+
+
+def test_a_model_that_cannot_be_run_is_named(pair, monkeypatch, capsys):
+    """With several models side by side, a runner's refusal names the model it is about."""
+    from conv2attn.runtime import ort
+
+    original, converted = pair
+    real = ort.create_runner
+
+    def refuse_the_converted(request):
+        if request.path == converted:
+            raise InputError("cannot run it here")
+        return real(request)
+
+    monkeypatch.setattr(ort, "create_runner", refuse_the_converted)
+    assert main(["profile", str(original), str(converted), "--iterations", "2"]) == 2
+    assert f"{converted}: cannot run it here" in capsys.readouterr().err
+
+
 def test_profile_of_a_missing_model_is_an_input_error(tmp_path, capsys):
     assert main(["profile", str(tmp_path / "none.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
