@@ -36,6 +36,7 @@ from conv2attn.runtime.tensorrt import (
     tensorrt,
 )
 from tests.helpers import assert_parity, chain_model, conv_model, run, save_model_file
+from tests.test_dynamic import dynamic
 
 DIGITS = str(Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx")
 
@@ -486,6 +487,51 @@ def test_imported_model_never_reads_values_on_the_device(attention):
     with torch.no_grad():
         output = module(torch.empty((3, 1, 32, 32), device="meta"))
     assert output.shape == (3, 10) and output.device.type == "meta"
+
+
+@pytest.mark.parametrize("attention", ["global", "local"])
+def test_a_dynamic_size_conversion_computes_its_geometry_on_the_host(attention):
+    """A conversion that keeps dynamic sizes computes pads, crops and key windows from
+    Shape on every run. On a GPU that arithmetic must stay in host memory: reading a
+    device value waits for the GPU, and a copy from host memory to the device cannot be
+    captured in a CUDA graph (both seen on an H200 before). On the meta device, where
+    nothing has a value, the run completes with no operation taking a host tensor with
+    dims into a device result; on the CPU it keeps parity at two sizes."""
+    pytest.importorskip("onnx2torch")
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from conv2attn.runtime.torch_import import import_model
+
+    converted, report = conv2attn.convert(dynamic(chain_model()), attention=attention)
+    assert all(layer.dynamic for layer in report.layers)
+    module = import_model(converted)
+    rng = np.random.default_rng(3)
+    for size in [(16, 16), (13, 22)]:
+        x = rng.standard_normal((2, 3, *size)).astype(np.float32)
+        with torch.no_grad():
+            result = module(torch.from_numpy(x)).numpy()
+        assert_parity(run(converted, {"x": x}), [result])
+
+    copies = []
+
+    class HostToDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outputs = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "meta" for t in outputs) and any(
+                t.device.type == "cpu" and t.dim() > 0 for t in inputs
+            ):
+                copies.append(str(func))
+            return result
+
+    module.to("meta")
+    with HostToDevice(), torch.no_grad():
+        output = module(torch.empty((2, 3, 13, 22), device="meta"))
+    assert output.shape == (2, 8, 7, 11) and output.device.type == "meta"
+    assert copies == []
 
 
 @pytest.mark.parametrize("attention", ["global", "local"])

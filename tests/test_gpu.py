@@ -83,12 +83,44 @@ def test_tensorrt_engine_is_built_cached_and_profiled_per_layer(pair, tmp_path):
     assert [m["engine_cached"] for m in second["models"]] == [True, True]
 
 
+def dynamic_conversion(attention: str):
+    """The chain test model with dynamic height and width, converted: its geometry is
+    computed from Shape on every run."""
+    from tests.helpers import chain_model
+    from tests.test_dynamic import dynamic
+
+    original = dynamic(chain_model())
+    # onnx.helper writes the newest IR version, which older onnxruntime releases (1.30,
+    # on the GPU machine) refuse to load; torch's exporter writes IR 10
+    original.ir_version = 10
+    return original, conv2attn.convert(original, attention=attention)[0]
+
+
 @needs_cuda
 @pytest.mark.parametrize("attention", ["global", "local"])
-def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention):
+def test_dynamic_size_conversion_is_timed_as_a_cuda_graph(tmp_path, attention):
+    """A conversion that keeps dynamic sizes computes its geometry on the host, so a run
+    at a pinned size is captured as a CUDA graph (a copy from host memory inside it once
+    made the capture fail), and its outputs match onnxruntime's."""
+    pytest.importorskip("onnx2torch")
+    original, converted = dynamic_conversion(attention)
+    paths = (tmp_path / "chain.onnx", tmp_path / "chain_attn.onnx")
+    conv2attn.save_model(original, paths[0])
+    conv2attn.save_model(converted, paths[1])
+    options = ["--backend", "torch-cuda", "--precision", "fp32", "--cuda-graph"]
+    code, report = run_profile(paths, tmp_path, *options, "--input-shape", "x:8x3x45x38")
+    assert code == 0
+    for model in report["models"]:
+        assert model["stats"]["batch"] == 8 and model["numerics"]["within"], model
+
+
+@needs_cuda
+@pytest.mark.parametrize("attention", ["global", "local"])
+@pytest.mark.parametrize("sizes", ["static", "dynamic"])
+def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention, sizes):
     """torch's sync debug mode raises on any operation that makes the host wait for the
-    GPU: the imported converted model has none (its host-read constants stay on the host)
-    and agrees with onnxruntime."""
+    GPU: the imported converted model has none (its host-read constants and its shape
+    arithmetic stay on the host) and agrees with onnxruntime."""
     pytest.importorskip("onnx2torch")
     import numpy as np
     import torch
@@ -96,10 +128,15 @@ def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention)
     from conv2attn.runtime.torch_import import import_model
     from tests.helpers import assert_parity, run
 
-    converted, _ = conv2attn.convert(DIGITS, attention=attention)
-    image = np.random.default_rng(5).standard_normal((8, 1, 32, 32), np.float32)
+    rng = np.random.default_rng(5)
+    if sizes == "static":
+        converted, _ = conv2attn.convert(DIGITS, attention=attention)
+        feeds = {"image": rng.standard_normal((8, 1, 32, 32), np.float32)}
+    else:
+        _, converted = dynamic_conversion(attention)
+        feeds = {"x": rng.standard_normal((8, 3, 21, 34), np.float32)}
     module = import_model(converted).to("cuda")
-    inputs = torch.from_numpy(image).to("cuda")
+    inputs = torch.from_numpy(next(iter(feeds.values()))).to("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.cuda.synchronize()
@@ -109,4 +146,4 @@ def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention)
             output = module(inputs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert_parity(run(converted, {"image": image}), [output.cpu().numpy()])
+    assert_parity(run(converted, feeds), [output.cpu().numpy()])

@@ -5,11 +5,13 @@ opset 17 where the two opsets mean the same thing (the Reduce operators take ``a
 an input from opset 18; most later versions only add types); anything else is refused
 with the node's name.
 
-Two changes to the imported module keep the GPU from waiting on the host. onnx2torch
+Three changes to the imported module keep the GPU from waiting on the host. onnx2torch
 reads the values of some inputs in Python (a Reshape's shape, a Pad's pads, a Slice's
-bounds); a constant there lives in host memory, so reading it does not copy from the GPU
-and wait for every kernel queued before it. And every node whose inputs are all
-constants is computed once, at import, rather than launched on every run.
+bounds, a Range's limits); a constant there lives in host memory, so reading it does not
+copy from the GPU and wait for every kernel queued before it. A model that keeps dynamic
+sizes computes its shape arithmetic in host memory too, from the tensors' shapes, which
+the host knows without reading a value. And every node whose inputs are all constants is
+computed once, at import, rather than launched on every run.
 """
 
 from __future__ import annotations
@@ -99,7 +101,14 @@ HOST_ARGUMENTS = {
     "OnnxSqueezeDynamicAxes": (1,),
     "OnnxReduceSumDynamicAxes": (1,),
     "OnnxConstantOfShape": (0,),
+    "OnnxRange": (0, 1, 2),
 }
+# Modules whose result is on their own device whatever device their inputs are on.
+DEVICE_RESULTS = {"OnnxRange", "OnnxConstantOfShape"}
+# A host value used as data on the device is written there element by element; one
+# larger than this (no vector of sizes is) is copied instead, which a CUDA graph cannot
+# capture.
+LARGEST_FILLED = 64
 
 
 def onnx2torch(backend: str = "torch-cuda") -> ModuleType:
@@ -291,6 +300,7 @@ def import_model(model: onnx.ModelProto) -> GraphModule:
     module.eval()
     fold_constants(module)
     keep_host_arguments_on_host(module)
+    keep_shapes_on_host(module)
     return module
 
 
@@ -339,30 +349,157 @@ def keep_host_arguments_on_host(module: GraphModule) -> int:
     graph = module.graph
     constants = _graph_constants(module)
     moved: dict[str, str] = {}
-    host = None
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
-        positions = HOST_ARGUMENTS.get(type(module.get_submodule(node.target)).__name__, ())
-        for position in positions:
+        for position in _host_read_positions(module, node):
             if position >= len(node.args):
                 continue
             argument = node.args[position]
-            if getattr(argument, "op", None) != "get_attr":
-                continue
-            if host is None:
-                host = _host_memory_module()
-                module.add_submodule("host", host)
-            if argument.target not in moved:
-                name = f"constant_{len(moved)}"
-                host.register_buffer(name, _constant(module, argument.target).detach().cpu())
-                moved[argument.target] = f"host.{name}"
-            with graph.inserting_before(node):
-                constant = graph.get_attr(moved[argument.target])
-            node.update_arg(position, constant)
+            if getattr(argument, "op", None) == "get_attr":
+                node.update_arg(position, _host_copy(module, argument, moved))
     if moved:
         _drop_unused(module, constants)
     return len(moved)
+
+
+def keep_shapes_on_host(module: GraphModule) -> int:
+    """Computes shape arithmetic in host memory; the count of nodes computed there.
+
+    Each Shape gives a host tensor, and every node computed from shapes and constants
+    alone (not a Range or ConstantOfShape, whose results are on the device) runs on the
+    host with host copies of its constants. Where such a value is used as data on the
+    device, it is written there by one fill per element: a fill takes its value as a
+    kernel argument, so a CUDA graph can capture it, where a copy from pageable host
+    memory cannot be captured."""
+    import torch
+
+    graph = module.graph
+    shapes = [
+        node
+        for node in graph.nodes
+        if node.op == "call_module" and _class_name(module, node) == "OnnxShape"
+    ]
+    if not shapes:
+        return 0
+    constants = _graph_constants(module)
+    for node in shapes:
+        onnx_shape = module.get_submodule(node.target)
+        module.set_submodule(node.target, _host_shape(onnx_shape._start, onnx_shape._end))
+    on_host = set(shapes)
+    for node in graph.nodes:
+        if node in on_host or not _runs_where_its_inputs_are(module, node):
+            continue
+        inputs = node.all_input_nodes
+        if any(a in on_host for a in inputs) and all(
+            a in on_host or a.op == "get_attr" for a in inputs
+        ):
+            on_host.add(node)
+    moved: dict[str, str] = {}
+    copies = 0
+    for node in [n for n in graph.nodes if n in on_host]:
+        for argument in node.all_input_nodes:
+            if argument.op == "get_attr":
+                node.replace_input_with(argument, _host_copy(module, argument, moved))
+        device_copy = None
+        for user in [u for u in node.users if u not in on_host]:
+            reads = set(_host_read_positions(module, user)) if user.op == "call_module" else set()
+            positions = [i for i, a in enumerate(user.args) if i not in reads and _uses(a, node)]
+            if not positions and not any(_uses(a, node) for a in user.kwargs.values()):
+                continue
+            if device_copy is None:
+                name = f"to_device_{copies}"
+                copies += 1
+                module.add_submodule(name, _device_copy())
+                with graph.inserting_after(node):
+                    device_copy = graph.call_module(name, (node,))
+
+            def swap(argument, copy=device_copy, node=node):
+                return copy if argument is node else argument
+
+            for position in positions:
+                user.update_arg(position, torch.fx.node.map_arg(user.args[position], swap))
+            for key, value in user.kwargs.items():
+                user.update_kwarg(key, torch.fx.node.map_arg(value, swap))
+    _drop_unused(module, constants)
+    return len(on_host)
+
+
+def _class_name(module: GraphModule, node) -> str:
+    return type(module.get_submodule(node.target)).__name__
+
+
+def _host_read_positions(module: GraphModule, node) -> tuple[int, ...]:
+    return HOST_ARGUMENTS.get(_class_name(module, node), ())
+
+
+def _runs_where_its_inputs_are(module: GraphModule, node) -> bool:
+    """Whether ``node`` computes on its inputs' device: a module without tensors of its
+    own (which ``.to(device)`` would move) and not one of ``DEVICE_RESULTS``."""
+    if node.op == "call_function":
+        return True
+    if node.op != "call_module" or _class_name(module, node) in DEVICE_RESULTS:
+        return False
+    submodule = module.get_submodule(node.target)
+    return next(submodule.parameters(), None) is None and next(submodule.buffers(), None) is None
+
+
+def _uses(argument, node) -> bool:
+    if isinstance(argument, (tuple, list)):
+        return any(_uses(a, node) for a in argument)
+    return argument is node
+
+
+def _host_copy(module: GraphModule, constant, moved: dict[str, str]):
+    """A ``get_attr`` node reading the copy of ``constant`` in the ``host`` submodule
+    (one copy per constant: ``moved`` maps each constant to its copy)."""
+    if constant.target.startswith("host."):
+        return constant
+    if not hasattr(module, "host"):
+        module.add_submodule("host", _host_memory_module())
+    if constant.target not in moved:
+        name = f"constant_{len(module.host._buffers)}"
+        module.host.register_buffer(name, _constant(module, constant.target).detach().cpu())
+        moved[constant.target] = f"host.{name}"
+    with module.graph.inserting_after(constant):
+        return module.graph.get_attr(moved[constant.target])
+
+
+def _host_shape(start: int, end: int | None):
+    """Shape as a host tensor: a tensor's shape is known on the host without a read."""
+    import torch
+    from torch import nn
+
+    class HostShape(nn.Module):
+        def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(tensor.shape[start:end], dtype=torch.int64)
+
+    return HostShape()
+
+
+def _device_copy():
+    """A module writing a host value to the module's device, one fill per element."""
+    import torch
+    from torch import nn
+
+    class DeviceCopy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("marker", torch.empty(0), persistent=False)
+
+        def forward(self, value: torch.Tensor) -> torch.Tensor:
+            device = self.marker.device
+            if value.device == device:
+                return value
+            if value.numel() > LARGEST_FILLED:
+                return value.to(device)
+            result = torch.empty(value.shape, dtype=value.dtype, device=device)
+            flat = result.view(-1)
+            for index, element in enumerate(value.reshape(-1).tolist()):
+                flat[index].fill_(element)
+            return result
+
+    return DeviceCopy()
 
 
 def _host_memory_module():
