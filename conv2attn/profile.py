@@ -174,7 +174,7 @@ def served_batch(
             if dims and graph_input.dims and graph_input.dims[0] is None and dims[0] != 1:
                 pinned[graph_input.name] = dims[0]
     if not pinned:
-        return batch or 1, shapes
+        return (1 if batch is None else batch), shapes
     (name, size), *others = pinned.items()
     for other, other_size in others:
         if other_size != size:

@@ -176,6 +176,8 @@ def test_a_batch_given_in_the_input_shape_is_the_batch_timed(tmp_path, capsys, m
     assert main(["profile", str(path), "--input-shape", "x:4x3x16x16", "--batch", "2"]) == 2
     error = capsys.readouterr().err.strip()
     assert "x:4x3x16x16" in error and "--batch" in error and len(error.splitlines()) == 1
+    assert main(["profile", str(path), "--batch", "0"]) == 2
+    assert "--batch 0: must be at least 1" in capsys.readouterr().err
 
 
 def test_a_model_that_cannot_be_run_is_named(pair, monkeypatch, capsys):
