@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +133,9 @@ class ProfileReport:
     device: str = "cpu"
     # how a GPU backend issued each run: "eager", "torch.compile", "CUDA graph", ...
     execution: str | None = None
+    # the models whose local attention runs in tiles (``convert --batch``; sized for a
+    # CPU's caches, while a GPU runs each tile as kernels of its own)
+    tiled: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -367,6 +370,11 @@ def profile(
         precision=precision,
         device=device.name,
         execution=execution(backend, gpu),
+        tiled=[
+            str(path)
+            for path, record in zip(paths, records)
+            if any(layer.get("tiles", 1) > 1 for layer in record)
+        ],
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from conv2attn.profile import ProfileReport
 from conv2attn.record import ConversionReport
+from conv2attn.runtime.registry import BACKENDS
 from conv2attn.terminal import BOLD, GREEN, RED, paint
 from conv2attn.validate import CheckReport
 
@@ -294,6 +295,12 @@ def profile_table(report: ProfileReport, top: int = 15, colour: bool = False) ->
             "",
             "eager PyTorch launches every node from Python and these times include that; "
             "--cuda-graph (or --compile) times the GPU's work alone",
+        ]
+    if report.tiled and BACKENDS[report.backend].gpu:
+        lines += [
+            "",
+            f"{', '.join(report.tiled)}: local attention in tiles sized for a CPU's caches, "
+            "which a GPU runs as kernels of their own; convert with --no-tiles for a GPU",
         ]
     for m in report.models:
         if not m.layers:
