@@ -90,8 +90,8 @@ def dynamic_conversion(attention: str):
     from tests.test_dynamic import dynamic
 
     original = dynamic(chain_model())
-    # onnx.helper writes the newest IR version, which older onnxruntime releases (1.30,
-    # on the GPU machine) refuse to load; torch's exporter writes IR 10
+    # onnx.helper writes the newest IR version, which older onnxruntime releases (1.30
+    # among them) refuse to load; torch's exporter writes IR 10
     original.ir_version = 10
     return original, conv2attn.convert(original, attention=attention)[0]
 
