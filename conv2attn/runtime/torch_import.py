@@ -10,8 +10,8 @@ reads the values of some inputs in Python (a Reshape's shape, a Pad's pads, a Sl
 bounds, a Range's limits); a constant there lives in host memory, so reading it does not
 copy from the GPU and wait for every kernel queued before it. A model that keeps dynamic
 sizes computes its shape arithmetic in host memory too, from the tensors' shapes, which
-the host knows without reading a value. And every node whose inputs are all constants is
-computed once, at import, rather than launched on every run.
+the host knows without reading a value, once per shape. And every node whose inputs are
+all constants is computed once, at import, rather than launched on every run.
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ DEVICE_RESULTS = {"OnnxRange", "OnnxConstantOfShape"}
 # larger than this (no vector of sizes is) is copied instead, which a CUDA graph cannot
 # capture.
 LARGEST_FILLED = 64
+# Input shapes whose shape arithmetic a dynamic model's imported module keeps.
+KEPT_SHAPES = 16
 
 
 def onnx2torch(backend: str = "torch-cuda") -> ModuleType:
@@ -421,8 +423,77 @@ def keep_shapes_on_host(module: GraphModule) -> int:
                 user.update_arg(position, torch.fx.node.map_arg(user.args[position], swap))
             for key, value in user.kwargs.items():
                 user.update_kwarg(key, torch.fx.node.map_arg(value, swap))
+    _compute_once_per_shape(module, shapes, on_host)
     _drop_unused(module, constants)
     return len(on_host)
+
+
+def _compute_once_per_shape(module: GraphModule, shapes: list, on_host: set) -> None:
+    """Replaces the host nodes computed from one Shape alone by one submodule that runs
+    them once per shape of that Shape's input and keeps the results: a model that keeps
+    dynamic sizes has hundreds of them (resnet18, local attention: 511 from 20 Shapes),
+    and eager PyTorch pays a Python call for each on every run."""
+    import operator
+
+    import torch
+
+    graph = module.graph
+    source: dict = {}  # host node -> the one Shape it is computed from, or None
+    for node in graph.nodes:
+        if node in shapes:
+            source[node] = node
+        elif node in on_host:
+            found = {source.get(a) for a in node.all_input_nodes if a.op != "get_attr"}
+            source[node] = found.pop() if len(found) == 1 else None
+    for index, shape in enumerate(shapes):
+        members = [n for n in graph.nodes if source.get(n) is shape]
+        inside = set(members)
+        results = [n for n in members if any(u not in inside for u in n.users)]
+        function = torch.fx.Graph()
+        values = {shape.args[0]: function.placeholder("tensor")}
+        for node in members:
+            for argument in node.all_input_nodes:
+                if argument.op == "get_attr" and argument not in values:
+                    values[argument] = function.get_attr(argument.target)
+            values[node] = function.node_copy(node, values.__getitem__)
+        function.output(tuple(values[n] for n in results))
+        name = f"shape_function_{index}"
+        module.add_submodule(name, _per_shape(torch.fx.GraphModule(module, function)))
+        with graph.inserting_after(shape):
+            call = graph.call_module(name, (shape.args[0],))
+        with graph.inserting_after(call):
+            items = [graph.call_function(operator.getitem, (call, i)) for i in range(len(results))]
+        for node, item in zip(results, items):
+            for user in list(node.users):
+                if user not in inside:
+                    user.replace_input_with(node, item)
+        for node in reversed(members):
+            graph.erase_node(node)
+
+
+def _per_shape(function):
+    """``function`` of a tensor's shape alone, kept in host memory, its results kept for
+    the last ``KEPT_SHAPES`` shapes it saw."""
+    from torch import nn
+
+    class PerShape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.function = function
+            self.results: dict[tuple, tuple] = {}
+
+        def _apply(self, fn, recurse=True):
+            return self  # host arithmetic: neither moved nor cast
+
+        def forward(self, tensor):
+            key = tuple(tensor.shape)
+            if key not in self.results:
+                if len(self.results) >= KEPT_SHAPES:
+                    del self.results[next(iter(self.results))]
+                self.results[key] = self.function(tensor)
+            return self.results[key]
+
+    return PerShape()
 
 
 def _class_name(module: GraphModule, node) -> str:
