@@ -534,6 +534,19 @@ def test_a_dynamic_size_conversion_computes_its_geometry_on_the_host(attention):
     assert copies == []
 
 
+def test_shape_axes_are_read_under_either_of_onnx2torchs_names():
+    """onnx2torch 1.5.0 keeps a Shape's axes as ``start``/``end``, later releases as
+    ``_start``/``_end``; a module with neither is refused in one line."""
+    from types import SimpleNamespace
+
+    from conv2attn.runtime.torch_import import shape_axes
+
+    assert shape_axes(SimpleNamespace(_start=1, _end=None)) == (1, None)
+    assert shape_axes(SimpleNamespace(start=None, end=3)) == (0, 3)
+    with pytest.raises(InputError, match=r"onnx2torch 1\.5\.15"):
+        shape_axes(SimpleNamespace())
+
+
 @pytest.mark.parametrize("attention", ["global", "local"])
 def test_a_dynamic_size_conversion_runs_its_shape_arithmetic_once_per_input_size(attention):
     """Eager PyTorch pays a Python call per node on every run, and a dynamic conversion's

@@ -386,8 +386,9 @@ def keep_shapes_on_host(module: GraphModule) -> int:
         return 0
     constants = _graph_constants(module)
     for node in shapes:
-        onnx_shape = module.get_submodule(node.target)
-        module.set_submodule(node.target, _host_shape(onnx_shape._start, onnx_shape._end))
+        module.set_submodule(
+            node.target, _host_shape(*shape_axes(module.get_submodule(node.target)))
+        )
     on_host = set(shapes)
     for node in graph.nodes:
         if node in on_host or not _runs_where_its_inputs_are(module, node):
@@ -494,6 +495,18 @@ def _per_shape(function):
             return self.results[key]
 
     return PerShape()
+
+
+def shape_axes(onnx_shape) -> tuple[int, int | None]:
+    """The axes an onnx2torch Shape module returns, ``start`` and ``end`` (named so in
+    onnx2torch 1.5.0, ``_start`` and ``_end`` in later releases)."""
+    for start, end in (("_start", "_end"), ("start", "end")):
+        if hasattr(onnx_shape, start):
+            return getattr(onnx_shape, start) or 0, getattr(onnx_shape, end, None)
+    raise InputError(
+        "--backend torch-cuda: this onnx2torch's Shape module keeps its axes under names "
+        "conv2attn does not know; install onnx2torch 1.5.15"
+    )
 
 
 def _class_name(module: GraphModule, node) -> str:
