@@ -87,6 +87,8 @@ class LayerReport:
     strided_queries: bool = False
     # one query per block, heads folded into W_O (``AttentionPlan.folds_heads``)
     folded: bool = False
+    # each head's value holds only the key pixels it reads (``AttentionPlan.narrows_values``)
+    narrowed: bool = False
 
     @classmethod
     def from_plan(
@@ -151,6 +153,7 @@ class LayerReport:
             tiles=tiles,
             strided_queries=plan.strided_queries,
             folded=plan.folds_heads,
+            narrowed=plan.narrows_values,
         )
 
 
@@ -320,6 +323,8 @@ def _recorded(layer: LayerReport) -> dict:
         entry["tiles"] = layer.tiles
     if layer.folded:
         entry["folded"] = True
+    if layer.narrowed:
+        entry["narrowed"] = True
     return entry
 
 
@@ -373,6 +378,7 @@ def recorded_plan(layer: dict) -> tuple[ConvSpec, AttentionPlan]:
         Grid(layer.get("grid", Grid.SHIFTED.value)),  # records before the fixed grid: shifted
         bool(layer.get("strided_queries", False)),
         bool(layer.get("folded", False)),  # the graph has no attention product
+        bool(layer.get("narrowed", False)),  # W_O holds only the rows its heads read
     )
     if plan.heads != layer["heads"] or list(plan.token_grid) != list(layer["token_grid"]):
         raise InputError(

@@ -136,6 +136,12 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             "window is projected directly, with no attention product (design section 3)",
         ),
         (
+            sum(layer.narrowed for layer in report.layers),
+            "give each head only the pixels of its key tokens that it reads (global "
+            "attention): W_O's rows for the others are zero, so they are left out (design "
+            "section 3)",
+        ),
+        (
             sum(bool(layer.input_patch) for layer in report.layers),
             "read patch tokens straight from the Convs before them: they share a token "
             "grid, so nothing between them is un-patchified and patchified again (design "

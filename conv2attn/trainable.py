@@ -206,6 +206,10 @@ class ConvAttention(nn.Module):
         super().__init__()
         if plan.spec.rank != 2:
             raise ValueError("ConvAttention handles 2-D convolutions")
+        # A head whose W_Q and W_K train may attend anywhere, so it keeps every feature of
+        # its keys: the ONNX emission's narrowed values hold only what the one-hot
+        # construction reads.
+        plan = replace(plan, narrow_values=False)
         self.plan = plan
         self.padding_mode = padding_mode
         self.explicit_padding = tuple(explicit_padding)
@@ -367,6 +371,7 @@ class ConvAttention(nn.Module):
                     plan.block if local else None,
                     plan.grid,
                     plan.strided_queries,
+                    narrow_values=False,
                 )
             except GeometryError as error:
                 raise ValueError(f"input size {list(size)}: {error}") from None

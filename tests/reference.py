@@ -92,7 +92,10 @@ def attention_conv(
         keys = tokens[:, :, None]  # one block whose window is every token
     if plan.order is Order.ATTEND_FIRST:
         attended = np.einsum("qhk,bgnkd->bgnqhd", probs, keys)
-        attended = attended.reshape(*attended.shape[:4], plan.heads * plan.group_in_dim)
+        if plan.narrows_values:
+            attended = _narrowed(plan, attended)
+        else:
+            attended = attended.reshape(*attended.shape[:4], plan.heads * plan.group_in_dim)
         out = attended @ projection[:, None]
     else:
         projected = (keys @ projection[:, None]).reshape(
@@ -119,3 +122,22 @@ def attention_conv(
     )
     crop = tuple(slice(0, a.output) for a in plan.axes)
     return out[(slice(None), slice(None), *crop)]
+
+
+def _narrowed(plan, attended: np.ndarray) -> np.ndarray:
+    """[.., q, heads, Dg_in] -> [.., q, value_dim]: each head's features for the pixels of
+    its key it reads (``AttentionPlan.value_spans``), heads in order."""
+    channels = plan.spec.in_channels // plan.spec.group
+    lead = attended.shape[:-2]
+    parts = []
+    for head, spans in enumerate(plan.value_spans):
+        features = attended[..., head, :]
+        if plan.channels_last:
+            pixels = features.reshape(*lead, *plan.in_patch, channels)
+            window = tuple(slice(start, stop) for start, stop in spans)
+            kept = pixels[(Ellipsis, *window, slice(None))]
+        else:
+            pixels = features.reshape(*lead, channels, *plan.in_patch)
+            kept = pixels[(Ellipsis, *(slice(start, stop) for start, stop in spans))]
+        parts.append(kept.reshape(*lead, -1))
+    return np.concatenate(parts, axis=-1)

@@ -1,6 +1,7 @@
 """The graph pass on ONNX models: parity with onnxruntime's Conv, and what the output holds."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ from onnx.backend.test.case.node import collect_testcases
 
 import conv2attn
 from conv2attn.errors import InputError
-from conv2attn.record import METADATA_KEY, converted_layers
+from conv2attn.record import METADATA_KEY, converted_layers, recorded_plan
 from conv2attn.report import conversion_table
 from tests.helpers import assert_parity, chain_model, conv_model, random_input, run
 
@@ -195,6 +196,51 @@ def test_the_standard_operator_is_planned_without_folding_and_dynamic_sizes_fold
     assert dynamic_layer.block == layer.block
     assert dynamic_layer.macs_after == dynamic_layer.macs_before
     assert any("/fold/" in node.name for node in converted.graph.node)
+
+
+def test_global_heads_hold_only_the_key_pixels_they_read():
+    """A 3x3 Conv at patch 4 (tokens of 4x4 pixels, 2 x 2 heads): an output patch reads 6
+    pixels per axis, 4 of its own token and 2 of the next, so the heads hold 4x4, 4x2,
+    2x4 and 2x2 pixels, 36 of 64, each in a product of its own; W_O keeps their rows."""
+    import torch
+
+    from conv2attn.inputs import Samples
+    from conv2attn.torch_graph import load_trainable
+    from conv2attn.validate import check
+    from tests.test_dynamic import dynamic
+
+    model = conv_model(8, 16, size=(12, 12), pads=[1, 1, 1, 1])
+    options = dict(attention="global", patch="4")
+    converted, report = convert_and_compare(model, **options)
+    (layer,) = report.layers
+    assert layer.narrowed and converted_layers(converted)[0]["narrowed"] is True
+    assert "1 layer(s) give each head only the pixels" in conversion_table(report)
+    w_o = next(i for i in converted.graph.initializer if i.name == "conv/attn/W_O")
+    assert list(w_o.dims) == [36 * 8, 16 * 16]
+    nodes = {node.name for node in converted.graph.node}
+    assert {f"conv/attn/head{h}/MatMul" for h in range(4)} <= nodes
+    assert "conv/attn/head0/Slice" not in nodes  # the first head reads its whole key
+    # 36 of 64 pixels: the product and the projection shrink alike
+    whole = replace(recorded_plan(converted_layers(converted)[0])[1], narrow_values=False)
+    assert layer.macs_after * 64 == whole.macs * 36 and layer.params_after * 64 == whole.params * 36
+    # the standard operator's heads are alike: every head holds its whole key
+    _, standard = conv2attn.convert(model, form="attention", **options)
+    assert not standard.layers[0].narrowed
+    feeds = random_input(model, batch=2)
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed and [checked.name for checked in result.layers] == ["conv"]
+    # the trainable import reads the Conv back out of the narrowed W_O
+    module = load_trainable(converted).eval()
+    with torch.no_grad():
+        got = module(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [got])
+    # dynamic sizes narrow alike, over channel-major tokens
+    flexible, other = conv2attn.convert(dynamic(model), nominal_shapes=["x:1x8x12x12"], **options)
+    assert other.layers[0].dynamic and other.layers[0].narrowed
+    rng = np.random.default_rng(1)
+    for size in ((12, 12), (9, 15)):
+        feeds = {"x": rng.standard_normal((2, 8, *size)).astype(np.float32)}
+        assert_parity(run(model, feeds), run(flexible, feeds))
 
 
 def test_float16_model_converts_with_float16_precision():

@@ -162,10 +162,16 @@ def test_choice_respects_whole_model_parameter_budget():
     assert met
     assert sum(p.params for p in tight) <= original
     assert sum(p.macs for p in tight) >= sum(p.macs for p in unconstrained)
-    # 3x3 stride-2 Convs cannot stay at 1x their parameters: the budget is reported unmet.
+    # A 3x3 stride-2 Conv on 2x2-pixel tokens has 4 heads, whose values a global plan
+    # narrows to the pixels they read: 2 + 1 per axis, 9 in all, the Conv's parameters.
     strided = [candidate_plans(spec(3, 2, size=28))]
-    plans, met = choose_plans(strided, strided[0][0].spec.params, max_param_growth=1.0)
-    assert not met and plans[0].params == min(p.params for p in strided[0])
+    conv_params = strided[0][0].spec.params
+    plans, met = choose_plans(strided, conv_params, max_param_growth=1.0)
+    assert met and plans[0].params == conv_params and plans[0].narrows_values
+    # With whole heads (an explicit attention) it cannot stay at 1x: reported unmet.
+    whole = [candidate_plans(spec(3, 2, size=28), fold_heads=False)]
+    plans, met = choose_plans(whole, conv_params, max_param_growth=1.0)
+    assert not met and plans[0].params == min(p.params for p in whole[0])
 
 
 def test_kernel_1_axes_subsample_instead_of_reading_whole_patches():
@@ -213,3 +219,47 @@ def test_the_plan_cache_keeps_small_models_and_drops_large_ones():
     plan_layers(specs, [f"c{n}" for n in sizes], attention="auto")
     assert geometry._cached_plans <= geometry.CACHED_PLANS_LIMIT
     assert geometry._candidates.cache_info().currsize == 0
+
+
+def test_global_heads_hold_only_the_key_pixels_they_read():
+    """resnet18's 7x7 stride-2 stem on 8x8-pixel tokens (patch 4): an output patch reads 13
+    pixels per axis, 8 of its own token and 5 of the next, so its four heads hold 8x8,
+    8x5, 5x8 and 5x5 pixels: 169 of 256 per channel, and the product, the projection and
+    W_O shrink alike."""
+    stem = spec(7, 2, size=224, cin=3)
+    narrowed = plan_attention(stem, (4, 4))
+    whole = plan_attention(stem, (4, 4), narrow_values=False)
+    assert narrowed.narrows_values and not whole.narrows_values
+    assert narrowed.value_spans == (
+        ((0, 8), (0, 8)),
+        ((0, 8), (0, 5)),
+        ((0, 5), (0, 8)),
+        ((0, 5), (0, 5)),
+    )
+    assert narrowed.head_in_dims == (192, 120, 120, 75)
+    assert whole.head_in_dims == (192,) * 4 and whole.value_dim == 4 * whole.in_dim
+    for figure in ("attention_macs", "projection_macs", "params"):
+        assert getattr(narrowed, figure) * 256 == getattr(whole, figure) * 169, figure
+
+
+def test_only_global_attend_first_plans_with_partly_read_keys_narrow():
+    stem = spec(7, 2, size=224, cin=3)
+    assert not plan_attention(stem, (4, 4), Order.PROJECT_FIRST).narrows_values
+    assert not plan_attention(stem, (4, 4), attention=Attention.LOCAL, block=(2, 2)).narrows_values
+    # one-pixel tokens of a stride-1 Conv: each head reads its whole key
+    assert not plan_attention(spec(3, 1), (1, 1)).narrows_values
+    assert not plan_attention(spec(3, 1, group=4), (2, 2)).narrows_values  # grouped
+    # the explicit attention of the standard form and integer Convs keeps whole heads
+    explicit = candidate_plans(stem, fold_heads=False)
+    assert explicit and not any(plan.narrows_values for plan in explicit)
+    assert any(plan.narrows_values for plan in candidate_plans(stem))
+
+
+def test_a_head_between_dilated_taps_holds_nothing():
+    """A 2-tap kernel with dilation 2 on one-pixel tokens reads keys 0 and 2 of its three
+    head offsets along that axis: the middle head has no pixels, no product and no rows."""
+    dilated = ConvSpec(1, 1, 1, (2, 1), (1, 1), (2, 1), (0, 0), (2, 0), (5, 5))
+    plan = plan_attention(dilated, (1, 1))
+    assert plan.heads == 3 and plan.narrows_values
+    assert plan.head_in_dims == (1, 0, 1)
+    assert plan.params == dilated.params == 2

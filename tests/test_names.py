@@ -107,7 +107,11 @@ def softmax_and_logits(converted: onnx.ModelProto) -> set[str]:
             stack += [producers[i] for i in node.input if i in producers]
         node = softmax
         while True:
-            (following,) = consumers[node.output[0]]
+            following = consumers[node.output[0]]
+            if len(following) > 1:  # each head's rows taken apart (narrowed values)
+                assert {n.op_type for n in following} == {"Gather"}
+                break
+            (following,) = following
             if following.op_type in ("MatMul", "Gemm"):  # the product, or the fold's
                 break
             selected.add(following.name)

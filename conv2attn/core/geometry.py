@@ -512,8 +512,11 @@ class AttentionPlan:
     # local attention on pixel tokens with a query every stride tokens (section 5)
     strided_queries: bool = False
     # whether emission folds the heads into W_O where the plan allows (``folds_heads``):
-    # the standard operator form, dynamic sizes and integer Convs keep the attention
+    # the standard operator form and integer Convs keep the attention
     fold_heads: bool = True
+    # whether each head's value may hold only the key pixels its rows of W_O read, where
+    # the plan allows (``narrows_values``); the standard operator's heads are all alike
+    narrow_values: bool = True
 
     @property
     def channels_last(self) -> bool:
@@ -550,6 +553,66 @@ class AttentionPlan:
             and self.block_queries == 1
             and self.heads > 1
         )
+
+    @cached_property
+    def value_spans(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per head (in ``head_offsets`` order) and axis, the ``[start, stop)`` of its key
+        token's input pixels that any output pixel of the query's patch reads (section
+        3's ``phase + u * stride + dilation * k == a * in_patch + y``). The last head along
+        an axis usually reads only the first few pixels of its token: an output patch
+        reaches ``stride * (p - 1) + dilation * (kernel - 1) + 1`` pixels, not
+        ``(reach + 1) * in_patch``."""
+        spec = self.spec
+        per_axis = []
+        for axis, kernel, stride, dilation in zip(
+            self.axes, spec.kernel, spec.strides, spec.dilations
+        ):
+            read: dict[int, list[int]] = {}
+            for u in range(axis.patch):
+                for tap in range(kernel):
+                    head, pixel = divmod(axis.phase + u * stride + dilation * tap, axis.in_patch)
+                    read.setdefault(head, []).append(pixel)
+            per_axis.append(
+                [(min(read[a]), max(read[a]) + 1) if a in read else (0, 0)
+                 for a in range(axis.reach + 1)]
+            )  # fmt: skip
+        return tuple(itertools.product(*per_axis))
+
+    @cached_property
+    def narrows_values(self) -> bool:
+        """Global attention attending first on ungrouped channels-last tokens, where some
+        head reads only part of its key token (``value_spans``): each head attends over
+        the pixels it reads, not the whole token, and W_O keeps only their rows. The rows
+        dropped are zero in W_O (section 3), so the sums are the same, bit for bit, with
+        fewer multiply-adds: resnet18's 7x7 stem on 8x8-pixel tokens reads 13 of the 16
+        pixels of its two heads per axis."""
+        return (
+            self.narrow_values
+            and self.attention is Attention.GLOBAL
+            and self.order is Order.ATTEND_FIRST
+            and self.spec.group == 1
+            and any(
+                (start, stop) != (0, axis.in_patch)
+                for head in self.value_spans
+                for (start, stop), axis in zip(head, self.axes)
+            )
+        )
+
+    @cached_property
+    def head_in_dims(self) -> tuple[int, ...]:
+        """Features of each head's value per group: its key token's (``group_in_dim``), or
+        with ``narrows_values`` the channels of the pixels it reads."""
+        if not self.narrows_values:
+            return (self.group_in_dim,) * self.heads
+        channels = self.spec.in_channels // self.group
+        return tuple(
+            channels * math.prod(stop - start for start, stop in head) for head in self.value_spans
+        )
+
+    @cached_property
+    def value_dim(self) -> int:
+        """The heads' values side by side, per group: the rows of W_O."""
+        return sum(self.head_in_dims)
 
     @property
     def phase(self) -> tuple[int, ...]:
@@ -754,12 +817,13 @@ class AttentionPlan:
     def projection_macs(self) -> int:
         # Attend first projects the queries; project first must project every key.
         rows = self.queries if self.order is Order.ATTEND_FIRST else self.tokens
-        return rows * self.heads * self.group_in_dim * self.group_out_dim * self.group
+        return rows * self.value_dim * self.group_out_dim * self.group
 
     @cached_property
     def attention_macs(self) -> int:
-        dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
-        return self.heads * self.queries * self.keys * dim
+        if self.order is Order.ATTEND_FIRST:
+            return self.queries * self.keys * self.value_dim * self.group
+        return self.heads * self.queries * self.keys * self.out_dim
 
     @cached_property
     def macs(self) -> int:
@@ -859,6 +923,17 @@ class AttentionPlan:
             groups = 1 if self.channels_last else self.spec.group
             row = max(dim // groups, GATHER_ROW_MOVES)
             moved += self.blocks * self.keys * groups * row
+        if self.narrows_values:
+            # each narrowed head's pixels are sliced out of the tokens (runs of its pixels
+            # along the last axis), and the heads' results are concatenated
+            channels = self.spec.in_channels
+            for head, dim in zip(self.value_spans, self.head_in_dims):
+                if dim < self.in_dim:
+                    start, stop = head[-1]
+                    run = channels * (stop - start)
+                    factor = SHORT_RUN_FACTOR if run < SHORT_RUN else 1
+                    moved += factor * self.tokens * dim
+            moved += self.queries * self.value_dim
         if self.depthwise:
             # The per-channel projection is a broadcast Mul and a ReduceSum: each product is
             # written and read back (measured ~2 G elements/s, ~80 MatMul multiply-adds).
@@ -898,14 +973,18 @@ class AttentionPlan:
             return self.attention_macs
         if self.folds_heads:
             return 0
+        if self.narrows_values:  # one product per head
+            columns = sum(-(-d // PRODUCT_COLUMNS) * PRODUCT_COLUMNS for d in self.head_in_dims)
+            return self.queries * self.keys * columns
         dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
         padded = -(-dim // PRODUCT_COLUMNS) * PRODUCT_COLUMNS
         return self.attention_macs * padded // dim
 
     @cached_property
     def params(self) -> int:
-        """Output projection weights; the grouped projection stores no zero blocks."""
-        return self.heads * self.group_in_dim * self.group_out_dim * self.group
+        """Output projection weights; the grouped projection stores no zero blocks, nor
+        the narrowed heads' (``narrows_values``) zero rows."""
+        return self.value_dim * self.group_out_dim * self.group
 
 
 def plan_attention(
@@ -917,11 +996,13 @@ def plan_attention(
     grid: Grid = Grid.SHIFTED,
     strided_queries: bool = False,
     fold_heads: bool = True,
+    narrow_values: bool = True,
 ) -> AttentionPlan:
     """The plan for one patch; local attention needs ``block`` (clamped to the grid).
     ``strided_queries``: local attention on one-pixel tokens along the strided axes (after
     any subsampling), a query every stride tokens; those axes take patch 1.
-    ``fold_heads``: whether emission may fold the heads into W_O (``folds_heads``)."""
+    ``fold_heads``: whether emission may fold the heads into W_O (``folds_heads``);
+    ``narrow_values``: whether heads may hold only the pixels they read (``narrows_values``)."""
     validate(spec)
     source = spec
     spec, steps = subsampled(spec)
@@ -953,7 +1034,16 @@ def plan_attention(
         )
     )
     return AttentionPlan(
-        spec, axes, Order(order), attention, source, steps, grid, strided_queries, fold_heads
+        spec,
+        axes,
+        Order(order),
+        attention,
+        source,
+        steps,
+        grid,
+        strided_queries,
+        fold_heads,
+        narrow_values,
     )
 
 
@@ -1003,7 +1093,8 @@ def candidate_plans(
     """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
     output) unless ``patches`` is given, both orders, and for local attention the best
     block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is;
-    ``fold_heads`` as ``plan_attention``.
+    ``fold_heads`` as ``plan_attention``, and for global plans its ``narrow_values``
+    (both restructure the heads, which an explicit attention keeps whole).
 
     Plans are immutable and depend on these arguments only, so the candidates of a Conv
     that repeats another's attributes (a ResNet's identical blocks) are computed once."""
@@ -1048,7 +1139,9 @@ def _candidates(
     for patch in patches:
         for order in orders:
             if attention is Attention.GLOBAL:
-                plans.append(plan_attention(spec, patch, order, grid=grid))
+                plans.append(
+                    plan_attention(spec, patch, order, grid=grid, narrow_values=fold_heads)
+                )
                 continue
             for strided in _query_kinds(strided_axes, patch):
                 plans.append(

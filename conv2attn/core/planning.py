@@ -160,8 +160,9 @@ def plan_layers(
     likewise over both grids. ``fixed_grid_unfit[i]``: why layer i has no fixed grid
     (its begin pad changes with a dynamic input size), or None. ``queries``: where strided
     Convs' local attention puts its queries (``QueryChoice``). ``explicit_attention[i]``:
-    layer i's emission keeps the attention product (the standard operator form, an
-    integer Conv), so its plans are priced without folding the heads into W_O.
+    layer i's emission keeps the attention product with whole heads (the standard operator
+    form, an integer Conv), so its plans are priced without folding the heads into W_O or
+    narrowing their values.
     ``stretches``: which Convs feed each other (``Stretches``); grid ``auto`` then takes
     one grid per stretch (``_plan_stretches``)."""
     modes = AttentionChoice(attention).modes()

@@ -91,6 +91,8 @@ def output_projection(
         else:
             where = (every, *a, every, *y, every, *u)
         projection[where] = w[(every, every, every, *k)]
+    if plan.narrows_values:
+        return _narrowed_rows(plan, projection, channels_last)
     projection = projection.reshape(group, plan.heads * plan.group_in_dim, plan.group_out_dim)
     if plan.order is Order.PROJECT_FIRST:
         projection = (
@@ -99,6 +101,23 @@ def output_projection(
             .reshape(group, plan.group_in_dim, plan.heads * plan.group_out_dim)
         )
     return np.ascontiguousarray(projection)
+
+
+def _narrowed_rows(plan: AttentionPlan, projection: np.ndarray, channels_last: bool) -> np.ndarray:
+    """W_O ``[g, value_dim, Dg_out]`` of a plan that narrows its values
+    (``AttentionPlan.narrows_values``): each head's rows for the pixels it reads, heads in
+    order. ``projection`` is W_O split as ``output_projection`` fills it; the rows left
+    out are zero there, as no output pixel reads those pixels through that head."""
+    group = plan.spec.group
+    first = 1 if channels_last else 2  # one head: [g, (c,) P1, P2, ..]
+    rows = []
+    for offset, spans in zip(plan.head_offsets, plan.value_spans, strict=True):
+        head = projection[(slice(None), *offset)]
+        window = [slice(None)] * head.ndim
+        for axis, (start, stop) in enumerate(spans):
+            window[first + axis] = slice(start, stop)
+        rows.append(head[tuple(window)].reshape(group, -1, plan.group_out_dim))
+    return np.ascontiguousarray(np.concatenate(rows, axis=1))
 
 
 def emitted_channels_last(plan: AttentionPlan, dynamic: bool) -> bool:

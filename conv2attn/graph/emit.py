@@ -210,8 +210,9 @@ def relative_logits(b: _Builder, plan: AttentionPlan) -> gs.Variable:
 
 def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
     """Softmax of ``relative_logits``. Attend-first: ``[q * heads, K]``, row ``(query,
-    head)``. Project-first: ``[q, K * heads]``, column ``(key, head)``. Each row is
-    one-hot (section 2). Cast to the model's type after the softmax."""
+    head)`` (``[q, heads, K]`` where the plan narrows its values). Project-first: ``[q, K *
+    heads]``, column ``(key, head)``. Each row is one-hot (section 2). Cast to the model's
+    type after the softmax."""
     logits = relative_logits(b, plan)
     q, heads, k = logits.shape
     rows = b.static_reshape(f"{names.LOGITS}/rows", logits, [q * heads, k])
@@ -227,6 +228,8 @@ def _attention_matrix(b: _Builder, plan: AttentionPlan) -> gs.Variable:
             {"perm": [0, 2, 1]},
         )
         probs = b.static_reshape(f"{names.SOFTMAX}/key_head", keys_first, [q, k * heads])
+    elif plan.narrows_values:  # each head's rows are taken apart (``_attend_narrowed``)
+        probs = b.static_reshape(f"{names.SOFTMAX}/by_head", probs, [q, heads, k])
     if b.dtype != np.float32:
         to = helper.np_dtype_to_tensor_dtype(b.dtype)
         probs = b.op("Cast", f"{names.SOFTMAX}/Cast", [probs], probs.shape, attrs={"to": to})
@@ -508,6 +511,64 @@ def _attend(
     return b.reshape("attend/blocks", attended, [*lead, rows, dim])
 
 
+def _attend_narrowed(
+    b: _Builder,
+    plan: AttentionPlan,
+    attention: gs.Variable,
+    tokens: gs.Variable,
+    lead: list[Dim],
+) -> gs.Variable:
+    """``attend_narrowed`` over channels-last tokens [*lead, N, D_in]:
+    ``[*lead, q, value_dim]``."""
+    n, channels = plan.tokens, plan.spec.in_channels
+    pixels = b.reshape("heads/pixels", tokens, [*lead, n, *plan.in_patch, channels])
+
+    def values(part: str, sliced: gs.Variable, dim: int) -> gs.Variable:
+        return b.reshape(part, sliced, [*lead, n, dim])
+
+    attended = attend_narrowed(b, plan, attention, tokens, pixels, len(lead) + 1, values)
+    attended.shape = [*lead, plan.queries, plan.value_dim]
+    return attended
+
+
+def attend_narrowed(
+    b: _Builder,
+    plan: AttentionPlan,
+    attention: gs.Variable,
+    tokens: gs.Variable,
+    pixels: gs.Variable,
+    first_pixel_axis: int,
+    values: Callable[[str, gs.Variable, int], gs.Variable],
+) -> gs.Variable:
+    """Global attention whose heads hold only the pixels they read
+    (``AttentionPlan.narrows_values``): per head, its rows of the attention ``[q, heads,
+    N]`` times those pixels of every token, the heads concatenated along the last axis.
+    ``pixels`` is ``tokens`` with each token's pixels on axes from ``first_pixel_axis``
+    on; ``values(part, sliced, dim)`` lays a head's slice of it out as tokens of ``dim``
+    features. The attention's rows per head are slices of constants (static sizes), which
+    a runtime folds at load time."""
+    rank = plan.spec.rank
+    attended = []
+    for head, (spans, dim) in enumerate(zip(plan.value_spans, plan.head_in_dims, strict=True)):
+        if dim == 0:  # a dilated kernel's taps may skip a token entirely
+            continue
+        part = f"head{head}"
+        index = b.scalar(f"{part}/index", np.array(head, dtype=np.int64))
+        rows = b.op("Gather", f"{part}/attention", [attention, index], None, attrs={"axis": 1})
+        keys = tokens
+        if dim < plan.in_dim:  # the first head usually reads its whole key
+            starts, stops = zip(*spans)
+            inputs = [
+                pixels,
+                b.int64(f"{part}/starts", starts),
+                b.int64(f"{part}/ends", stops),
+                b.int64(f"{part}/axes", list(range(first_pixel_axis, first_pixel_axis + rank))),
+            ]
+            keys = values(f"{part}/values", b.op("Slice", f"{part}/Slice", inputs, None), dim)
+        attended.append(b.op("MatMul", f"{part}/MatMul", [rows, keys], None, tokens.dtype))
+    return b.op("Concat", "concat_heads", attended, None, tokens.dtype, attrs={"axis": -1})
+
+
 def _attend_and_project(
     b: _Builder,
     plan: AttentionPlan,
@@ -524,6 +585,9 @@ def _attend_and_project(
     q, k, heads = plan.block_queries, plan.keys, plan.heads
     dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
     out_dim = plan.group_out_dim
+    if plan.narrows_values:
+        heads_concat = _attend_narrowed(b, plan, attention, tokens, lead)
+        return project_heads(b, plan, heads_concat, lead, g, projection, bias)
     if plan.order is Order.ATTEND_FIRST:
         # (query, head) rows: the heads of one query are adjacent, so concatenation is a Reshape.
         attended = _attend(b, plan, attention, tokens, windows, lead, dim_in)

@@ -37,7 +37,7 @@ from conv2attn.core.weights import (
     query_coordinates,
 )
 from conv2attn.core.weights import key_coordinates as static_key_coordinates
-from conv2attn.graph.emit import Dim, _Builder, _route
+from conv2attn.graph.emit import Dim, _Builder, _route, attend_narrowed
 from conv2attn.graph.emit import _folded_heads as _folded_heads_static
 from conv2attn.graph.runtime_geometry import AxisSizes, ShapeMath, Size, axis_sizes, input_sizes
 
@@ -249,6 +249,8 @@ def _attention_matrix(b, m, plan: AttentionPlan, axes: list[AxisSizes]) -> gs.Va
             {"perm": [0, 2, 1]},
         )  # fmt: skip
         probs = _reshape(b, m, f"{names.SOFTMAX}/key_head", keys_first, [q, m.mul(k, heads)])
+    elif plan.narrows_values:  # each head's rows are taken apart (``_attend_narrowed``)
+        probs = _reshape(b, m, f"{names.SOFTMAX}/by_head", probs, [q, heads, k])
     if b.dtype != np.float32:
         to = helper.np_dtype_to_tensor_dtype(b.dtype)
         probs = b.op("Cast", f"{names.SOFTMAX}/Cast", [probs], None, b.dtype, {"to": to})
@@ -404,9 +406,12 @@ def emit_dynamic_attention(
         return b.nodes
     if plan.order is Order.ATTEND_FIRST:
         weight = projection.reshape(group, *([1] if local else []), *projection.shape[1:])
-        attended = _attend(b, m, plan, attention, tokens, windows, dim_in)
-        concat = _reshape(b, m, "concat_heads", attended, [*lead, q, heads * dim_in] if local
-                          else [0, group, -1, heads * dim_in])  # fmt: skip
+        if plan.narrows_values:
+            concat = _attend_narrowed(b, m, plan, attention, tokens)
+        else:
+            attended = _attend(b, m, plan, attention, tokens, windows, dim_in)
+            concat = _reshape(b, m, "concat_heads", attended, [*lead, q, heads * dim_in] if local
+                              else [0, group, -1, heads * dim_in])  # fmt: skip
         projected = b.op(
             "MatMul", "proj/MatMul", [concat, b.constant(names.PROJECTION, weight)], None, dtype
         )
@@ -517,6 +522,18 @@ def _attend(b, m, plan: AttentionPlan, attention, values, windows, dim: int) -> 
     flat = _reshape(b, m, "attend/flat", values, [0, group, 1, -1])
     attended = b.op("MatMul", "MatMul", [attention, flat], None, values.dtype)
     return _reshape(b, m, "attend/blocks", attended, [0, group, -1, 1, dim])
+
+
+def _attend_narrowed(b, m, plan: AttentionPlan, attention, tokens) -> gs.Variable:
+    """``emit.attend_narrowed`` over channel-major tokens [B, 1, N, (C, P1, P2, ..)]:
+    [B, 1, q, value_dim]."""
+    channels = plan.spec.in_channels
+    pixels = _reshape(b, m, "heads/pixels", tokens, [0, 1, -1, channels, *plan.in_patch])
+
+    def values(part: str, sliced: gs.Variable, dim: int) -> gs.Variable:
+        return _reshape(b, m, part, sliced, [0, 1, -1, dim])
+
+    return attend_narrowed(b, plan, attention, tokens, pixels, 4, values)
 
 
 def _unpatchify(b, m, values, plan: AttentionPlan, axes: list[AxisSizes], y) -> None:
