@@ -580,8 +580,8 @@ class AttentionPlan:
 
     @cached_property
     def narrows_values(self) -> bool:
-        """Global attention attending first on ungrouped channels-last tokens, where some
-        head reads only part of its key token (``value_spans``): each head attends over
+        """Global attention attending first on an ungrouped Conv's tokens, where some head
+        reads only part of its key token (``value_spans``): each head attends over
         the pixels it reads, not the whole token, and W_O keeps only their rows. The rows
         dropped are zero in W_O (section 3), so the sums are the same, bit for bit, with
         fewer multiply-adds: resnet18's 7x7 stem on 8x8-pixel tokens reads 13 of the 16
