@@ -171,3 +171,25 @@ def test_the_upgrade_never_serializes_the_weights(monkeypatch):
     assert seen and seen[0] <= SKELETON_MAX_BYTES < 64 * 64 * 9 * 4
     feeds = random_input(model)
     assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_weights_come_back_when_the_converter_unmarks_the_stubs(monkeypatch):
+    """onnx 1.18's version converter returns the skeleton's stubs as empty tensors, no
+    longer marked external: the weights are put back by name all the same."""
+    from conv2attn.graph import rewrite
+
+    upgrade = rewrite.version_converter.convert_version
+
+    def unmarking(model, target):
+        upgraded = upgrade(model, target)
+        for tensor in upgraded.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+        return upgraded
+
+    monkeypatch.setattr(rewrite.version_converter, "convert_version", unmarking)
+    model = conv_model(in_channels=64, out_channels=64, size=(16, 16), opset=11)
+    converted, _ = conv2attn.convert(model, form="attention")
+    feeds = random_input(model)
+    assert_parity(run(model, feeds), run(converted, feeds))

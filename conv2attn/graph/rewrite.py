@@ -263,9 +263,13 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     version = check_opset(model)
     if version >= target:
         return model
+    bare = skeleton(model)
+    stubs = {t.name for t in bare.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     try:
         # the converter serializes what it is given: the weights stay out (2 GB limit)
-        upgraded = _with_weights(version_converter.convert_version(skeleton(model), target), model)
+        upgraded = _with_weights(version_converter.convert_version(bare, target), model, stubs)
+    except InputError:
+        raise
     except Exception as error:  # the converter raises bare RuntimeErrors and checker errors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(
@@ -276,12 +280,15 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return upgraded
 
 
-def _with_weights(upgraded: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+def _with_weights(
+    upgraded: onnx.ModelProto, model: onnx.ModelProto, stubs: set[str]
+) -> onnx.ModelProto:
     """``upgraded`` (from ``model``'s skeleton) with ``model``'s initializers back in
-    place of the skeleton's stubs."""
+    place of the skeleton's ``stubs``. They are found by name: some onnx releases (1.18)
+    return a stub as an empty tensor, no longer marked external."""
     originals = {tensor.name: tensor for tensor in model.graph.initializer}
     for tensor in upgraded.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if tensor.name not in stubs and tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         if tensor.name not in originals:
             raise InputError(f"initializer '{tensor.name}' was lost in the upgrade")

@@ -386,8 +386,12 @@ def keep_shapes_on_host(module: GraphModule) -> int:
         return 0
     constants = _graph_constants(module)
     for node in shapes:
-        module.set_submodule(
-            node.target, _host_shape(*shape_axes(module.get_submodule(node.target)))
+        owner, _, attribute = node.target.rpartition(".")
+        # setattr on the owner, not Module.set_submodule: torch 2.4 has none
+        setattr(
+            module.get_submodule(owner),
+            attribute,
+            _host_shape(*shape_axes(module.get_submodule(node.target))),
         )
     on_host = set(shapes)
     for node in graph.nodes:
