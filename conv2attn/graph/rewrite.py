@@ -267,9 +267,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     stubs = {t.name for t in bare.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     try:
         # the converter serializes what it is given: the weights stay out (2 GB limit)
-        upgraded = _with_weights(version_converter.convert_version(bare, target), model, stubs)
-    except InputError:
-        raise
+        upgraded = version_converter.convert_version(bare, target)
     except Exception as error:  # the converter raises bare RuntimeErrors and checker errors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(
@@ -277,7 +275,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             f"upgrade this model from opset {version}: {reason}; convert with --form matmul"
         ) from None
     log.info("upgraded the model from opset %d to %d for the Attention operator", version, target)
-    return upgraded
+    return _with_weights(upgraded, model, stubs)
 
 
 def _with_weights(
