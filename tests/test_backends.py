@@ -7,6 +7,7 @@ makes ``import name`` raise ImportError, exactly as when it is not installed).
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 from pathlib import Path
@@ -302,6 +303,31 @@ def test_fp16_cast_for_tensorrt_11_keeps_logits_and_softmax_in_float32():
     projections = [i for i in cast.graph.initializer if i.name.endswith("/attn/W_O")]
     assert projections and all(i.data_type == onnx.TensorProto.FLOAT16 for i in projections)
     assert cast.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16), np.float32)}
+    assert_parity(run(converted, feeds), run(cast, feeds), *PRECISION_TOLERANCE["fp16"])
+
+
+def test_fp16_cast_keeps_one_of_the_repeated_casts_older_converters_insert(monkeypatch):
+    """onnxruntime's float16 converter before 1.32 inserts an fp32 Cast once per use of a
+    tensor, each with the same name and output; the cast model must still load and agree."""
+    import onnxruntime.transformers.float16 as float16
+
+    convert = float16.convert_float_to_float16
+
+    def repeating_casts(model, **options):
+        cast = convert(model, **options)
+        repeated = [n for n in cast.graph.node if n.op_type == "Cast"]
+        cast.graph.node.extend(copy.deepcopy(n) for n in repeated)
+        cast.graph.value_info.extend(copy.deepcopy(list(cast.graph.value_info)))
+        return cast
+
+    monkeypatch.setattr(float16, "convert_float_to_float16", repeating_casts)
+    converted, _ = conv2attn.convert(chain_model(), patch="2")
+    keep = [n.name for n in converted.graph.node if "/attn/logits/" in n.name]
+    cast = cast_to_float16(converted, keep)
+    names = [n.name for n in cast.graph.node]
+    assert len(names) == len(set(names))
+    assert any(n.op_type == "Cast" for n in cast.graph.node)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16), np.float32)}
     assert_parity(run(converted, feeds), run(cast, feeds), *PRECISION_TOLERANCE["fp16"])
 

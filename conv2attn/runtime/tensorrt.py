@@ -218,12 +218,43 @@ def cast_to_float16(model: onnx.ModelProto, keep: Sequence[str] = ()) -> onnx.Mo
     converter; Softmax and the nodes named in ``keep`` stay float32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    return convert_float_to_float16(
+    cast = convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"],
         node_block_list=list(keep),
     )
+    return without_repeated_casts(cast)
+
+
+def without_repeated_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each node that repeats an earlier one exactly dropped, and each
+    repeated value_info with it.
+
+    onnxruntime's float16 converter before 1.32 casts an fp16 tensor back to fp32 once
+    per use by a node kept in fp32 (a square, ``Mul(d, d)``, uses it twice), and each of
+    those Casts has the same name and output: a graph no runtime loads. They compute the
+    same tensor, so one is kept."""
+    seen_nodes: set[bytes] = set()
+    nodes = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen_nodes:
+            seen_nodes.add(key)
+            nodes.append(node)
+    seen_values: set[str] = set()
+    values = []
+    for value in model.graph.value_info:
+        if value.name not in seen_values:
+            seen_values.add(value.name)
+            values.append(value)
+    if len(nodes) == len(model.graph.node) and len(values) == len(model.graph.value_info):
+        return model
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(values)
+    return model
 
 
 def build_engine(
