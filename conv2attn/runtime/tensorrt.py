@@ -235,25 +235,17 @@ def without_repeated_casts(model: onnx.ModelProto) -> onnx.ModelProto:
     per use by a node kept in fp32 (a square, ``Mul(d, d)``, uses it twice), and each of
     those Casts has the same name and output: a graph no runtime loads. They compute the
     same tensor, so one is kept."""
-    seen_nodes: set[bytes] = set()
-    nodes = []
-    for node in model.graph.node:
-        key = node.SerializeToString(deterministic=True)
-        if key not in seen_nodes:
-            seen_nodes.add(key)
-            nodes.append(node)
-    seen_values: set[str] = set()
-    values = []
-    for value in model.graph.value_info:
-        if value.name not in seen_values:
-            seen_values.add(value.name)
-            values.append(value)
-    if len(nodes) == len(model.graph.node) and len(values) == len(model.graph.value_info):
+    graph = model.graph
+    nodes = list(dict.fromkeys(n.SerializeToString(deterministic=True) for n in graph.node))
+    values: dict[str, bytes] = {}
+    for value in graph.value_info:
+        values.setdefault(value.name, value.SerializeToString())
+    if len(nodes) == len(graph.node) and len(values) == len(graph.value_info):
         return model
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(values)
+    del graph.node[:]
+    graph.node.extend(onnx.NodeProto.FromString(node) for node in nodes)
+    del graph.value_info[:]
+    graph.value_info.extend(onnx.ValueInfoProto.FromString(value) for value in values.values())
     return model
 
 
