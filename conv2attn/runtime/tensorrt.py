@@ -224,10 +224,10 @@ def cast_to_float16(model: onnx.ModelProto, keep: Sequence[str] = ()) -> onnx.Mo
         op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"],
         node_block_list=list(keep),
     )
-    return without_repeated_casts(cast)
+    return without_repeated_nodes(cast)
 
 
-def without_repeated_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_repeated_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each node that repeats an earlier one exactly dropped, and each
     repeated value_info with it.
 
