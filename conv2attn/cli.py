@@ -318,15 +318,17 @@ def _add_convert(commands) -> None:
         metavar="N",
         help="the batch size to run at where the model's batch is dynamic (default 1): "
         "local attention is split into tiles of blocks whose intermediates stay in cache "
-        "at this batch; the model keeps its dynamic batch",
+        "at this batch, and pools whose input leaves the cache run channels-last; the "
+        "model keeps its dynamic batch",
     )
     convert.add_argument(
         "--no-tiles",
         dest="tiles",
         action="store_false",
         help="emit for GPU runtimes: local attention whole, one product per layer, at any "
-        "batch (a GPU runs each tile as kernels of its own), and biases added token by "
-        "token, not over rows of several tokens (which onnxruntime's CPU Add prefers)",
+        "batch (a GPU runs each tile as kernels of its own), biases added token by "
+        "token, not over rows of several tokens (which onnxruntime's CPU Add prefers), "
+        "and pools left NCHW",
     )
     _json_option(
         convert,

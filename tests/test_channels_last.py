@@ -8,6 +8,7 @@ moves values, so the converted model computes exactly what the NCHW layout compu
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,11 @@ def test_torchvision_models_lose_most_layout_changes(torchvision_model, name):
     # only where values sit changes: the same arithmetic, so the same bits as NCHW
     for moved, kept in zip(run(converted, feeds), run(nchw, feeds)):
         np.testing.assert_array_equal(moved, kept)
+    if name == "resnet18":  # at batch 8 the max-pool's 25 MB input pools channels-last
+        batch8, _ = conv2attn.convert(original, attention="local", batch=8)
+        assert transposes(batch8) == transposes(converted) - 2
+        assert "Unsqueeze" in {n.op_type for n in batch8.graph.node}
+        np.testing.assert_array_equal(run(batch8, feeds)[0], run(nchw, feeds)[0])
 
 
 def test_cli_layout_option_and_record(tmp_path, capsys):
@@ -323,3 +329,133 @@ def test_dynamic_sizes_stay_channels_last_between_pixel_token_layers(attention):
         assert result.passed and len(result.layers) == 3
         with torch.no_grad():
             assert_parity(expected, [module(torch.from_numpy(feeds["x"])).numpy()])
+
+
+def pooled_block(pool: str, attrs: dict, opset: int = 13, rank: int = 2) -> onnx.ModelProto:
+    """conv -> Relu -> a pool -> conv, batch open: the pool sits between converted Convs."""
+    weight = random_initializers(seed=3)
+    kernel, sizes = [3] * rank, [12, 13][:rank] if rank == 2 else [20]
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=kernel, pads=[1] * 2 * rank
+        ),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu"),
+        helper.make_node(pool, ["r1"], ["p1"], "pool", **attrs),
+        helper.make_node(
+            "Conv", ["p1", "w2"], ["y"], "conv2", kernel_shape=kernel, pads=[1] * 2 * rank
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pooled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, *sizes])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weight("w1", (6, 4, *kernel)), weight("w2", (5, 6, *kernel))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def pool_reads(model: onnx.ModelProto) -> str:
+    """What feeds the pool: the op making its input."""
+    made = {out: node for node in model.graph.node for out in node.output}
+    (pool,) = [n for n in model.graph.node if n.name == "pool"]
+    return made[pool.input[0]].op_type
+
+
+# one item of pooled_block's pooled tensor: 6 x 12 x 13 floats
+ITEM_BYTES = 6 * 12 * 13 * 4
+
+
+def test_a_large_pool_runs_channels_last_at_the_batch_converted_for():
+    """Channels-last pools pay where their input leaves the cache: at ``--batch``
+    items (``geometry.POOL_CHANNELS_LAST_BYTES``) the pool joins the tensors between the
+    converted Convs and the Transposes around it go; at batch 1, with ``--no-tiles``
+    (emission for GPU runtimes) and on sizes that are open it stays NCHW."""
+    from conv2attn.core.geometry import POOL_CHANNELS_LAST_BYTES
+    from tests.test_dynamic import dynamic
+
+    model = pooled_block("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    large = -(-POOL_CHANNELS_LAST_BYTES // ITEM_BYTES)
+    options = dict(attention="global", patch=1)
+    small, _ = conv2attn.convert(model, **options)
+    moved, _ = conv2attn.convert(model, **options, batch=large)
+    untiled, _ = conv2attn.convert(model, **options, batch=large, tiles=False)
+    below, _ = conv2attn.convert(model, **options, batch=large - 1)
+    open_sizes, _ = conv2attn.convert(dynamic(copy.deepcopy(model)), **options, batch=large)
+    assert pool_reads(moved) == "Unsqueeze" and transposes(moved) == 2
+    for kept in (small, untiled, below, open_sizes):
+        assert pool_reads(kept) != "Unsqueeze" and transposes(kept) == 4
+    feeds = random_input(model, batch=3)
+    np.testing.assert_array_equal(run(moved, feeds)[0], run(small, feeds)[0])
+
+
+POOLS = {
+    "max 3x3/2": ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    "max ceil dilated": (
+        "MaxPool",
+        dict(kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 1], ceil_mode=1),
+    ),
+    "max same_upper": ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")),
+    "max asymmetric": ("MaxPool", dict(kernel_shape=[3, 2], pads=[0, 1, 2, 0])),
+    "average with pads": (
+        "AveragePool",
+        dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=1),
+    ),
+    "average without pads": (
+        "AveragePool",
+        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=0),
+    ),
+    "average 2x2/2": ("AveragePool", dict(kernel_shape=[2, 2], strides=[2, 2])),
+}
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("case", POOLS)
+def test_a_channels_last_pool_pools_the_same_windows(case, opset, monkeypatch):
+    """A pool channels-last is the same pool with a window of 1 over the channels: every
+    window and its count of values as on NCHW. Max pools give the same bits as the NCHW
+    conversion; average pools the same values up to summation order. The per-layer check
+    and the PyTorch module read through it (opset 11: Unsqueeze's axes an attribute)."""
+    monkeypatch.setattr("conv2attn.core.geometry.POOL_CHANNELS_LAST_BYTES", 0)
+    pool, attrs = POOLS[case]
+    model = pooled_block(pool, attrs, opset)
+    options = dict(attention="local", patch=1, block="1x4")
+    converted, report = conv2attn.convert(model, **options)
+    nchw, _ = conv2attn.convert(model, **options, layout="nchw")
+    assert pool_reads(converted) == "Unsqueeze" and transposes(converted) == 2
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv1"].output_channels_last and layers["conv2"].input_channels_last
+    feeds = random_input(model, batch=3)
+    expected = run(model, feeds)
+    assert_parity(expected, run(converted, feeds))
+    if pool == "MaxPool":
+        np.testing.assert_array_equal(run(converted, feeds)[0], run(nchw, feeds)[0])
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed and [layer.name for layer in result.layers] == ["conv1", "conv2"]
+    if "auto_pad" not in attrs:  # the PyTorch layer refuses SAME pools in any layout
+        with torch.no_grad():
+            got = load_trainable(converted).eval()(torch.from_numpy(feeds["x"])).numpy()
+        assert_parity(expected, [got])
+
+
+def test_a_1d_pool_runs_channels_last_as_a_2d_one(monkeypatch):
+    monkeypatch.setattr("conv2attn.core.geometry.POOL_CHANNELS_LAST_BYTES", 0)
+    model = pooled_block("MaxPool", dict(kernel_shape=[3], strides=[2], pads=[1, 1]), rank=1)
+    converted, _ = conv2attn.convert(model, attention="local", patch=1)
+    (pool,) = [n for n in converted.graph.node if n.name == "pool"]
+    assert pool_reads(converted) == "Unsqueeze" and len(pool.attribute[0].ints) == 2
+    feeds = random_input(model, batch=2)
+    assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_a_max_pool_that_returns_indices_stays_nchw(monkeypatch):
+    """Its indices count positions in the NCHW tensor, which channels-last would change."""
+    monkeypatch.setattr("conv2attn.core.geometry.POOL_CHANNELS_LAST_BYTES", 0)
+    model = pooled_block("MaxPool", dict(kernel_shape=[2, 2], strides=[2, 2]))
+    model.graph.node[2].output.append("indices")
+    model.graph.output.append(helper.make_tensor_value_info("indices", TensorProto.INT64, None))
+    converted, _ = conv2attn.convert(model, attention="local", patch=1)
+    assert pool_reads(converted) != "Unsqueeze" and transposes(converted) == 4
+    feeds = random_input(model, batch=2)
+    for expected, got in zip(run(model, feeds), run(converted, feeds)):
+        assert_parity([expected.astype(np.float64)], [got.astype(np.float64)])

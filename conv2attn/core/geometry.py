@@ -434,6 +434,16 @@ BLOCK_PRODUCT_MACS = 16_000
 # for (measured on that model at batch 8, onnxruntime, 2 cores, 32 MiB L3: tiles of 1, 2,
 # 4 and 8 MiB gave 1.97, 1.92, 1.77 and 1.79x).
 TILE_BYTES = 4 * 2**20
+# A pooling layer between channels-last tensors either runs on NCHW (a Transpose on each
+# side, which onnxruntime turns into the reorders of its blocked layout) or channels-last,
+# as the same pooling over one axis more (the channels, window 1), which onnxruntime runs
+# one batch item per thread. Measured (fp32, 2 cores, 32 MiB L3, best of 10 blocks; NCHW
+# against channels-last): MaxPool 3x3/2 on 64x112x112 at batch 1, 2, 4 and 8: 0.18/0.41,
+# 0.29/0.52, 1.67/0.81 and 5.09/2.55 ms; on 64x224x224 at batch 1 1.28/1.15 ms;
+# AveragePool 2x2/2 on 128x56x56 at batch 1, 2, 4 and 8: 0.08/0.12, 0.12/0.23, 0.27/0.40
+# and 1.84/1.12 ms; MaxPool 3x3/1 on 256x28x28 at batch 8: 2.11/2.42 ms. Channels-last
+# wins from about this many input bytes, where the reorders leave the cache.
+POOL_CHANNELS_LAST_BYTES = 8 * 2**20
 # A matrix product's kernel computes this many output columns at a time (onnxruntime's
 # MLAS, fp32): an attention product with fewer value columns costs as many as this.
 # Measured on local attention's per-block products ([36, 16] x [16, D] over 784 blocks and
@@ -985,6 +995,12 @@ class AttentionPlan:
         """Output projection weights; the grouped projection stores no zero blocks, nor
         the narrowed heads' (``narrows_values``) zero rows."""
         return self.value_dim * self.group_out_dim * self.group
+
+
+def pools_channels_last(elements: int, itemsize: int) -> bool:
+    """Whether a pooling layer whose input holds ``elements`` values of ``itemsize`` bytes
+    (the whole batch) runs faster channels-last (``POOL_CHANNELS_LAST_BYTES``)."""
+    return elements * itemsize >= POOL_CHANNELS_LAST_BYTES
 
 
 def plan_attention(

@@ -6,6 +6,11 @@ operations that do not depend on the layout (elementwise activations and gates, 
 ``Add``, per-channel constants, ``Pad``, ``Slice``, ``Concat``), the tensors between them
 can stay channels-last: the pair of Transposes cancels.
 
+Pooling layers join them where their input is large (``geometry.pools_channels_last``, at
+the batch the model is converted for): channels-last, a pool over the spatial axes is the
+same pool over one axis more, the channels with a window of 1, between an Unsqueeze and a
+Squeeze that move no data.
+
 The pass works on *regions*: connected sets of such nodes (joined by any tensor they
 share). A region's inputs are either the output of a channels-last -> NCHW Transpose
 (the region reads its input instead, for free) or another NCHW tensor (a Transpose to
@@ -24,6 +29,7 @@ Exact: only where values sit in memory changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from conv2attn import names
+from conv2attn.core.geometry import pools_channels_last
 
 SUFFIX = "/channels_last"
 
@@ -43,6 +50,8 @@ UNARY = {
 }  # fmt: skip
 # Elementwise with numpy broadcasting.
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"}
+# Pooling over the spatial axes, channels-last over one axis more (see the docstring).
+POOLS = {"MaxPool", "AveragePool"}
 
 
 def to_channels_first(rank: int) -> list[int]:
@@ -83,11 +92,14 @@ def _constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
-def _eligible(node: gs.Node, rank: int) -> bool:
+def _eligible(node: gs.Node, rank: int, pool_batch: int | None) -> bool:
     """Whether ``node`` computes the same on channels-last data once its constants and
-    axes are permuted: every variable input and its output are rank ``rank``."""
+    axes are permuted: every variable input and its output are rank ``rank``. Pools
+    qualify where ``_pools_channels_last`` says so."""
     if len(node.outputs) != 1 or _rank(node.outputs[0]) != rank:
         return False
+    if node.op in POOLS:
+        return _pools_channels_last(node, rank, pool_batch)
     variables = [t for t in node.inputs if isinstance(t, gs.Variable)]
     # scalars (Clip's bounds from Constant nodes) broadcast the same in any layout
     if not any(_rank(t) == rank for t in variables):
@@ -116,6 +128,20 @@ def _eligible(node: gs.Node, rank: int) -> bool:
     return False
 
 
+def _pools_channels_last(node: gs.Node, rank: int, batch: int | None) -> bool:
+    """A 1-D or 2-D pool (channels-last it pools one axis more, and onnxruntime pools at
+    most three) with sizes known past the batch, large enough at ``batch`` items (its own
+    batch where fixed) to run faster channels-last; ``batch`` None: none does."""
+    (source,) = [t for t in node.inputs if t.name]
+    if batch is None or rank > 4 or source.shape is None or source.dtype is None:
+        return False
+    items, *sizes = source.shape
+    if not all(isinstance(d, int) for d in sizes):
+        return False
+    items = items if isinstance(items, int) else batch
+    return pools_channels_last(items * math.prod(sizes), np.dtype(source.dtype).itemsize)
+
+
 class _Regions:
     """Union-find over eligible nodes, joined by every variable tensor they share."""
 
@@ -139,18 +165,21 @@ class _Regions:
         return list(grouped.values())
 
 
-def keep_channels_last(graph: gs.Graph, converted: Collection[str] = ()) -> LayoutResult:
+def keep_channels_last(
+    graph: gs.Graph, converted: Collection[str] = (), pool_batch: int | None = None
+) -> LayoutResult:
     """Rewrite ``graph`` (the main graph, in place) so that the tensors between converted
     Convs stay channels-last wherever that removes Transposes; see the module docstring.
     The weights of the Convs named in ``converted`` keep their emitted names and layouts
     (``names.layer_weights``: the PyTorch import reads each Conv back out of them), so
-    the nodes reading them stay as they are. The caller cleans up and sorts the graph
-    afterwards."""
+    the nodes reading them stay as they are. ``pool_batch``: the batch pools are judged
+    at where the graph's batch is dynamic (None: pools stay NCHW). The caller cleans up
+    and sorts the graph afterwards."""
     result = LayoutResult()
     taken = {t.name for t in graph.tensors().values()}
     weights = {name for conv in converted for name in names.layer_weights(conv)}
     for rank in sorted({len(t.shape) for t in graph.tensors().values() if t.shape} - {0, 1, 2}):
-        _rewrite_rank(graph, rank, result, taken, weights)
+        _rewrite_rank(graph, rank, result, taken, weights, pool_batch)
     return result
 
 
@@ -181,13 +210,18 @@ def _cancel_pairs(graph: gs.Graph, rank: int, result: LayoutResult, taken: set[s
 
 
 def _rewrite_rank(
-    graph: gs.Graph, rank: int, result: LayoutResult, taken: set[str], weights: set[str]
+    graph: gs.Graph,
+    rank: int,
+    result: LayoutResult,
+    taken: set[str],
+    weights: set[str],
+    pool_batch: int | None,
 ) -> None:
     _cancel_pairs(graph, rank, result, taken)
     eligible = [
         n
         for n in graph.nodes
-        if _eligible(n, rank) and not any(t.name in weights for t in n.inputs)
+        if _eligible(n, rank, pool_batch) and not any(t.name in weights for t in n.inputs)
     ]
     if not eligible:
         return
@@ -320,10 +354,47 @@ class _RegionPlan:
                 _replace_input(consumer, target, source)
             transpose.outputs.clear()
             transpose.inputs.clear()
+        for node in self.nodes:
+            if node.op in POOLS:
+                _pool_over_channels(graph, node, taken)
 
     def _swap_input(self, old: gs.Variable, new: gs.Variable) -> None:
         for node in self.nodes:
             _replace_input(node, old, new)
+
+
+def _pool_over_channels(graph: gs.Graph, node: gs.Node, taken: set[str]) -> None:
+    """``node``, a pool whose input and output are now channels-last ``[B, *spatial, C]``,
+    as the same pool over ``[B, 1, *spatial, C]`` with a window of 1 along the channels
+    (no padding there, so every window and its count of values stay as they were), read
+    through an Unsqueeze and written through a Squeeze."""
+    source, target = node.inputs[0], node.outputs[0]
+    spatial = len(source.shape) - 2
+
+    def with_axis(tensor: gs.Variable, part: str) -> gs.Variable:
+        name = unique_name(f"{node.name}/{part}", taken)
+        return gs.Variable(name, dtype=tensor.dtype, shape=[tensor.shape[0], 1, *tensor.shape[1:]])
+
+    wide_source, wide_target = with_axis(source, "channels_axis"), with_axis(target, "pooled")
+    if graph.opset >= 13:
+        axes = [gs.Constant(unique_name(f"{node.name}/axes", taken), np.array([1], np.int64))]
+        attrs = {}
+    else:  # before opset 13 the axes are an attribute
+        axes, attrs = [], {"axes": [1]}
+    unsqueeze = gs.Node(
+        "Unsqueeze", f"{node.name}/Unsqueeze", dict(attrs), [source, *axes], [wide_source]
+    )
+    squeeze = gs.Node(
+        "Squeeze", f"{node.name}/Squeeze", dict(attrs), [wide_target, *axes], [target]
+    )
+    graph.nodes.extend([unsqueeze, squeeze])
+    node.inputs[0], node.outputs[0] = wide_source, wide_target
+    for key in ("kernel_shape", "strides", "dilations"):
+        if key in node.attrs:
+            node.attrs[key] = [*node.attrs[key], 1]
+    if "pads" in node.attrs:
+        pads = list(node.attrs["pads"])
+        node.attrs["pads"] = [*pads[:spatial], 0, *pads[spatial:], 0]
 
 
 def _reads_shape(node: gs.Node) -> bool:

@@ -207,7 +207,10 @@ def convert_model(
     layers = _replace(selection.candidates, chosen, shortlists, options, progress)
     if options.layout == "channels-last":
         moved = keep_channels_last(
-            graph, [candidate.node.name for candidate in selection.candidates]
+            graph,
+            [candidate.node.name for candidate in selection.candidates],
+            # channels-last pools are sized for a CPU's caches, as tiles are
+            pool_batch=options.batch if options.tiles else None,
         )
         static = [
             ConvertedConv(names.scope(candidate.node.name), plan)
