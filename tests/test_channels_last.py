@@ -448,6 +448,22 @@ def test_a_1d_pool_runs_channels_last_as_a_2d_one(monkeypatch):
     assert_parity(run(model, feeds), run(converted, feeds))
 
 
+def test_a_float16_pool_stays_nchw(monkeypatch):
+    """Only float32 pools were measured channels-last; others keep the layout emitted."""
+    monkeypatch.setattr("conv2attn.core.geometry.POOL_CHANNELS_LAST_BYTES", 0)
+    model = pooled_block("MaxPool", dict(kernel_shape=[2, 2], strides=[2, 2]))
+    for index, tensor in enumerate(model.graph.initializer):
+        half = numpy_helper.to_array(tensor).astype(np.float16)
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(half, tensor.name))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    converted, _ = conv2attn.convert(model, attention="local", patch=1)
+    assert pool_reads(converted) != "Unsqueeze" and transposes(converted) == 4
+    feeds = {"x": random_input(model, batch=2)["x"].astype(np.float16)}
+    (got,) = run(converted, feeds)
+    assert got.dtype == np.float16
+
+
 def test_a_max_pool_that_returns_indices_stays_nchw(monkeypatch):
     """Its indices count positions in the NCHW tensor, which channels-last would change."""
     monkeypatch.setattr("conv2attn.core.geometry.POOL_CHANNELS_LAST_BYTES", 0)

@@ -129,17 +129,25 @@ def _eligible(node: gs.Node, rank: int, pool_batch: int | None) -> bool:
 
 
 def _pools_channels_last(node: gs.Node, rank: int, batch: int | None) -> bool:
-    """A 1-D or 2-D pool (channels-last it pools one axis more, and onnxruntime pools at
-    most three) with sizes known past the batch, large enough at ``batch`` items (its own
-    batch where fixed) to run faster channels-last; ``batch`` None: none does."""
-    (source,) = [t for t in node.inputs if t.name]
-    if batch is None or rank > 4 or source.shape is None or source.dtype is None:
+    """A 1-D or 2-D float32 pool (channels-last it pools one axis more, and onnxruntime
+    pools at most three; float32 is what was measured) with sizes known past the batch,
+    large enough at ``batch`` items (its own batch where fixed) to run faster
+    channels-last; ``batch`` None: none does."""
+    source = node.inputs[0] if node.inputs else None
+    if batch is None or rank > 4 or not isinstance(source, gs.Variable):
+        return False
+    if _rank(source) != rank or source.dtype is None:
+        return False
+    try:
+        if np.dtype(source.dtype) != np.float32:
+            return False
+    except TypeError:  # a type numpy does not name (bfloat16, float8)
         return False
     items, *sizes = source.shape
     if not all(isinstance(d, int) for d in sizes):
         return False
     items = items if isinstance(items, int) else batch
-    return pools_channels_last(items * math.prod(sizes), np.dtype(source.dtype).itemsize)
+    return pools_channels_last(items * math.prod(sizes), np.dtype(np.float32).itemsize)
 
 
 class _Regions:
