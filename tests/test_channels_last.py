@@ -334,7 +334,7 @@ def test_dynamic_sizes_stay_channels_last_between_pixel_token_layers(attention):
 def pooled_block(pool: str, attrs: dict, opset: int = 13, rank: int = 2) -> onnx.ModelProto:
     """conv -> Relu -> a pool -> conv, batch open: the pool sits between converted Convs."""
     weight = random_initializers(seed=3)
-    kernel, sizes = [3] * rank, [12, 13][:rank] if rank == 2 else [20]
+    kernel, sizes = [3] * rank, ([12, 13] if rank == 2 else [20])
     nodes = [
         helper.make_node(
             "Conv", ["x", "w1"], ["c1"], "conv1", kernel_shape=kernel, pads=[1] * 2 * rank
