@@ -139,15 +139,14 @@ def _pools_channels_last(node: gs.Node, rank: int, batch: int | None) -> bool:
     if _rank(source) != rank or source.dtype is None:
         return False
     try:
-        if np.dtype(source.dtype) != np.float32:
-            return False
+        dtype = np.dtype(source.dtype)
     except TypeError:  # a type numpy does not name (bfloat16, float8)
         return False
     items, *sizes = source.shape
-    if not all(isinstance(d, int) for d in sizes):
+    if dtype != np.float32 or not all(isinstance(d, int) for d in sizes):
         return False
     items = items if isinstance(items, int) else batch
-    return pools_channels_last(items * math.prod(sizes), np.dtype(np.float32).itemsize)
+    return pools_channels_last(items * math.prod(sizes), dtype.itemsize)
 
 
 class _Regions:
