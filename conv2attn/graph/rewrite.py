@@ -12,7 +12,9 @@ Stages, in order, one function each:
 6. ``keep_channels_last`` (``--layout channels-last``, ``graph.layout``): the tensors
    between converted Convs stay channels-last where that removes Transposes; then
    ``keep_tokens`` (``graph.tokens``): patch tokens stay tokens between Convs that share
-   a token grid; ``_record_layouts`` notes where each layer's output now lives;
+   a token grid; ``_record_layouts`` notes where each layer's output now lives; then
+   ``pads_as_zero_tokens`` (``graph.zero_token``, CPU emission): zero padding that only
+   key-window Gathers read becomes one zero token;
 7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time; the loaded model itself is dropped as soon as the graph holds every constant
@@ -69,6 +71,7 @@ from conv2attn.graph.shapes import (
 from conv2attn.graph.stretches import find_stretches
 from conv2attn.graph.tokens import ConvertedConv, TokenResult, keep_tokens
 from conv2attn.graph.verify import passes_strict_inference, verify
+from conv2attn.graph.zero_token import pads_as_zero_tokens
 from conv2attn.modelio import (
     copy_fields,
     load_model,
@@ -218,6 +221,8 @@ def convert_model(
             if candidate.graph is graph and not candidate.dynamic and candidate.quantization is None
         ]
         layers = _record_layouts(graph, layers, moved, keep_tokens(graph, static))
+    if options.tiles:  # the emission for CPUs, where a Pad runs on one thread
+        pads_as_zero_tokens(graph)
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)

@@ -1,0 +1,224 @@
+"""Zero padding that only key-window Gathers read becomes one zero token appended to the
+token table (``graph/zero_token.py``).
+
+The Gathers read the same values from a different table, so every comparison here is
+bit for bit (``assert_array_equal``), not within a tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import conv2attn
+from conv2attn import names
+from conv2attn.graph import rewrite
+from conv2attn.graph.zero_token import pads_as_zero_tokens
+from conv2attn.inputs import Samples
+from conv2attn.torch_graph import load_trainable
+from conv2attn.validate import check
+from tests.helpers import assert_parity, random_initializers, random_input, run
+
+
+def padded_gathers(
+    grid: tuple[int, ...] = (5, 6),
+    begin: tuple[int, ...] = (1, 2),
+    end: tuple[int, ...] = (2, 1),
+    batch: int | str = "N",
+    dtype: type = np.float32,
+    fill: float | None = None,
+    mode: str = "constant",
+    channel_pad: int = 0,
+    target: list[int] | None = None,
+    axis: int = 1,
+    indices_input: bool = False,
+    pad_output: bool = False,
+) -> onnx.ModelProto:
+    """Channels-last ``x [B, *grid, C]`` -> Pad -> Reshape to a token table -> two Gathers
+    of windows, the second reading the first's indices in another order."""
+    channels = 3
+    padded = [n + b + e for n, b, e in zip(grid, begin, end)]
+    tokens = int(np.prod(padded))
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, tokens, (7, 4)).astype(np.int64)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    pads = [0, *begin, 0, 0, *end, channel_pad]
+    initializers = [
+        numpy_helper.from_array(np.array(pads, np.int64), "pads"),
+        numpy_helper.from_array(np.array(target or [0, tokens, channels], np.int64), "shape"),
+        numpy_helper.from_array(windows[::-1].copy(), "reversed"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", elem, [batch, *grid, channels])]
+    if indices_input:
+        inputs.append(helper.make_tensor_value_info("windows", TensorProto.INT64, [7, 4]))
+    else:
+        initializers.append(numpy_helper.from_array(windows, "windows"))
+    pad_inputs = ["x", "pads"]
+    if fill is not None:
+        initializers.append(numpy_helper.from_array(np.array(fill, dtype), "fill"))
+        pad_inputs.append("fill")
+    nodes = [
+        helper.make_node("Pad", pad_inputs, ["padded"], "layer/attn/pad/Pad", mode=mode),
+        helper.make_node("Reshape", ["padded", "shape"], ["table"], "layer/attn/merge"),
+        helper.make_node("Gather", ["table", "windows"], ["y1"], "layer/attn/Gather", axis=axis),
+        helper.make_node("Gather", ["table", "reversed"], ["y2"], "layer/attn/Gather2", axis=axis),
+    ]
+    outputs = [helper.make_tensor_value_info(y, elem, None) for y in ("y1", "y2")]
+    if pad_output:
+        outputs.append(helper.make_tensor_value_info("padded", elem, None))
+    graph = helper.make_graph(nodes, "padded_gathers", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def rewritten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    graph = gs.import_onnx(model)
+    count = pads_as_zero_tokens(graph)
+    graph.cleanup().toposort()
+    result = gs.export_onnx(graph)
+    return result, count
+
+
+def feeds_for(model: onnx.ModelProto, batch: int = 2) -> dict[str, np.ndarray]:
+    x = model.graph.input[0]
+    dims = [
+        batch if d.dim_param or not d.dim_value else d.dim_value
+        for d in x.type.tensor_type.shape.dim
+    ]
+    dtype = helper.tensor_dtype_to_np_dtype(x.type.tensor_type.elem_type)
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(dims) * 50 if dtype.kind == "f" else rng.integers(1, 250, dims)
+    feeds = {"x": values.astype(dtype)}
+    if len(model.graph.input) > 1:
+        feeds["windows"] = numpy_helper.to_array(
+            next(t for t in padded_gathers().graph.initializer if t.name == "windows")
+        )
+    return feeds
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),  # 2-D grid, dynamic batch: the fill token built from the batch size
+        dict(batch=2),  # static batch: the fill token is a constant
+        dict(grid=(9,), begin=(2,), end=(0,)),  # 1-D
+        dict(grid=(3, 4, 2), begin=(1, 0, 1), end=(1, 1, 0)),  # 3-D
+        dict(fill=0.25),  # a constant fill other than zero
+        dict(dtype=np.uint8, fill=3),  # an integer Conv's zero point
+        dict(dtype=np.float16),
+    ],
+    ids=["dynamic", "static", "1d", "3d", "fill", "uint8", "float16"],
+)
+def test_padding_read_by_gathers_becomes_one_fill_token_with_the_same_bits(case):
+    model = padded_gathers(**case)
+    result, count = rewritten(model)
+    assert count == 1 and "Pad" not in ops(result)
+    dynamic = case.get("batch", "N") == "N"
+    assert ("Expand" in ops(result)) == dynamic
+    feeds = feeds_for(model)
+    expected, got = run(model, feeds), run(result, feeds)
+    for e, g in zip(expected, got):
+        assert e.dtype == g.dtype
+        np.testing.assert_array_equal(g, e)
+    if dynamic:  # any batch: the fill token follows the input's batch size
+        feeds = feeds_for(model, batch=5)
+        for e, g in zip(run(model, feeds), run(result, feeds)):
+            np.testing.assert_array_equal(g, e)
+    # the new nodes belong to the Pad's layer
+    new = [node.name for node in result.graph.node if node.op_type not in ("Gather",)]
+    assert all(name.startswith("layer/attn/pad/zero_token/") for name in new)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(pad_output=True),  # the padded tensor is also a graph output
+        dict(indices_input=True),  # indices not known at conversion
+        dict(channel_pad=1, target=[0, 8 * 9, 4]),  # padding the channels too
+        dict(mode="reflect"),  # padded positions hold different values
+        dict(target=[0, -1]),  # not a token table
+        dict(axis=2),  # gathering channels
+    ],
+    ids=["pad-output", "indices-input", "channel-pad", "reflect", "not-a-table", "axis"],
+)
+def test_any_other_pattern_is_left_as_it_is(case):
+    model = padded_gathers(**case)
+    result, count = rewritten(model)
+    assert count == 0 and ops(result) == ops(model)
+
+
+def depthwise_block() -> onnx.ModelProto:
+    """3x3 Conv -> Relu -> depthwise 3x3 -> Relu -> 1x1 Conv: local attention over pixel
+    tokens gathers the depthwise Conv's key windows out of a padded table."""
+    weight = random_initializers(seed=3)
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        node("Relu", ["c1"], ["r1"], "relu1"),
+        node("Conv", ["r1", "w2", "b2"], ["c2"], "dw", kernel_shape=[3, 3], pads=[1] * 4, group=8),
+        node("Relu", ["c2"], ["r2"], "relu2"),
+        node("Conv", ["r2", "w3"], ["y"], "conv3", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "depthwise_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 12, 10])],
+        [
+            weight("w1", (8, 4, 3, 3)),
+            weight("b1", (8,)),
+            weight("w2", (8, 1, 3, 3)),
+            weight("b2", (8,)),
+            weight("w3", (5, 8, 1, 1)),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def padded_tables(model: onnx.ModelProto) -> int:
+    """Pads whose output a Reshape turns into a table that Gathers read."""
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return sum(
+        node.op_type == "Pad"
+        and any(
+            r.op_type == "Reshape"
+            and any(g.op_type == "Gather" for g in readers.get(r.output[0], []))
+            for r in readers.get(node.output[0], [])
+        )
+        for node in model.graph.node
+    )
+
+
+def test_converted_local_attention_reads_a_zero_token_instead_of_padding(monkeypatch):
+    model = depthwise_block()
+    options = dict(attention="local", patch=1)
+    converted, _ = conv2attn.convert(model, **options)
+    gpu, _ = conv2attn.convert(model, **options, tiles=False)
+    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda graph: 0)
+    padded, _ = conv2attn.convert(model, **options)
+    # conv1 pads the NCHW graph input before its Transpose to channels-last: not a table
+    assert padded_tables(padded) == 1 and padded_tables(converted) == 0
+    assert padded_tables(gpu) == 1  # the GPU emission keeps its Pads
+    zero_token = [n.name for n in converted.graph.node if "/zero_token/" in n.name]
+    assert {name.split("/")[0] for name in zero_token} == {"dw"}
+    assert all(name.startswith(names.owner_prefix(name.split("/")[0])) for name in zero_token)
+    feeds = random_input(model, batch=3)
+    np.testing.assert_array_equal(run(converted, feeds)[0], run(padded, feeds)[0])
+    assert_parity(run(model, feeds), run(converted, feeds))
+
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed and [layer.name for layer in result.layers] == ["conv1", "dw", "conv3"]
+    module = load_trainable(converted)
+    with torch.no_grad():
+        got = module.eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [got])
