@@ -7,7 +7,7 @@ import pytest
 
 from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
 from conv2attn.core.weights import output_bias, output_projection
-from conv2attn.graph.emit import WIDE_BIAS_ROW, emit_attention
+from conv2attn.graph.emit import WIDE_BIAS_ROW, WIDE_TAP_ROW, emit_attention
 from conv2attn.validate import session
 from tests.reference import direct_conv
 
@@ -25,7 +25,8 @@ def build(
     dtype=np.float32,
     attention=Attention.GLOBAL,
     block=None,
-    wide_bias_rows=False,
+    wide_rows=False,
+    tiles=1,
 ):
     plan = plan_attention(spec, patch, order, attention, block)
     rng = np.random.default_rng(0)
@@ -43,7 +44,8 @@ def build(
         output_projection(plan, weight.astype(dtype)),
         output_bias(plan, bias, dtype),
         "B",
-        wide_bias_rows=wide_bias_rows,
+        tiles,
+        wide_rows=wide_rows,
     )
     model = gs.export_onnx(graph.cleanup().toposort())
     return model, weight, bias
@@ -177,7 +179,7 @@ def test_wide_bias_rows_add_the_same_numbers_over_rows_of_several_tokens(case):
     several tokens but at most WIDE_BIAS_ROW features."""
     spec, patch, order, attention, block = case
     per_token, weight, bias = build(spec, patch, order, np.float32, attention, block)
-    wide, _, _ = build(spec, patch, order, np.float32, attention, block, wide_bias_rows=True)
+    wide, _, _ = build(spec, patch, order, np.float32, attention, block, wide_rows=True)
     onnx.checker.check_model(wide, full_check=True)
     inferred = onnx.shape_inference.infer_shapes(wide)
     shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
@@ -199,3 +201,55 @@ def test_wide_bias_rows_add_the_same_numbers_over_rows_of_several_tokens(case):
     np.testing.assert_array_equal(got, expected)
     reference = direct_conv(x, weight, bias, spec)
     assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
+
+
+SIDE_BY_SIDE = {
+    # 90 one-pixel windows of 6 channels: 45 side by side, rows of 270
+    "3x3": (ConvSpec(6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (9, 10)), 1),
+    "5x5-dilated": (ConvSpec(8, 8, 8, (5, 5), (1, 1), (2, 1), (4, 2), (4, 2), (7, 6)), 1),
+    # 33, 33 and 34 windows a tile: two widths, each repeated weight built once
+    "tiles": (ConvSpec(16, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (10, 10)), 3),
+}
+
+
+@pytest.mark.parametrize("case", SIDE_BY_SIDE.values(), ids=SIDE_BY_SIDE.keys())
+def test_depthwise_windows_sum_their_taps_side_by_side(case):
+    """With wide rows a folded depthwise plan on one-pixel tokens gathers k windows tap by
+    tap, so the ReduceSum over the taps runs over rows of k windows' channels (at most
+    WIDE_TAP_ROW): the same products and sums as window by window."""
+    spec, tiles = case
+    args = (spec, (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1))
+    per_window, weight, bias = build(*args, tiles=tiles)
+    wide, _, _ = build(*args, wide_rows=True, tiles=tiles)
+    onnx.checker.check_model(wide, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(wide)
+    shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
+    sums = [n for n in wide.graph.node if n.op_type == "ReduceSum"]
+    assert len(sums) == tiles
+    for node in sums:
+        row = shapes[node.output[0]].dim[-1].dim_value
+        assert spec.in_channels < row <= WIDE_TAP_ROW and row % spec.in_channels == 0
+    repeated = [n.name for n in wide.graph.node if n.op_type == "Tile" and "side_by_side" in n.name]
+    assert len(repeated) == (2 if tiles == 3 else 1)  # once per width, not per tile
+    x = np.random.default_rng(2).standard_normal((3, spec.in_channels, *spec.input_size))
+    x = x.astype(np.float32)
+    (expected,) = session(per_window).run(None, {"x": x})
+    (got,) = session(wide).run(None, {"x": x})
+    # each output sums the same taps' products, one rounding per add
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    reference = direct_conv(x, weight, bias, spec)
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ConvSpec(520, 520, 520, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (3, 3)),  # too wide
+        ConvSpec(6, 12, 6, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (5, 5)),  # 2 outputs each
+    ],
+    ids=["wider-than-a-row", "multiplier"],
+)
+def test_depthwise_windows_stay_one_a_row_where_they_cannot_share_one(spec):
+    args = (spec, (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1))
+    wide, _, _ = build(*args, wide_rows=True)
+    assert not [n for n in wide.graph.node if "side_by_side" in n.name]

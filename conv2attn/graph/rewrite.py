@@ -537,7 +537,7 @@ def _replace(
                 emit_standard_attention(candidate.graph, scope, x, y, plan, projection, bias, batch)
             else:
                 tiles = _tile_count(plan, candidate, options)
-                # tiles and wide bias rows shape the graph for onnxruntime's CPU kernels
+                # tiles and wide rows shape the graph for onnxruntime's CPU kernels
                 emit_attention(
                     candidate.graph,
                     scope,
@@ -548,7 +548,7 @@ def _replace(
                     bias,
                     batch,
                     tiles,
-                    wide_bias_rows=options.tiles,
+                    wide_rows=options.tiles,
                 )
         else:
             emit_integer_attention(
