@@ -133,20 +133,30 @@ SINGLE_KEY = {
 
 @pytest.mark.parametrize("order", list(Order))
 @pytest.mark.parametrize("name", SINGLE_KEY)
-def test_single_key_attention_is_one_product_per_batch_item(name, order):
-    """One head and one query per block means one key per block, the block's own token: no
-    window Gather, and the attention multiplies every token at once, not block by block."""
+def test_single_key_attention_folds_into_w_o(name, order):
+    """One head and one query per block means one key per block, the block's own token,
+    and a softmax over one key: exactly 1. No window Gather and no attention product: the
+    attention multiplies W_O once (a constant Mul, folded at load time), and the projection
+    reads the tokens as they are."""
     spec = SINGLE_KEY[name]
     block = (1,) * spec.rank
     plan = plan_attention(spec, block, order, Attention.LOCAL, block)
     assert plan.single_key and plan.blocks > 1
     model, weight, bias = build(spec, block, order, np.float32, Attention.LOCAL, block)
     onnx.checker.check_model(model, full_check=True)
+    nodes = {n.name: n for n in model.graph.node}
     assert "Gather" not in {n.op_type for n in model.graph.node}
-    product = next(n for n in model.graph.node if n.name == "layer/attn/MatMul")
-    shapes = {v.name: v for v in gs.import_onnx(model).tensors().values()}
-    # [B, (g,) 1, blocks * dim]: the blocks are folded into the product's columns
-    assert shapes[product.output[0]].shape[-2] == 1
+    assert "layer/attn/MatMul" not in nodes  # no product by the attention
+    products = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert [n.name for n in products] == ["layer/attn/proj/MatMul"]
+    fold = nodes["layer/attn/fold/Mul"]
+    assert fold.input[0] == "layer/attn/W_O" and products[0].input[1] == fold.output[0]
+    producers = {out: n for n in model.graph.node for out in n.output}
+    chain, tensor = [], fold.input[1]  # the attention, reshaped (transposed, project first)
+    while tensor in producers:
+        chain.append(producers[tensor].name)
+        tensor = producers[tensor].input[0]
+    assert "layer/attn/Softmax" in chain
     x = np.random.default_rng(1).standard_normal((3, spec.in_channels, *spec.input_size))
     (got,) = session(model).run(None, {"x": x.astype(np.float32)})
     expected = direct_conv(x, weight, bias, spec)

@@ -188,12 +188,13 @@ def test_kernel_1_axes_subsample_instead_of_reading_whole_patches():
 
 
 def test_single_key_plans_pay_no_gather_and_no_per_block_calls():
-    """A kernel-1 Conv under local attention with one-token blocks: the cost is the product
-    and the layout, nothing per block (``emit._attend`` multiplies all tokens at once)."""
+    """A kernel-1 Conv under local attention with one-token blocks: the cost is the
+    projection and the layout, nothing per block and no attention product (its attention,
+    exactly 1, multiplies W_O at load time: ``emit._single_key``)."""
     spec = ConvSpec(64, 64, 1, (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), (56, 56))
     single = plan_attention(spec, (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1))
-    assert single.single_key
-    assert single.cost == single.macs + TRAFFIC_COST * single.moved
+    assert single.single_key and single.attention_macs > 0
+    assert single.cost == single.projection_macs + TRAFFIC_COST * single.moved
     three = ConvSpec(64, 64, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (56, 56))
     blocked = plan_attention(three, (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 2))
     assert not blocked.single_key

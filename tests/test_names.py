@@ -112,7 +112,8 @@ def softmax_and_logits(converted: onnx.ModelProto) -> set[str]:
                 assert {n.op_type for n in following} == {"Gather"}
                 break
             (following,) = following
-            if following.op_type in ("MatMul", "Gemm"):  # the product, or the fold's
+            # the product, or the fold's (a single key's attention times W_O: a Mul)
+            if following.op_type in ("MatMul", "Gemm") or following.name.endswith("/fold/Mul"):
                 break
             selected.add(following.name)
             node = following

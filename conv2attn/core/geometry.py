@@ -978,10 +978,11 @@ class AttentionPlan:
         """The attention product's multiply-adds with its value columns rounded up to
         whole kernel widths (``PRODUCT_COLUMNS``); per-group products are priced by their
         calls instead (``GROUP_PRODUCT_MACS``); a plan that folds its heads
-        (``folds_heads``) runs none."""
+        (``folds_heads``) runs none, nor does a single-key plan that is not depthwise
+        (its attention, exactly 1, multiplies W_O at load time: ``emit._single_key``)."""
         if self._per_group_products:
             return self.attention_macs
-        if self.folds_heads:
+        if self.folds_heads or (self.single_key and not self.depthwise):
             return 0
         if self.narrows_values:  # one product per head
             columns = sum(-(-d // PRODUCT_COLUMNS) * PRODUCT_COLUMNS for d in self.head_in_dims)

@@ -578,10 +578,11 @@ def _attend(
 ) -> gs.Variable:
     """Attention ``[q * heads, K]`` times each block's keys: ``[*lead, q * heads, dim]``.
 
-    A single-key plan (``AttentionPlan.single_key``) has one key per block, the block's own
-    token, so its windows are the tokens in order: the ``[1, 1]`` attention multiplies every
-    token in one product per batch item (and group), where a product per block would pay a
-    call each (about 100 ns on the CPU, more than the product)."""
+    A single-key plan (``AttentionPlan.single_key``; here a depthwise one: the others fold
+    the attention into W_O, ``_single_key``) has one key per block, the block's own token,
+    so its windows are the tokens in order: the ``[1, 1]`` attention multiplies every token
+    in one product per batch item (and group), where a product per block would pay a call
+    each (about 100 ns on the CPU, more than the product)."""
     rows = plan.block_queries * plan.heads
     if not plan.single_key:
         return b.op("MatMul", "MatMul", [attention, windows(values, dim)], [*lead, rows, dim])
@@ -665,6 +666,8 @@ def _attend_and_project(
     q, k, heads = plan.block_queries, plan.keys, plan.heads
     dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
     out_dim = plan.group_out_dim
+    if plan.single_key:
+        return _single_key(b, plan, tokens, attention, lead, g, projection, bias)
     if plan.narrows_values:
         heads_concat = _attend_narrowed(b, plan, attention, tokens, lead)
         return project_heads(b, plan, heads_concat, lead, g, projection, bias)
@@ -678,13 +681,37 @@ def _attend_and_project(
     per_head = b.op(
         "MatMul", "proj/MatMul", [tokens, weight], [batch, *g, plan.tokens, heads * out_dim]
     )
-    if plan.single_key:
-        projected = _attend(b, plan, attention, per_head, windows, lead, out_dim)
-    else:
-        keys = windows(per_head, heads * out_dim)
-        stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
-        projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
+    keys = windows(per_head, heads * out_dim)
+    stacked = b.reshape("stack_heads", keys, [*lead, k * heads, out_dim])
+    projected = b.op("MatMul", "MatMul", [attention, stacked], [*lead, q, out_dim])
     return add_bias(b, plan, projected, lead, g, bias)
+
+
+def _single_key(
+    b: _Builder,
+    plan: AttentionPlan,
+    tokens: gs.Variable,
+    attention: gs.Variable,
+    lead: list[Dim],
+    g: list[int],
+    projection: np.ndarray,
+    bias: np.ndarray,
+) -> gs.Variable:
+    """A single-key plan (``AttentionPlan.single_key``) in either order: each query's one
+    key is its block's own token, weighted by the softmax over that one key (exactly 1).
+    That ``[1, 1]`` attention, a constant, multiplies W_O (``fold/Mul``, computed once at
+    load time), and the tokens are projected as they are: no product by the attention,
+    which would be a pass over every token."""
+    # one head: W_O's rows are the input features in either order; grouped tokens are
+    # projected as [B, g, blocks, 1, Dg_in], so the groups' matrices broadcast over blocks
+    shape = [projection.shape[0], 1, *projection.shape[1:]] if g else projection.shape[1:]
+    weight = b.weight(names.PROJECTION, projection.reshape(shape))
+    # named under the Softmax: what follows it up to the fold stays float32 (``names``)
+    one = b.static_reshape(f"{names.SOFTMAX}/one", attention, [1] * len(weight.shape))
+    folded = b.op("Mul", f"{names.FOLD}/Mul", [weight, one], list(weight.shape))
+    dim_in = plan.in_dim if plan.channels_last else plan.group_in_dim
+    queries = b.reshape("concat_heads", tokens, [*lead, plan.block_queries, dim_in])
+    return _project(b, plan, queries, lead, g, folded, bias)
 
 
 def _weight_shape(plan: AttentionPlan, projection: np.ndarray, g: list[int]) -> list[int]:
