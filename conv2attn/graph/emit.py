@@ -58,8 +58,8 @@ WIDE_BIAS_ROW = 1024
 # side, tap by tap ([windows / k, taps, k * C], the Gather's indices reordered), in rows
 # of at most this many features. On 112x112 32-channel and 56x56 144-channel depthwise
 # Convs (fp32, 2 cores, per-node profiles) the ReduceSum took 0.4-0.5 ms against 1.2-1.4
-# and 0.7-0.9 against 1.0-1.4 ms, and the Gather, Mul and ReduceSum together 15-50% less
-# (best blocks, side by side).
+# and 0.7-0.9 against 1.0-1.4 ms, and the Gather, Mul and ReduceSum together 2.4 against
+# 2.9 ms and 2.5 against 3.5 ms.
 WIDE_TAP_ROW = 512
 
 
@@ -783,8 +783,9 @@ def emit_attention(
     ``projection`` and ``bias`` come from ``weights.output_projection`` and
     ``weights.output_bias``; ``batch`` is the batch dimension (an int or a symbol);
     ``tiles``: split a tileable plan's blocks into this many tiles
-    (``AttentionPlan.tiles``); ``wide_rows``: add the bias over rows of several
-    tokens (``WIDE_BIAS_ROW``). The caller detaches the Conv that produced ``y``.
+    (``AttentionPlan.tiles``); ``wide_rows``: add the bias over rows of several tokens
+    (``WIDE_BIAS_ROW``) and sum a folded depthwise plan's taps over rows of several
+    windows (``WIDE_TAP_ROW``). The caller detaches the Conv that produced ``y``.
     """
     if tiles > 1 and not (plan.tileable and tiles <= plan.blocks):
         raise ValueError(
