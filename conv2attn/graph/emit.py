@@ -702,10 +702,8 @@ def _single_key(
     That ``[1, 1]`` attention, a constant, multiplies W_O (``fold/Mul``, computed once at
     load time), and the tokens are projected as they are: no product by the attention,
     which would be a pass over every token."""
-    # one head: W_O's rows are the input features in either order; grouped tokens are
-    # projected as [B, g, blocks, 1, Dg_in], so the groups' matrices broadcast over blocks
-    shape = [projection.shape[0], 1, *projection.shape[1:]] if g else projection.shape[1:]
-    weight = b.weight(names.PROJECTION, projection.reshape(shape))
+    # one head: W_O's rows are the input features in either order
+    weight = b.weight(names.PROJECTION, projection.reshape(_weight_shape(plan, projection, g)))
     # named under the Softmax: what follows it up to the fold stays float32 (``names``)
     one = b.static_reshape(f"{names.SOFTMAX}/one", attention, [1] * len(weight.shape))
     folded = b.op("Mul", f"{names.FOLD}/Mul", [weight, one], list(weight.shape))
@@ -716,9 +714,11 @@ def _single_key(
 
 def _weight_shape(plan: AttentionPlan, projection: np.ndarray, g: list[int]) -> list[int]:
     """W_O as ``[g, rows, cols]``; g == 1 drops the group axis, and grouped local attention
-    projects [B, g, blocks, ..] so needs a broadcast axis for the blocks."""
+    that projects [B, g, blocks, ..] (attending first, or a single key in either order)
+    needs a broadcast axis for the blocks."""
     weight_shape = list(projection.shape) if g else list(projection.shape[1:])
-    if plan.attention is Attention.LOCAL and g and plan.order is Order.ATTEND_FIRST:
+    blocks_first = plan.order is Order.ATTEND_FIRST or plan.single_key
+    if plan.attention is Attention.LOCAL and g and blocks_first:
         weight_shape.insert(1, 1)
     return weight_shape
 
