@@ -495,14 +495,53 @@ def test_conv_weights_behind_identity_and_constant_nodes_are_imported():
     assert_parity(run(model, {"x": x}), [result])
 
 
+def host_to_device_copies():
+    """A dispatch mode listing each operation that takes a host tensor with dims into a
+    meta (device) result: a copy from host memory, which makes the host wait for the
+    device and which a CUDA graph cannot capture (a scalar fill is neither)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class HostToDevice(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outputs = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "meta" for t in outputs) and any(
+                t.device.type == "cpu" and t.dim() > 0 for t in inputs
+            ):
+                self.copies.append(str(func))
+            return result
+
+    return HostToDevice()
+
+
+def run_on_meta(module, shape):
+    """``module`` moved to the meta device and run on an empty input of ``shape``: its
+    output and the copies from host memory it made (``host_to_device_copies``)."""
+    import torch
+
+    module.to("meta")
+    copies = host_to_device_copies()
+    with copies, torch.no_grad():
+        output = module(torch.empty(shape, device="meta"))
+    return output, copies.copies
+
+
 @pytest.mark.parametrize("attention", ["global", "local"])
 def test_imported_model_never_reads_values_on_the_device(attention):
     """On a GPU, a value read in Python waits for every kernel queued before it.
     On the meta device a tensor has no values, so a run there fails on any such read:
     the constants that onnx2torch reads (shapes, pads, slice bounds) must stay on the
-    host when the module moves, and nothing else may be read."""
+    host when the module moves, and nothing else may be read. Nor is anything copied
+    from the host: local attention's zero token is expanded to the batch (8 tokens of 16
+    channels here) on the device, from the batch size the host computes."""
     pytest.importorskip("onnx2torch")
-    import torch
 
     from conv2attn.runtime.torch_import import import_model
 
@@ -514,9 +553,8 @@ def test_imported_model_never_reads_values_on_the_device(attention):
         name.startswith("host.") or (name.startswith("shape_function_") and ".host." in name)
         for name in host
     )
-    with torch.no_grad():
-        output = module(torch.empty((3, 1, 32, 32), device="meta"))
-    assert output.shape == (3, 10) and output.device.type == "meta"
+    output, copies = run_on_meta(module, (8, 1, 32, 32))
+    assert output.shape == (8, 10) and output.device.type == "meta" and copies == []
 
 
 @pytest.mark.parametrize("attention", ["global", "local"])
@@ -529,8 +567,6 @@ def test_a_dynamic_size_conversion_computes_its_geometry_on_the_host(attention):
     dims into a device result; on the CPU it keeps parity at two sizes."""
     pytest.importorskip("onnx2torch")
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
     from conv2attn.runtime.torch_import import import_model
 
@@ -544,24 +580,35 @@ def test_a_dynamic_size_conversion_computes_its_geometry_on_the_host(attention):
             result = module(torch.from_numpy(x)).numpy()
         assert_parity(run(converted, {"x": x}), [result])
 
-    copies = []
+    output, copies = run_on_meta(module, (2, 3, 13, 22))
+    assert output.shape == (2, 8, 7, 11) and output.device.type == "meta" and copies == []
 
-    class HostToDevice(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            outputs = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
-            if any(t.device.type == "meta" for t in outputs) and any(
-                t.device.type == "cpu" and t.dim() > 0 for t in inputs
-            ):
-                copies.append(str(func))
-            return result
 
-    module.to("meta")
-    with HostToDevice(), torch.no_grad():
-        output = module(torch.empty((2, 3, 13, 22), device="meta"))
-    assert output.shape == (2, 8, 7, 11) and output.device.type == "meta"
-    assert copies == []
+def test_a_dynamic_global_head_is_selected_without_reading_its_index():
+    """A strided stem's global heads hold only the pixels they read, each taking its rows
+    of the attention by a Gather with one constant index. onnx2torch indexes with that
+    index as a tensor, which torch reads back (a wait for the GPU, and a CUDA graph
+    capture failure on an H200); the import selects by a Python integer instead."""
+    pytest.importorskip("onnx2torch")
+    import torch
+
+    from conv2attn.runtime.torch_import import import_model
+
+    stem = dynamic(conv_model(3, 16, kernel=(7, 7), strides=(2, 2), pads=[3] * 4, size=(32, 32)))
+    converted, _ = conv2attn.convert(stem, attention="global")
+    scalar_gathers = [
+        node
+        for node in converted.graph.node
+        if node.op_type == "Gather" and node.name.endswith("/attention")
+    ]
+    assert scalar_gathers
+    module = import_model(converted)
+    x = np.random.default_rng(6).standard_normal((2, 3, 19, 26)).astype(np.float32)
+    with torch.no_grad():
+        result = module(torch.from_numpy(x)).numpy()
+    assert_parity(run(converted, {"x": x}), [result])
+    output, copies = run_on_meta(module, (8, 3, 19, 26))
+    assert output.shape == (8, 16, 10, 13) and copies == []
 
 
 def test_shape_axes_are_read_under_either_of_onnx2torchs_names():

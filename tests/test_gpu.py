@@ -116,11 +116,13 @@ def test_dynamic_size_conversion_is_timed_as_a_cuda_graph(tmp_path, attention):
 
 @needs_cuda
 @pytest.mark.parametrize("attention", ["global", "local"])
-@pytest.mark.parametrize("sizes", ["static", "dynamic"])
+@pytest.mark.parametrize("sizes", ["static", "dynamic", "dynamic-stem"])
 def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention, sizes):
     """torch's sync debug mode raises on any operation that makes the host wait for the
     GPU: the imported converted model has none (its host-read constants and its shape
-    arithmetic stay on the host) and agrees with onnxruntime."""
+    arithmetic stay on the host, a batch of zero tokens is expanded on the device, a
+    strided stem's global heads are selected by a Python integer) and agrees with
+    onnxruntime."""
     pytest.importorskip("onnx2torch")
     import numpy as np
     import torch
@@ -132,9 +134,17 @@ def test_converted_model_runs_on_the_gpu_without_waiting_for_the_host(attention,
     if sizes == "static":
         converted, _ = conv2attn.convert(DIGITS, attention=attention)
         feeds = {"image": rng.standard_normal((8, 1, 32, 32), np.float32)}
-    else:
+    elif sizes == "dynamic":
         _, converted = dynamic_conversion(attention)
         feeds = {"x": rng.standard_normal((8, 3, 21, 34), np.float32)}
+    else:
+        from tests.helpers import conv_model
+        from tests.test_dynamic import dynamic
+
+        stem = dynamic(conv_model(3, 16, kernel=(7, 7), strides=(2, 2), pads=[3] * 4))
+        stem.ir_version = 10  # as in dynamic_conversion
+        converted, _ = conv2attn.convert(stem, attention=attention)
+        feeds = {"x": rng.standard_normal((8, 3, 29, 38), np.float32)}
     module = import_model(converted).to("cuda")
     inputs = torch.from_numpy(next(iter(feeds.values()))).to("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False

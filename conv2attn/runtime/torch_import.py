@@ -5,13 +5,16 @@ opset 17 where the two opsets mean the same thing (the Reduce operators take ``a
 an input from opset 18; most later versions only add types); anything else is refused
 with the node's name.
 
-Three changes to the imported module keep the GPU from waiting on the host. onnx2torch
+Four changes to the imported module keep the GPU from waiting on the host. onnx2torch
 reads the values of some inputs in Python (a Reshape's shape, a Pad's pads, a Slice's
 bounds, a Range's limits); a constant there lives in host memory, so reading it does not
 copy from the GPU and wait for every kernel queued before it. A model that keeps dynamic
 sizes computes its shape arithmetic in host memory too, from the tensors' shapes, which
-the host knows without reading a value, once per shape. And every node whose inputs are
-all constants is computed once, at import, rather than launched on every run.
+the host knows without reading a value, once per shape; data made from such a shape (a
+constant expanded to the batch) is made on the device. A Gather by one constant index
+selects by a Python integer, where onnx2torch's would read the index back. And every
+node whose inputs are all constants is computed once, at import, rather than launched on
+every run.
 """
 
 from __future__ import annotations
@@ -301,6 +304,7 @@ def import_model(model: onnx.ModelProto) -> GraphModule:
         raise InputError(f"--backend torch-cuda: onnx2torch cannot import it: {error}") from None
     module.eval()
     fold_constants(module)
+    select_scalar_gathers(module)
     keep_host_arguments_on_host(module)
     keep_shapes_on_host(module)
     return module
@@ -342,6 +346,37 @@ def fold_constants(module: GraphModule) -> int:
     if folded:
         _drop_unused(module, constants)
     return folded
+
+
+def select_scalar_gathers(module: GraphModule) -> int:
+    """Turns each Gather by one constant index (a 0-d tensor, as a converted global
+    attention picks a head's rows) into a select by a Python integer; the count.
+    onnx2torch indexes with the tensor, which torch reads back as an integer: on a GPU,
+    a wait for every queued kernel that a CUDA graph cannot capture."""
+    graph = module.graph
+    constants = _graph_constants(module)
+    selected = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or _class_name(module, node) != "OnnxGather":
+            continue
+        data, indices = node.args[:2]
+        if getattr(indices, "op", None) != "get_attr":
+            continue
+        index = _constant(module, indices.target)
+        gather = module.get_submodule(node.target)
+        axis = getattr(gather, "_axis", getattr(gather, "axis", None))  # by release
+        if index.dim() != 0 or axis is None:
+            continue
+        name = f"select_{selected}"
+        module.add_submodule(name, _select(axis, int(index)))
+        with graph.inserting_after(node):
+            select = graph.call_module(name, (data,))
+        node.replace_all_uses_with(select)
+        graph.erase_node(node)
+        selected += 1
+    if selected:
+        _drop_unused(module, constants)
+    return selected
 
 
 def keep_host_arguments_on_host(module: GraphModule) -> int:
@@ -398,8 +433,8 @@ def keep_shapes_on_host(module: GraphModule) -> int:
         if node in on_host or not _runs_where_its_inputs_are(module, node):
             continue
         inputs = node.all_input_nodes
-        if any(a in on_host for a in inputs) and all(
-            a in on_host or a.op == "get_attr" for a in inputs
+        if all(a in on_host or a.op == "get_attr" for a in inputs) and _reads_as_data(
+            module, node, on_host
         ):
             on_host.add(node)
     moved: dict[str, str] = {}
@@ -521,6 +556,20 @@ def _host_read_positions(module: GraphModule, node) -> tuple[int, ...]:
     return HOST_ARGUMENTS.get(_class_name(module, node), ())
 
 
+def _reads_as_data(module: GraphModule, node, on_host: set) -> bool:
+    """Whether ``node`` takes a host value as data, not only where onnx2torch reads it on
+    the host: an Expand of a constant to a shape computed there makes device data (a
+    batch of fill tokens, a class token per image), which the host would have to copy."""
+    reads = set(_host_read_positions(module, node)) if node.op == "call_module" else set()
+    hosted = [a for a in node.all_input_nodes if a in on_host]
+    return any(
+        _uses(argument, value)
+        for position, argument in enumerate(node.args)
+        if position not in reads
+        for value in hosted
+    ) or any(_uses(argument, value) for argument in node.kwargs.values() for value in hosted)
+
+
 def _runs_where_its_inputs_are(module: GraphModule, node) -> bool:
     """Whether ``node`` computes on its inputs' device: a module without tensors of its
     own (which ``.to(device)`` would move) and not one of ``DEVICE_RESULTS``."""
@@ -551,6 +600,18 @@ def _host_copy(module: GraphModule, constant, moved: dict[str, str]):
         moved[constant.target] = f"host.{name}"
     with module.graph.inserting_after(constant):
         return module.graph.get_attr(moved[constant.target])
+
+
+def _select(axis: int, index: int):
+    """ONNX Gather by one index: the slice at ``index`` along ``axis``, that axis dropped."""
+    import torch
+    from torch import nn
+
+    class Select(nn.Module):
+        def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.select(axis, index)
+
+    return Select()
 
 
 def _host_shape(start: int, end: int | None):
