@@ -328,7 +328,8 @@ def _add_convert(commands) -> None:
         help="emit for GPU runtimes: local attention whole, one product per layer, at any "
         "batch (a GPU runs each tile as kernels of its own), biases added token by "
         "token, not over rows of several tokens (which onnxruntime's CPU Add prefers), "
-        "and pools left NCHW",
+        "global attention's heads whole, not cut to the key pixels each reads (fewer "
+        "multiply-adds, more products), and pools left NCHW",
     )
     _json_option(
         convert,

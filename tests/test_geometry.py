@@ -254,6 +254,11 @@ def test_only_global_attend_first_plans_with_partly_read_keys_narrow():
     explicit = candidate_plans(stem, fold_heads=False)
     assert explicit and not any(plan.narrows_values for plan in explicit)
     assert any(plan.narrows_values for plan in candidate_plans(stem))
+    # the GPU form (--no-tiles) keeps them whole too, and still folds local heads
+    whole = candidate_plans(stem, narrow_values=False)
+    assert whole and not any(plan.narrows_values for plan in whole)
+    local = candidate_plans(stem, Attention.LOCAL, narrow_values=False)
+    assert any(plan.folds_heads for plan in local)
 
 
 def test_a_head_between_dilated_taps_holds_nothing():

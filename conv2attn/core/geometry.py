@@ -1106,12 +1106,14 @@ def candidate_plans(
     max_patch: int = MAX_AUTO_PATCH,
     grid: Grid = Grid.SHIFTED,
     fold_heads: bool = True,
+    narrow_values: bool = True,
 ) -> list[AttentionPlan]:
     """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
     output) unless ``patches`` is given, both orders, and for local attention the best
     block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is;
     ``fold_heads`` as ``plan_attention``, and for global plans its ``narrow_values``
-    (both restructure the heads, which an explicit attention keeps whole).
+    (both restructure the heads, which an explicit attention keeps whole) where
+    ``narrow_values`` allows it.
 
     Plans are immutable and depend on these arguments only, so the candidates of a Conv
     that repeats another's attributes (a ResNet's identical blocks) are computed once."""
@@ -1125,6 +1127,7 @@ def candidate_plans(
             max_patch,
             Grid(grid),
             fold_heads,
+            fold_heads and narrow_values,
         )
     )
 
@@ -1138,6 +1141,7 @@ def _candidates(
     max_patch: int,
     grid: Grid,
     fold_heads: bool,
+    narrow_values: bool,
 ) -> tuple[AttentionPlan, ...]:
     if patches is None:
         ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
@@ -1157,7 +1161,7 @@ def _candidates(
         for order in orders:
             if attention is Attention.GLOBAL:
                 plans.append(
-                    plan_attention(spec, patch, order, grid=grid, narrow_values=fold_heads)
+                    plan_attention(spec, patch, order, grid=grid, narrow_values=narrow_values)
                 )
                 continue
             for strided in _query_kinds(strided_axes, patch):

@@ -152,6 +152,7 @@ def plan_layers(
     queries: QueryChoice | str = QueryChoice.AUTO,
     explicit_attention: Sequence[bool] = (),
     stretches: Stretches | None = None,
+    narrow_values: bool = True,
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
@@ -162,7 +163,8 @@ def plan_layers(
     Convs' local attention puts its queries (``QueryChoice``). ``explicit_attention[i]``:
     layer i's emission keeps the attention product with whole heads (the standard operator
     form, an integer Conv), so its plans are priced without folding the heads into W_O or
-    narrowing their values.
+    narrowing their values. ``narrow_values`` False keeps every global head whole (the
+    GPU form: a GPU runs a few large products faster than one per head).
     ``stretches``: which Convs feed each other (``Stretches``); grid ``auto`` then takes
     one grid per stretch (``_plan_stretches``)."""
     modes = AttentionChoice(attention).modes()
@@ -192,6 +194,7 @@ def plan_layers(
                 block=blocks if mode is Attention.LOCAL else None,
                 grid=kind,
                 fold_heads=not (index < len(explicit_attention) and explicit_attention[index]),
+                narrow_values=narrow_values,
             )
         ]
         if len(grids) > 1:  # a shifted plan without a phase is its fixed twin: keep one

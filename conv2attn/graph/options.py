@@ -40,7 +40,8 @@ class ConvertOptions:
     layout: str = "channels-last"
     # the batch local attention's tiles are sized for where the model's batch is dynamic
     batch: int = 1
-    # False: local attention emitted whole (a GPU runs each tile as its own kernels)
+    # False: the GPU form, local attention emitted whole (a GPU runs each tile as its own
+    # kernels) and global heads whole (a GPU runs one product per head slower)
     tiles: bool = True
 
     @property

@@ -399,6 +399,7 @@ def plan(
                 options.form == "attention" or c.quantization is not None for c in candidates
             ],
             stretches=stretches,
+            narrow_values=options.tiles,
         )
     except PlanError as error:
         raise InputError(str(error)) from None
