@@ -381,9 +381,11 @@ class Attention(str, Enum):
 
 
 # Elements moved by padding, Transposes and Gathers cost about this many multiply-adds
-# each on a CPU (onnxruntime, fp32, 2 cores: ~160 GMAC/s in MatMul against ~12 G elements/s
-# copied in runs of 16 floats or more); the cost model adds them so layout work is not free.
-TRAFFIC_COST = 16
+# each on a CPU, so layout work is not free. Measured with onnxruntime, fp32, 2 cores:
+# ~110 GMAC/s in MatMul over the projection shapes of resnet18/50, mobilenet_v2 and
+# efficientnet_b0 (from [12544, 36] x [36, 32] to [49, 4608] x [4608, 512]: 98-112),
+# against ~12 G elements/s copied in runs of 64 floats or more (Gather, Transpose).
+TRAFFIC_COST = 10
 # Transposes that move runs shorter than this many elements are much slower (measured:
 # 0.2-0.5 G elements/s), except a plain swap of two blocks such as NCHW <-> NHWC (~5).
 SHORT_RUN = 16
