@@ -23,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 import conv2attn
 from conv2attn.cli import main
 from conv2attn.record import converted_layers
-from conv2attn.validate import default_tolerance
+from conv2attn.validate import Samples, check, default_tolerance, exact_integer_convs
 from tests.helpers import conv_model, save_model_file
 from tests.test_property import check_queries, conv_configs, onnxruntime_deviates
 
@@ -33,6 +33,9 @@ DIGITS_DATA = os.path.join(os.path.dirname(__file__), "..", "models", "digits_te
 
 
 def run(model: onnx.ModelProto, feeds: dict, optimize: bool = False) -> list[np.ndarray]:
+    """onnxruntime's outputs, integer Convs over uint8 as the check runs them
+    (``exact_integer_convs``: the ONNX definition on any x86 CPU)."""
+    model = exact_integer_convs(model)
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -288,6 +291,58 @@ def test_quantized_torchvision_models_are_bit_identical(name, kind, tmp_path):
     random = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
     for feeds in ({"input": images}, {"input": random}):
         assert_bit_identical(model, attention, feeds)
+
+
+def extreme_integer_conv(op: str) -> onnx.ModelProto:
+    """uint8 inputs against int8 weights of 127 and -128 over 16 input channels: the
+    products of one pair of channels pass 16 bits (2 x 255 x 127 > 32767)."""
+    weight = np.where(np.arange(16 * 9 * 4).reshape(4, 16, 3, 3) % 3, 127, -128).astype(np.int8)
+    zeros = [numpy_helper.from_array(np.array(0, np.uint8), "x_zero")]
+    zeros.append(numpy_helper.from_array(np.array(0, np.int8), "w_zero"))
+    inits = [numpy_helper.from_array(weight, "w"), *zeros]
+    if op == "ConvInteger":
+        node = helper.make_node(op, ["x", "w", "x_zero", "w_zero"], ["y"], "conv", pads=[1] * 4)
+        out = TensorProto.INT32
+    else:
+        scales = {"x_scale": 0.5, "w_scale": 0.25, "y_scale": 4096.0}
+        inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scales.items()]
+        inits.append(numpy_helper.from_array(np.array(128, np.uint8), "y_zero"))
+        inputs = ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"]
+        node = helper.make_node(op, inputs, ["y"], "conv", pads=[1] * 4)
+        out = TensorProto.UINT8
+    graph = helper.make_graph(
+        [node],
+        "extreme",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 16, 5, 5])],
+        [helper.make_tensor_value_info("y", out, [1, 4, 5, 5])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("op", ["ConvInteger", "QLinearConv"])
+def test_uint8_inputs_by_int8_weights_stay_exact_at_the_extremes(op):
+    """Where onnxruntime's uint8-by-int8 kernels saturate (x86 CPUs without VNNI), the
+    converted model holds W_O as uint8 and gives the ONNX definition, and so does the
+    check's run of the original (``exact_integer_convs``)."""
+    model = extreme_integer_conv(op)
+    feeds = {"x": np.full((1, 16, 5, 5), 255, np.uint8)}
+    (expected,) = ReferenceEvaluator(model).run(None, feeds)
+    for attention in ("global", "local"):
+        converted, _ = conv2attn.convert(model, attention=attention)
+        products = [n for n in converted.graph.node if n.op_type == "MatMulInteger"]
+        weights = {t.name: t for t in converted.graph.initializer}
+        assert products and all(
+            weights[n.input[1]].data_type == TensorProto.UINT8 for n in products
+        )
+        np.testing.assert_array_equal(run(converted, feeds)[0], expected)
+    exact = exact_integer_convs(model)
+    assert exact is not model and model.graph.initializer[0].data_type == TensorProto.INT8
+    np.testing.assert_array_equal(
+        ort.InferenceSession(exact.SerializeToString()).run(None, feeds)[0], expected
+    )
+    result = check(model, conv2attn.convert(model)[0], Samples(feeds, None, "given"))
+    assert result.passed
 
 
 # -- what check, convert and report say about integer layers ------------------------------

@@ -80,7 +80,9 @@ def _project(
     """MatMulInteger of the selected tokens with W_O: int32 [*lead, q, Dg_out], or for a
     depthwise Conv under local attention (one token holds every channel) the channels-last
     output patch [*lead, q, p * C * m]."""
-    projection, column_zero = integer_projection(plan, weight, quantization.w_zero_point)
+    projection, column_zero = integer_projection(
+        plan, weight, quantization.w_zero_point, x_dtype=quantization.x_dtype
+    )
     local = plan.attention is Attention.LOCAL
     q = plan.block_queries
     if plan.depthwise:
@@ -255,7 +257,7 @@ def emit_dynamic_integer_attention(
         "Reshape", "select/concat_heads", [gathered, m.shape([*lead, width])], None, tokens.dtype
     )
     projection, column_zero = integer_projection(
-        plan, weight, quantization.w_zero_point, channels_last=False
+        plan, weight, quantization.w_zero_point, channels_last=False, x_dtype=quantization.x_dtype
     )
     extra = [1] if local else []
     weight_const = b.constant("W_O", projection.reshape(group, *extra, *projection.shape[1:]))
