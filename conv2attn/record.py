@@ -89,6 +89,12 @@ class LayerReport:
     folded: bool = False
     # each head's value holds only the key pixels it reads (``AttentionPlan.narrows_values``)
     narrowed: bool = False
+    # a constant channel carries biases (``graph.bias_channel``): the layer reads its bias
+    # from its input's last channel, and writes this value (0 or 1) in an appended last
+    # output channel; ``in_channels`` and ``out_channels`` count them, the MACs and
+    # parameters before are the Conv's own
+    bias_channel_in: bool = False
+    bias_channel_out: int | None = None
 
     @classmethod
     def from_plan(
@@ -325,6 +331,10 @@ def _recorded(layer: LayerReport) -> dict:
         entry["folded"] = True
     if layer.narrowed:
         entry["narrowed"] = True
+    if layer.bias_channel_in:
+        entry["bias_channel_in"] = True
+    if layer.bias_channel_out is not None:
+        entry["bias_channel_out"] = layer.bias_channel_out
     return entry
 
 

@@ -100,7 +100,10 @@ def source_conv(
         indexed_bias = depthwise_bias_layout(plan, indexed_bias)
     where = f"layer '{layer['name']}': W_O"
     weight = _read_back(indexed, projection, indices.size, where).reshape(shape)
-    conv_bias = _read_back(indexed_bias, bias, spec.out_channels, f"{where[:-4]} bias")
+    if bias.size:
+        conv_bias = _read_back(indexed_bias, bias, spec.out_channels, f"{where[:-4]} bias")
+    else:  # a zero bias, not kept
+        conv_bias = np.zeros(spec.out_channels)
     return plan, weight.astype(projection.dtype), conv_bias.astype(projection.dtype)
 
 
@@ -532,8 +535,10 @@ class OnnxAttentionModel(nn.Module):
             )
         projection_name, bias_name = names.layer_weights(name)
         projection, bias = initializers.get(projection_name), initializers.get(bias_name)
-        if projection is None or bias is None:
-            raise InputError(f"layer '{name}': no {projection_name} or {bias_name} initializer")
+        if projection is None:
+            raise InputError(f"layer '{name}': no {projection_name} initializer")
+        if bias is None:  # a zero bias is not added, and not kept
+            bias = np.zeros(0, dtype=projection.dtype)
         plan, weight, conv_bias = source_conv(record, projection, bias)
         key = f"layer{len(self.layers)}"
         self.layers[key] = ConvAttention(plan, weight, conv_bias)

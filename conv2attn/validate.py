@@ -482,14 +482,18 @@ def _output_check(
 
 def _as_nchw(layer: dict, values: np.ndarray) -> np.ndarray:
     """A layer's output as the original Conv's NCHW tensor (un-patchified here, in the
-    check, when the converted model keeps it channels-last)."""
-    if not layer.get("output_channels_last"):
-        return values
+    check, when the converted model keeps it channels-last; without the constant channel
+    that carries biases onwards, where the layer writes one)."""
+    nchw = values
     patch = layer.get("output_patch")
-    if patch:  # [B, T1, T2, P1, P2, C] tokens on a grid
+    if layer.get("output_channels_last") and patch:  # [B, T1, T2, P1, P2, C] tokens
         nchw = values.transpose(grid_tokens_to_channels_first(len(patch)))
-        return nchw.reshape(pixels_shape_of(nchw.shape, len(patch)))
-    return values.transpose(0, values.ndim - 1, *range(1, values.ndim - 1))
+        nchw = nchw.reshape(pixels_shape_of(nchw.shape, len(patch)))
+    elif layer.get("output_channels_last"):
+        nchw = values.transpose(0, values.ndim - 1, *range(1, values.ndim - 1))
+    if layer.get("bias_channel_out") is not None:
+        nchw = nchw[:, :-1]
+    return nchw
 
 
 def _layer_check(

@@ -218,7 +218,7 @@ def grouped_into_branches() -> onnx.ModelProto:
     init = random_initializers(seed=0)
     pads = numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "pads")
     nodes = [
-        helper.make_node("Conv", ["x", "wg"], ["g"], "grouped", group=3, strides=[2, 2]),
+        helper.make_node("Conv", ["x", "wg", "bg"], ["g"], "grouped", group=3, strides=[2, 2]),
         helper.make_node("Relu", ["g"], ["r"], "relu"),
         helper.make_node("Pad", ["r", "pads"], ["p1"], "pad1"),
         helper.make_node("Pad", ["p1", "pads"], ["p2"], "pad2"),
@@ -227,7 +227,8 @@ def grouped_into_branches() -> onnx.ModelProto:
         helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], "neighbour", pads=[1, 1, 1, 1]),
         helper.make_node("Concat", ["a1", "c3"], ["y"], "join", axis=1),
     ]
-    weights = [init("wg", (3, 1, 3, 3)), init("w1", (4, 3, 1, 1)), init("b1", (4,))]
+    weights = [init("wg", (3, 1, 3, 3)), init("bg", (3,)), init("w1", (4, 3, 1, 1))]
+    weights.append(init("b1", (4,)))
     weights += [init("w3", (2, 3, 3, 3)), init("b3", (2,)), pads]
     graph = helper.make_graph(
         nodes,

@@ -455,6 +455,25 @@ POOL_CHANNELS_LAST_BYTES = 8 * 2**20
 PRODUCT_COLUMNS = 16
 
 
+def padded_columns(columns: int) -> int:
+    """The output columns a matrix product computes for ``columns`` (``PRODUCT_COLUMNS``)."""
+    return -(-columns // PRODUCT_COLUMNS) * PRODUCT_COLUMNS
+
+
+def bias_channel_gain(
+    writers: Sequence[tuple[int, int, int]], readers: Sequence[tuple[int, int]]
+) -> int:
+    """What a constant channel that carries biases saves, in the cost's multiply-adds
+    (``graph.bias_channel``; negative: it costs). ``writers``: (tokens, rows, columns) of
+    each product that appends the channel as one more column, which costs its rows where
+    the kernel's column blocks (``PRODUCT_COLUMNS``) grow; ``readers``: (tokens, columns)
+    of each product that reads it as one more row, which saves its bias Add, a pass over
+    its output (``TRAFFIC_COST`` each element)."""
+    added = sum(t * r * (padded_columns(c + 1) - padded_columns(c)) for t, r, c in writers)
+    added += sum(t * padded_columns(c) for t, c in readers)
+    return sum(TRAFFIC_COST * t * c for t, c in readers) - added
+
+
 @dataclass(frozen=True)
 class Rearrange:
     """Reshape to ``split`` (batch axis first), permute by ``perm``: one layout step."""

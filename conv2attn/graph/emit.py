@@ -434,12 +434,15 @@ def _per_channel_sum(
 
 
 def _add_bias(b: _Builder, x: gs.Variable, bias: np.ndarray, shape: list[Dim]) -> gs.Variable:
-    """``x`` plus ``bias`` (broadcast to ``shape``, the shape of ``x``), as ``proj/Add``.
+    """``x`` plus ``bias`` (broadcast to ``shape``, the shape of ``x``), as ``proj/Add``;
+    ``x`` itself where the bias is zero.
 
     A bias of one token's features over a tensor static past its batch axis is added over
     rows of k tokens where ``b.wide_rows`` asks for it (``WIDE_BIAS_ROW``): the
     tokens of one batch item are contiguous, so k of them side by side are one row and the
     bias repeated k times is that row's bias."""
+    if not bias.any():  # no bias, or one carried into the product (``graph.bias_channel``)
+        return x
     width = shape[-1]
     static = all(isinstance(d, int) for d in shape[1:])
     tokens = math.prod(shape[1:-1]) if static else 0

@@ -4,7 +4,9 @@ Stages, in order, one function each:
 
 1. ``prepare_shapes``: pin ``--input-shape``, infer every shape on a skeleton;
 2. ``fold_batchnorms`` (with ``--fold-bn``) and ``name_convs``;
-3. ``select_convs``: candidates, and every skipped Conv with its reason;
+3. ``select_convs``: candidates, and every skipped Conv with its reason; then
+   ``add_bias_channels`` (``graph.bias_channel``, CPU emission): a constant channel that
+   carries biases into the 1x1 products that follow;
 4. ``plan``: one plan per Conv (``core.planning``, the cost model);
 5. ``_replace``: each Conv's node detached, its attention subgraph emitted in its place
    (``graph.emit``; ``graph.emit_integer`` for ConvInteger and QLinearConv), reusing the
@@ -38,10 +40,11 @@ from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from conv2attn import names
-from conv2attn.core.geometry import AttentionPlan, AutoPad
+from conv2attn.core.geometry import AttentionPlan, AutoPad, ConvSpec
 from conv2attn.core.planning import LayerPlans, PlanError, Stretches, plan_layers
 from conv2attn.core.weights import emitted_channels_last, output_bias, output_projection
 from conv2attn.errors import InputError
+from conv2attn.graph.bias_channel import BiasChannel, add_bias_channels
 from conv2attn.graph.constants import fold_batchnorms
 from conv2attn.graph.emit import emit_attention
 from conv2attn.graph.emit_dynamic import emit_dynamic_attention
@@ -202,12 +205,21 @@ def convert_model(
     _load_constants(graph)
     del model  # nothing refers into it now: its memory (a protobuf arena) goes at once
     release_freed_memory()
+    originals = list(selection.candidates)
+    bias_channels = [BiasChannel()] * len(originals)
+    if options.tiles and options.form == "matmul":  # the emission for CPUs
+        selection.candidates, bias_channels = add_bias_channels(graph, originals)
     layer_plans = plan(selection.candidates, options, find_stretches(graph, selection.candidates))
     # every candidate plan, thousands for a ResNet: the report names only a few
     shortlists = [shortlist(*pair) for pair in zip(layer_plans.plans, layer_plans.considered)]
     chosen, budget_met = layer_plans.plans, layer_plans.budget_met
     del layer_plans
     layers = _replace(selection.candidates, chosen, shortlists, options, progress)
+    layers = [
+        _with_bias_channel(layer, original.spec, channel)
+        for layer, original, channel in zip(layers, originals, bias_channels, strict=True)
+    ]
+    del originals
     if options.layout == "channels-last":
         moved = keep_channels_last(
             graph,
@@ -581,6 +593,20 @@ def _replace(
         )
         candidate.weight = candidate.bias = None  # the projection replaces them
     return layers
+
+
+def _with_bias_channel(layer: LayerReport, spec: ConvSpec, channel: BiasChannel) -> LayerReport:
+    """``layer`` with what the constant channel changed (``graph.bias_channel``); its
+    MACs and parameters before are those of the Conv as it was."""
+    if not channel.reads and channel.writes is None:
+        return layer
+    return dataclasses.replace(
+        layer,
+        macs_before=spec.macs,
+        params_before=spec.params,
+        bias_channel_in=channel.reads,
+        bias_channel_out=channel.writes,
+    )
 
 
 def _tile_count(plan: AttentionPlan, candidate: Candidate, options: ConvertOptions) -> int:
