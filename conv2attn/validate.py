@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from conv2attn.core.geometry import grid_tokens_to_channels_first, pixels_shape_of
+from conv2attn.core.weights import unsigned_weights
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples, graph_inputs
 from conv2attn.modelio import PROTOBUF_LIMIT, model_size
@@ -350,11 +351,10 @@ _INTEGER_CONV_INPUTS = {"ConvInteger": (0, 2, 1, 3), "QLinearConv": (0, 2, 3, 5)
 
 def exact_integer_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with the int8 weights of its integer Convs over uint8 inputs held as
-    uint8 (``w + 128``, zero point ``z + 128``: every ``w - z`` as it was), or ``model``
-    itself where it has none. onnxruntime's uint8-by-int8 kernels on x86 CPUs without
-    VNNI sum pairs of products in 16 bits, which saturate (2 x 255 x 127 > 32767), and
-    then depart from the ONNX definition; its uint8-by-uint8 kernels do not. The check
-    runs originals in this form, so that both models are held to the definition."""
+    uint8 (``weights.unsigned_weights``), or ``model`` itself where it has none: where
+    onnxruntime's uint8-by-int8 kernels saturate, its run of the original departs from
+    the ONNX definition. The check runs originals in this form, so that both models are
+    held to the definition."""
     weights = {t.name: t for t in model.graph.initializer}
     uint8 = _uint8_tensors(model)
     indices = [
@@ -362,7 +362,7 @@ def exact_integer_convs(model: onnx.ModelProto) -> onnx.ModelProto:
         for index, node in enumerate(model.graph.node)
         if node.op_type in _INTEGER_CONV_INPUTS
         and _is_uint8_input(node, weights, uint8)
-        and _int8_weight(node, weights) is not None
+        and _holds_int8_weight(node, weights)
     ]
     if not indices:
         return model
@@ -372,16 +372,15 @@ def exact_integer_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     for index in indices:
         node = graph.node[index]
         _, _, w_at, zero_at = _INTEGER_CONV_INPUTS[node.op_type]
-        weight = _int8_weight(node, weights)
+        weight = onnx.numpy_helper.to_array(weights[node.input[w_at]])
         zero = (
             onnx.numpy_helper.to_array(weights[node.input[zero_at]])
             if len(node.input) > zero_at and node.input[zero_at] in weights
             else np.zeros((), np.int8)
         )
-        for position, values in ((w_at, weight), (zero_at, zero)):
+        for position, values in zip((w_at, zero_at), unsigned_weights(weight, zero)):
             name = f"{node.output[0]}/uint8_{position}"
-            shifted = (values.astype(np.int16) + 128).astype(np.uint8)
-            graph.initializer.append(onnx.numpy_helper.from_array(shifted, name))
+            graph.initializer.append(onnx.numpy_helper.from_array(values, name))
             while len(node.input) <= position:
                 node.input.append("")
             node.input[position] = name
@@ -409,14 +408,14 @@ def _is_uint8_input(node: onnx.NodeProto, weights: dict, uint8: set[str]) -> boo
     return node.input[x_at] in uint8
 
 
-def _int8_weight(node: onnx.NodeProto, weights: dict) -> np.ndarray | None:
-    """The node's int8 weight held in the model (not as external data), or None."""
+def _holds_int8_weight(node: onnx.NodeProto, weights: dict) -> bool:
+    """Whether the node's weight is int8 and held in the model (not as external data)."""
     tensor = weights.get(node.input[_INTEGER_CONV_INPUTS[node.op_type][2]])
-    if tensor is None or tensor.data_type != onnx.TensorProto.INT8:
-        return None
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    return onnx.numpy_helper.to_array(tensor)
+    return (
+        tensor is not None
+        and tensor.data_type == onnx.TensorProto.INT8
+        and tensor.data_location != onnx.TensorProto.EXTERNAL
+    )
 
 
 def _run_both(

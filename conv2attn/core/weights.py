@@ -327,17 +327,22 @@ def integer_projection(
     nothing hold the zero point of their column, every other entry a copy of one weight:
     exact, and within the weight type's range.
 
-    For uint8 inputs (``x_dtype``) int8 weights become uint8: onnxruntime's uint8-by-int8
-    product on x86 CPUs without VNNI sums pairs of products in 16 bits, which saturate
-    (2 x 255 x 127 > 32767), where uint8 by uint8 does not. ``w + 128`` with zero point
-    ``z + 128`` leaves every ``w - z`` as it was."""
+    For uint8 inputs (``x_dtype``) int8 weights become uint8 (``unsigned_weights``)."""
     centred = weight.astype(np.float64) - zero_point.astype(np.float64).reshape(
         -1, *([1] * (weight.ndim - 1))
     )
     projection = output_projection(plan, centred, channels_last)  # exact small integers
     column_zero = zero_point[column_channels(plan, channels_last)]  # [g, Dg_out]
     values = projection + column_zero[:, None, :].astype(np.float64)
-    dtype, column_zero = weight.dtype, column_zero.astype(np.float64)
-    if x_dtype is not None and np.dtype(x_dtype) == np.uint8 and dtype == np.int8:
-        dtype, values, column_zero = np.dtype(np.uint8), values + 128, column_zero + 128
-    return values.astype(dtype), column_zero.astype(dtype)
+    values, column_zero = values.astype(weight.dtype), column_zero.astype(weight.dtype)
+    if x_dtype is not None and np.dtype(x_dtype) == np.uint8 and weight.dtype == np.int8:
+        return unsigned_weights(values, column_zero)
+    return values, column_zero
+
+
+def unsigned_weights(weight: np.ndarray, zero_point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights and zero points as uint8, ``w + 128`` and ``z + 128``: every ``w - z``
+    as it was. onnxruntime's uint8-by-int8 products on x86 CPUs without VNNI sum pairs of
+    products in 16 bits, which saturate (2 x 255 x 127 > 32767); its uint8-by-uint8
+    products do not, so integer products over uint8 inputs take their weights this way."""
+    return tuple((a.astype(np.int16) + 128).astype(np.uint8) for a in (weight, zero_point))

@@ -126,21 +126,17 @@ def _feature_maps(
     order."""
     joined = UnionFind()
     members: dict[int, gs.Variable] = {id(t): t for t in written}
-    for node in graph.nodes:
-        if not _passes_through(node):
-            continue
+    passing = [node for node in graph.nodes if _passes_through(node)]
+    for node in passing:
         for tensor in [*_data_inputs(node), node.outputs[0]]:
             members[id(tensor)] = tensor
             joined.join(id(tensor), id(node.outputs[0]))
-    sets: dict[int, list[gs.Variable]] = {}
+    maps: dict[int, tuple[list[gs.Variable], list[gs.Node]]] = {}
     for key, tensor in members.items():
-        sets.setdefault(joined.find(key), []).append(tensor)
-    maps = []
-    for tensors in sets.values():
-        inside = {id(t) for t in tensors}
-        nodes = [n for n in graph.nodes if _passes_through(n) and id(n.outputs[0]) in inside]
-        maps.append((tensors, nodes))
-    return maps
+        maps.setdefault(joined.find(key), ([], []))[0].append(tensor)
+    for node in passing:
+        maps[joined.find(id(node.outputs[0]))][1].append(node)
+    return list(maps.values())
 
 
 def _passes_through(node: gs.Node) -> bool:
