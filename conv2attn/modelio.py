@@ -175,23 +175,81 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _field_chunks(message):
-    """The wire encoding of ``message``, one field element at a time, in field order.
+# Protobuf's wire type of a length-delimited field (a message, bytes or a string).
+LENGTH_DELIMITED = 2
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"]
+
+
+def _tag(field_descriptor) -> bytes:
+    return _varint(field_descriptor.number << 3 | LENGTH_DELIMITED)
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The length of ``tensor``'s raw data from its dims and element type, without reading
+    it (protobuf hands a field out as a copy); None where it is not raw fixed-size data."""
+    if not tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    itemsize = _itemsize(tensor.data_type)
+    return None if itemsize is None else math.prod(tensor.dims) * itemsize
+
+
+def _encoded_size(item) -> int:
+    """The length of ``item``'s encoding. A tensor of raw data is measured as its other
+    fields plus the data's length: protobuf measures a message by encoding it, which for
+    a model's weights costs as long as writing them."""
+    raw = _raw_bytes(item) if isinstance(item, onnx.TensorProto) else None
+    if raw is None:
+        return item.ByteSize()
+    rest = onnx.TensorProto()
+    for field_descriptor in onnx.TensorProto.DESCRIPTOR.fields:
+        if field_descriptor is _RAW_DATA:
+            continue
+        if is_repeated(field_descriptor):
+            if len(getattr(item, field_descriptor.name)):
+                copy_field(rest, item, field_descriptor)
+        elif item.HasField(field_descriptor.name):
+            copy_field(rest, item, field_descriptor)
+    return rest.ByteSize() + len(_tag(_RAW_DATA)) + len(_varint(raw)) + raw
+
+
+def _message_elements(message):
+    """Each message-typed field element of ``message``: (field, element)."""
+    for field_descriptor, value in message.ListFields():
+        if field_descriptor.message_type is None:
+            continue
+        for item in value if is_repeated(field_descriptor) else [value]:
+            yield field_descriptor, item
+
+
+def _field_chunks(message, sizes: list[int]):
+    """The wire encoding of ``message``, one field element at a time, in field order;
+    ``sizes``: each message element's ``_encoded_size``, in that order.
 
     A message's encoding is the concatenation of its fields' encodings, so these chunks
     joined equal ``message.SerializeToString()``; only one element is serialised at once.
-    """
+    A message element is its tag, its length and its own encoding, which is serialised in
+    place rather than copied into a one-field message first (an initializer can be
+    hundreds of MB)."""
+    elements = iter(sizes)
     for field_descriptor, value in message.ListFields():
-        items = value if is_repeated(field_descriptor) else [value]
+        repeated = is_repeated(field_descriptor)
+        items = value if repeated else [value]
+        if field_descriptor.message_type is not None:
+            for item in items:
+                size = next(elements)
+                encoded = item.SerializeToString()
+                if len(encoded) != size:  # a tensor whose raw data does not fit its dims
+                    raise InternalError(
+                        f"{field_descriptor.name} '{getattr(item, 'name', '')}' encodes to "
+                        f"{len(encoded)} bytes, not the {size} its dims give"
+                    )
+                yield _tag(field_descriptor) + _varint(size)
+                yield encoded
+            continue
         for item in items:
             single = type(message)()
-            field = getattr(single, field_descriptor.name)
-            if is_repeated(field_descriptor) and field_descriptor.message_type is not None:
-                field.add().CopyFrom(item)
-            elif is_repeated(field_descriptor):
-                field.append(item)
-            elif field_descriptor.message_type is not None:
-                field.CopyFrom(item)
+            if repeated:
+                getattr(single, field_descriptor.name).append(item)
             else:
                 setattr(single, field_descriptor.name, item)
             yield single.SerializeToString()
@@ -200,7 +258,8 @@ def _field_chunks(message):
 
 def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``model`` like ``onnx.save_model`` does (same bytes), without ever holding its
-    whole serialised form in memory: the graph is written element by element."""
+    whole serialised form in memory: the graph is written element by element, after its
+    length, which is summed from the elements' own (``_encoded_size``)."""
     graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"]
     with open(path, "wb") as handle:
         for field_descriptor, _ in model.ListFields():
@@ -209,9 +268,18 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                 copy_field(part, model, field_descriptor)
                 handle.write(part.SerializeToString())
                 continue
-            length = sum(len(chunk) for chunk in _field_chunks(model.graph))
-            handle.write(_varint(graph_field.number << 3 | 2) + _varint(length))
-            for chunk in _field_chunks(model.graph):
+            sizes = [_encoded_size(item) for _, item in _message_elements(model.graph)]
+            length = sum(
+                len(_tag(field)) + len(_varint(size)) + size
+                for (field, _), size in zip(_message_elements(model.graph), sizes)
+            )
+            bare = onnx.GraphProto()  # the graph's other fields: its name and doc string
+            for field, _ in model.graph.ListFields():
+                if field.message_type is None:
+                    copy_field(bare, model.graph, field)
+            length += bare.ByteSize()
+            handle.write(_tag(graph_field) + _varint(length))
+            for chunk in _field_chunks(model.graph, sizes):
                 handle.write(chunk)
 
 

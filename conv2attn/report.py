@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from conv2attn.profile import ProfileReport
 from conv2attn.record import ConversionReport
 from conv2attn.runtime.registry import BACKENDS
 from conv2attn.terminal import BOLD, GREEN, RED, paint
-from conv2attn.validate import CheckReport
+
+if TYPE_CHECKING:  # onnxruntime, which they import, is not needed to print a conversion
+    from conv2attn.profile import ProfileReport
+    from conv2attn.validate import CheckReport
 
 
 def human(count: float) -> str:

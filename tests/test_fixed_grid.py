@@ -19,7 +19,16 @@ from torch import nn
 
 import conv2attn
 from conv2attn.cli import main
-from conv2attn.core.geometry import Attention, ConvSpec, Grid, Order, plan_attention
+from conv2attn.core import geometry, planning
+from conv2attn.core.geometry import (
+    Attention,
+    ConvSpec,
+    Grid,
+    Order,
+    auto_patches,
+    has_phase,
+    plan_attention,
+)
 from conv2attn.core.planning import plan_layers
 from conv2attn.errors import InputError
 from conv2attn.record import converted_layers
@@ -97,6 +106,43 @@ def test_auto_takes_the_cheaper_grid_and_prefers_fixed_where_they_are_one():
     chosen = plan_layers(specs, ["a", "b"], patch=(2, 2), grid="auto").plans
     assert [p.grid for p in chosen] == [Grid.SHIFTED, Grid.SHIFTED]
     assert all(p.heads == 4 and p.fixed_grid_heads == 9 for p in chosen)
+
+
+PHASE_SPECS = [
+    ConvSpec(8, 8, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (14, 14)),
+    ConvSpec(8, 8, 1, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (15, 14)),
+    ConvSpec(3, 8, 1, (7, 7), (2, 2), (1, 1), (3, 3), (3, 3), (20, 20)),
+    ConvSpec(8, 8, 1, (1, 1), (2, 2), (1, 1), (0, 0), (0, 0), (14, 14)),  # subsampled
+    ConvSpec(8, 8, 1, (1, 1), (1, 1), (1, 1), (0, 2), (0, 2), (9, 9)),
+    ConvSpec(8, 8, 8, (5, 5), (1, 1), (2, 2), (4, 4), (4, 4), (12, 12)),
+]
+
+
+@pytest.mark.parametrize("spec", PHASE_SPECS)
+def test_has_phase_says_which_shifted_plans_differ_from_their_fixed_twin(spec):
+    for patch in auto_patches(spec):
+        plan = plan_attention(spec, patch, grid=Grid.SHIFTED)
+        assert has_phase(spec, patch) == (not plan.grid_aligned), patch
+
+
+@pytest.mark.parametrize("attention", ["global", "local", "auto"])
+def test_grid_auto_plans_a_phase_free_patch_once_and_chooses_as_a_full_search(
+    attention, monkeypatch
+):
+    """Grid auto skips the shifted plans of patches without a phase (they are their fixed
+    twins): it considers and chooses the plans that planning both grids in full does."""
+    names = [f"c{i}" for i in range(len(PHASE_SPECS))]
+
+    def planned():
+        geometry._candidates.cache_clear()
+        plans = plan_layers(PHASE_SPECS, names, attention=attention, grid="auto")
+        return [p.rank_key for p in plans.plans], [
+            [p.rank_key for p in layer] for layer in plans.considered
+        ]
+
+    skipping = planned()
+    monkeypatch.setattr(planning, "has_phase", lambda spec, patch: True)
+    assert planned() == skipping
 
 
 def test_the_table_and_the_record_state_both_head_counts(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 import conv2attn
-from conv2attn.errors import InputError
+from conv2attn.errors import InputError, InternalError
 from conv2attn.modelio import (
     check_model,
     check_output_path,
@@ -175,8 +175,23 @@ def test_names_that_are_not_utf8_are_refused_at_load(tmp_path):
 def test_streaming_writer_gives_the_bytes_protobuf_would(tmp_path):
     converted, _ = conv2attn.convert(chain_model())
     converted.doc_string = "converted"
+    converted.graph.doc_string = "its graph"
     onnx.helper.set_model_props(converted, {"a": "1", "conv2attn": "{}"})
+    # the length of raw data is taken from dims; typed fields and scalars are measured
+    typed = onnx.helper.make_tensor("typed", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    scalar = numpy_helper.from_array(np.array(7, dtype=np.int64), "scalar")
+    scalar.doc_string = "a scalar"
+    converted.graph.initializer.extend([typed, scalar])
     path = tmp_path / "m.onnx"
     write_model(converted, path)
     assert path.read_bytes() == converted.SerializeToString()
     assert onnx.load(str(path)) == converted
+
+
+def test_streaming_writer_refuses_raw_data_that_does_not_fit_its_dims(tmp_path):
+    converted, _ = conv2attn.convert(chain_model())
+    short = numpy_helper.from_array(np.zeros(4, dtype=np.float32), "short")
+    short.raw_data = bytes(12)  # three floats under dims [4]
+    converted.graph.initializer.append(short)
+    with pytest.raises(InternalError, match="initializer 'short' encodes to"):
+        write_model(converted, tmp_path / "m.onnx")

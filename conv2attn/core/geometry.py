@@ -171,8 +171,10 @@ def resolve_pads(
     return tuple(begin), tuple(end)
 
 
+@functools.lru_cache(maxsize=4096)
 def validate(spec: ConvSpec) -> None:
-    """Raise GeometryError with the first thing that makes ``spec`` invalid."""
+    """Raise GeometryError with the first thing that makes ``spec`` invalid (a valid
+    spec is remembered: planning validates each Conv once per candidate plan)."""
     rank = spec.rank
     for name in ("strides", "dilations", "pads_begin", "pads_end", "input_size"):
         if len(getattr(spec, name)) != rank:
@@ -199,6 +201,7 @@ def validate(spec: ConvSpec) -> None:
         )
 
 
+@functools.lru_cache(maxsize=4096)
 def subsampled(spec: ConvSpec) -> tuple[ConvSpec, tuple[int, ...]]:
     """An equivalent Conv on a strided subsample of the padded input, and the steps.
 
@@ -289,6 +292,73 @@ class AxisPlan:
         return self.step * (self.block - 1) + 1 + self.reach
 
 
+def _patchify_layout(
+    spec: ConvSpec, axes: tuple[AxisPlan, ...], channels_last: bool
+) -> list[Rearrange]:
+    rank = spec.rank
+    if channels_last:
+        extent = [a.tokens_extent for a in axes]
+        patches = [size for a in axes for size in (a.tokens, a.in_patch)]
+        return [
+            Rearrange((1, spec.in_channels, *extent), (0, *range(2, 2 + rank), 1)),
+            # [B, T1, P1, T2, P2, C] -> [B, T1, T2, P1, P2, C]
+            Rearrange(
+                (1, *patches, spec.in_channels),
+                (
+                    0,
+                    *(1 + 2 * i for i in range(rank)),
+                    *(2 + 2 * i for i in range(rank)),
+                    1 + 2 * rank,
+                ),
+            ),
+        ]
+    group = spec.group
+    patches = [size for a in axes for size in (a.tokens, a.in_patch)]
+    # [B, g, Cg, T1, P1, T2, P2] -> [B, g, T1, T2, Cg, P1, P2]
+    return [
+        Rearrange(
+            (1, group, spec.in_channels // group, *patches),
+            (0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))),
+        )
+    ]
+
+
+def _unpatchify_layout(
+    spec: ConvSpec, axes: tuple[AxisPlan, ...], channels_last: bool
+) -> list[Rearrange]:
+    rank = spec.rank
+    blocks = [a.blocks for a in axes]
+    block = tuple(a.block for a in axes)
+    patch = tuple(a.patch for a in axes)
+    if channels_last:
+        full = [a.queries * a.patch for a in axes]
+        # [B, nb1, nb2, b1, b2, p1, p2, C] -> [B, nb1, b1, p1, nb2, b2, p2, C] = NHWC
+        interleave = itertools.chain.from_iterable(
+            (1 + i, 1 + rank + i, 1 + 2 * rank + i) for i in range(rank)
+        )
+        return [
+            Rearrange(
+                (1, *blocks, *block, *patch, spec.out_channels),
+                (0, *interleave, 1 + 3 * rank),
+            ),
+            Rearrange((1, *spec.output_size, spec.out_channels), (0, 1 + rank, *range(1, 1 + rank)))
+            if full != list(spec.output_size)
+            else Rearrange((1, *full, spec.out_channels), (0, 1 + rank, *range(1, 1 + rank))),
+        ]
+    group = spec.group
+    # [B, g, nb1, nb2, b1, b2, Cg_out, p1, p2] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2]
+    interleave = itertools.chain.from_iterable(
+        (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
+    )
+    return [
+        Rearrange(
+            (1, group, *blocks, *block, spec.out_channels // group, *patch),
+            (0, 1, 2 + 2 * rank, *interleave),
+        )
+    ]
+
+
+@functools.lru_cache(maxsize=16384)
 def plan_axis(
     size: int,
     kernel: int,
@@ -515,6 +585,15 @@ class Rearrange:
         if len(groups) <= 3 and groups[0] == [0]:  # [B, X, Y] -> [B, Y, X]
             return SWAP_FACTOR * elements
         return SHORT_RUN_FACTOR * elements
+
+
+@functools.lru_cache(maxsize=16384)
+def _layouts_moved(spec: ConvSpec, axes: tuple[AxisPlan, ...], channels_last: bool) -> float:
+    """The patchify and unpatchify steps' ``Rearrange.moved``, once for the plans that
+    share them (both orders of a patch and block)."""
+    steps = _patchify_layout(spec, axes, channels_last)
+    steps += _unpatchify_layout(spec, axes, channels_last)
+    return sum(step.moved() for step in steps)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -878,65 +957,11 @@ class AttentionPlan:
 
     def patchify_layout(self) -> list[Rearrange]:
         """Padded input [B, C, T1*P1, ..] -> tokens [B, (g,) N, Dg_in]; see ``weights``."""
-        spec, rank = self.spec, self.spec.rank
-        if self.channels_last:
-            extent = [a.tokens_extent for a in self.axes]
-            patches = [size for a in self.axes for size in (a.tokens, a.in_patch)]
-            return [
-                Rearrange((1, spec.in_channels, *extent), (0, *range(2, 2 + rank), 1)),
-                # [B, T1, P1, T2, P2, C] -> [B, T1, T2, P1, P2, C]
-                Rearrange(
-                    (1, *patches, spec.in_channels),
-                    (
-                        0,
-                        *(1 + 2 * i for i in range(rank)),
-                        *(2 + 2 * i for i in range(rank)),
-                        1 + 2 * rank,
-                    ),
-                ),
-            ]
-        group = spec.group
-        patches = [size for a in self.axes for size in (a.tokens, a.in_patch)]
-        # [B, g, Cg, T1, P1, T2, P2] -> [B, g, T1, T2, Cg, P1, P2]
-        return [
-            Rearrange(
-                (1, group, spec.in_channels // group, *patches),
-                (0, 1, *(3 + 2 * i for i in range(rank)), 2, *(4 + 2 * i for i in range(rank))),
-            )
-        ]
+        return _patchify_layout(self.spec, self.axes, self.channels_last)
 
     def unpatchify_layout(self) -> list[Rearrange]:
         """Output tokens [B, (g,) (blocks,) q, Dg_out] -> [B, C_out, ..] (before the crop)."""
-        spec, rank = self.spec, self.spec.rank
-        blocks = [a.blocks for a in self.axes]
-        if self.channels_last:
-            full = [a.queries * a.patch for a in self.axes]
-            # [B, nb1, nb2, b1, b2, p1, p2, C] -> [B, nb1, b1, p1, nb2, b2, p2, C] = NHWC
-            interleave = itertools.chain.from_iterable(
-                (1 + i, 1 + rank + i, 1 + 2 * rank + i) for i in range(rank)
-            )
-            return [
-                Rearrange(
-                    (1, *blocks, *self.block, *self.patch, spec.out_channels),
-                    (0, *interleave, 1 + 3 * rank),
-                ),
-                Rearrange(
-                    (1, *spec.output_size, spec.out_channels), (0, 1 + rank, *range(1, 1 + rank))
-                )
-                if full != list(spec.output_size)
-                else Rearrange((1, *full, spec.out_channels), (0, 1 + rank, *range(1, 1 + rank))),
-            ]
-        group = spec.group
-        # [B, g, nb1, nb2, b1, b2, Cg_out, p1, p2] -> [B, g, Cg_out, nb1, b1, p1, nb2, b2, p2]
-        interleave = itertools.chain.from_iterable(
-            (2 + i, 2 + rank + i, 3 + 2 * rank + i) for i in range(rank)
-        )
-        return [
-            Rearrange(
-                (1, group, *blocks, *self.block, spec.out_channels // group, *self.patch),
-                (0, 1, 2 + 2 * rank, *interleave),
-            )
-        ]
+        return _unpatchify_layout(self.spec, self.axes, self.channels_last)
 
     @cached_property
     def moved(self) -> float:
@@ -945,8 +970,7 @@ class AttentionPlan:
         moved = float(self.spec.in_channels * math.prod(a.tokens_extent for a in self.axes))
         if self.subsamples:
             moved += self.spec.in_channels * math.prod(self.spec.input_size)
-        for step in self.patchify_layout() + self.unpatchify_layout():
-            moved += step.moved()
+        moved += _layouts_moved(self.spec, self.axes, self.channels_last)
         if self.attention is Attention.LOCAL and not self.single_key:
             dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
             # the Gather copies one token's features (of one group) per key, each row
@@ -1011,6 +1035,15 @@ class AttentionPlan:
         dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.out_dim
         padded = -(-dim // PRODUCT_COLUMNS) * PRODUCT_COLUMNS
         return self.attention_macs * padded // dim
+
+    @cached_property
+    def rank_key(self) -> tuple:
+        """What ``best_plan`` sorts by, kept: planning compares each plan many times."""
+        shifted = self.grid is Grid.SHIFTED
+        return (
+            self.cost, self.params, self.patch, self.order.value, self.block, shifted,
+            self.strided_queries,
+        )  # fmt: skip
 
     @cached_property
     def params(self) -> int:
@@ -1106,17 +1139,27 @@ MAX_AUTO_BLOCK = 8
 
 
 def _rank_key(plan: AttentionPlan) -> tuple:
-    shifted = plan.grid is Grid.SHIFTED
-    return (
-        plan.cost, plan.params, plan.patch, plan.order.value, plan.block, shifted,
-        plan.strided_queries,
-    )  # fmt: skip
+    return plan.rank_key
 
 
 def best_plan(candidates: Sequence[AttentionPlan]) -> AttentionPlan:
     """Lowest cost; ties go to fewer parameters, then the smaller patch, and between the
     two grids (the same computation where the phase is 0) to the fixed one."""
     return min(candidates, key=_rank_key)
+
+
+def auto_patches(spec: ConvSpec, max_patch: int = MAX_AUTO_PATCH) -> list[tuple[int, ...]]:
+    """The patches ``--patch auto`` tries: up to ``max_patch`` per axis, never beyond the
+    output."""
+    return list(itertools.product(*(range(1, min(max_patch, out) + 1) for out in spec.output_size)))
+
+
+def has_phase(spec: ConvSpec, patch: Sequence[int]) -> bool:
+    """Whether ``patch``'s shifted grid differs from its fixed one: some begin pad is not
+    whole input patches (``AttentionPlan.grid_aligned`` false). Without a phase the two
+    grids plan the same computation."""
+    effective, _ = subsampled(spec)
+    return any(pb % (s * p) for pb, s, p in zip(effective.pads_begin, effective.strides, patch))
 
 
 def candidate_plans(
@@ -1165,8 +1208,7 @@ def _candidates(
     narrow_values: bool,
 ) -> tuple[AttentionPlan, ...]:
     if patches is None:
-        ranges = [range(1, min(max_patch, out) + 1) for out in spec.output_size]
-        patches = list(itertools.product(*ranges))
+        patches = auto_patches(spec, max_patch)
     # Depthwise Convs share one attention across channels only when attending first.
     orders = (
         [Order.ATTEND_FIRST] if spec.group > 1 and spec.in_channels == spec.group else list(Order)

@@ -30,10 +30,12 @@ from conv2attn.core.geometry import (
     GeometryError,
     Grid,
     Order,
+    auto_patches,
     best_plan,
     candidate_plans,
     choose_plans,
     flow_saving,
+    has_phase,
     trim_plan_cache,
 )
 
@@ -183,21 +185,26 @@ def plan_layers(
                     "use --grid shifted or auto, or pin the size with --input-shape"
                 )
             grids = [Grid.SHIFTED]
+        patches = {kind: None if forced is None else [forced] for kind in grids}
+        if len(grids) > 1:  # a shifted plan without a phase is its fixed twin: plan one
+            tried = patches[Grid.SHIFTED] or auto_patches(spec)
+            patches[Grid.SHIFTED] = [p for p in tried if has_phase(spec, p)]
         plans = [
             plan
             for mode in modes
             for kind in grids
+            if patches[kind] != []
             for plan in candidate_plans(
                 spec,
                 mode,
-                patches=None if forced is None else [forced],
+                patches=patches[kind],
                 block=blocks if mode is Attention.LOCAL else None,
                 grid=kind,
                 fold_heads=not (index < len(explicit_attention) and explicit_attention[index]),
                 narrow_values=narrow_values,
             )
         ]
-        if len(grids) > 1:  # a shifted plan without a phase is its fixed twin: keep one
+        if len(grids) > 1:  # strided queries (one-pixel tokens) have no phase either
             plans = [p for p in plans if p.grid is Grid.FIXED or not p.grid_aligned]
         if index < len(attend_first) and attend_first[index]:
             plans = [p for p in plans if p.order is Order.ATTEND_FIRST]
