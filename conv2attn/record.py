@@ -81,6 +81,12 @@ class LayerReport:
     # tokens the layer reads
     output_patch: tuple[int, ...] = ()
     input_patch: tuple[int, ...] = ()
+    # the padding of the layer that reads this one's output is a zero token appended
+    # ahead of this layer's projection (``graph.zero_token``): the channels-last output
+    # above is the tokens of this output grid and that token, [B, N + 1, C]; the layer
+    # that reads it drops the last token to see its input
+    output_zero_token: tuple[int, ...] = ()
+    input_zero_token: bool = False
     # local attention split into this many tiles of blocks (``AttentionPlan.tiles``)
     tiles: int = 1
     # local attention on one-pixel tokens with a query every stride tokens (section 5)
@@ -325,6 +331,10 @@ def _recorded(layer: LayerReport) -> dict:
         entry["output_patch"] = list(layer.output_patch)
     if layer.input_patch:
         entry["input_patch"] = list(layer.input_patch)
+    if layer.output_zero_token:
+        entry["output_zero_token"] = list(layer.output_zero_token)
+    if layer.input_zero_token:
+        entry["input_zero_token"] = True
     if layer.tiles > 1:
         entry["tiles"] = layer.tiles
     if layer.folded:

@@ -66,6 +66,10 @@ class _LayerStep:
     # patch tokens on a grid [B, T1, T2, P1, P2, C] (``graph.tokens``), of this patch
     x_patch: tuple[int, ...] = ()
     y_patch: tuple[int, ...] = ()
+    # channels-last tokens [B, N + 1, C] whose last token is the zero token of the next
+    # layer's padding (``graph.zero_token``); the grid of the N others
+    x_zero_token: tuple[int, ...] = ()
+    y_zero_token: tuple[int, ...] = ()
 
 
 def _read_back(indexed: np.ndarray, stored: np.ndarray, size: int, what: str) -> np.ndarray:
@@ -554,6 +558,8 @@ class OnnxAttentionModel(nn.Module):
             bool(record.get("output_channels_last")),
             tuple(record.get("input_patch", ())),
             tuple(record.get("output_patch", ())),
+            tuple(record["input_size"]) if record.get("input_zero_token") else (),
+            tuple(record.get("output_zero_token", ())),
         )
 
     def layer(self, conv: str) -> ConvAttention:
@@ -577,6 +583,8 @@ class OnnxAttentionModel(nn.Module):
         for step in self._steps:
             if isinstance(step, _LayerStep):
                 x = values[step.x]
+                if step.x_zero_token:  # the grid's tokens, without the zero token
+                    x = x[:, :-1].reshape(x.shape[0], *step.x_zero_token, x.shape[-1])
                 if step.x_patch:
                     x = _grid_tokens_as_nchw(x, step.x_patch)
                 elif step.x_channels_last:
@@ -587,6 +595,10 @@ class OnnxAttentionModel(nn.Module):
                     values[step.y] = _nchw_as_grid_tokens(y, step.y_patch)
                 elif step.y_channels_last:
                     values[step.y] = y.permute(0, *range(2, y.dim()), 1)
+                if step.y_zero_token:  # as tokens, with the next layer's zero token
+                    tokens = values[step.y].reshape(y.shape[0], -1, y.shape[1])
+                    zero = tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])
+                    values[step.y] = torch.cat([tokens, zero], dim=1)
                 continue
             args = [
                 None if not name else values[name] if name in values else self._tensor(name)

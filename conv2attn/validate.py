@@ -481,10 +481,15 @@ def _output_check(
 
 def _as_nchw(layer: dict, values: np.ndarray) -> np.ndarray:
     """A layer's output as the original Conv's NCHW tensor (un-patchified here, in the
-    check, when the converted model keeps it channels-last; without the constant channel
-    that carries biases onwards, where the layer writes one)."""
+    check, when the converted model keeps it channels-last; without the zero token that
+    the next layer's padding appended to it, and without the constant channel that
+    carries biases onwards, where the layer writes one)."""
     nchw = values
     patch = layer.get("output_patch")
+    grid = layer.get("output_zero_token")
+    if grid:  # tokens [B, N + 1, C], the last one the next layer's zero token
+        values = values[:, :-1].reshape(values.shape[0], *grid, values.shape[-1])
+        nchw = values
     if layer.get("output_channels_last") and patch:  # [B, T1, T2, P1, P2, C] tokens
         nchw = values.transpose(grid_tokens_to_channels_first(len(patch)))
         nchw = nchw.reshape(pixels_shape_of(nchw.shape, len(patch)))

@@ -16,9 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import conv2attn
 from conv2attn import names
-from conv2attn.graph import rewrite
-from conv2attn.graph.zero_token import pads_as_zero_tokens
+from conv2attn.graph import rewrite, zero_token
+from conv2attn.graph.zero_token import ZeroTokens, pads_as_zero_tokens
 from conv2attn.inputs import Samples
+from conv2attn.record import converted_layers
 from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import check
 from tests.helpers import assert_parity, random_initializers, random_input, run
@@ -76,7 +77,7 @@ def padded_gathers(
 
 def rewritten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = gs.import_onnx(model)
-    count = pads_as_zero_tokens(graph)
+    count = pads_as_zero_tokens(graph).replaced
     graph.cleanup().toposort()
     result = gs.export_onnx(graph)
     return result, count
@@ -204,7 +205,7 @@ def test_converted_local_attention_reads_a_zero_token_instead_of_padding(monkeyp
     options = dict(attention="local", patch=1)
     converted, _ = conv2attn.convert(model, **options)
     gpu, _ = conv2attn.convert(model, **options, tiles=False)
-    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda graph: 0)
+    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda graph, movable: ZeroTokens())
     padded, _ = conv2attn.convert(model, **options)
     # conv1 pads the NCHW graph input before its Transpose to channels-last: not a table
     assert padded_tables(padded) == 1 and padded_tables(converted) == 0
@@ -222,3 +223,99 @@ def test_converted_local_attention_reads_a_zero_token_instead_of_padding(monkeyp
     with torch.no_grad():
         got = module.eval()(torch.from_numpy(feeds["x"])).numpy()
     assert_parity(run(model, feeds), [got])
+
+
+def expanded_depthwise(activation: str = "Clip", stem_activation: str = "Relu") -> onnx.ModelProto:
+    """mobilenet_v2's pattern: a 3x3 Conv writes 24 channels, a 1x1 expansion takes its
+    bias from the constant channel (``graph.bias_channel``; not through a Sigmoid), an
+    activation, then a padded depthwise 3x3 Conv and a 1x1 projection."""
+    narrow = 24
+    w = random_initializers(seed=5)
+    node = helper.make_node
+    act = {
+        "Clip": node("Clip", ["c1", "low", "high"], ["a1"], "act"),
+        "Clip-above-0": node("Clip", ["c1", "one", "high"], ["a1"], "act"),
+        "Relu": node("Relu", ["c1"], ["a1"], "act"),
+        "HardSwish": node("HardSwish", ["c1"], ["a1"], "act"),
+        "Sigmoid": node("Sigmoid", ["c1"], ["a1"], "act"),
+    }[activation]
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["c0"], "stem", pads=[1] * 4),
+        node(stem_activation, ["c0"], ["a0"], "stem_act"),
+        node("Conv", ["a0", "w1", "b1"], ["c1"], "expand"),
+        act,
+        node("Conv", ["a1", "w2", "b2"], ["c2"], "dw", pads=[1] * 4, group=96),
+        node("Relu", ["c2"], ["a2"], "dw_relu"),
+        node("Conv", ["a2", "w3", "b3"], ["y"], "project"),
+    ]
+    weights = [w("w0", (narrow, 4, 3, 3)), w("b0", (narrow,)), w("w1", (96, narrow, 1, 1))]
+    weights += [w("b1", (96,)), w("w2", (96, 1, 3, 3)), w("b2", (96,))]
+    weights += [w("w3", (16, 96, 1, 1)), w("b3", (16,))]
+    weights += [
+        numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("low", 0), ("one", 1), ("high", 6))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "expanded_depthwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 12, 12])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])  # HardSwish
+
+
+def zero_token_scopes(model: onnx.ModelProto) -> set[str]:
+    return {n.name.split("/")[0] for n in model.graph.node if "/zero_token/" in n.name}
+
+
+@pytest.mark.parametrize("activation", ["Clip", "Relu", "HardSwish"])
+def test_the_zero_token_is_appended_ahead_of_the_projection_that_feeds_the_padding(
+    activation, monkeypatch
+):
+    """The expansion's row of zeros projects to zeros and its activation keeps them: the
+    zero token is appended to its 25 input features, not to its 96 outputs. The model
+    keeps parity, the per-layer check sees each Conv's own output (the token dropped),
+    and the PyTorch import rebuilds the same model."""
+    model = expanded_depthwise(activation)
+    options = dict(attention="local", patch=1)
+    converted, _ = conv2attn.convert(model, **options)
+    assert zero_token_scopes(converted) == {"expand"}
+    fill = [t for t in converted.graph.initializer if t.name.startswith("expand/attn/zero_token/")]
+    widths = {tuple(t.dims) for t in fill if t.data_type == TensorProto.FLOAT}
+    assert widths == {(1, 1, 1, 25)}  # the token's batch follows the input's (dynamic)
+    record = {layer["name"]: layer for layer in converted_layers(converted)}
+    assert record["expand"]["output_zero_token"] == [12, 12]
+    assert record["dw"]["input_zero_token"] and "output_zero_token" not in record["dw"]
+    feeds = random_input(model, batch=3)
+    assert_parity(run(model, feeds), run(converted, feeds))
+    monkeypatch.setattr(zero_token, "_projected_zeros", lambda *args: None)
+    in_place, _ = conv2attn.convert(model, **options)
+    assert zero_token_scopes(in_place) == {"dw"}
+    assert_parity(run(in_place, feeds), run(converted, feeds))
+
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed
+    assert [layer.name for layer in result.layers] == ["stem", "expand", "dw", "project"]
+    module = load_trainable(converted)
+    with torch.no_grad():
+        got = module.eval()(torch.from_numpy(feeds["x"])).numpy()
+    assert_parity(run(model, feeds), [got])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(activation="Clip-above-0"),  # Clip(1, 6) turns the zeros into ones
+        dict(activation="Sigmoid"),  # sigmoid(0) is 1/2
+        dict(stem_activation="Sigmoid"),  # no constant channel: the bias is added after
+    ],
+    ids=["clip-above-0", "sigmoid", "bias-add"],
+)
+def test_the_zero_token_stays_with_the_padding_where_zeros_would_not_stay_zero(case):
+    model = expanded_depthwise(**case)
+    converted, _ = conv2attn.convert(model, attention="local", patch=1)
+    assert zero_token_scopes(converted) == {"dw"}
+    assert not any("zero_token" in key for layer in converted_layers(converted) for key in layer)
+    feeds = random_input(model, batch=2)
+    assert_parity(run(model, feeds), run(converted, feeds))

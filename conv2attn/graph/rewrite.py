@@ -234,7 +234,13 @@ def convert_model(
         ]
         layers = _record_layouts(graph, layers, moved, keep_tokens(graph, static))
     if options.tiles:  # the emission for CPUs, where a Pad runs on one thread
-        pads_as_zero_tokens(graph)
+        movable = frozenset(
+            layer.output_channels_last
+            for layer in layers
+            if layer.output_channels_last and not layer.output_patch and not layer.integer
+        )
+        zeros = pads_as_zero_tokens(graph, movable)
+        layers = _record_zero_tokens(layers, zeros.moved)
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)
@@ -477,6 +483,22 @@ def _record_layouts(
             tokens.added,
         )
     return updated
+
+
+def _record_zero_tokens(layers: list[LayerReport], moved: dict[str, str]) -> list[LayerReport]:
+    """Mark the layers whose channels-last output took a zero token ahead of their
+    projection (``graph.zero_token``), and the layers whose padding that token is."""
+    if not moved:
+        return layers
+    pads = list(moved.values())
+    return [
+        dataclasses.replace(
+            layer,
+            output_zero_token=layer.output_size if layer.output_channels_last in moved else (),
+            input_zero_token=any(pad.startswith(names.owner_prefix(layer.name)) for pad in pads),
+        )
+        for layer in layers
+    ]
 
 
 def _fixed_grid_unfit(candidate: Candidate) -> str | None:
