@@ -16,7 +16,9 @@ Stages, in order, one function each:
    ``keep_tokens`` (``graph.tokens``): patch tokens stay tokens between Convs that share
    a token grid; ``_record_layouts`` notes where each layer's output now lives; then
    ``pads_as_zero_tokens`` (``graph.zero_token``, CPU emission): zero padding that only
-   key-window Gathers read becomes one zero token;
+   key-window Gathers read becomes one zero token (ahead of the projection that writes
+   the table, where it can); ``collapse_reshapes`` (``graph.reshapes``): a Reshape of a
+   Reshape reads the first one's input, a layer's output aside;
 7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time; the loaded model itself is dropped as soon as the graph holds every constant
@@ -59,6 +61,7 @@ from conv2attn.graph.emit_standard import (
 )
 from conv2attn.graph.layout import LayoutResult, keep_channels_last
 from conv2attn.graph.options import ConvertOptions, convert_options
+from conv2attn.graph.reshapes import collapse_reshapes
 from conv2attn.graph.select import Candidate, name_convs, select_convs
 from conv2attn.graph.shapes import (
     graph_protos,
@@ -241,6 +244,10 @@ def convert_model(
         )
         zeros = pads_as_zero_tokens(graph, movable)
         layers = _record_zero_tokens(layers, zeros.moved)
+    held = frozenset(
+        name for layer in layers for name in (layer.output, layer.output_channels_last) if name
+    )
+    log.info("%d Reshapes of a Reshape read its input instead", collapse_reshapes(graph, held))
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     projections = _detach_projections(graph)
