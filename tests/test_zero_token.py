@@ -205,7 +205,7 @@ def test_converted_local_attention_reads_a_zero_token_instead_of_padding(monkeyp
     options = dict(attention="local", patch=1)
     converted, _ = conv2attn.convert(model, **options)
     gpu, _ = conv2attn.convert(model, **options, tiles=False)
-    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda graph, movable: ZeroTokens())
+    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda graph, movable=None: ZeroTokens())
     padded, _ = conv2attn.convert(model, **options)
     # conv1 pads the NCHW graph input before its Transpose to channels-last: not a table
     assert padded_tables(padded) == 1 and padded_tables(converted) == 0
@@ -319,3 +319,14 @@ def test_the_zero_token_stays_with_the_padding_where_zeros_would_not_stay_zero(c
     assert not any("zero_token" in key for layer in converted_layers(converted) for key in layer)
     feeds = random_input(model, batch=2)
     assert_parity(run(model, feeds), run(converted, feeds))
+
+
+def test_an_infinite_projection_weight_keeps_the_zero_token_with_the_padding():
+    """A row of zeros times an infinite weight is not zero: the token stays a constant."""
+    model = expanded_depthwise()
+    weights = next(t for t in model.graph.initializer if t.name == "w1")
+    values = numpy_helper.to_array(weights).copy()
+    values[0, 0, 0, 0] = np.inf
+    weights.CopyFrom(numpy_helper.from_array(values, "w1"))
+    converted, _ = conv2attn.convert(model, attention="local", patch=1, check=False)
+    assert zero_token_scopes(converted) == {"dw"}

@@ -237,11 +237,11 @@ def convert_model(
         ]
         layers = _record_layouts(graph, layers, moved, keep_tokens(graph, static))
     if options.tiles:  # the emission for CPUs, where a Pad runs on one thread
-        movable = frozenset(
-            layer.output_channels_last
+        movable = {
+            layer.output_channels_last: names.layer_weights(layer.name)[0]
             for layer in layers
             if layer.output_channels_last and not layer.output_patch and not layer.integer
-        )
+        }
         zeros = pads_as_zero_tokens(graph, movable)
         layers = _record_zero_tokens(layers, zeros.moved)
     held = frozenset(

@@ -17,19 +17,20 @@ token as a constant; a dynamic one expands it to the input's batch size (``Shape
 ``Slice``, ``Concat``, ``Expand``: four small nodes). The new nodes carry the
 Pad's scope, so they belong to its layer (profiles, the PyTorch import).
 
-Where the padded tensor is a converted layer's projection ``MatMul`` (no bias Add: its
-bias comes in the constant channel, ``graph.bias_channel``), reshaped and passed through
-activations that keep 0 at 0 (Clip over a range holding 0, Relu, LeakyRelu, HardSwish),
-the zero token is appended to the projection's input instead: its row projects to 0
-and stays 0, so the table is the same, and the copy that appends it moves the
-projection's input features, not its (wider) output features. That layer's channels-
-last output then holds its tokens and the zero token (``ZeroTokens.moved``; the record's
-``output_zero_token``).
+Where the padded tensor is a converted layer's projection ``MatMul`` (finite weights,
+no bias Add: its bias comes in the constant channel, ``graph.bias_channel``), reshaped
+and passed through activations that keep 0 at 0 (Clip over a range holding 0, Relu,
+LeakyRelu, HardSwish), the zero token is appended to the projection's input instead:
+its row projects to 0 and stays 0, so the table is the same, and the copy that appends
+it moves the projection's input features, not its (wider) output features. That
+layer's channels-last output then holds its tokens and the zero token
+(``ZeroTokens.moved``; the record's ``output_zero_token``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,17 +53,26 @@ class ZeroTokens:
 ZERO_PRESERVING = ("Clip", "Relu", "LeakyRelu", "HardSwish")
 
 
-def pads_as_zero_tokens(graph: gs.Graph, movable: frozenset[str] = frozenset()) -> ZeroTokens:
+def pads_as_zero_tokens(graph: gs.Graph, movable: Mapping[str, str] | None = None) -> ZeroTokens:
     """Rewrite ``graph`` (the main graph, in place) as the module docstring says.
     ``movable``: the channels-last layer outputs whose producing projection may take
-    the zero token. The caller cleans up and sorts the graph afterwards."""
-    taken = {t.name for t in graph.tensors().values()} | {n.name for n in graph.nodes}
+    the zero token, each with the name of that layer's projection weights, which must
+    all be finite (a row of zeros times an infinite weight is not zero). The caller
+    cleans up and sorts the graph afterwards."""
+    tensors = graph.tensors()
+    taken = set(tensors) | {n.name for n in graph.nodes}
     outputs = {id(t) for t in graph.outputs}
+    movable = movable or {}
+
+    def can_move(held: str) -> bool:
+        weights = tensors.get(movable.get(held, ""))
+        return isinstance(weights, gs.Constant) and bool(np.isfinite(weights.values).all())
+
     done = ZeroTokens()
     for pad in [node for node in graph.nodes if node.op == "Pad"]:
         match = _match(pad, outputs)
         if match is not None:
-            held = _rewrite(graph, pad, *match, taken, movable, outputs)
+            held = _rewrite(graph, pad, *match, taken, can_move, outputs)
             done.replaced += 1
             if held is not None:
                 done.moved[held] = pad.name
@@ -172,8 +182,8 @@ def _rewrite(
     pads: np.ndarray,
     fill: np.ndarray,
     taken: set[str],
-    movable: frozenset[str] = frozenset(),
-    graph_outputs: frozenset[int] | set[int] = frozenset(),
+    can_move: Callable[[str], bool] = lambda held: False,
+    graph_outputs: set[int] | None = None,
 ) -> str | None:
     """Replace ``pad`` and ``reshape`` by a table of tokens plus one fill token; returns
     the layer output that took the zero token ahead of its projection, if one did."""
@@ -183,7 +193,7 @@ def _rewrite(
     begin, end = pads[1 : rank - 1], pads[rank + 1 : 2 * rank - 1]
     count = math.prod(grid)
     moved = None
-    upstream = _projected_zeros(x, count, movable, graph_outputs) if not fill.any() else None
+    upstream = None if fill.any() else _projected_zeros(x, count, can_move, graph_outputs or set())
     if upstream is not None:
         projection, path = upstream
         held = path[0].outputs[0]
@@ -223,10 +233,10 @@ def _rewrite(
 
 
 def _projected_zeros(
-    x: gs.Variable, count: int, movable: frozenset[str], graph_outputs
+    x: gs.Variable, count: int, can_move: Callable[[str], bool], graph_outputs: set[int]
 ) -> tuple[gs.Node, list[gs.Node]] | None:
     """``(projection, path)`` where ``x`` (read only by the Pad) is a layer's projection
-    ``MatMul`` -> a ``Reshape`` to its channels-last output (one of ``movable``) ->
+    ``MatMul`` -> a ``Reshape`` to its channels-last output (one that ``can_move``) ->
     operators of ``ZERO_PRESERVING``, each tensor read only by the next, the MatMul's
     rows the ``count`` tokens of ``x`` in order; ``path`` is the Reshape and then the
     operators. None otherwise."""
@@ -243,7 +253,7 @@ def _projected_zeros(
         path.insert(0, producer)
         tensor = producer.inputs[0]
     reshape, held = producer, tensor
-    if held.name not in movable or not isinstance(reshape.inputs[1], gs.Constant):
+    if not isinstance(reshape.inputs[1], gs.Constant) or not can_move(held.name):
         return None
     if reshape.attrs.get("allowzero", 0) or not reshape.inputs[0].inputs:
         return None
