@@ -156,3 +156,29 @@ def save_model_file(model: onnx.ModelProto, path, external: bool = False):
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def assert_checked_and_rebuilt(
+    model: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    layers: Sequence[str],
+):
+    """``check --per-layer`` passes and compares exactly ``layers`` (Conv names, in order),
+    and the PyTorch import of ``converted`` keeps parity with ``model``; returns the
+    check's report."""
+    import torch
+
+    from conv2attn.inputs import Samples
+    from conv2attn.torch_graph import load_trainable
+    from conv2attn.validate import check
+
+    result = check(model, converted, Samples(feeds, None, "random"), per_layer=True)
+    assert result.passed
+    assert [layer.name for layer in result.layers] == list(layers)
+    module = load_trainable(converted)
+    with torch.no_grad():
+        (name,) = feeds  # one graph input
+        rebuilt = module.eval()(torch.from_numpy(feeds[name])).numpy()
+    assert_parity(run(model, feeds), [rebuilt])
+    return result
