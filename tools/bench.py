@@ -1,10 +1,12 @@
 """Benchmark: torchvision CNNs against their global and local attention conversions.
 
 For each model (224x224, random weights with trained-like BatchNorm statistics): export,
-convert with ``--attention global`` and ``--attention local`` in a fresh process each
-(conversion time and peak memory of that process), then time the original and both
-conversions side by side with onnxruntime on the CPU at each batch size, alternating in
-blocks of runs with each block's first run dropped; each batch size times the conversions
+convert with ``--attention global`` and ``--attention local`` in fresh processes
+(conversion time: the median of ``--convert-runs`` processes, 3 by default, since one
+process's time on a shared machine varies by a fifth; peak memory: the largest), then
+time the original and both conversions side by side with onnxruntime on the CPU at each
+batch size, alternating in blocks of runs with each block's first run dropped; each batch
+size times the conversions
 made for it (``convert --batch``, which sizes local attention's tiles; conversion time,
 memory and sizes are from the first batch's). On GPU backends the conversions are made
 with ``--no-tiles``: tiles keep a CPU's caches warm, and a GPU runs each tile as kernels
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,10 +83,35 @@ def convert(
     form: str = "matmul",
     batch: int = 1,
     tiles: bool = True,
+    runs: int = 1,
 ) -> dict:
-    """Run ``conv2attn convert`` in its own process: wall time and peak resident memory."""
+    """Run ``conv2attn convert`` ``runs`` times, each in its own process: the median wall
+    time and the largest peak resident memory."""
     report = output.with_suffix(".json")
-    start = time.perf_counter()
+    seconds, peak = [], 0
+    for _ in range(runs):
+        start = time.perf_counter()
+        _, run_peak = _convert_once(source, output, attention, form, batch, tiles, report)
+        seconds.append(time.perf_counter() - start)
+        peak = max(peak, run_peak)
+    totals = json.loads(report.read_text())["totals"]
+    size = output.stat().st_size + sum(
+        p.stat().st_size for p in output.parent.glob(output.name + ".data")
+    )
+    return {
+        "seconds": statistics.median(seconds),
+        "peak_mb": peak / 2**20,
+        "transposes": transposes(onnx.load(str(output), load_external_data=False)),
+        "size": size,
+        "mac_ratio": totals["macs_after"] / totals["macs_before"],
+        "param_ratio": totals["params_after"] / totals["params_before"],
+    }
+
+
+def _convert_once(
+    source: Path, output: Path, attention: str, form: str, batch: int, tiles: bool, report: Path
+) -> tuple[subprocess.CompletedProcess, int]:
+    """One ``conv2attn convert`` process: its result and peak memory; exits on failure."""
     result, peak = run_with_peak(
         "convert",
         source,
@@ -101,21 +129,9 @@ def convert(
         "-q",
         *([] if tiles else ["--no-tiles"]),
     )
-    seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"conversion failed: {result.stderr}")
-    totals = json.loads(report.read_text())["totals"]
-    size = output.stat().st_size + sum(
-        p.stat().st_size for p in output.parent.glob(output.name + ".data")
-    )
-    return {
-        "seconds": seconds,
-        "peak_mb": peak / 2**20,
-        "transposes": transposes(onnx.load(str(output), load_external_data=False)),
-        "size": size,
-        "mac_ratio": totals["macs_after"] / totals["macs_before"],
-        "param_ratio": totals["params_after"] / totals["params_before"],
-    }
+    return result, peak
 
 
 def transposes(model: onnx.ModelProto) -> int:
@@ -155,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
         default=["matmul"],
         help="convert --form of each conversion (default: matmul)",
     )
+    parser.add_argument(
+        "--convert-runs",
+        type=int,
+        default=3,
+        help="fresh-process conversions per model and mode; convert s is their median",
+    )
     parser.add_argument("--json", type=Path, help="write all measurements as JSON")
     return parser
 
@@ -168,14 +190,15 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     conversions: dict = {}
     variants = [(attention, form) for form in args.forms for attention in args.attentions]
     latency, best, worst, heading = {}, {}, {}, ""
-    for batch in args.batches:
+    for batch_index, batch in enumerate(args.batches):
         # each batch size runs the conversion made for it (convert --batch: local
         # attention's tiles sized for that batch); the figures are the first batch's
         paths = [source]
         for attention, form in variants:
             output = folder / f"{name}_{attention}_{form}_b{batch}.onnx"
             tiles = not BACKENDS[args.backend].gpu
-            figures = convert(source, output, attention, form, batch, tiles)
+            runs = args.convert_runs if batch_index == 0 else 1  # figures: the first batch's
+            figures = convert(source, output, attention, form, batch, tiles, runs)
             if (attention, form) not in conversions:
                 # the same conversion with NCHW between layers: the Transposes saved
                 nchw, _ = conv2attn.convert(
