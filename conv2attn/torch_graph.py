@@ -398,6 +398,7 @@ OPS: dict[str, Callable] = {
     "GlobalMaxPool": lambda node, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
     "ReduceMean": _reduce(torch.mean),
     "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax),
     "BatchNormalization": _batch_norm,
     "Conv": _conv,
     "Concat": lambda node, *xs: torch.cat(xs, dim=_attribute(node, "axis")),

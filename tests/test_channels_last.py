@@ -27,6 +27,7 @@ from conv2attn.validate import check
 from tests.helpers import (
     assert_checked_and_rebuilt,
     assert_parity,
+    assert_same_arithmetic,
     random_initializers,
     random_input,
     run,
@@ -269,7 +270,9 @@ def test_torchvision_models_lose_most_layout_changes(torchvision_model, name):
     assert sum(layer.input_channels_last for layer in report.layers) >= len(report.layers) - 1
     feeds = random_input(original, batch=2)
     assert_parity(run(original, feeds), run(converted, feeds))
-    # only where values sit changes: the same arithmetic, so the same bits as NCHW
+    # only where values sit changes: the same arithmetic, so the same bits as NCHW (the
+    # classifier's pool is its map's only reader: it stays NCHW, its sums in their order)
+    assert "GlobalAveragePool" in {n.op_type for n in converted.graph.node}
     for moved, kept in zip(run(converted, feeds), run(nchw, feeds)):
         np.testing.assert_array_equal(moved, kept)
     if name == "resnet18":  # at batch 8 the max-pool's 25 MB input pools channels-last
@@ -476,3 +479,74 @@ def test_a_max_pool_that_returns_indices_stays_nchw(monkeypatch):
     feeds = random_input(model, batch=2)
     for expected, got in zip(run(model, feeds), run(converted, feeds)):
         assert_parity([expected.astype(np.float64)], [got.astype(np.float64)])
+
+
+def squeeze_excitation(opset: int, pool: str = "GlobalAveragePool") -> onnx.ModelProto:
+    """EfficientNet's block: a depthwise Conv and SiLU, a squeeze-and-excitation gate (a
+    global pool, two 1x1 Convs on one pixel, a Sigmoid) scaling the map, a 1x1 Conv."""
+    weight = random_initializers(seed=3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["e"], "expand", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["e", "w2"], ["d"], "depthwise", kernel_shape=[3, 3],
+                         pads=[1] * 4, group=8),
+        helper.make_node("Sigmoid", ["d"], ["ds"], "silu/Sigmoid"),
+        helper.make_node("Mul", ["d", "ds"], ["a"], "silu/Mul"),
+        helper.make_node(pool, ["a"], ["pooled"], "pool"),
+        helper.make_node("Conv", ["pooled", "w3", "b3"], ["f1"], "fc1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["f1"], ["r1"], "fc1/Relu"),
+        helper.make_node("Conv", ["r1", "w4", "b4"], ["f2"], "fc2", kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["f2"], ["gate"], "gate"),
+        helper.make_node("Mul", ["gate", "a"], ["scaled"], "scale"),
+        helper.make_node("Conv", ["scaled", "w5"], ["y"], "project", kernel_shape=[1, 1]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "squeeze_excitation",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 10, 12])],
+        [
+            weight("w1", (8, 4, 1, 1)),
+            weight("w2", (8, 1, 3, 3)),
+            weight("w3", (2, 8, 1, 1)),
+            weight("b3", (2,)),
+            weight("w4", (8, 2, 1, 1)),
+            weight("b4", (8,)),
+            weight("w5", (5, 8, 1, 1)),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize(
+    "opset, pool, reduction",
+    [(13, "GlobalAveragePool", "ReduceMean"), (18, "GlobalAveragePool", "ReduceMean"),
+     (18, "GlobalMaxPool", "ReduceMax")],
+)  # fmt: skip
+def test_a_squeeze_excitation_gate_keeps_the_map_channels_last(opset, pool, reduction):
+    """The map between the depthwise Conv and the projection stays channels-last through
+    the gate: the pool reduces its spatial axes, and the one-pixel tensors on the gate's
+    way (pooled values, gate) change layout by Reshape, not Transpose."""
+    model = squeeze_excitation(opset, pool)
+    converted, report = conv2attn.convert(model, attention="local", patch=1)
+    nchw, _ = conv2attn.convert(model, attention="local", patch=1, layout="nchw")
+    ops = [n.op_type for n in converted.graph.node]
+    # left: the input's way to channels-last and the output's way back
+    assert transposes(converted) == 2 < transposes(nchw)
+    assert pool not in ops and ops.count(reduction) == 1
+    (reduce,) = [n for n in converted.graph.node if n.op_type == reduction]
+    axes = (
+        list(helper.get_attribute_value(next(a for a in reduce.attribute if a.name == "axes")))
+        if opset < 18
+        else numpy_helper.to_array(
+            next(t for t in converted.graph.initializer if t.name == reduce.input[1])
+        ).tolist()
+    )
+    assert axes == [1, 2]  # the spatial axes of [B, H, W, C]
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["project"].input_channels_last and layers["depthwise"].output_channels_last
+    for batch in (1, 3):  # the Reshapes copy the batch: any batch runs
+        feeds = random_input(model, batch=batch)
+        assert_same_arithmetic(run(nchw, feeds), run(converted, feeds))
+    assert_checked_and_rebuilt(
+        model, converted, feeds, ["expand", "depthwise", "fc1", "fc2", "project"]
+    )

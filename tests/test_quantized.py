@@ -24,7 +24,7 @@ import conv2attn
 from conv2attn.cli import main
 from conv2attn.record import converted_layers
 from conv2attn.validate import Samples, check, default_tolerance, exact_integer_convs
-from tests.helpers import conv_model, save_model_file
+from tests.helpers import assert_same_arithmetic, conv_model, save_model_file
 from tests.test_property import check_queries, conv_configs, onnxruntime_deviates
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "150"))
@@ -246,13 +246,17 @@ def assert_bit_identical(source: str, attention: str, feeds: dict) -> None:
     converted.graph.output.extend(
         onnx.ValueInfoProto(name=layer.output_channels_last or layer.output) for layer in layers
     )
-    last = [False] * (len(original.graph.output) - len(layers)) + [
-        bool(layer.output_channels_last) for layer in layers
-    ]
+    outputs = len(original.graph.output) - len(layers)
+    last = [False] * outputs + [bool(layer.output_channels_last) for layer in layers]
     for optimize in (False, True):
-        for a, b, moved in zip(
-            run(original, feeds, optimize), run(converted, feeds, optimize), last
-        ):
+        expected, actual = run(original, feeds, optimize), run(converted, feeds, optimize)
+        for index, (a, b, moved) in enumerate(zip(expected, actual, last)):
+            if optimize and index < outputs:
+                # the model's own outputs: float layers after the integer ones may read a
+                # channels-last tensor through a Transpose, which onnxruntime's optimiser
+                # moves past a ReduceMean, summing in another order
+                assert_same_arithmetic([a], [b])
+                continue
             np.testing.assert_array_equal(a, b.transpose(0, 3, 1, 2) if moved else b)
 
 

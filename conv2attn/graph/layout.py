@@ -6,6 +6,14 @@ operations that do not depend on the layout (elementwise activations and gates, 
 ``Add``, per-channel constants, ``Pad``, ``Slice``, ``Concat``), the tensors between them
 can stay channels-last: the pair of Transposes cancels.
 
+Global pools join them where the map they pool has other readers too (a
+squeeze-and-excitation gate scales the map it pools, between two converted Convs):
+channels-last, a global pool is the same reduction over axes 1..rank-2 (``ReduceMean``,
+``ReduceMax``), its sums in another order. A pool that is its map's only reader (a
+classifier's head) stays NCHW, and keeps its bits. A tensor of one pixel per channel (the
+pooled values, the gate) holds its values in the same order in both layouts, so where a
+region reads or hands out one in NCHW a Reshape moves it, not a Transpose.
+
 Pooling layers join them where their input is large (``geometry.pools_channels_last``, at
 the batch the model is converted for): channels-last, a pool over the spatial axes is the
 same pool over one axis more, the channels with a window of 1, between an Unsqueeze and a
@@ -24,7 +32,8 @@ tensor (a dynamic Conv's geometry reads its input's sizes) takes the channels-la
 tensor's shape and a Gather of its dims back into NCHW order, so it keeps no NCHW tensor
 alive.
 
-Exact: only where values sit in memory changes.
+Exact: only where values sit in memory changes, but for the order in which a
+channels-last global pool sums.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ UNARY = {
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"}
 # Pooling over the spatial axes, channels-last over one axis more (see the docstring).
 POOLS = {"MaxPool", "AveragePool"}
+# Global pools, and the reduction each is over the spatial axes of channels-last data.
+GLOBAL_POOLS = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
 
 
 def to_channels_first(rank: int) -> list[int]:
@@ -100,6 +111,9 @@ def _eligible(node: gs.Node, rank: int, pool_batch: int | None) -> bool:
         return False
     if node.op in POOLS:
         return _pools_channels_last(node, rank, pool_batch)
+    if node.op in GLOBAL_POOLS:
+        source = node.inputs[0]
+        return isinstance(source, gs.Variable) and _rank(source) == rank and len(source.outputs) > 1
     variables = [t for t in node.inputs if isinstance(t, gs.Variable)]
     # scalars (Clip's bounds from Constant nodes) broadcast the same in any layout
     if not any(_rank(t) == rank for t in variables):
@@ -126,6 +140,18 @@ def _eligible(node: gs.Node, rank: int, pool_batch: int | None) -> bool:
     if node.op == "Concat":  # Inception's and GoogLeNet's joins, along any axis
         return all(isinstance(t, gs.Variable) and _rank(t) == rank for t in node.inputs)
     return False
+
+
+def one_pixel(tensor: gs.Tensor) -> bool:
+    """An NCHW tensor of one pixel per channel, its channels known: channels-last it holds
+    its values in the same order, so a Reshape moves it between the layouts."""
+    shape = tensor.shape
+    return (
+        shape is not None
+        and len(shape) > 2
+        and isinstance(shape[1], int)
+        and all(d == 1 for d in shape[2:])
+    )
 
 
 def _pools_channels_last(node: gs.Node, rank: int, batch: int | None) -> bool:
@@ -311,7 +337,8 @@ class _RegionPlan:
                     nchw_readers = True
             if nchw_readers or tensor.name in graph_outputs:
                 kept.append(tensor)
-        removed, added = freed + len(dropped), len(new) + len(kept)
+        moved = [t for t in (*new, *kept) if not one_pixel(t)]  # one pixel: a Reshape
+        removed, added = freed + len(dropped), len(moved)
         return cls(region, rank, free, new, dropped, kept, removed, added, read)
 
     def apply(self, graph: gs.Graph, taken: set[str]) -> None:
@@ -325,9 +352,7 @@ class _RegionPlan:
         for tensor in self.new_inputs:
             name = unique_name(f"{tensor.name}{SUFFIX}", taken)
             moved = gs.Variable(name, dtype=tensor.dtype, shape=_permuted(tensor.shape, last))
-            graph.nodes.append(
-                gs.Node("Transpose", f"{name}/Transpose", {"perm": last}, [tensor], [moved])
-            )
+            graph.nodes.append(_layout_change(tensor, moved, last, taken))
             self._swap_input(tensor, moved)
             self.channels_last.add(name)
         relaid: dict[int, gs.Constant] = {}
@@ -352,9 +377,7 @@ class _RegionPlan:
                     if id(consumer) not in inside and id(consumer) not in dropped:
                         _replace_input(consumer, tensor, restored)
                 graph.outputs = [restored if t is tensor else t for t in graph.outputs]
-                back = gs.Node("Transpose", f"{nchw_name}/Transpose", {"perm": first})
-                back.inputs, back.outputs = [tensor], [restored]
-                graph.nodes.append(back)
+                graph.nodes.append(_layout_change(tensor, restored, first, taken))
         for transpose in self.dropped:
             source, target = transpose.inputs[0], transpose.outputs[0]
             for consumer in list(target.outputs):
@@ -364,10 +387,39 @@ class _RegionPlan:
         for node in self.nodes:
             if node.op in POOLS:
                 _pool_over_channels(graph, node, taken)
+            elif node.op in GLOBAL_POOLS:
+                _reduce_spatial_axes(graph, node, taken)
 
     def _swap_input(self, old: gs.Variable, new: gs.Variable) -> None:
         for node in self.nodes:
             _replace_input(node, old, new)
+
+
+def _layout_change(
+    source: gs.Variable, target: gs.Variable, perm: list[int], taken: set[str]
+) -> gs.Node:
+    """The node that makes ``target`` from ``source`` in the layout ``perm`` gives: a
+    Reshape where the NCHW one of the two is one pixel per channel (the batch copied
+    from the input, so it may be dynamic), else a Transpose."""
+    nchw = source if perm == to_channels_last(len(perm)) else target
+    if not one_pixel(nchw):
+        return gs.Node("Transpose", f"{target.name}/Transpose", {"perm": perm}, [source], [target])
+    shape = np.array([0, *target.shape[1:]], np.int64)  # 0: the input's batch
+    shape = gs.Constant(unique_name(f"{target.name}/Reshape/shape", taken), shape)
+    return gs.Node("Reshape", f"{target.name}/Reshape", {}, [source, shape], [target])
+
+
+def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> None:
+    """``node``, a global pool whose input and output are now channels-last, as the same
+    reduction over the spatial axes, keeping them (one pixel, as the pool leaves)."""
+    axes = list(range(1, len(node.inputs[0].shape) - 1))
+    node.op = GLOBAL_POOLS[node.op]
+    node.attrs = {"keepdims": 1}
+    if graph.opset >= 18:
+        name = unique_name(f"{node.name}/axes", taken)
+        node.inputs.append(gs.Constant(name, np.array(axes, np.int64)))
+    else:  # before opset 18 the axes are an attribute
+        node.attrs["axes"] = axes
 
 
 def _pool_over_channels(graph: gs.Graph, node: gs.Node, taken: set[str]) -> None:

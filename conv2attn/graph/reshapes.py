@@ -6,8 +6,8 @@ a step that reads well in Netron. onnxruntime runs each one as a node, a few
 microseconds apiece, hundreds of them in a converted mobilenet_v2. A Reshape of a
 Reshape's output that nothing else reads is the same as reshaping the first one's input:
 the values keep their order, only the shape changes. The tensors a caller keeps (a
-layer's output, which ``check --per-layer`` and the PyTorch import read) are never
-skipped.
+layer's output, which ``check --per-layer`` and the PyTorch import read, and its input,
+which the PyTorch import reads in the layout the record gives) are never skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def _skippable(node: gs.Node, keep: frozenset[str], graph_outputs: set[int]) -> 
     """Whether Reshape ``node`` can read its input Reshape's input: that Reshape's output
     is read by ``node`` alone and not kept, both shapes are constants, neither Reshape
     takes a 0 literally (``allowzero``), and wherever ``node`` copies a dimension (a 0)
-    the first Reshape copied it from its own input, so it is the same there."""
+    the first Reshape copied it from its own input, so it is the same there. A Reshape
+    already skipped reads nothing (the graph may be unsorted)."""
+    if not node.inputs:
+        return False
     middle = node.inputs[0]
     if len(middle.inputs) != 1 or middle.inputs[0].op != "Reshape":
         return False

@@ -18,7 +18,7 @@ Stages, in order, one function each:
    ``pads_as_zero_tokens`` (``graph.zero_token``, CPU emission): zero padding that only
    key-window Gathers read becomes one zero token (ahead of the projection that writes
    the table, where it can); ``collapse_reshapes`` (``graph.reshapes``): a Reshape of a
-   Reshape reads the first one's input, a layer's output aside;
+   Reshape reads the first one's input, a layer's input and output aside;
 7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time; the loaded model itself is dropped as soon as the graph holds every constant
@@ -244,9 +244,9 @@ def convert_model(
         }
         zeros = pads_as_zero_tokens(graph, movable)
         layers = _record_zero_tokens(layers, zeros.moved)
-    held = frozenset(
+    held = _layer_inputs(graph, layers) | {
         name for layer in layers for name in (layer.output, layer.output_channels_last) if name
-    )
+    }
     log.info("%d Reshapes of a Reshape read its input instead", collapse_reshapes(graph, held))
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -444,6 +444,35 @@ def plan(
             options.max_param_growth,
         )
     return chosen
+
+
+def _layer_inputs(graph: gs.Graph, layers: Sequence[LayerReport]) -> frozenset[str]:
+    """The tensors layers' nodes read from outside their layer: a layer's input, which
+    the PyTorch import finds so (``torch_graph``) and reads in the layout the record
+    gives, so a Reshape that makes one must stay."""
+    scopes = {names.owner_prefix(layer.name) for layer in layers if not layer.graph}
+    marker = f"/{names.SCOPE}/"
+
+    def owner(node: gs.Node) -> str | None:
+        end = node.name.find(marker)
+        while end >= 0:
+            prefix = node.name[: end + len(marker)]
+            if prefix in scopes:
+                return prefix
+            end = node.name.find(marker, end + 1)
+        return None
+
+    inputs = set()
+    for node in graph.nodes:
+        layer = owner(node)
+        if layer is None:
+            continue
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Variable) and not (
+                tensor.inputs and owner(tensor.inputs[0]) == layer
+            ):
+                inputs.add(tensor.name)
+    return frozenset(inputs)
 
 
 def _record_layouts(
