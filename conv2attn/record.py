@@ -89,6 +89,12 @@ class LayerReport:
     input_zero_token: bool = False
     # local attention split into this many tiles of blocks (``AttentionPlan.tiles``)
     tiles: int = 1
+    # the tiles went on into the next layer's projection (``graph.tiles``): the output
+    # above is never made; these tensors [B, ..rows.., C] (name, rows), joined along their
+    # rows in this order, hold it; the tensors a reading layer's projection reads, one
+    # per tile of the layer before, joined so its channels-last input
+    output_tiles: tuple[tuple[str, int], ...] = ()
+    input_tiles: tuple[str, ...] = ()
     # local attention on one-pixel tokens with a query every stride tokens (section 5)
     strided_queries: bool = False
     # one query per block, heads folded into W_O (``AttentionPlan.folds_heads``)
@@ -337,6 +343,10 @@ def _recorded(layer: LayerReport) -> dict:
         entry["input_zero_token"] = True
     if layer.tiles > 1:
         entry["tiles"] = layer.tiles
+    if layer.output_tiles:
+        entry["output_tiles"] = [[name, rows] for name, rows in layer.output_tiles]
+    if layer.input_tiles:
+        entry["input_tiles"] = list(layer.input_tiles)
     if layer.folded:
         entry["folded"] = True
     if layer.narrowed:

@@ -70,6 +70,12 @@ class _LayerStep:
     # layer's padding (``graph.zero_token``); the grid of the N others
     x_zero_token: tuple[int, ...] = ()
     y_zero_token: tuple[int, ...] = ()
+    # tiles (``graph.tiles``): the layer reads the tensors ``x_tiles``, joined along their
+    # rows, as channels-last input of this grid; it writes its channels-last output as
+    # the tensors ``y_tiles`` (name, rows), split along its rows
+    x_tiles: tuple[str, ...] = ()
+    x_grid: tuple[int, ...] = ()
+    y_tiles: tuple[tuple[str, int], ...] = ()
 
 
 def _read_back(indexed: np.ndarray, stored: np.ndarray, size: int, what: str) -> np.ndarray:
@@ -494,9 +500,13 @@ class OnnxAttentionModel(nn.Module):
             self._add_layer(record, scoped[record["name"]], initializers, steps)
         # one step per node in graph order; a layer runs where its output is produced
         self._steps: list[onnx.NodeProto | _LayerStep] = []
+        placed: set[int] = set()
         for node, owner in zip(graph.node, owners):
             if owner is not None:
-                self._steps += [steps[out] for out in node.output if out in steps]
+                for step in [steps[out] for out in node.output if out in steps]:
+                    if id(step) not in placed:
+                        placed.add(id(step))
+                        self._steps.append(step)
             elif node.op_type != "Constant":
                 refusal = _unsupported(node)
                 if refusal:
@@ -548,9 +558,11 @@ class OnnxAttentionModel(nn.Module):
         key = f"layer{len(self.layers)}"
         self.layers[key] = ConvAttention(plan, weight, conv_bias)
         self._layer_names[name] = key
-        x = _scope_input(nodes, name, set(initializers))
+        x_tiles = tuple(record.get("input_tiles", ()))
+        x = "" if x_tiles else _scope_input(nodes, name, set(initializers))
         y = record.get("output_channels_last") or record["output"]
-        steps[y] = _LayerStep(
+        y_tiles = tuple((tile, rows) for tile, rows in record.get("output_tiles", ()))
+        step = _LayerStep(
             name,
             x,
             y,
@@ -561,7 +573,13 @@ class OnnxAttentionModel(nn.Module):
             tuple(record.get("output_patch", ())),
             tuple(record["input_size"]) if record.get("input_zero_token") else (),
             tuple(record.get("output_zero_token", ())),
+            x_tiles,
+            tuple(record["input_size"]),
+            y_tiles,
         )
+        # a layer runs where its output is made: where its first tile is, if tiles hold it
+        for made in [tile for tile, _ in y_tiles] or [y]:
+            steps[made] = step
 
     def layer(self, conv: str) -> ConvAttention:
         """The attention layer that replaced Conv ``conv``."""
@@ -583,7 +601,12 @@ class OnnxAttentionModel(nn.Module):
         values = dict(zip(self.input_names, inputs))
         for step in self._steps:
             if isinstance(step, _LayerStep):
-                x = values[step.x]
+                if step.x_tiles:  # channels-last rows, tile after tile
+                    tiles = [values[tile] for tile in step.x_tiles]
+                    rows = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tiles]
+                    x = torch.cat(rows, dim=1).reshape(rows[0].shape[0], *step.x_grid, -1)
+                else:
+                    x = values[step.x]
                 if step.x_zero_token:  # the grid's tokens, without the zero token
                     x = x[:, :-1].reshape(x.shape[0], *step.x_zero_token, x.shape[-1])
                 if step.x_patch:
@@ -600,6 +623,11 @@ class OnnxAttentionModel(nn.Module):
                     tokens = values[step.y].reshape(y.shape[0], -1, y.shape[1])
                     zero = tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])
                     values[step.y] = torch.cat([tokens, zero], dim=1)
+                if step.y_tiles:  # channels-last rows, split into the tiles
+                    rows = values[step.y].reshape(y.shape[0], -1, y.shape[1])
+                    sizes = [count for _, count in step.y_tiles]
+                    for (tile, _), part in zip(step.y_tiles, rows.split(sizes, dim=1)):
+                        values[tile] = part
                 continue
             args = [
                 None if not name else values[name] if name in values else self._tensor(name)

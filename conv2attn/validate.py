@@ -479,6 +479,25 @@ def _output_check(
     )
 
 
+def _held(layer: dict) -> list[str]:
+    """The tensors of the converted model that hold a layer's output."""
+    if layer.get("output_tiles"):
+        return [name for name, _ in layer["output_tiles"]]
+    return [layer.get("output_channels_last") or layer["output"]]
+
+
+def _joined(layer: dict, arrays: list[np.ndarray], grid: Sequence[int]) -> np.ndarray:
+    """A layer's output from the tensors ``_held`` names: the one, or its tiles
+    ``[B, ..rows.., C]`` joined along their rows into channels-last ``[B, *grid, C]``
+    (``grid``: the original Conv's output size)."""
+    if not layer.get("output_tiles"):
+        (values,) = arrays
+        return values
+    batch, channels = arrays[0].shape[0], arrays[0].shape[-1]
+    rows = np.concatenate([a.reshape(batch, -1, channels) for a in arrays], axis=1)
+    return rows.reshape(batch, *grid, channels)
+
+
 def _as_nchw(layer: dict, values: np.ndarray) -> np.ndarray:
     """A layer's output as the original Conv's NCHW tensor (un-patchified here, in the
     check, when the converted model keeps it channels-last; without the zero token that
@@ -586,8 +605,9 @@ def check(
     layers, notes = _layers_to_compare(converted, per_layer, names[1])
     layer_tensors = [layer["output"] for layer in layers]
     # a layer whose output stays channels-last or patch tokens (--layout channels-last) is
-    # read there
-    held = [layer.get("output_channels_last") or layer["output"] for layer in layers]
+    # read there, and one that exists only as tiles (graph.tiles) as its tiles
+    held_by_layer = [_held(layer) for layer in layers]
+    held = [name for names in held_by_layer for name in names]
     with _fetching(original, layer_tensors), _fetching(converted, held):
         reference, actual = _run_both(
             (original, converted),
@@ -603,11 +623,19 @@ def check(
         for index, name in enumerate(output_names)
     ]
     first = len(output_names)
+    layer_outputs, at = [], len(converted_names)
+    for names_held in held_by_layer:
+        layer_outputs.append(actual[at : at + len(names_held)])
+        at += len(names_held)
     layer_checks = [
         _layer_check(
-            layer, reference[first + offset], _as_nchw(layer, actual[first + offset]), rtol, atol
+            layer,
+            reference[first + offset],
+            _as_nchw(layer, _joined(layer, held_arrays, reference[first + offset].shape[2:])),
+            rtol,
+            atol,
         )
-        for offset, layer in enumerate(layers)
+        for offset, (layer, held_arrays) in enumerate(zip(layers, layer_outputs))
     ] or None
     accuracy = None
     if samples.labels is not None:

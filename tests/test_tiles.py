@@ -23,10 +23,19 @@ import conv2attn
 from conv2attn.cli import main
 from conv2attn.core.geometry import TILE_BYTES, Attention, ConvSpec, Grid, Order, plan_attention
 from conv2attn.errors import InputError
+from conv2attn.graph import rewrite
+from conv2attn.graph.tiles import SunkTiles
 from conv2attn.record import converted_layers
 from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import Samples, check
-from tests.helpers import assert_parity, conv_model, random_input, run
+from tests.helpers import (
+    assert_checked_and_rebuilt,
+    assert_parity,
+    assert_same_arithmetic,
+    conv_model,
+    random_input,
+    run,
+)
 from tests.test_channels_last import residual_block
 
 DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
@@ -195,3 +204,86 @@ def test_no_tiles_emits_local_attention_whole_at_any_batch(tmp_path, capsys):
     written = json.loads(report.read_text())
     assert written["options"]["tiles"] is False
     assert all(layer["tiles"] == 1 for layer in written["layers"])
+
+
+def inverted_residual(projected: int) -> onnx.ModelProto:
+    """mobilenet_v2's block: a 1x1 Conv widening 4 channels to 24, ReLU6, a depthwise 3x3
+    Conv, ReLU6 (its bounds made by Constant nodes, as torch exports them), a 1x1 Conv to
+    ``projected`` channels."""
+    rng = np.random.default_rng(4)
+
+    def init(name, shape):
+        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    def bound(name, value):
+        tensor = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [value])
+        return onnx.helper.make_node("Constant", [], [name], name=name, value=tensor)
+
+    make = onnx.helper.make_node
+    nodes = [
+        make("Conv", ["x", "w1", "b1"], ["e"], "expand", kernel_shape=[1, 1]),
+        make("Clip", ["e", "", "six"], ["er"], "expand/Clip"),
+        bound("zero", 0.0),
+        bound("six", 6.0),
+        make("Conv", ["er", "w2", "b2"], ["d"], "depthwise", kernel_shape=[3, 3], pads=[1] * 4,
+             group=24),
+        make("Clip", ["d", "zero", "six"], ["dr"], "depthwise/Clip"),
+        make("Conv", ["dr", "w3", "b3"], ["y"], "project", kernel_shape=[1, 1]),
+    ]  # fmt: skip
+    graph = onnx.helper.make_graph(
+        nodes,
+        "inverted_residual",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 12, 10])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", projected, 12, 10])],
+        [
+            init("w1", (24, 4, 1, 1)),
+            init("b1", (24,)),
+            init("w2", (24, 1, 3, 3)),
+            init("b2", (24,)),
+            init("w3", (projected, 24, 1, 1)),
+            init("b3", (projected,)),
+        ],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+def test_tiles_go_on_into_a_projection_that_narrows(monkeypatch):
+    """The depthwise Conv's tiles pass its ReLU6 and the projection one by one, and the
+    narrower projected tiles are joined: the same products as joining first; the check
+    and the PyTorch import join the tiles themselves."""
+    model = inverted_residual(projected=6)
+    options = dict(attention="local", patch=1, batch=EVERY_BLOCK)
+    converted, report = conv2attn.convert(model, **options)
+    layers = {layer.name: layer for layer in report.layers}
+    tiles = layers["depthwise"].output_tiles
+    assert len(tiles) == layers["depthwise"].tiles > 1
+    assert sum(rows for _, rows in tiles) == 12 * 10
+    assert len(layers["project"].input_tiles) == len(tiles)
+    assert layers["project"].input_channels_last
+    record = {entry["name"]: entry for entry in converted_layers(converted)}
+    assert [tuple(t) for t in record["depthwise"]["output_tiles"]] == list(tiles)
+    assert record["project"]["input_tiles"] == list(layers["project"].input_tiles)
+    nodes = {node.name: node for node in converted.graph.node}
+    assert "depthwise/attn/tiles/Concat" not in nodes
+    assert nodes["project/attn/proj/tiles/Concat"].input[-1].startswith("project/attn/proj/")
+    assert sum(n.op_type == "Clip" and n.name.startswith("depthwise/Clip/tile") for n in
+               converted.graph.node) == len(tiles)  # fmt: skip
+    monkeypatch.setattr(rewrite, "sink_tile_concats", lambda graph, *_: SunkTiles())
+    joined_first, _ = conv2attn.convert(model, **options)
+    for batch in (1, 3):
+        feeds = random_input(model, batch=batch)
+        assert_same_arithmetic(run(joined_first, feeds), run(converted, feeds))
+    assert_checked_and_rebuilt(model, converted, feeds, ["expand", "depthwise", "project"])
+
+
+def test_tiles_are_joined_first_where_the_projection_widens():
+    """A projection to more channels than the tiles hold moves more once projected: the
+    tiles are joined before it, as emitted."""
+    model = inverted_residual(projected=48)
+    converted, report = conv2attn.convert(model, attention="local", patch=1, batch=EVERY_BLOCK)
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["depthwise"].tiles > 1 and not layers["depthwise"].output_tiles
+    assert not layers["project"].input_tiles
+    assert "depthwise/attn/tiles/Concat" in {node.name for node in converted.graph.node}
+    feeds = random_input(model, batch=2)
+    assert_checked_and_rebuilt(model, converted, feeds, ["expand", "depthwise", "project"])

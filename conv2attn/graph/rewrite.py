@@ -17,8 +17,10 @@ Stages, in order, one function each:
    a token grid; ``_record_layouts`` notes where each layer's output now lives; then
    ``pads_as_zero_tokens`` (``graph.zero_token``, CPU emission): zero padding that only
    key-window Gathers read becomes one zero token (ahead of the projection that writes
-   the table, where it can); ``collapse_reshapes`` (``graph.reshapes``): a Reshape of a
-   Reshape reads the first one's input, a layer's input and output aside;
+   the table, where it can); ``sink_tile_concats`` (``graph.tiles``, CPU emission): a
+   tiled layer's tiles go on through activations into the next projection where it
+   narrows; ``collapse_reshapes`` (``graph.reshapes``): a Reshape of a Reshape reads the
+   first one's input, a layer's input and output aside;
 7. cleanup, toposort, and the export: ``_detach_projections`` before it and
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time; the loaded model itself is dropped as soon as the graph holds every constant
@@ -75,6 +77,7 @@ from conv2attn.graph.shapes import (
     skeleton,
 )
 from conv2attn.graph.stretches import find_stretches
+from conv2attn.graph.tiles import SunkTiles, sink_tile_concats
 from conv2attn.graph.tokens import ConvertedConv, TokenResult, keep_tokens
 from conv2attn.graph.verify import passes_strict_inference, verify
 from conv2attn.graph.zero_token import pads_as_zero_tokens
@@ -244,9 +247,18 @@ def convert_model(
         }
         zeros = pads_as_zero_tokens(graph, movable)
         layers = _record_zero_tokens(layers, zeros.moved)
+        tiled = {
+            layer.name: layer.output_channels_last
+            for layer in layers
+            if layer.tiles > 1 and layer.output_channels_last and not layer.graph
+            if not (layer.output_patch or layer.output_zero_token or layer.integer)
+        }
+        readers = [layer.name for layer in layers if not (layer.graph or layer.integer)]
+        layers = _record_sunk_tiles(layers, sink_tile_concats(graph, tiled, readers))
     held = _layer_inputs(graph, layers) | {
         name for layer in layers for name in (layer.output, layer.output_channels_last) if name
     }
+    held |= {name for layer in layers for name, _ in layer.output_tiles}
     log.info("%d Reshapes of a Reshape read its input instead", collapse_reshapes(graph, held))
     skipped = selection.skipped
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -532,6 +544,23 @@ def _record_zero_tokens(layers: list[LayerReport], moved: dict[str, str]) -> lis
             layer,
             output_zero_token=layer.output_size if layer.output_channels_last in moved else (),
             input_zero_token=any(pad.startswith(names.owner_prefix(layer.name)) for pad in pads),
+        )
+        for layer in layers
+    ]
+
+
+def _record_sunk_tiles(layers: list[LayerReport], sunk: SunkTiles) -> list[LayerReport]:
+    """Mark the tiled layers whose tiles went on into the next projection
+    (``graph.tiles``), and the layers that read them."""
+    if not sunk.outputs:
+        return layers
+    log.info("%d tiled layers' tiles go on into the next projection", len(sunk.outputs))
+    return [
+        dataclasses.replace(
+            layer,
+            output_tiles=sunk.outputs.get(layer.name, ()),
+            input_tiles=sunk.inputs.get(layer.name, ()),
+            input_channels_last=layer.input_channels_last or layer.name in sunk.inputs,
         )
         for layer in layers
     ]
