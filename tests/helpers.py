@@ -144,8 +144,9 @@ def assert_same_arithmetic(reference: Sequence[np.ndarray], actual: Sequence[np.
     """Outputs of the same products with the tensors laid out or split otherwise: equal
     but where sums run in another order (a global pool channels-last; a MatMul over a
     tile's rows, which onnxruntime may sum in another order than over all rows), float32
-    rounding carried through the layers after them: up to 1.6e-7 of the largest output
-    seen, on efficientnet_b0 and the test models; 1e-6 allowed."""
+    rounding carried through the layers after them: up to 3.6e-7 of the largest output
+    seen (mobilenet_v3_large; efficientnet_b0 1.6e-7, the test models 1.4e-7); 1e-6
+    allowed."""
     assert len(reference) == len(actual), f"{len(reference)} outputs vs {len(actual)}"
     for ref, got in zip(reference, actual):
         assert ref.shape == got.shape

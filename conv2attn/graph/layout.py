@@ -8,8 +8,9 @@ can stay channels-last: the pair of Transposes cancels.
 
 Global pools join them where the map they pool has other readers too (a
 squeeze-and-excitation gate scales the map it pools, between two converted Convs):
-channels-last, a global pool is the same reduction over axes 1..rank-2 (``ReduceMean``,
-``ReduceMax``), its sums in another order. A pool that is its map's only reader (a
+channels-last, a global pool is the same reduction over axes 1..rank-2 (a float32
+average of known sizes as a MatMul of a row of 1/pixels with the pixels; ``ReduceMax``,
+``ReduceMean``), its sums in another order. A pool that is its map's only reader (a
 classifier's head) stays NCHW, and keeps its bits. A tensor of one pixel per channel (the
 pooled values, the gate) holds its values in the same order in both layouts, so where a
 region reads or hands out one in NCHW a Reshape moves it, not a Transpose.
@@ -411,8 +412,37 @@ def _layout_change(
 
 def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> None:
     """``node``, a global pool whose input and output are now channels-last, as the same
-    reduction over the spatial axes, keeping them (one pixel, as the pool leaves)."""
-    axes = list(range(1, len(node.inputs[0].shape) - 1))
+    reduction over the spatial axes, keeping them (one pixel, as the pool leaves). A
+    float32 average of known sizes is a MatMul of a row of 1/pixels with the pixels
+    ``[B, pixels, C]``: onnxruntime's ReduceMean over the spatial axes of one batch item
+    runs on one path for all of it, several times slower (design section 8)."""
+    source, target = node.inputs[0], node.outputs[0]
+    sizes = source.shape[1:]
+    if (
+        node.op == "GlobalAveragePool"
+        and _float32(source)
+        and all(isinstance(d, int) for d in sizes)
+    ):
+        pixels, channels = math.prod(sizes[:-1]), sizes[-1]
+
+        def constant(part: str, values: np.ndarray) -> gs.Constant:
+            return gs.Constant(unique_name(f"{node.name}/{part}", taken), values)
+
+        def variable(part: str, shape: list) -> gs.Variable:
+            return gs.Variable(unique_name(f"{node.name}/{part}", taken), np.float32, shape)
+
+        rows = variable("pixels", [source.shape[0], pixels, channels])
+        mean = variable("mean", [source.shape[0], 1, channels])
+        weights = constant("weights", np.full((1, pixels), 1 / pixels, np.float32))
+        graph.nodes.append(
+            gs.Node("Reshape", f"{node.name}/Reshape", {},
+                    [source, constant("pixels/shape", np.array([0, pixels, channels]))], [rows])
+        )  # fmt: skip
+        graph.nodes.append(gs.Node("MatMul", f"{node.name}/MatMul", {}, [weights, rows], [mean]))
+        node.op, node.attrs = "Reshape", {}
+        node.inputs = [mean, constant("shape", np.array([0, *target.shape[1:]], np.int64))]
+        return
+    axes = list(range(1, len(source.shape) - 1))
     node.op = GLOBAL_POOLS[node.op]
     node.attrs = {"keepdims": 1}
     if graph.opset >= 18:
@@ -420,6 +450,13 @@ def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> Non
         node.inputs.append(gs.Constant(name, np.array(axes, np.int64)))
     else:  # before opset 18 the axes are an attribute
         node.attrs["axes"] = axes
+
+
+def _float32(tensor: gs.Tensor) -> bool:
+    try:
+        return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
+    except TypeError:  # a type numpy does not name (bfloat16, float8)
+        return False
 
 
 def _pool_over_channels(graph: gs.Graph, node: gs.Node, taken: set[str]) -> None:
