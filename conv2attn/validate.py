@@ -607,7 +607,7 @@ def check(
     # a layer whose output stays channels-last or patch tokens (--layout channels-last) is
     # read there, and one that exists only as tiles (graph.tiles) as its tiles
     held_by_layer = [_held(layer) for layer in layers]
-    held = [name for names in held_by_layer for name in names]
+    held = [name for tensors in held_by_layer for name in tensors]
     with _fetching(original, layer_tensors), _fetching(converted, held):
         reference, actual = _run_both(
             (original, converted),

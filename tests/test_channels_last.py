@@ -491,8 +491,9 @@ def squeeze_excitation(opset: int, pool: str = "GlobalAveragePool") -> onnx.Mode
                          pads=[1] * 4, group=8),
         helper.make_node("Sigmoid", ["d"], ["ds"], "silu/Sigmoid"),
         helper.make_node("Mul", ["d", "ds"], ["a"], "silu/Mul"),
-        helper.make_node(pool, ["a"], ["pooled"], "pool"),
-        helper.make_node("Conv", ["pooled", "w3", "b3"], ["f1"], "fc1", kernel_shape=[1, 1]),
+        # named after its output, as some exporters name nodes
+        helper.make_node(pool, ["a"], ["pool"], "pool"),
+        helper.make_node("Conv", ["pool", "w3", "b3"], ["f1"], "fc1", kernel_shape=[1, 1]),
         helper.make_node("Relu", ["f1"], ["r1"], "fc1/Relu"),
         helper.make_node("Conv", ["r1", "w4", "b4"], ["f2"], "fc2", kernel_shape=[1, 1]),
         helper.make_node("Sigmoid", ["f2"], ["gate"], "gate"),

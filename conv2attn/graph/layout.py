@@ -210,7 +210,9 @@ def keep_channels_last(
     at where the graph's batch is dynamic (None: pools stay NCHW). The caller cleans up
     and sorts the graph afterwards."""
     result = LayoutResult()
-    taken = {t.name for t in graph.tensors().values()}
+    # node names too: a node this pass adds is named after a tensor, which may share its
+    # name with a node (exporters name nodes after their outputs)
+    taken = {t.name for t in graph.tensors().values()} | {n.name for n in graph.nodes}
     weights = {name for conv in converted for name in names.layer_weights(conv)}
     for rank in sorted({len(t.shape) for t in graph.tensors().values() if t.shape} - {0, 1, 2}):
         _rewrite_rank(graph, rank, result, taken, weights, pool_batch)
@@ -404,10 +406,12 @@ def _layout_change(
     from the input, so it may be dynamic), else a Transpose."""
     nchw = source if perm == to_channels_last(len(perm)) else target
     if not one_pixel(nchw):
-        return gs.Node("Transpose", f"{target.name}/Transpose", {"perm": perm}, [source], [target])
+        name = unique_name(f"{target.name}/Transpose", taken)
+        return gs.Node("Transpose", name, {"perm": perm}, [source], [target])
+    name = unique_name(f"{target.name}/Reshape", taken)
     shape = np.array([0, *target.shape[1:]], np.int64)  # 0: the input's batch
-    shape = gs.Constant(unique_name(f"{target.name}/Reshape/shape", taken), shape)
-    return gs.Node("Reshape", f"{target.name}/Reshape", {}, [source, shape], [target])
+    shape = gs.Constant(unique_name(f"{name}/shape", taken), shape)
+    return gs.Node("Reshape", name, {}, [source, shape], [target])
 
 
 def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> None:
@@ -434,11 +438,11 @@ def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> Non
         rows = variable("pixels", [source.shape[0], pixels, channels])
         mean = variable("mean", [source.shape[0], 1, channels])
         weights = constant("weights", np.full((1, pixels), 1 / pixels, np.float32))
-        graph.nodes.append(
-            gs.Node("Reshape", f"{node.name}/Reshape", {},
-                    [source, constant("pixels/shape", np.array([0, pixels, channels]))], [rows])
-        )  # fmt: skip
-        graph.nodes.append(gs.Node("MatMul", f"{node.name}/MatMul", {}, [weights, rows], [mean]))
+        shape = constant("pixels/shape", np.array([0, pixels, channels], np.int64))
+        reshape = unique_name(f"{node.name}/pixels/Reshape", taken)
+        graph.nodes.append(gs.Node("Reshape", reshape, {}, [source, shape], [rows]))
+        product = unique_name(f"{node.name}/MatMul", taken)
+        graph.nodes.append(gs.Node("MatMul", product, {}, [weights, rows], [mean]))
         node.op, node.attrs = "Reshape", {}
         node.inputs = [mean, constant("shape", np.array([0, *target.shape[1:]], np.int64))]
         return

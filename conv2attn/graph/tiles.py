@@ -185,7 +185,8 @@ def _sink(
     )
     projection.outputs.clear()
     projection.inputs.clear()
-    graph.nodes.append(gs.Node("Reshape", f"{scope}/tiles/merge", {}, [joined, shape], [projected]))
+    name = unique_name(f"{scope}/tiles/merge", taken)
+    graph.nodes.append(gs.Node("Reshape", name, {}, [joined, shape], [projected]))
     concat.outputs.clear()
     concat.inputs.clear()
     return read
