@@ -125,9 +125,12 @@ def _path_to_projection(
 
 
 def _scalar_extras(node: gs.Node) -> bool:
-    """An activation whose inputs past the first are absent or scalars (Clip's bounds,
-    constants or made by Constant nodes): every tile's copy reads the same ones."""
-    return len(node.outputs) == 1 and all(not t.name or _scalar(t) for t in node.inputs[1:])
+    """An activation (not a Cast: a tile's copy keeps the tile's type) whose inputs past
+    the first are absent or scalars (Clip's bounds, constants or made by Constant
+    nodes): every tile's copy reads the same ones."""
+    if node.op == "Cast" or len(node.outputs) != 1:
+        return False
+    return all(not t.name or _scalar(t) for t in node.inputs[1:])
 
 
 def _scalar(tensor: gs.Tensor) -> bool:
