@@ -13,6 +13,7 @@ in converted models. Plain Python.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 SCOPE = "attn"
 SOFTMAX = "Softmax"
@@ -30,6 +31,21 @@ def scope(conv: str) -> str:
 def owner_prefix(conv: str) -> str:
     """What every node name of ``conv``'s replacement starts with."""
     return f"{scope(conv)}/"
+
+
+def owner(node: str, prefixes: Mapping[str, str]) -> str | None:
+    """The Conv whose replacement emitted node ``node``, or None; ``prefixes`` maps each
+    converted Conv's ``owner_prefix`` to the Conv. The longest prefix wins (the parts
+    emitted after a prefix never hold ``/attn/``), and only prefixes that end at one of
+    the name's ``/attn/`` are looked up, so a lookup scans no list of Convs."""
+    marker = f"/{SCOPE}/"
+    end = node.rfind(marker)
+    while end >= 0:
+        conv = prefixes.get(node[: end + len(marker)])
+        if conv is not None:
+            return conv
+        end = node.rfind(marker, 0, end)
+    return None
 
 
 def layer_weights(conv: str) -> tuple[str, str]:

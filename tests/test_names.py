@@ -160,6 +160,29 @@ def test_every_replacement_node_carries_its_conv_name(original, converted):
 
 
 @pytest.mark.parametrize(("original", "converted"), MODELS)
+def test_the_graph_pass_finds_the_conv_of_every_replacement_node(original, converted):
+    prefixes = {
+        names.owner_prefix(layer["name"]): layer["name"] for layer in converted_layers(converted)
+    }
+    owned = replacement_nodes(original, converted)
+    for conv, nodes in owned.items():
+        assert {names.owner(node, prefixes) for node in nodes} == {conv}
+    others = {n.name for n in converted.graph.node} - set().union(*owned.values())
+    assert all(names.owner(node, prefixes) is None for node in others)
+
+
+def test_a_conv_named_like_a_replacement_owns_only_its_own_nodes():
+    """A Conv whose name holds ``/attn/`` (a model converted twice, say): each node goes
+    to the Conv with the longest prefix it starts with."""
+    prefixes = {names.owner_prefix(c): c for c in ("a", "a/attn/b")}
+    assert names.owner("a/attn/proj/MatMul", prefixes) == "a"
+    assert names.owner("a/attn/b/attn/proj/MatMul", prefixes) == "a/attn/b"
+    assert names.owner("a/attn/c/attn/proj/MatMul", prefixes) == "a"
+    assert names.owner("c/attn/proj/MatMul", prefixes) is None
+    assert names.owner("a/proj/MatMul", prefixes) is None
+
+
+@pytest.mark.parametrize(("original", "converted"), MODELS)
 def test_tensorrt_layer_attribution_finds_every_node_of_each_conv(original, converted):
     record = converted_layers(converted)
     prefixes = layer_prefixes(record)

@@ -462,26 +462,15 @@ def _layer_inputs(graph: gs.Graph, layers: Sequence[LayerReport]) -> frozenset[s
     """The tensors layers' nodes read from outside their layer: a layer's input, which
     the PyTorch import finds so (``torch_graph``) and reads in the layout the record
     gives, so a Reshape that makes one must stay."""
-    scopes = {names.owner_prefix(layer.name) for layer in layers if not layer.graph}
-    marker = f"/{names.SCOPE}/"
-
-    def owner(node: gs.Node) -> str | None:
-        end = node.name.find(marker)
-        while end >= 0:
-            prefix = node.name[: end + len(marker)]
-            if prefix in scopes:
-                return prefix
-            end = node.name.find(marker, end + 1)
-        return None
-
+    prefixes = {names.owner_prefix(layer.name): layer.name for layer in layers if not layer.graph}
     inputs = set()
     for node in graph.nodes:
-        layer = owner(node)
+        layer = names.owner(node.name, prefixes)
         if layer is None:
             continue
         for tensor in node.inputs:
             if isinstance(tensor, gs.Variable) and not (
-                tensor.inputs and owner(tensor.inputs[0]) == layer
+                tensor.inputs and names.owner(tensor.inputs[0].name, prefixes) == layer
             ):
                 inputs.add(tensor.name)
     return frozenset(inputs)

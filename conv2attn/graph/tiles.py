@@ -102,12 +102,12 @@ def _path_to_projection(
         if node.op == "Reshape" and isinstance(node.inputs[1], gs.Constant):
             tensor = node.outputs[0]
             continue
-        if node.op in UNARY and _scalar_extras(node) and not _owner(node, owners):
+        if node.op in UNARY and _scalar_extras(node) and not names.owner(node.name, owners):
             activations.append(node)
             tensor = node.outputs[0]
             continue
         break
-    reader = _owner(node, owners)
+    reader = names.owner(node.name, owners)
     weight = node.inputs[1] if node.op == "MatMul" and len(node.inputs) == 2 else None
     if reader is None or not seen_output or node.inputs[0] is not tensor:
         return None
@@ -137,10 +137,6 @@ def _scalar(tensor: gs.Tensor) -> bool:
     if isinstance(tensor, gs.Constant):
         return tensor.values.size == 1
     return tensor.shape is not None and math.prod(tensor.shape) == 1
-
-
-def _owner(node: gs.Node, owners: dict[str, str]) -> str | None:
-    return next((conv for prefix, conv in owners.items() if node.name.startswith(prefix)), None)
 
 
 def _sink(
