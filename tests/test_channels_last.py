@@ -555,3 +555,41 @@ def test_a_squeeze_excitation_gate_keeps_the_map_channels_last(opset, pool):
     assert_checked_and_rebuilt(
         model, converted, feeds, ["expand", "depthwise", "fc1", "fc2", "project"]
     )
+
+
+def gate_of_dynamic_size() -> onnx.ModelProto:
+    """A Conv of dynamic height and width whose output a global pool's gate scales: the
+    pool reads the layer's output itself, whose channels-last tensor has no recorded
+    shape."""
+    weight = random_initializers(seed=5)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], "conv", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"], "pool"),
+        helper.make_node("Sigmoid", ["p"], ["g"], "gate"),
+        helper.make_node("Mul", ["c", "g"], ["s"], "scale"),
+        helper.make_node("Conv", ["s", "w2"], ["y"], "project", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gate_of_dynamic_size",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        [weight("w1", (6, 3, 3, 3)), weight("w2", (4, 6, 1, 1))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("attention", ["local", "global"])
+def test_a_gate_of_dynamic_size_reduces_channels_last(attention):
+    """Sizes unknown, the average is a ReduceMean over the spatial axes, at any size."""
+    model = gate_of_dynamic_size()
+    converted, _ = conv2attn.convert(model, attention=attention, patch=1)
+    nchw, _ = conv2attn.convert(model, attention=attention, patch=1, layout="nchw")
+    ops = [n.op_type for n in converted.graph.node]
+    assert "GlobalAveragePool" not in ops and ops.count("ReduceMean") == 1
+    assert transposes(converted) < transposes(nchw)
+    for height, width in ((10, 12), (7, 9)):
+        x = np.random.default_rng(height).standard_normal((2, 3, height, width))
+        feeds = {"x": x.astype(np.float32)}
+        assert_parity(run(model, feeds), run(converted, feeds))
+        assert_same_arithmetic(run(nchw, feeds), run(converted, feeds))

@@ -421,10 +421,13 @@ def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> Non
     ``[B, pixels, C]``: onnxruntime's ReduceMean over the spatial axes of one batch item
     runs on one path for all of it, several times slower (design section 8)."""
     source, target = node.inputs[0], node.outputs[0]
-    sizes = source.shape[1:]
+    rank = len(target.shape)
+    # the channels-last tensor a layer wrote may have no recorded shape (dynamic sizes)
+    sizes = list(source.shape[1:]) if source.shape is not None else []
     if (
         node.op == "GlobalAveragePool"
         and _float32(source)
+        and len(sizes) == rank - 1
         and all(isinstance(d, int) for d in sizes)
     ):
         pixels, channels = math.prod(sizes[:-1]), sizes[-1]
@@ -435,8 +438,8 @@ def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> Non
         def variable(part: str, shape: list) -> gs.Variable:
             return gs.Variable(unique_name(f"{node.name}/{part}", taken), np.float32, shape)
 
-        rows = variable("pixels", [source.shape[0], pixels, channels])
-        mean = variable("mean", [source.shape[0], 1, channels])
+        rows = variable("pixels", [target.shape[0], pixels, channels])
+        mean = variable("mean", [target.shape[0], 1, channels])
         weights = constant("weights", np.full((1, pixels), 1 / pixels, np.float32))
         shape = constant("pixels/shape", np.array([0, pixels, channels], np.int64))
         reshape = unique_name(f"{node.name}/pixels/Reshape", taken)
@@ -446,7 +449,7 @@ def _reduce_spatial_axes(graph: gs.Graph, node: gs.Node, taken: set[str]) -> Non
         node.op, node.attrs = "Reshape", {}
         node.inputs = [mean, constant("shape", np.array([0, *target.shape[1:]], np.int64))]
         return
-    axes = list(range(1, len(source.shape) - 1))
+    axes = list(range(1, rank - 1))
     node.op = GLOBAL_POOLS[node.op]
     node.attrs = {"keepdims": 1}
     if graph.opset >= 18:
