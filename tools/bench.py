@@ -5,16 +5,18 @@ convert with ``--attention global`` and ``--attention local`` in fresh processes
 (conversion time: the median of ``--convert-runs`` processes, 3 by default, since one
 process's time on a shared machine varies by a fifth; peak memory: the largest), then
 time the original and both conversions side by side with onnxruntime on the CPU at each
-batch size, alternating in blocks of runs with each block's first run dropped; each batch
-size times the conversions
-made for it (``convert --batch``, which sizes local attention's tiles; conversion time,
-memory and sizes are from the first batch's). On GPU backends the conversions are made
-with ``--no-tiles``: tiles keep a CPU's caches warm, and a GPU runs each tile as kernels
-of its own. Prints one table; its Transposes
-column counts them in the original, in the conversion with NCHW between layers
-(``--layout nchw``) and in the one timed (channels-last between layers, the default);
-latency ratios are of medians and of best blocks (``conv2attn.profile``: the median of
-each model's fastest block of runs, steadier where the machine's speed drifts).
+batch size, alternating in blocks of runs with each block's first run dropped. The batch
+sizes take turns in ``--rounds`` rounds (3 by default), so that a phase of the machine's
+speed falls on all of them alike; a ratio is taken within a round and the median over
+rounds reported. Each batch size times the conversions made for it (``convert --batch``,
+which sizes local attention's tiles; conversion time, memory and sizes are from the
+first batch's). On GPU backends the conversions are made with ``--no-tiles``: tiles keep
+a CPU's caches warm, and a GPU runs each tile as kernels of its own. Prints one table;
+its Transposes column counts them in the original, in the conversion with NCHW between
+layers (``--layout nchw``) and in the one timed (channels-last between layers, the
+default); latency ratios are of medians and of best blocks (``conv2attn.profile``: the
+median of each model's fastest block of runs, steadier where the machine's speed
+drifts).
 
     python tools/bench.py                       # resnet18, resnet50, mobilenet_v2
     python tools/bench.py --models resnet18 --batches 1 --iterations 20
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -134,6 +137,42 @@ def _convert_once(
     return result, peak
 
 
+@dataclass
+class RoundTiming:
+    """One round at one batch size, per model (the original first): median and best block,
+    in ms."""
+
+    median_ms: list[float]
+    best_block_ms: list[float]
+
+
+@dataclass
+class RoundsSummary:
+    """Per model over the rounds: the median of its round medians, its fastest block, the
+    median of its round ratios (each against the original's median in the same round)
+    and its fastest block against the original's."""
+
+    median_ms: list[float]
+    best_block_ms: list[float]
+    ratios: list[float]
+    best_block_ratios: list[float]
+
+
+def summarise_rounds(rounds: list[RoundTiming]) -> RoundsSummary:
+    """Combine rounds: a ratio is taken within its round (side by side), then the median
+    over rounds, so a round in a slow phase of the machine counts once, not its runs."""
+    if not rounds:
+        raise ValueError("no rounds")
+    models = range(len(rounds[0].median_ms))
+    best = [min(r.best_block_ms[i] for r in rounds) for i in models]
+    return RoundsSummary(
+        median_ms=[statistics.median(r.median_ms[i] for r in rounds) for i in models],
+        best_block_ms=best,
+        ratios=[statistics.median(r.median_ms[i] / r.median_ms[0] for r in rounds) for i in models],
+        best_block_ratios=[b / best[0] for b in best],
+    )
+
+
 def transposes(model: onnx.ModelProto) -> int:
     """Layout changes left in a model: its Transpose nodes."""
     return sum(node.op_type == "Transpose" for node in model.graph.node)
@@ -177,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
         default=3,
         help="fresh-process conversions per model and mode; convert s is their median",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds that time every batch size in turn, --iterations split among them",
+    )
     parser.add_argument("--json", type=Path, help="write all measurements as JSON")
     return parser
 
@@ -189,7 +234,8 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     original_size = source.stat().st_size
     conversions: dict = {}
     variants = [(attention, form) for form in args.forms for attention in args.attentions]
-    latency, best, worst, heading = {}, {}, {}, ""
+    worst, heading = {}, ""
+    paths_by_batch = {}
     for batch_index, batch in enumerate(args.batches):
         # each batch size runs the conversion made for it (convert --batch: local
         # attention's tiles sized for that batch); the figures are the first batch's
@@ -206,26 +252,42 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
                 )
                 conversions[attention, form] = figures | {"transposes_nchw": transposes(nchw)}
             paths.append(output)
-        models = [onnx.load(str(p)) for p in paths]
-        report = profile(
-            paths,
-            models,
-            batch=batch,
-            threads=args.threads,
-            iterations=args.iterations,
-            block=args.block_runs,
-            backend=args.backend,
-            gpu=gpu,
-        )
-        heading = f"{report.backend}, {report.precision}, {report.device}"
-        for m in report.models:
-            if m.numerics is not None:
-                worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
-        latency[batch] = [m.ratio for m in report.models]
-        best[batch] = [m.best_block_ratio for m in report.models]
-        medians = ", ".join(f"{m.stats.median_ms:.2f}" for m in report.models)
-        blocks = ", ".join(f"{m.stats.best_block_ms:.2f}" for m in report.models)
-        labels = ", ".join(["original", *(f"{a} {f}" for a, f in variants)])
+        paths_by_batch[batch] = paths
+    models = [onnx.load(str(p)) for p in paths_by_batch[args.batches[0]]]
+    # rounds of every batch size in turn: a phase of the machine's speed lasting minutes
+    # then falls on both batch sizes alike, and their ratios can be compared
+    timings: dict[int, list[RoundTiming]] = {batch: [] for batch in args.batches}
+    per_round = max(args.block_runs - 1, -(-args.iterations // args.rounds))
+    for _ in range(args.rounds):
+        for batch in args.batches:
+            paths = paths_by_batch[batch]
+            report = profile(
+                paths,
+                [onnx.load(str(p)) for p in paths],
+                batch=batch,
+                threads=args.threads,
+                iterations=per_round,
+                block=args.block_runs,
+                backend=args.backend,
+                gpu=gpu,
+            )
+            heading = f"{report.backend}, {report.precision}, {report.device}"
+            for m in report.models:
+                if m.numerics is not None:
+                    worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
+            timings[batch].append(
+                RoundTiming(
+                    [m.stats.median_ms for m in report.models],
+                    [m.stats.best_block_ms for m in report.models],
+                )
+            )
+    latency, best = {}, {}
+    labels = ", ".join(["original", *(f"{a} {f}" for a, f in variants)])
+    for batch in args.batches:
+        summary = summarise_rounds(timings[batch])
+        latency[batch], best[batch] = summary.ratios, summary.best_block_ratios
+        medians = ", ".join(f"{ms:.2f}" for ms in summary.median_ms)
+        blocks = ", ".join(f"{ms:.2f}" for ms in summary.best_block_ms)
         print(
             f"{name} batch {batch}: median ms ({labels}) = {medians}; best block ms = {blocks}",
             flush=True,
@@ -239,6 +301,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             "size_ratio": conversions[attention, form]["size"] / original_size,
             "transposes_before": transposes(models[0]),
             "latency_ratio": {str(b): latency[b][index] for b in args.batches},
+            "rounds": args.rounds,
             "best_block_ratio": {str(b): best[b][index] for b in args.batches},
         }
         for index, (attention, form) in enumerate(variants, start=1)
@@ -271,6 +334,8 @@ def main() -> None:
         raise SystemExit(f"bench: {error}") from None
     if args.batches is None:
         args.batches = [1, 32] if BACKENDS[args.backend].gpu else [1, 8]
+    if args.rounds < 1:
+        raise SystemExit(f"bench: --rounds {args.rounds}: must be at least 1")
     gpu = GpuOptions(
         precision=args.precision, cuda_graph=args.cuda_graph, engine_cache=args.engine_cache
     )

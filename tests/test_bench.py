@@ -1,0 +1,28 @@
+"""The benchmark's way of combining timing rounds (tools/bench.py)."""
+
+import pytest
+
+from tools.bench import RoundTiming, summarise_rounds
+
+
+def test_a_ratio_is_taken_within_its_round_then_the_median_over_rounds():
+    # three rounds of (original, conversion); the middle one ran in a slow phase that
+    # slowed the conversion more than the original
+    rounds = [
+        RoundTiming(median_ms=[10.0, 25.0], best_block_ms=[9.5, 24.0]),
+        RoundTiming(median_ms=[14.0, 42.0], best_block_ms=[13.0, 40.0]),
+        RoundTiming(median_ms=[10.4, 26.0], best_block_ms=[10.0, 24.5]),
+    ]
+    summary = summarise_rounds(rounds)
+    assert summary.ratios[0] == 1.0
+    # in-round ratios 2.5, 3.0 and 2.5: the slow round counts once
+    assert summary.ratios[1] == pytest.approx(2.5)
+    assert summary.median_ms == [10.4, 26.0]
+    # the fastest block of each model, whichever round it came from
+    assert summary.best_block_ms == [9.5, 24.0]
+    assert summary.best_block_ratios == pytest.approx([1.0, 24.0 / 9.5])
+
+
+def test_no_rounds_is_an_error():
+    with pytest.raises(ValueError, match="no rounds"):
+        summarise_rounds([])
