@@ -2,7 +2,7 @@
 
 import pytest
 
-from tools.bench import RoundTiming, summarise_rounds
+from tools.bench import RoundTiming, auto_against_uniform, summarise_rounds
 
 
 def test_a_ratio_is_taken_within_its_round_then_the_median_over_rounds():
@@ -26,3 +26,14 @@ def test_a_ratio_is_taken_within_its_round_then_the_median_over_rounds():
 def test_no_rounds_is_an_error():
     with pytest.raises(ValueError, match="no rounds"):
         summarise_rounds([])
+
+
+def test_auto_is_compared_with_the_faster_uniform_mode_of_each_round():
+    # models: original, global, local, auto; local is the faster uniform mode in the
+    # first round, global in the second
+    rounds = [
+        RoundTiming(median_ms=[10.0, 30.0, 20.0, 19.0], best_block_ms=[0.0] * 4),
+        RoundTiming(median_ms=[10.0, 18.0, 20.0, 18.9], best_block_ms=[0.0] * 4),
+    ]
+    paired = auto_against_uniform(rounds, auto=3, uniform=[1, 2])
+    assert paired == pytest.approx([19.0 / 20.0, 18.9 / 18.0])

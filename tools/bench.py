@@ -173,6 +173,12 @@ def summarise_rounds(rounds: list[RoundTiming]) -> RoundsSummary:
     )
 
 
+def auto_against_uniform(rounds: list[RoundTiming], auto: int, uniform: list[int]) -> list[float]:
+    """Per round, ``--attention auto``'s median against the faster of the uniform modes'
+    (indexes into each round's models) in that round: above 1 where auto was slower."""
+    return [r.median_ms[auto] / min(r.median_ms[i] for i in uniform) for r in rounds]
+
+
 def transposes(model: onnx.ModelProto) -> int:
     """Layout changes left in a model: its Transpose nodes."""
     return sum(node.op_type == "Transpose" for node in model.graph.node)
@@ -292,6 +298,17 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             f"{name} batch {batch}: median ms ({labels}) = {medians}; best block ms = {blocks}",
             flush=True,
         )
+    auto_against = {}
+    for form in args.forms:
+        modes = {a: i for i, (a, f) in enumerate(variants, start=1) if f == form}
+        if not {"auto", "global", "local"} <= set(modes):
+            continue
+        uniform = [modes["global"], modes["local"]]
+        for batch in args.batches:
+            paired = auto_against_uniform(timings[batch], modes["auto"], uniform)
+            auto_against[form, batch] = paired
+            listed = ", ".join(f"{r:.3f}" for r in paired)
+            print(f"{name} batch {batch}: {form} auto / faster uniform mode, per round: {listed}")
     results = [
         {
             "model": name,
@@ -303,6 +320,11 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             "latency_ratio": {str(b): latency[b][index] for b in args.batches},
             "rounds": args.rounds,
             "best_block_ratio": {str(b): best[b][index] for b in args.batches},
+            **(
+                {"auto_against_uniform": {str(b): auto_against[form, b] for b in args.batches}}
+                if attention == "auto" and (form, args.batches[0]) in auto_against
+                else {}
+            ),
         }
         for index, (attention, form) in enumerate(variants, start=1)
     ]
