@@ -2,7 +2,7 @@
 
 import pytest
 
-from tools.bench import RoundTiming, auto_against_uniform, summarise_rounds
+from tools.bench import RoundTiming, auto_against_uniform, round_order, summarise_rounds
 
 
 def test_a_ratio_is_taken_within_its_round_then_the_median_over_rounds():
@@ -37,3 +37,9 @@ def test_auto_is_compared_with_the_faster_uniform_mode_of_each_round():
     ]
     paired = auto_against_uniform(rounds, auto=3, uniform=[1, 2])
     assert paired == pytest.approx([19.0 / 20.0, 18.9 / 18.0])
+
+
+def test_every_other_round_times_the_models_in_reverse_order():
+    assert round_order(4, 0) == [0, 1, 2, 3]
+    assert round_order(4, 1) == [3, 2, 1, 0]
+    assert round_order(4, 2) == [0, 1, 2, 3]

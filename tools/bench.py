@@ -6,17 +6,17 @@ convert with ``--attention global`` and ``--attention local`` in fresh processes
 process's time on a shared machine varies by a fifth; peak memory: the largest), then
 time the original and both conversions side by side with onnxruntime on the CPU at each
 batch size, alternating in blocks of runs with each block's first run dropped. The batch
-sizes take turns in ``--rounds`` rounds (3 by default), so that a phase of the machine's
-speed falls on all of them alike; a ratio is taken within a round and the median over
-rounds reported. Each batch size times the conversions made for it (``convert --batch``,
-which sizes local attention's tiles; conversion time, memory and sizes are from the
-first batch's). On GPU backends the conversions are made with ``--no-tiles``: tiles keep
-a CPU's caches warm, and a GPU runs each tile as kernels of its own. Prints one table;
-its Transposes column counts them in the original, in the conversion with NCHW between
-layers (``--layout nchw``) and in the one timed (channels-last between layers, the
-default); latency ratios are of medians and of best blocks (``conv2attn.profile``: the
-median of each model's fastest block of runs, steadier where the machine's speed
-drifts).
+sizes take turns in ``--rounds`` rounds (4 by default, every other one timing the models
+in reverse order), so that a phase of the machine's speed falls on all of them alike; a
+ratio is taken within a round and the median over rounds reported. Each batch size times
+the conversions made for it (``convert --batch``, which sizes local attention's tiles;
+conversion time, memory and sizes are from the first batch's). On GPU backends the
+conversions are made with ``--no-tiles``: tiles keep a CPU's caches warm, and a GPU runs
+each tile as kernels of its own. Prints one table; its Transposes column counts them in
+the original, in the conversion with NCHW between layers (``--layout nchw``) and in the
+one timed (channels-last between layers, the default); latency ratios are of medians and
+of best blocks (``conv2attn.profile``: the median of each model's fastest block of runs,
+steadier where the machine's speed drifts).
 
     python tools/bench.py                       # resnet18, resnet50, mobilenet_v2
     python tools/bench.py --models resnet18 --batches 1 --iterations 20
@@ -173,6 +173,15 @@ def summarise_rounds(rounds: list[RoundTiming]) -> RoundsSummary:
     )
 
 
+def round_order(models: int, round_index: int) -> list[int]:
+    """The order the models are timed in, in round ``round_index``: as given, and reversed
+    every other round. A model timed right after a similar one measures faster: the same
+    graph (efficientnet_b0's local and auto conversions) timed second ran 2-3% faster at
+    batch 1, round after round; reversing the order every other round cancels that."""
+    order = list(range(models))
+    return order[::-1] if round_index % 2 else order
+
+
 def auto_against_uniform(rounds: list[RoundTiming], auto: int, uniform: list[int]) -> list[float]:
     """Per round, ``--attention auto``'s median against the faster of the uniform modes'
     (indexes into each round's models) in that round: above 1 where auto was slower."""
@@ -225,8 +234,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="rounds that time every batch size in turn, --iterations split among them",
+        default=4,
+        help="rounds that time every batch size in turn, --iterations split among them; "
+        "every other round times the models in reverse order",
     )
     parser.add_argument("--json", type=Path, help="write all measurements as JSON")
     return parser
@@ -264,9 +274,10 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
     # then falls on both batch sizes alike, and their ratios can be compared
     timings: dict[int, list[RoundTiming]] = {batch: [] for batch in args.batches}
     per_round = max(args.block_runs - 1, -(-args.iterations // args.rounds))
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
+        order = round_order(len(paths_by_batch[args.batches[0]]), round_index)
         for batch in args.batches:
-            paths = paths_by_batch[batch]
+            paths = [paths_by_batch[batch][i] for i in order]
             report = profile(
                 paths,
                 [onnx.load(str(p)) for p in paths],
@@ -281,11 +292,9 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             for m in report.models:
                 if m.numerics is not None:
                     worst[m.path] = max(worst.get(m.path, 0.0), m.numerics.max_rel)
+            timed = [report.models[order.index(i)].stats for i in range(len(order))]
             timings[batch].append(
-                RoundTiming(
-                    [m.stats.median_ms for m in report.models],
-                    [m.stats.best_block_ms for m in report.models],
-                )
+                RoundTiming([t.median_ms for t in timed], [t.best_block_ms for t in timed])
             )
     latency, best = {}, {}
     labels = ", ".join(["original", *(f"{a} {f}" for a, f in variants)])
