@@ -269,7 +269,6 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
                 conversions[attention, form] = figures | {"transposes_nchw": transposes(nchw)}
             paths.append(output)
         paths_by_batch[batch] = paths
-    models = [onnx.load(str(p)) for p in paths_by_batch[args.batches[0]]]
     # rounds of every batch size in turn: a phase of the machine's speed lasting minutes
     # then falls on both batch sizes alike, and their ratios can be compared
     timings: dict[int, list[RoundTiming]] = {batch: [] for batch in args.batches}
@@ -318,6 +317,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             auto_against[form, batch] = paired
             listed = ", ".join(f"{r:.3f}" for r in paired)
             print(f"{name} batch {batch}: {form} auto / faster uniform mode, per round: {listed}")
+    transposes_before = transposes(onnx.load(str(source), load_external_data=False))
     results = [
         {
             "model": name,
@@ -325,7 +325,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, gpu: GpuOptions) 
             "form": form,
             **conversions[attention, form],
             "size_ratio": conversions[attention, form]["size"] / original_size,
-            "transposes_before": transposes(models[0]),
+            "transposes_before": transposes_before,
             "latency_ratio": {str(b): latency[b][index] for b in args.batches},
             "rounds": args.rounds,
             "best_block_ratio": {str(b): best[b][index] for b in args.batches},
