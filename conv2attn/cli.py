@@ -318,8 +318,9 @@ def _add_convert(commands) -> None:
         metavar="N",
         help="the batch size to run at where the model's batch is dynamic (default 1): "
         "local attention is split into tiles of blocks whose intermediates stay in cache "
-        "at this batch, and pools whose input leaves the cache run channels-last; the "
-        "model keeps its dynamic batch",
+        "at this batch, pools whose input leaves the cache run channels-last, and the "
+        "stretch up to a large squeeze-excitation gate runs one batch item at a time (a "
+        "Scan); the model keeps its dynamic batch",
     )
     convert.add_argument(
         "--no-tiles",

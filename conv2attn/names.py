@@ -84,3 +84,19 @@ _FLOAT32_NODE = re.compile(rf"/{SCOPE}/({LOGITS}/|{SOFTMAX})")
 def keeps_float32(node: str) -> bool:
     """Whether an emitted node (or a runtime layer named after it) must run in float32."""
     return _FLOAT32_NODE.search(node) is not None
+
+
+# The Scan that runs a stretch of the graph one batch item at a time (``graph.per_item``)
+# and the nodes around it.
+PER_ITEM = "per_item"
+
+
+def per_item_node(part: str) -> str:
+    """A node of the per-item stretch's wrapping: ``per_item/<part>``."""
+    return f"{PER_ITEM}/{part}"
+
+
+def items_of(tensor: str) -> str:
+    """The per-item Scan's output that stacks ``tensor`` of each batch item,
+    ``[B, *shape at batch 1]``; ``tensor`` itself is made from it for the nodes after."""
+    return f"{tensor}/items"

@@ -107,6 +107,9 @@ class LayerReport:
     # parameters before are the Conv's own
     bias_channel_in: bool = False
     bias_channel_out: int | None = None
+    # the layer is in the stretch that runs one batch item at a time (``graph.per_item``):
+    # its tensors are inside the Scan's body
+    per_item: bool = False
 
     @classmethod
     def from_plan(
@@ -263,6 +266,8 @@ class ConversionReport:
     layout: str = "nchw"
     batch: int = 1
     tiles: bool = True  # False: convert --no-tiles
+    # the gate that ends the stretch run one batch item at a time (``graph.per_item``)
+    per_item_gate: str | None = None
 
     @property
     def macs_before(self) -> int:
@@ -297,6 +302,7 @@ class ConversionReport:
             },
             "param_budget_met": self.param_budget_met,
             "folded_batchnorms": self.folded_batchnorms,
+            "per_item_gate": self.per_item_gate,
             "layers": [asdict(layer) for layer in self.layers],
             "skipped": [asdict(skip) for skip in self.skipped],
             "totals": {
@@ -355,6 +361,8 @@ def _recorded(layer: LayerReport) -> dict:
         entry["bias_channel_in"] = True
     if layer.bias_channel_out is not None:
         entry["bias_channel_out"] = layer.bias_channel_out
+    if layer.per_item:
+        entry["per_item"] = True
     return entry
 
 

@@ -132,6 +132,13 @@ def conversion_table(report: ConversionReport, colour: bool = False) -> str:
             f"\n\n{len(tiled)} layer(s) attend in tiles of blocks ({counts} tiles each) whose "
             f"intermediates stay in cache at batch {report.batch} (--batch to change it)"
         )
+    per_item = sum(layer.per_item for layer in report.layers)
+    if per_item:
+        text += (
+            f"\n\n{per_item} layer(s), up to the gate {report.per_item_gate}, run one batch "
+            f"item at a time (a Scan over the batch): at batch {report.batch} the gate's map "
+            "would leave the cache between its passes (design section 6)"
+        )
     for count, what in (
         (
             sum(layer.folded for layer in report.layers),

@@ -45,6 +45,7 @@ from conv2attn.core.weights import (
     output_projection,
 )
 from conv2attn.errors import InputError
+from conv2attn.items import inline_per_item
 from conv2attn.modelio import load_model
 from conv2attn.record import converted_layers, recorded_plan
 from conv2attn.trainable import ConvAttention
@@ -471,6 +472,7 @@ class OnnxAttentionModel(nn.Module):
 
     def __init__(self, model: onnx.ModelProto):
         super().__init__()
+        model = inline_per_item(model)  # torch runs the batch whole
         graph = model.graph
         records = converted_layers(model)
         if not records:

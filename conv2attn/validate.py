@@ -28,6 +28,7 @@ from conv2attn.core.geometry import grid_tokens_to_channels_first, pixels_shape_
 from conv2attn.core.weights import unsigned_weights
 from conv2attn.errors import InputError
 from conv2attn.inputs import Samples, graph_inputs
+from conv2attn.items import expose_items, item_output_counts, merge_items, withdraw_items
 from conv2attn.modelio import PROTOBUF_LIMIT, model_size
 from conv2attn.record import converted_layers
 
@@ -247,6 +248,18 @@ def _fetching(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[onnx.Mod
         yield model
     finally:
         del model.graph.output[count:]
+
+
+@contextmanager
+def _fetching_items(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[list[str]]:
+    """What to fetch for ``names``: each name, or where the per-item Scan's body computes
+    it (``graph.per_item``), the Scan's stack of it, exposed for the block."""
+    counts = item_output_counts(model)
+    exposed = expose_items(model, names)
+    try:
+        yield [exposed.get(name, name) for name in names]
+    finally:
+        withdraw_items(model, exposed, counts)
 
 
 def _classifier_agreement(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float, int]:
@@ -608,16 +621,25 @@ def check(
     # read there, and one that exists only as tiles (graph.tiles) as its tiles
     held_by_layer = [_held(layer) for layer in layers]
     held = [name for tensors in held_by_layer for name in tensors]
-    with _fetching(original, layer_tensors), _fetching(converted, held):
+    with (
+        _fetching(original, layer_tensors),
+        _fetching_items(converted, held) as fetched,
+        _fetching(converted, fetched),
+    ):
         reference, actual = _run_both(
             (original, converted),
-            (output_names + layer_tensors, converted_names + held),
+            (output_names + layer_tensors, converted_names + fetched),
             samples,
             provider,
             batch_size,
             names,
             progress,
         )
+    # tensors of the per-item stretch come stacked per item: merged as the graph does
+    actual = [
+        merge_items(array) if name != wanted else array
+        for array, name, wanted in zip(actual, converted_names + fetched, converted_names + held)
+    ]
     outputs = [
         _output_check(name, reference[index], actual[index], rtol, atol)
         for index, name in enumerate(output_names)

@@ -74,7 +74,8 @@ def run_model(
     """Export, convert and check one model; the row of the coverage table. ``dynamic``:
     export with dynamic height and width, convert once, check at two sizes; ``form``,
     ``grid``, ``layout``, ``batch``, ``queries``: convert's options (the check runs at
-    batch 1: tiles sized for any batch run at every batch). ``torch_import``: also run
+    batch 1, or 2 when converted for a larger batch: tiles sized for any batch run at
+    every batch, and a stretch run per item stacks and merges the items). ``torch_import``: also run
     the conversion through the torch-cuda backend's import, on the CPU in fp32, at the
     first size."""
     import numpy as np
@@ -113,6 +114,7 @@ def run_model(
     row["fixed_grid_layers"] = sum(layer.grid == "fixed" for layer in report.layers)
     row["strided_query_layers"] = sum(layer.strided_queries for layer in report.layers)
     row["tiled_layers"] = sum(layer.tiles > 1 for layer in report.layers)
+    row["per_item_layers"] = sum(layer.per_item for layer in report.layers)
     row["converted"] = len(report.layers)
     row["skipped"] = [f"{s.name}: {s.reason}" for s in report.skipped]
     row["macs_x"] = round(report.macs_after / max(report.macs_before, 1), 2)
@@ -127,7 +129,8 @@ def run_model(
     row["sizes_checked"] = []
     checked = []
     for height, width in sizes:
-        feeds = {"input": rng.standard_normal((1, 3, height, width)).astype(np.float32)}
+        shape = (min(batch, 2), 3, height, width)
+        feeds = {"input": rng.standard_normal(shape).astype(np.float32)}
         try:
             reference = original_session.run(None, feeds)
         except Exception:  # the original itself takes only its export size (a ViT, say)

@@ -25,7 +25,11 @@ Stages, in order, one function each:
    ``_attach_projections`` after it move the projections (most of the model) in one at
    a time; the loaded model itself is dropped as soon as the graph holds every constant
    (``_load_constants``), so it is not held next to what replaces it;
-8. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
+8. ``run_per_item`` (``graph.per_item``, CPU emission at ``--batch`` > 1): the stretch up
+   to a large squeeze-excitation gate (picked on the source graph by ``per_item_gate``
+   before emission, so that its Convs' tiles are sized for one item) runs in a Scan over
+   the batch;
+9. ``write_record`` and ``verify``: what was done goes into ``metadata_props``, and the
    result must pass onnx's checks.
 """
 
@@ -63,6 +67,7 @@ from conv2attn.graph.emit_standard import (
 )
 from conv2attn.graph.layout import LayoutResult, keep_channels_last
 from conv2attn.graph.options import ConvertOptions, convert_options
+from conv2attn.graph.per_item import PerItemGate, per_item_gate, run_per_item
 from conv2attn.graph.reshapes import collapse_reshapes
 from conv2attn.graph.select import Candidate, name_convs, select_convs
 from conv2attn.graph.shapes import (
@@ -208,6 +213,10 @@ def convert_model(
         log.info("folded BatchNormalization '%s' into the Conv before it", name)
     name_convs(graph)
     selection = select_convs(graph, options.include, options.exclude, nominal=nominal)
+    per_item = None
+    if options.tiles and options.form == "matmul":  # the emission for CPUs
+        convs = [c.node for c in selection.candidates if c.graph is graph]
+        per_item = per_item_gate(graph, convs, options.batch)
     _load_constants(graph)
     del model  # nothing refers into it now: its memory (a protobuf arena) goes at once
     release_freed_memory()
@@ -220,7 +229,8 @@ def convert_model(
     shortlists = [shortlist(*pair) for pair in zip(layer_plans.plans, layer_plans.considered)]
     chosen, budget_met = layer_plans.plans, layer_plans.budget_met
     del layer_plans
-    layers = _replace(selection.candidates, chosen, shortlists, options, progress)
+    item_convs = per_item.convs if per_item else frozenset()
+    layers = _replace(selection.candidates, chosen, shortlists, options, progress, item_convs)
     layers = [
         _with_bias_channel(layer, original.spec, channel)
         for layer, original, channel in zip(layers, originals, bias_channels, strict=True)
@@ -268,6 +278,8 @@ def convert_model(
     del graph, selection
     release_freed_memory()
     _attach_projections(converted, projections)
+    if per_item is not None:
+        layers = _run_per_item(converted, per_item, layers, options.batch)
     _copy_header(converted, header)
     report = ConversionReport(
         layers=layers,
@@ -285,6 +297,9 @@ def convert_model(
         layout=options.layout,
         batch=options.batch,
         tiles=options.tiles,
+        per_item_gate=per_item.gate
+        if per_item and any(layer.per_item for layer in layers)
+        else None,
     )
     write_record(converted, report)
     return converted, report
@@ -571,8 +586,11 @@ def _replace(
     shortlists: Sequence[list[AttentionPlan]],
     options: ConvertOptions,
     progress: Progress | None,
+    item_convs: frozenset[str] = frozenset(),
 ) -> list[LayerReport]:
-    """Detach each Conv and emit its attention in its place; the report of each."""
+    """Detach each Conv and emit its attention in its place; the report of each.
+    ``item_convs``: the Convs that will run one batch item at a time (``graph.per_item``),
+    their tiles sized for one item."""
     standard = options.form == "attention"
     layers = []
     for index, (candidate, plan, considered) in enumerate(
@@ -616,7 +634,7 @@ def _replace(
                 emit_dynamic_standard_attention(*arguments)
             else:
                 # tiled as at the nominal shape the plan was made for
-                tiles = _tile_count(plan, candidate, options) if plan.folds_heads else 1
+                tiles = _tile_count(plan, candidate, options, item_convs) if plan.folds_heads else 1
                 emit_dynamic_attention(*arguments, tiles=tiles)
         elif quantization is None:
             projection = output_projection(plan, candidate.weight)
@@ -625,7 +643,7 @@ def _replace(
             if standard:
                 emit_standard_attention(candidate.graph, scope, x, y, plan, projection, bias, batch)
             else:
-                tiles = _tile_count(plan, candidate, options)
+                tiles = _tile_count(plan, candidate, options, item_convs)
                 # tiles and wide rows shape the graph for onnxruntime's CPU kernels
                 emit_attention(
                     candidate.graph,
@@ -685,13 +703,52 @@ def _with_bias_channel(layer: LayerReport, spec: ConvSpec, channel: BiasChannel)
     )
 
 
-def _tile_count(plan: AttentionPlan, candidate: Candidate, options: ConvertOptions) -> int:
+def _tile_count(
+    plan: AttentionPlan, candidate: Candidate, options: ConvertOptions, item_convs: frozenset[str]
+) -> int:
     """Tiles for ``plan``'s blocks at the batch the model is converted for (its own fixed
-    batch, else ``--batch``); 1 with ``--no-tiles``."""
+    batch, else ``--batch``; one item in the per-item stretch); 1 with ``--no-tiles``."""
     if not options.tiles:
         return 1
     batch = candidate.batch if isinstance(candidate.batch, int) else options.batch
+    if candidate.node.name in item_convs:
+        batch = 1
     return plan.tiles(batch, candidate.weight.dtype.itemsize)
+
+
+def _run_per_item(
+    converted: onnx.ModelProto, per_item: PerItemGate, layers: list[LayerReport], batch: int
+) -> list[LayerReport]:
+    """The stretch up to ``per_item``'s gate into a Scan over the batch; the layers in it
+    marked."""
+    moved = run_per_item(converted, per_item.gate)
+    inside = [layer for layer in layers if names.owner_prefix(layer.name) in _prefixes(moved)]
+    if moved:
+        log.info(
+            "%d converted Convs up to '%s' run one batch item at a time: its map is %.1f MiB "
+            "at batch %d",
+            len(inside),
+            per_item.gate,
+            per_item.map_bytes / 2**20,
+            batch,
+        )
+    marked = {id(layer) for layer in inside}
+    return [
+        dataclasses.replace(layer, per_item=True) if id(layer) in marked else layer
+        for layer in layers
+    ]
+
+
+def _prefixes(nodes: Iterable[str]) -> set[str]:
+    """Every ``.../attn/`` prefix of ``nodes``' names."""
+    marker = f"/{names.SCOPE}/"
+    found = set()
+    for name in nodes:
+        end = name.find(marker)
+        while end >= 0:
+            found.add(name[: end + len(marker)])
+            end = name.find(marker, end + 1)
+    return found
 
 
 def _size_dependent_padding(candidate: Candidate) -> str | None:

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from conv2attn.errors import InputError
+from conv2attn.items import inline_per_item
 from conv2attn.modelio import PROTOBUF_LIMIT, model_size
 from conv2attn.runtime.base import import_module
 from conv2attn.runtime.registry import BACKENDS
@@ -291,6 +292,7 @@ def import_model(model: onnx.ModelProto) -> GraphModule:
     """The ONNX model as a torch ``torch.fx.GraphModule`` in eval mode, with its constant
     nodes computed and its host-read constants in host memory (module docstring); an
     operator onnx2torch lacks is refused with a clear message."""
+    model = inline_per_item(model)  # onnx2torch has no Scan; the GPU runs the batch whole
     converter = onnx2torch()
     size = model_size(model)
     if size >= PROTOBUF_LIMIT:  # onnx2torch serialises the model for shape inference
