@@ -33,8 +33,9 @@ GATE = "/gate/Mul"
 
 
 class GatedBlock(nn.Module):
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, across: bool = False):
         super().__init__()
+        self.across = across
         self.stem = nn.Conv2d(3, channels, 3, padding=1)
         self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.squeeze = nn.Conv2d(channels, 4, 1)
@@ -44,6 +45,8 @@ class GatedBlock(nn.Module):
 
     def forward(self, x):
         x = nn.functional.silu(self.stem(x))
+        if self.across:  # the items in reverse order: not a computation per item
+            x = x.flip(0)
         x = nn.functional.silu(self.depthwise(x))
         factor = torch.sigmoid(
             self.excite(nn.functional.silu(self.squeeze(x.mean((2, 3), keepdim=True))))
@@ -52,9 +55,9 @@ class GatedBlock(nn.Module):
         return self.head(x).mean((2, 3))
 
 
-def gated_model(size: int) -> onnx.ModelProto:
+def gated_model(size: int, across: bool = False) -> onnx.ModelProto:
     torch.manual_seed(0)
-    module = GatedBlock().eval()
+    module = GatedBlock(across=across).eval()
     buffer = io.BytesIO()
     torch.onnx.export(
         module,
@@ -178,3 +181,10 @@ def test_the_conversion_table_says_which_layers_run_per_item(per_item):
     text = conversion_table(report)
     assert f"4 layer(s), up to the gate {GATE}, run one batch item at a time" in text
     assert report.to_dict()["per_item_gate"] == GATE
+
+
+def test_a_stretch_that_may_reach_across_the_batch_runs_whole():
+    model = gated_model(128, across=True)
+    converted, report = conv2attn.convert(model, attention="local", batch=8)
+    assert per_item_scan(converted.graph) is None and report.per_item_gate is None
+    assert_parity(run(model, image(3)), run(converted, image(3)))

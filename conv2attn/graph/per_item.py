@@ -43,6 +43,20 @@ log = logging.getLogger(__name__)
 # What a squeeze-excitation gate's pool is, and how far back from the scale it is sought.
 _POOLS = {"GlobalAveragePool", "ReduceMean", "GlobalMaxPool", "ReduceMax"}
 _GATE_DEPTH = 16
+# Source operators that compute each batch item on its own whatever their attributes: a
+# stretch of these (and of reductions that keep the batch axis) gives the same values
+# one item at a time. Anything else before the gate (a Reshape, a Shape, a Gather) might
+# reach across the batch, and the batch then runs whole.
+_ITEMWISE = {
+    "Conv", "ConvInteger", "QLinearConv", "BatchNormalization", "InstanceNormalization",
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log",
+    "Sqrt", "Reciprocal", "Neg", "Abs", "Clip", "Identity", "Dropout", "Add", "Sub", "Mul",
+    "Div", "Pow", "Max", "Min", "Sum", "Mean", "GlobalAveragePool", "GlobalMaxPool",
+    "AveragePool", "MaxPool", "LpPool", "GlobalLpPool", "QuantizeLinear",
+    "DequantizeLinear",
+}  # fmt: skip
+_REDUCTIONS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,16 @@ def per_item_gate(graph: gs.Graph, convs: Sequence[gs.Node], batch: int) -> PerI
     ancestors = _ancestors(gate)
     sources = [t for t in graph.inputs if any(t in n.inputs for n in ancestors)]
     if len(sources) != 1 or not sources[0].shape or isinstance(sources[0].shape[0], int):
+        return None
+    crossing = next((n for n in ancestors if not _itemwise(n)), None)
+    if crossing is not None:
+        log.info(
+            "per item: '%s' (%s) before the gate '%s' may reach across the batch; the batch "
+            "runs whole",
+            crossing.name,
+            crossing.op,
+            gate.name,
+        )
         return None
     inside = {id(n) for n in ancestors}
     return PerItemGate(
@@ -111,6 +135,20 @@ def _pooled_from(factor: gs.Tensor, x: gs.Tensor) -> bool:
             following += [t for t in producer.inputs if not isinstance(t, gs.Constant)]
         frontier = following
     return False
+
+
+def _itemwise(node: gs.Node) -> bool:
+    """Whether ``node`` computes each batch item on its own: an ``_ITEMWISE`` operator, or
+    a reduction over given axes, none of them the batch."""
+    if node.op in _ITEMWISE:
+        return True
+    if node.op not in _REDUCTIONS:
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values.tolist()
+    rank = len(node.inputs[0].shape or ())
+    return bool(axes) and rank > 0 and all(axis % rank != 0 for axis in axes)
 
 
 def _ancestors(node: gs.Node) -> list[gs.Node]:
