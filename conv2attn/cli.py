@@ -332,6 +332,14 @@ def _add_convert(commands) -> None:
         "global attention's heads whole, not cut to the key pixels each reads (fewer "
         "multiply-adds, more products), and pools left NCHW",
     )
+    convert.add_argument(
+        "--no-per-item",
+        dest="per_item",
+        action="store_false",
+        help="run the whole batch through every layer: no stretch up to a squeeze-excitation "
+        "gate one batch item at a time (that gains only where the process has the "
+        "last-level cache to itself)",
+    )
     _json_option(
         convert,
         "--report",
@@ -612,6 +620,7 @@ def run_convert(args: argparse.Namespace) -> int:
         layout=args.layout,
         batch=args.batch,
         tiles=args.tiles,
+        per_item=args.per_item,
         check=False,  # checked below from the staged file: less memory, any size
         progress=progress,
     )

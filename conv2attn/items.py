@@ -40,14 +40,14 @@ def expose_items(model: onnx.ModelProto, wanted: Iterable[str]) -> dict[str, str
     exposed = {}
     for name in dict.fromkeys(wanted):
         if name in made and name not in present:
-            body.output.append(onnx.ValueInfoProto(name=name, type=_float_type(body, name)))
+            body.output.append(onnx.ValueInfoProto(name=name, type=_body_type(body, name)))
             scan.output.append(names.items_of(name))
         if name in made:
             exposed[name] = names.items_of(name)
     return exposed
 
 
-def _float_type(body: onnx.GraphProto, name: str) -> onnx.TypeProto:
+def _body_type(body: onnx.GraphProto, name: str) -> onnx.TypeProto:
     """The type of a body tensor about to be fetched: recorded where the body has it,
     else float (what a layer's output is)."""
     known = next((v.type for v in body.value_info if v.name == name), None)
@@ -103,8 +103,7 @@ def inline_per_item(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(body.value_info)
     del graph.node[:]
     graph.node.extend([*before, *nodes, *after])
-    unused = {t.name for t in graph.initializer if t.name.startswith(wrapping)}
-    keep = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for index in reversed(range(len(graph.initializer))):  # a few, and no weight copied
+        if graph.initializer[index].name.startswith(wrapping):
+            del graph.initializer[index]
     return inlined

@@ -266,6 +266,7 @@ class ConversionReport:
     layout: str = "nchw"
     batch: int = 1
     tiles: bool = True  # False: convert --no-tiles
+    per_item: bool = True  # False: convert --no-per-item
     # the gate that ends the stretch run one batch item at a time (``graph.per_item``)
     per_item_gate: str | None = None
 
@@ -299,6 +300,7 @@ class ConversionReport:
                 "layout": self.layout,
                 "batch": self.batch,
                 "tiles": self.tiles,
+                "per_item": self.per_item,
             },
             "param_budget_met": self.param_budget_met,
             "folded_batchnorms": self.folded_batchnorms,

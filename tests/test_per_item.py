@@ -153,17 +153,18 @@ def test_the_pytorch_import_runs_the_batch_whole(model, per_item):
 
 
 @pytest.mark.parametrize(
-    "size, batch, tiles",
+    "size, batch, options",
     [
-        (128, 8, False),  # --no-tiles: the emission for GPUs runs the batch whole
-        (128, 2, True),  # 2 MiB at batch 2: in cache
-        (64, 32, True),  # 256 KiB per item: a low-resolution gate, whose stretch would
-        # pay its nodes per item for nothing (mobilenet_v3_large)
+        (128, 8, {"tiles": False}),  # --no-tiles: the emission for GPUs runs the batch whole
+        (128, 8, {"per_item": False}),  # --no-per-item
+        (128, 2, {}),  # 2 MiB at batch 2: in cache
+        (64, 32, {}),  # 256 KiB per item: a low-resolution gate, whose stretch would pay
+        # its nodes per item for nothing (mobilenet_v3_large)
     ],
 )
-def test_the_batch_runs_whole_where_per_item_gains_nothing(size, batch, tiles):
+def test_the_batch_runs_whole_where_per_item_gains_nothing(size, batch, options):
     converted, report = conv2attn.convert(
-        gated_model(size), attention="local", batch=batch, tiles=tiles
+        gated_model(size), attention="local", batch=batch, **options
     )
     assert per_item_scan(converted.graph) is None
     assert report.per_item_gate is None and not any(layer.per_item for layer in report.layers)

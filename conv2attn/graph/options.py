@@ -43,6 +43,8 @@ class ConvertOptions:
     # False: the GPU form, local attention emitted whole (a GPU runs each tile as its own
     # kernels) and global heads whole (a GPU runs one product per head slower)
     tiles: bool = True
+    # False: every stretch runs the batch whole (``graph.per_item``)
+    per_item: bool = True
 
     @property
     def patch_text(self) -> str:
@@ -91,6 +93,7 @@ def convert_options(
     batch: int = 1,
     tiles: bool = True,
     queries: str = "auto",
+    per_item: bool = True,
 ) -> ConvertOptions:
     """The options of ``convert``, checked; InputError names the option that is wrong."""
     shapes = _shapes(input_shapes)
@@ -128,6 +131,7 @@ def convert_options(
         layout=layout,
         batch=batch,
         tiles=bool(tiles),
+        per_item=bool(per_item),
     )
 
 

@@ -170,29 +170,31 @@ def run_per_item(model: onnx.ModelProto, gate: str) -> frozenset[str]:
     graph = model.graph
     weights = {t.name for t in graph.initializer}
     data_inputs = [i for i in graph.input if i.name not in weights]
+    # by position: node names need not be unique, or given
     dependent, reached = set(), {i.name for i in data_inputs}
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
         if any(name in reached for name in node.input):
-            dependent.add(node.name)
+            dependent.add(index)
             reached.update(node.output)
-    producers = {out: node for node in graph.node if node.name in dependent for out in node.output}
-    gate_node = next((n for n in graph.node if n.name == gate), None)
-    if gate_node is None or gate not in dependent:
+    producers = {out: index for index in dependent for out in graph.node[index].output}
+    gates = [index for index in dependent if graph.node[index].name == gate]
+    if len(gates) != 1:
         log.info("per item: gate '%s' is not in the converted graph; the batch runs whole", gate)
         return frozenset()
-    stretch, stack = {gate}, [gate_node]
+    stretch, stack = set(gates), list(gates)
     while stack:
-        for name in stack.pop().input:
+        for name in graph.node[stack.pop()].input:
             producer = producers.get(name)
-            if producer is not None and producer.name not in stretch:
-                stretch.add(producer.name)
+            if producer is not None and producer not in stretch:
+                stretch.add(producer)
                 stack.append(producer)
-    moved = [n for n in graph.node if n.name in stretch]
+    moved = [node for index, node in enumerate(graph.node) if index in stretch]
     made = {out for n in moved for out in n.output}
+    if any(a.type == onnx.AttributeProto.GRAPH for n in moved for a in n.attribute):
+        log.info("per item: the stretch to '%s' holds control flow; the batch runs whole", gate)
+        return frozenset()
     sources = [i for i in data_inputs if any(i.name in n.input for n in moved)]
-    if len(sources) != 1 or any(
-        a.type == onnx.AttributeProto.GRAPH for n in moved for a in n.attribute
-    ):
+    if len(sources) != 1:
         log.info(
             "per item: the stretch to '%s' reads more than one input; the batch runs whole", gate
         )
@@ -200,8 +202,8 @@ def run_per_item(model: onnx.ModelProto, gate: str) -> frozenset[str]:
     (source,) = sources
     read_after = [
         name
-        for node in graph.node
-        if node.name not in stretch
+        for index, node in enumerate(graph.node)
+        if index not in stretch
         for name in [*node.input, *_body_reads(node)]
         if name in made
     ]
@@ -244,13 +246,13 @@ def run_per_item(model: onnx.ModelProto, gate: str) -> frozenset[str]:
     for index, name in enumerate(boundary):
         wrapping += _merge_items(graph, names.items_of(name), name, f"{index}")
     kept_info = [v for v in graph.value_info if not (v.name in made and v.name not in boundary)]
-    before = [n for n in graph.node if n.name not in dependent]
-    after = [n for n in graph.node if n.name in dependent and n.name not in stretch]
+    before = [n for index, n in enumerate(graph.node) if index not in dependent]
+    after = [n for index, n in enumerate(graph.node) if index in dependent - stretch]
     del graph.node[:]
     graph.node.extend([*before, *wrapping, *after])
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
-    return frozenset(stretch)
+    return frozenset(node.name for node in moved)
 
 
 def _body_reads(node: onnx.NodeProto) -> list[str]:

@@ -135,6 +135,7 @@ def convert(
     batch: int = 1,
     tiles: bool = True,
     queries: str = "auto",
+    per_item: bool = True,
 ) -> tuple[onnx.ModelProto, ConversionReport]:
     """Replace every selected Conv of ``model`` by exact multi-head self-attention.
 
@@ -160,7 +161,8 @@ def convert(
     NCHW under its own name. ``batch``: where the model's batch is dynamic, the batch
     size local attention's tiles are sized for (``AttentionPlan.tiles``); the model keeps
     its dynamic batch. ``tiles=False`` emits local attention whole at any batch (for GPU
-    runtimes, where each tile is kernels of its own). Returns the converted model and a
+    runtimes, where each tile is kernels of its own). ``per_item=False`` runs every
+    stretch on the whole batch (``graph.per_item``). Returns the converted model and a
     report.
     ``check``: run ``onnx.checker`` (and strict shape inference where the input passed
     it) on the result (``graph.verify``). ``progress(done, total, name)`` is called as
@@ -183,6 +185,7 @@ def convert(
         batch=batch,
         tiles=tiles,
         queries=queries,
+        per_item=per_item,
     )
     converted, report = convert_model(model, options, progress)
     if check:
@@ -214,7 +217,7 @@ def convert_model(
     name_convs(graph)
     selection = select_convs(graph, options.include, options.exclude, nominal=nominal)
     per_item = None
-    if options.tiles and options.form == "matmul":  # the emission for CPUs
+    if options.per_item and options.tiles and options.form == "matmul":  # for CPUs
         convs = [c.node for c in selection.candidates if c.graph is graph]
         per_item = per_item_gate(graph, convs, options.batch)
     _load_constants(graph)
@@ -297,6 +300,7 @@ def convert_model(
         layout=options.layout,
         batch=options.batch,
         tiles=options.tiles,
+        per_item=options.per_item,
         per_item_gate=per_item.gate
         if per_item and any(layer.per_item for layer in layers)
         else None,
