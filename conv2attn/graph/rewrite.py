@@ -725,9 +725,9 @@ def _run_per_item(
 ) -> list[LayerReport]:
     """The stretch up to ``per_item``'s gate into a Scan over the batch; the layers in it
     marked."""
-    moved = run_per_item(converted, per_item.gate)
-    inside = [layer for layer in layers if names.owner_prefix(layer.name) in _prefixes(moved)]
-    if moved:
+    moved = _prefixes(run_per_item(converted, per_item.gate))
+    inside = [layer for layer in layers if names.owner_prefix(layer.name) in moved]
+    if inside:
         log.info(
             "%d converted Convs up to '%s' run one batch item at a time: its map is %.1f MiB "
             "at batch %d",
