@@ -6,7 +6,8 @@ BatchNormalization, residual Adds, Relu, Sigmoid, SiLU, Clip (ReLU6), HardSwish,
 squeeze-and-excitation gates, max and average pools, channel Concats of two branches and
 Pads; some intermediate tensors are graph outputs too, and some inputs leave height and
 width open. It is converted with a random choice of attention, grid, layout, patch,
-queries, form, batch, tile budget and BatchNormalization folding.
+queries, form, batch, tile budget (which also sizes the gates whose stretch runs one
+batch item at a time, ``graph.per_item``) and BatchNormalization folding.
 
 What a user relies on, whatever the mix: every Conv converts, the outputs keep parity
 (``helpers.assert_parity``: 1e-5 of the largest value plus 1e-6), ``check --per-layer``
@@ -29,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 import conv2attn
 from conv2attn.core import geometry
 from conv2attn.errors import InputError
+from conv2attn.graph import per_item
 from conv2attn.inputs import Samples
 from conv2attn.torch_graph import load_trainable
 from conv2attn.validate import check
@@ -224,13 +226,22 @@ def conversion_options(draw):
 def test_random_networks_convert_with_parity_and_every_layer_checks(network, choice):
     model, feeds, convs = network
     options, tile_bytes = choice
-    with mock.patch.object(geometry, "TILE_BYTES", tile_bytes):
+    # budgets scaled down further let these small maps' gates (120 B to 3 KB per item)
+    # run their stretch one batch item at a time
+    with (
+        mock.patch.object(geometry, "TILE_BYTES", tile_bytes),
+        mock.patch.object(per_item, "TILE_BYTES", tile_bytes // 16),
+        mock.patch.object(per_item, "GATE_ITEM_BYTES", tile_bytes // 64),
+    ):
         try:
             converted, report = conv2attn.convert(model, **options)
         except InputError:  # a forced patch larger than a Conv's output, say
             event("refused")
             assume(False)
     assert len(report.layers) == convs
+    event(
+        f"per-item layers: {'some' if any(layer.per_item for layer in report.layers) else 'none'}"
+    )
     event(f"tiled layers: {'some' if any(layer.tiles > 1 for layer in report.layers) else 'none'}")
     event(f"dynamic layers: {'some' if any(layer.dynamic for layer in report.layers) else 'none'}")
     expected = run(model, feeds)

@@ -45,8 +45,9 @@ _POOLS = {"GlobalAveragePool", "ReduceMean", "GlobalMaxPool", "ReduceMax"}
 _GATE_DEPTH = 16
 # Source operators that compute each batch item on its own whatever their attributes: a
 # stretch of these (and of reductions that keep the batch axis) gives the same values
-# one item at a time. Anything else before the gate (a Reshape, a Shape, a Gather) might
-# reach across the batch, and the batch then runs whole.
+# one item at a time, as do Concats and Pads that leave the batch axis alone. Anything
+# else before the gate (a Reshape, a Shape, a Gather) might reach across the batch, and
+# the batch then runs whole.
 _ITEMWISE = {
     "Conv", "ConvInteger", "QLinearConv", "BatchNormalization", "InstanceNormalization",
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
@@ -138,16 +139,24 @@ def _pooled_from(factor: gs.Tensor, x: gs.Tensor) -> bool:
 
 
 def _itemwise(node: gs.Node) -> bool:
-    """Whether ``node`` computes each batch item on its own: an ``_ITEMWISE`` operator, or
-    a reduction over given axes, none of them the batch."""
+    """Whether ``node`` computes each batch item on its own: an ``_ITEMWISE`` operator, a
+    Concat along another axis than the batch, a Pad that pads no batch items, or a
+    reduction over given axes, none of them the batch."""
     if node.op in _ITEMWISE:
         return True
+    rank = len(node.inputs[0].shape or ()) if node.inputs else 0
+    if node.op == "Concat":  # along any axis but the batch
+        return rank > 0 and node.attrs.get("axis", 0) % rank != 0
+    if node.op == "Pad":  # with no pads on the batch axis
+        pads = node.attrs.get("pads")
+        if pads is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+            pads = node.inputs[1].values.tolist()
+        return bool(pads) and len(pads) == 2 * rank and pads[0] == pads[rank] == 0
     if node.op not in _REDUCTIONS:
         return False
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
         axes = node.inputs[1].values.tolist()
-    rank = len(node.inputs[0].shape or ())
     return bool(axes) and rank > 0 and all(axis % rank != 0 for axis in axes)
 
 
