@@ -221,7 +221,7 @@ def conversion_options(draw):
     return options, tile_bytes
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None)
+@settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True)
 @given(networks(), conversion_options())
 def test_random_networks_convert_with_parity_and_every_layer_checks(network, choice):
     model, feeds, convs = network
