@@ -40,9 +40,12 @@ def padded_gathers(
     axis: int = 1,
     indices_input: bool = False,
     pad_output: bool = False,
+    pad_name: str = "layer/attn/pad/Pad",
+    gather_name: str = "layer/attn/Gather2",
 ) -> onnx.ModelProto:
     """Channels-last ``x [B, *grid, C]`` -> Pad -> Reshape to a token table -> two Gathers
-    of windows, the second reading the first's indices in another order."""
+    of windows, the second reading the first's indices in another order; all of them
+    converted layer ``layer``'s nodes unless named otherwise."""
     channels = 3
     padded = [n + b + e for n, b, e in zip(grid, begin, end)]
     tokens = int(np.prod(padded))
@@ -65,10 +68,10 @@ def padded_gathers(
         initializers.append(numpy_helper.from_array(np.array(fill, dtype), "fill"))
         pad_inputs.append("fill")
     nodes = [
-        helper.make_node("Pad", pad_inputs, ["padded"], "layer/attn/pad/Pad", mode=mode),
+        helper.make_node("Pad", pad_inputs, ["padded"], pad_name, mode=mode),
         helper.make_node("Reshape", ["padded", "shape"], ["table"], "layer/attn/merge"),
         helper.make_node("Gather", ["table", "windows"], ["y1"], "layer/attn/Gather", axis=axis),
-        helper.make_node("Gather", ["table", "reversed"], ["y2"], "layer/attn/Gather2", axis=axis),
+        helper.make_node("Gather", ["table", "reversed"], ["y2"], gather_name, axis=axis),
     ]
     outputs = [helper.make_tensor_value_info(y, elem, None) for y in ("y1", "y2")]
     if pad_output:
@@ -79,7 +82,8 @@ def padded_gathers(
 
 def rewritten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = gs.import_onnx(model)
-    count = pads_as_zero_tokens(graph).replaced
+    layers = {names.owner_prefix(conv): conv for conv in ("layer", "other")}
+    count = pads_as_zero_tokens(graph, layers).replaced
     graph.cleanup().toposort()
     result = gs.export_onnx(graph)
     return result, count
@@ -148,8 +152,19 @@ def test_padding_read_by_gathers_becomes_one_fill_token_with_the_same_bits(case)
         dict(mode="reflect"),  # padded positions hold different values
         dict(target=[0, -1]),  # not a token table
         dict(axis=2),  # gathering channels
+        dict(pad_name="source/Pad"),  # the source model's Pad: its zeros are not the layer's
+        dict(gather_name="other/attn/Gather"),  # a table that another layer reads too
     ],
-    ids=["pad-output", "indices-input", "channel-pad", "reflect", "not-a-table", "axis"],
+    ids=[
+        "pad-output",
+        "indices-input",
+        "channel-pad",
+        "reflect",
+        "not-a-table",
+        "axis",
+        "source-pad",
+        "two-layers",
+    ],
 )
 def test_any_other_pattern_is_left_as_it_is(case):
     model = padded_gathers(**case)
@@ -207,7 +222,7 @@ def test_converted_local_attention_reads_a_zero_token_instead_of_padding(monkeyp
     options = dict(attention="local", patch=1)
     converted, _ = conv2attn.convert(model, **options)
     gpu, _ = conv2attn.convert(model, **options, tiles=False)
-    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda graph, movable=None: ZeroTokens())
+    monkeypatch.setattr(rewrite, "pads_as_zero_tokens", lambda *args: ZeroTokens())
     padded, _ = conv2attn.convert(model, **options)
     # conv1 pads the NCHW graph input before its Transpose to channels-last: not a table
     assert padded_tables(padded) == 1 and padded_tables(converted) == 0
@@ -320,3 +335,35 @@ def test_an_infinite_projection_weight_keeps_the_zero_token_with_the_padding():
     weights.CopyFrom(numpy_helper.from_array(values, "w1"))
     converted, _ = conv2attn.convert(model, attention="local", patch=1, check=False)
     assert zero_token_scopes(converted) == {"dw"}
+
+
+def test_a_pad_of_the_source_model_before_a_layer_stays_a_pad():
+    """Conv -> Relu -> the source's own Pad -> an unpadded local 7x7 Conv: the Pad goes
+    channels-last (``graph.layout``) and its table feeds the 7x7 layer's Gathers, but
+    its zeros are the source's. It stays a Pad, so the 7x7 layer starts at its output
+    in the per-layer check and in the PyTorch import."""
+    weight = random_initializers(seed=7)
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1] * 4),
+        node("Relu", ["c1"], ["r1"], "relu1"),
+        node("Pad", ["r1", "pads"], ["p1"], "source_pad"),
+        node("Conv", ["p1", "w2"], ["y"], "conv2"),
+    ]
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "pads")
+    graph = helper.make_graph(
+        nodes,
+        "source_pad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 1, 1])],
+        [weight("w1", (8, 3, 3, 3)), weight("b1", (8,)), weight("w2", (8, 8, 7, 7)), pads],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    converted, _ = conv2attn.convert(model, attention="local", patch=1)
+    # conv1 pads the NCHW graph input before its Transpose: not a table
+    assert "source_pad" in [n.name for n in converted.graph.node if n.op_type == "Pad"]
+    assert padded_tables(converted) == 1
+    assert not any("zero_token" in key for layer in converted_layers(converted) for key in layer)
+    feeds = random_input(model, batch=2)
+    assert_parity(run(model, feeds), run(converted, feeds))
+    assert_checked_and_rebuilt(model, converted, feeds, ["conv1", "conv2"])

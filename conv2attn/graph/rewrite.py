@@ -258,7 +258,8 @@ def convert_model(
             for layer in layers
             if layer.output_channels_last and not layer.output_patch and not layer.integer
         }
-        zeros = pads_as_zero_tokens(graph, movable)
+        prefixes = {names.owner_prefix(layer.name): layer.name for layer in layers}
+        zeros = pads_as_zero_tokens(graph, prefixes, movable)
         layers = _record_zero_tokens(layers, zeros.moved)
         tiled = {
             layer.name: layer.output_channels_last
@@ -546,12 +547,12 @@ def _record_zero_tokens(layers: list[LayerReport], moved: dict[str, str]) -> lis
     projection (``graph.zero_token``), and the layers whose padding that token is."""
     if not moved:
         return layers
-    pads = list(moved.values())
+    readers = set(moved.values())
     return [
         dataclasses.replace(
             layer,
             output_zero_token=layer.output_size if layer.output_channels_last in moved else (),
-            input_zero_token=any(pad.startswith(names.owner_prefix(layer.name)) for pad in pads),
+            input_zero_token=layer.name in readers,
         )
         for layer in layers
     ]

@@ -12,7 +12,10 @@ thread, position by position (design section 5).
 
 The rewrite matches only ``Pad`` (constant mode, a constant fill or none, no ``axes``)
 -> ``Reshape`` merging the padded grid -> ``Gather``s along the token axis with
-constant indices, and nothing else reading either tensor. A static batch gets the fill
+constant indices, and nothing else reading either tensor; the Pad and the Gathers must be
+one converted layer's. A Pad of the source model that pads a layer's input stays a Pad:
+its zeros are the source's, not the layer's, and the layer (in the PyTorch import, in
+``check --per-layer``) starts where that Pad's output is. A static batch gets the fill
 token as a constant; a dynamic one expands it to the input's batch size (``Shape``,
 ``Slice``, ``Concat``, ``Expand``: four small nodes). The new nodes carry the
 Pad's scope, so they belong to its layer (profiles, the PyTorch import).
@@ -24,7 +27,8 @@ LeakyRelu, HardSwish), the zero token is appended to the projection's input inst
 its row projects to 0 and stays 0, so the table is the same, and the copy that appends
 it moves the projection's input features, not its (wider) output features. That
 layer's channels-last output then holds its tokens and the zero token
-(``ZeroTokens.moved``; the record's ``output_zero_token``).
+(``ZeroTokens.moved``; the record's ``output_zero_token``, and the reading layer's
+``input_zero_token``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from conv2attn import names
 from conv2attn.graph.layout import unique_name
 
 
@@ -43,7 +48,8 @@ from conv2attn.graph.layout import unique_name
 class ZeroTokens:
     """What ``pads_as_zero_tokens`` did: the Pads it replaced, and for each zero token
     appended ahead of a projection, the tensor now holding it (a layer's channels-last
-    output, flattened to tokens ``[B, N + 1, C]``) and the Pad whose zero token it is."""
+    output, flattened to tokens ``[B, N + 1, C]``) and the converted Conv whose padding
+    that token is."""
 
     replaced: int = 0
     moved: dict[str, str] = field(default_factory=dict)
@@ -53,8 +59,11 @@ class ZeroTokens:
 ZERO_PRESERVING = ("Clip", "Relu", "LeakyRelu", "HardSwish")
 
 
-def pads_as_zero_tokens(graph: gs.Graph, movable: Mapping[str, str] | None = None) -> ZeroTokens:
+def pads_as_zero_tokens(
+    graph: gs.Graph, prefixes: Mapping[str, str], movable: Mapping[str, str] | None = None
+) -> ZeroTokens:
     """Rewrite ``graph`` (the main graph, in place) as the module docstring says.
+    ``prefixes``: each converted Conv's ``names.owner_prefix`` mapped to the Conv.
     ``movable``: the channels-last layer outputs whose producing projection may take
     the zero token, each with the name of that layer's projection weights, which must
     all be finite (a row of zeros times an infinite weight is not zero). The caller
@@ -71,11 +80,15 @@ def pads_as_zero_tokens(graph: gs.Graph, movable: Mapping[str, str] | None = Non
     done = ZeroTokens()
     for pad in [node for node in graph.nodes if node.op == "Pad"]:
         match = _match(pad, outputs)
-        if match is not None:
-            held = _rewrite(graph, pad, *match, taken, can_move, outputs)
-            done.replaced += 1
-            if held is not None:
-                done.moved[held] = pad.name
+        layer = names.owner(pad.name, prefixes)
+        if match is None or layer is None:
+            continue
+        if any(names.owner(gather.name, prefixes) != layer for gather in match[1]):
+            continue
+        held = _rewrite(graph, pad, *match, taken, can_move, outputs)
+        done.replaced += 1
+        if held is not None:
+            done.moved[held] = layer
     return done
 
 
