@@ -489,7 +489,7 @@ class OnnxAttentionModel(nn.Module):
         prefixes = {names.owner_prefix(conv): conv for conv in scoped}
         others, owners = [], []
         for node in graph.node:
-            owner = next((c for p, c in prefixes.items() if node.name.startswith(p)), None)
+            owner = names.owner(node.name, prefixes)
             owners.append(owner)
             if owner is not None:
                 scoped[owner].append(node)
