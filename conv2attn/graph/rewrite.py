@@ -726,8 +726,9 @@ def _run_per_item(
 ) -> list[LayerReport]:
     """The stretch up to ``per_item``'s gate into a Scan over the batch; the layers in it
     marked."""
-    moved = _prefixes(run_per_item(converted, per_item.gate))
-    inside = [layer for layer in layers if names.owner_prefix(layer.name) in moved]
+    prefixes = {names.owner_prefix(layer.name): layer.name for layer in layers}
+    owners = {names.owner(node, prefixes) for node in run_per_item(converted, per_item.gate)}
+    inside = [layer for layer in layers if layer.name in owners]
     if inside:
         log.info(
             "%d converted Convs up to '%s' run one batch item at a time: its map is %.1f MiB "
@@ -737,23 +738,10 @@ def _run_per_item(
             per_item.map_bytes / 2**20,
             batch,
         )
-    marked = {id(layer) for layer in inside}
     return [
-        dataclasses.replace(layer, per_item=True) if id(layer) in marked else layer
+        dataclasses.replace(layer, per_item=True) if layer.name in owners else layer
         for layer in layers
     ]
-
-
-def _prefixes(nodes: Iterable[str]) -> set[str]:
-    """Every ``.../attn/`` prefix of ``nodes``' names."""
-    marker = f"/{names.SCOPE}/"
-    found = set()
-    for name in nodes:
-        end = name.find(marker)
-        while end >= 0:
-            found.add(name[: end + len(marker)])
-            end = name.find(marker, end + 1)
-    return found
 
 
 def _size_dependent_padding(candidate: Candidate) -> str | None:
