@@ -7,7 +7,7 @@ import pytest
 
 from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
 from conv2attn.core.weights import output_bias, output_projection
-from conv2attn.graph.emit import WIDE_BIAS_ROW, WIDE_TAP_ROW, emit_attention
+from conv2attn.graph.emit import ROWS_FIRST_FEATURES, WIDE_BIAS_ROW, WIDE_TAP_ROW, emit_attention
 from conv2attn.validate import session
 from tests.reference import direct_conv
 
@@ -27,8 +27,9 @@ def build(
     block=None,
     wide_rows=False,
     tiles=1,
+    strided_queries=False,
 ):
-    plan = plan_attention(spec, patch, order, attention, block)
+    plan = plan_attention(spec, patch, order, attention, block, strided_queries=strided_queries)
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((spec.out_channels, spec.in_channels // spec.group, *spec.kernel))
     bias = rng.standard_normal(spec.out_channels)
@@ -176,7 +177,14 @@ def test_blocks_with_several_keys_keep_their_own_products():
 WIDE_BIAS = {
     # 2 x 6 output patches of 6 channels: 72 features a token, 110 tokens
     "dense-global": (CASES["dense"], (2, 6), Order.ATTEND_FIRST, Attention.GLOBAL, None),
-    "dense-local": (CASES["dense"], (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1)),
+    # wider tokens than ROWS_FIRST_FEATURES: the windows are gathered as they are
+    "dense-local": (
+        ConvSpec(6, 6, 1, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (9, 10)),
+        (1, 1),
+        Order.ATTEND_FIRST,
+        Attention.LOCAL,
+        (1, 1),
+    ),
     "depthwise-folded": (CASES["depthwise"], (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1)),
     "dense-project-first": (CASES["dense"], (1, 2), Order.PROJECT_FIRST, Attention.LOCAL, (1, 1)),
 }
@@ -263,3 +271,63 @@ def test_depthwise_windows_stay_one_a_row_where_they_cannot_share_one(spec):
     args = (spec, (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1))
     wide, _, _ = build(*args, wide_rows=True)
     assert not [n for n in wide.graph.node if "side_by_side" in n.name]
+
+
+ROWS_FIRST = {
+    # (spec, strided queries): RGB stems as torchvision has them, and narrower tokens
+    "3x3-stride-2": (ConvSpec(3, 8, 1, (3, 3), (2, 2), (1, 1), (1, 0), (1, 1), (11, 12)), True),
+    "7x7-stride-2": (ConvSpec(3, 6, 1, (7, 7), (2, 2), (1, 1), (3, 3), (3, 3), (16, 15)), True),
+    "dilated-4-channels": (
+        ConvSpec(4, 5, 1, (3, 2), (1, 1), (2, 1), (2, 0), (1, 1), (9, 10)),
+        False,
+    ),
+    "strided-columns": (ConvSpec(2, 5, 1, (3, 3), (1, 2), (1, 1), (1, 1), (1, 1), (9, 10)), True),
+}
+
+
+@pytest.mark.parametrize("tiles", [1, 3])
+@pytest.mark.parametrize("case", ROWS_FIRST.values(), ids=ROWS_FIRST.keys())
+def test_narrow_tokens_gather_their_window_rows_first(case, tiles):
+    """With wide rows, a folded plan whose one-pixel tokens hold at most
+    ROWS_FIRST_FEATURES features gathers each block row's window rows along the input's
+    height first, then the windows' columns out of those: the window Gather copies runs
+    of (channel, window row) features, and the layer computes the Conv."""
+    spec, strided = case
+    plan = plan_attention(
+        spec, (1, 1), Order.ATTEND_FIRST, Attention.LOCAL, (1, 1), strided_queries=strided
+    )
+    assert plan.folds_heads and plan.in_dim <= ROWS_FIRST_FEATURES
+    args = (spec, (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1))
+    kwargs = {"tiles": tiles, "strided_queries": strided}
+    per_pixel, weight, bias = build(*args, **kwargs)
+    rows_first, _, _ = build(*args, wide_rows=True, **kwargs)
+    onnx.checker.check_model(rows_first, full_check=True)
+    nodes = {n.name: n for n in rows_first.graph.node}
+    assert "layer/attn/window_rows/Gather" in nodes
+    assert not [name for name in nodes if "to_nhwc" in name]
+    inferred = onnx.shape_inference.infer_shapes(rows_first)
+    shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
+    gathers = [
+        n for n in rows_first.graph.node if n.op_type == "Gather" and "window_rows" not in n.name
+    ]
+    assert len(gathers) == tiles
+    for gather in gathers:
+        run = shapes[gather.output[0]].dim[-1].dim_value
+        assert run == spec.in_channels * plan.axes[0].window
+    x = np.random.default_rng(2).standard_normal((3, spec.in_channels, *spec.input_size))
+    x = x.astype(np.float32)
+    (expected,) = session(per_pixel).run(None, {"x": x})
+    (got,) = session(rows_first).run(None, {"x": x})
+    # the same products, summed in another order by the MatMul
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    reference = direct_conv(x, weight, bias, spec)
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
+
+
+def test_wider_tokens_gather_their_windows_pixel_by_pixel():
+    spec = ConvSpec(ROWS_FIRST_FEATURES + 1, 6, 1, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (9, 9))
+    args = (spec, (1, 1), Order.ATTEND_FIRST, np.float32, Attention.LOCAL, (1, 1))
+    model, _, _ = build(*args, wide_rows=True, strided_queries=True)
+    names = [n.name for n in model.graph.node]
+    assert "layer/attn/patchify/to_nhwc/Transpose" in names
+    assert not [name for name in names if "window_rows" in name]

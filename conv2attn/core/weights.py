@@ -217,12 +217,25 @@ def query_indices(plan: AttentionPlan) -> np.ndarray:
     return _block_indices(plan, [np.arange(a.block) * a.step for a in plan.axes])
 
 
+def window_coordinates(plan: AttentionPlan) -> list[np.ndarray]:
+    """Per axis, ``[blocks along the axis, window]``: the token coordinates along it of
+    each block's keys. ``window_indices`` is their row-major combination: block ``(i, j)``
+    reads the tokens ``(rows[i, a], columns[j, b])``, key ``a * window + b``."""
+    return _per_axis(plan, [np.arange(a.window) for a in plan.axes])
+
+
+def _per_axis(plan: AttentionPlan, within: list[np.ndarray]) -> list[np.ndarray]:
+    """``within[axis]``: token offsets from a block's first token along each axis; the
+    coordinates ``[blocks along the axis, extent]`` they give."""
+    return [
+        (np.arange(a.blocks) * a.block * a.step)[:, None] + offsets[None, :]
+        for a, offsets in zip(plan.axes, within)
+    ]
+
+
 def _block_indices(plan: AttentionPlan, within: list[np.ndarray]) -> np.ndarray:
     """``within[axis]``: token offsets from a block's first token along each axis."""
-    per_axis = []
-    for a, offsets in zip(plan.axes, within):
-        starts = np.arange(a.blocks) * a.block * a.step
-        per_axis.append(starts[:, None] + offsets[None, :])  # [blocks, extent]
+    per_axis = _per_axis(plan, within)
     extents = [len(offsets) for offsets in within]
     strides = np.cumprod([1, *reversed(plan.token_grid[1:])])[::-1]
     rank = plan.spec.rank

@@ -39,6 +39,7 @@ from conv2attn.core.weights import (
     head_offset_coordinates,
     key_coordinates,
     query_coordinates,
+    window_coordinates,
     window_indices,
 )
 
@@ -61,6 +62,16 @@ WIDE_BIAS_ROW = 1024
 # and 0.7-0.9 against 1.0-1.4 ms, and the Gather, Mul and ReduceSum together 2.4 against
 # 2.9 ms and 2.5 against 3.5 ms.
 WIDE_TAP_ROW = 512
+# onnxruntime's Gather copies one contiguous run per index, and pays per run. A stem's
+# keys are pixels of a few channels (12-byte runs for RGB), so gathering its windows
+# pixel by pixel paid per pixel: 0.53 of mobilenet_v2's 0.66 ms of stem gathering
+# (batch 1, fp32, 2 cores, per-node profile). Where a folded plan's tokens are this
+# narrow, each block row's window rows are gathered first, whole padded rows at a time
+# (NCHW), and one Transpose makes each column of those rows one token of (channel, row)
+# features: the window Gather then copies runs as many times longer as the window has
+# rows. mobilenet_v2's stem alone (Pad to its Clip): 0.80 -> 0.47 ms at batch 1, 6.8 ->
+# 4.7 ms at batch 8 (best of 100 runs).
+ROWS_FIRST_FEATURES = 4
 
 
 class _Builder:
@@ -383,11 +394,16 @@ def _depthwise_projection(
 
 
 def _folded_heads(
-    b: _Builder, plan: AttentionPlan, attention: gs.Variable, projection: np.ndarray
+    b: _Builder,
+    plan: AttentionPlan,
+    attention: gs.Variable,
+    projection: np.ndarray,
+    rows_first: bool = False,
 ) -> gs.Variable:
     """The projection of a plan that folds its heads (``AttentionPlan.folds_heads``):
     each head's one-hot attention ``[heads, K]`` over the block's K keys times its rows
     of W_O, summed over the heads. Ungrouped: ``[K * D_in, D_out]``, rows (key, feature);
+    ``rows_first`` (``_gathers_rows_first``): rows (window column, feature, window row);
     depthwise: ``[K * P, p, C, m]``, one weight per key pixel and output feature. Every
     input is a constant, so runtimes compute it once, at load time."""
     if plan.depthwise:
@@ -404,6 +420,16 @@ def _folded_heads(
     folded = b.op(
         "Gemm", f"{names.FOLD}/Gemm", [attention, per_head], [keys, width], attrs={"transA": 1}
     )
+    if rows_first:
+        window = [a.window for a in plan.axes]
+        by_key = b.static_reshape(f"{names.FOLD}/by_key", folded, [*window, plan.in_dim, *outputs])
+        folded = b.op(
+            "Transpose",
+            f"{names.FOLD}/by_column",
+            [by_key],
+            [window[1], plan.in_dim, window[0], *outputs],
+            attrs={"perm": [1, 2, 0, 3]},
+        )
     return b.static_reshape(f"{names.FOLD}/rows", folded, [rows, *outputs])
 
 
@@ -471,6 +497,12 @@ def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.
     """The Conv's input as tokens [B, (g,) N, D]: subsampled along kernel-1 strided axes,
     cropped to what an output reads, padded with the Conv's zeros to the token grid, and
     patchified."""
+    return _patchify(b, _padded(b, x, plan, batch), plan, batch)
+
+
+def _padded(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
+    """The Conv's input on the token grid, NCHW: subsampled along kernel-1 strided axes,
+    cropped to what an output reads, padded with the Conv's zeros."""
     spec = plan.spec
     if plan.subsamples:
         x = _subsample(b, x, plan, batch)
@@ -480,8 +512,82 @@ def _tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.
         x = _slice(b, "crop_input", x, kept, first_axis=2, shape=[batch, spec.in_channels, *kept])
     pads_begin = [a.zeros_before for a in plan.axes]
     pads_end = [a.zeros_after for a in plan.axes]
-    x = _pad(b, "pad", x, pads_begin, pads_end, [batch, spec.in_channels, *extent])
-    return _patchify(b, x, plan, batch)
+    return _pad(b, "pad", x, pads_begin, pads_end, [batch, spec.in_channels, *extent])
+
+
+def _gathers_rows_first(b: _Builder, plan: AttentionPlan) -> bool:
+    """Whether the plan's key windows are gathered window rows first
+    (``ROWS_FIRST_FEATURES``): a 2-D folded plan, local, channels-last, one-pixel tokens
+    of at most that many features, and windows of more than one row."""
+    return (
+        b.wide_rows
+        and plan.folds_heads
+        and plan.attention is Attention.LOCAL
+        and plan.channels_last
+        and not plan.depthwise
+        and plan.spec.rank == 2
+        and math.prod(plan.in_patch) == 1
+        and plan.block_queries == 1
+        and plan.in_dim <= ROWS_FIRST_FEATURES
+        and plan.axes[0].window > 1
+    )
+
+
+def _window_row_tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
+    """The tokens of a rows-first plan (``_gathers_rows_first``): ``[B, Q1 * T2, C * k1]``,
+    token ``(i, t)`` holding column ``t`` of block row ``i``'s k1 window rows, feature
+    ``(c, a)``. The padded input's window rows are gathered along its height, NCHW, whole
+    rows at a time, then moved channels-last in one Transpose."""
+    padded = _padded(b, x, plan, batch)
+    rows = window_coordinates(plan)[0]  # [Q1, k1]
+    block_rows, window_rows = rows.shape
+    channels, width = plan.in_dim, plan.axes[1].tokens_extent
+    features = channels * window_rows
+    gathered = b.op(
+        "Gather",
+        "window_rows/Gather",
+        [padded, b.constant("window_rows/indices", rows.T)],
+        [batch, channels, window_rows, block_rows, width],
+        attrs={"axis": 2},
+    )
+    merged = b.reshape("window_rows/features", gathered, [batch, features, block_rows, width])
+    moved = b.op(
+        "Transpose",
+        "window_rows/Transpose",
+        [merged],
+        [batch, block_rows, width, features],
+        attrs={"perm": [0, 2, 3, 1]},
+    )
+    return b.reshape("window_rows/tokens", moved, [batch, block_rows * width, features])
+
+
+def _window_columns(
+    b: _Builder,
+    plan: AttentionPlan,
+    tokens: gs.Variable,
+    weight: gs.Tensor,
+    lead: list[Dim],
+    g: list[int],
+    bias: np.ndarray,
+    blocks: slice,
+) -> gs.Variable:
+    """A rows-first plan's output ``[*lead, 1, D_out]``: each block's k2 window columns
+    gathered out of its block row's window-row tokens (``_window_row_tokens``) and
+    projected by ``weight``, the folded projection with rows (column, channel, row)."""
+    rows, columns = window_coordinates(plan)  # [Q1, k1], [Q2, k2]
+    width = plan.axes[1].tokens_extent
+    starts = np.arange(len(rows))[:, None, None] * width
+    indices = (starts + columns[None]).reshape(-1, columns.shape[1])[blocks]
+    features = plan.in_dim * rows.shape[1]
+    keys = b.op(
+        "Gather",
+        "Gather",
+        [tokens, b.constant("window_indices", indices)],
+        [*lead, columns.shape[1], features],
+        attrs={"axis": 1},
+    )
+    flat = b.reshape("concat_heads", keys, [*lead, 1, columns.shape[1] * features])
+    return _project(b, plan, flat, lead, g, weight, bias)
 
 
 def _windows_side_by_side(b: _Builder, plan: AttentionPlan, blocks: int) -> int:
@@ -795,14 +901,15 @@ def emit_attention(
             f"{tiles} tiles for a plan with {plan.blocks} blocks (tileable: {plan.tileable})"
         )
     b = _Builder(graph, prefix, np.dtype(projection.dtype), wide_rows=wide_rows)
-    tokens = _tokens(b, x, plan, batch)
+    rows_first = _gathers_rows_first(b, plan)
+    tokens = (_window_row_tokens if rows_first else _tokens)(b, x, plan, batch)
     # One token holds every channel (channels-last), or one group's channels.
     g = [] if plan.channels_last or plan.spec.group == 1 else [plan.spec.group]
     # Local attention works on [B, g, blocks, ...]; global attention is one block.
     lead = [batch, *g, plan.blocks] if plan.attention is Attention.LOCAL else [batch, *g]
     attention = _attention_matrix(b, plan)
     if plan.folds_heads:
-        attention = _folded_heads(b, plan, attention, projection)
+        attention = _folded_heads(b, plan, attention, projection, rows_first)
     if tiles == 1:
         projected = _blocks(b, plan, tokens, attention, lead, g, projection, bias)
     else:
@@ -841,6 +948,8 @@ def _blocks(
     blocks: slice = slice(None),
 ) -> gs.Variable:
     """The output tokens ``[*lead, q, Dg_out]`` of ``blocks`` (global: every token)."""
+    if _gathers_rows_first(b, plan):  # ``attention`` holds the folded projection
+        return _window_columns(b, plan, tokens, attention, lead, g, bias, blocks)
     if plan.folds_heads and isinstance(lead[-1], int):
         side_by_side = _windows_side_by_side(b, plan, lead[-1])
         if side_by_side > 1:  # ``attention`` holds the folded projection
