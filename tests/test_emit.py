@@ -5,9 +5,15 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from conv2attn.core.geometry import Attention, ConvSpec, Order, plan_attention
+from conv2attn.core.geometry import (
+    ROWS_FIRST_FEATURES,
+    Attention,
+    ConvSpec,
+    Order,
+    plan_attention,
+)
 from conv2attn.core.weights import output_bias, output_projection
-from conv2attn.graph.emit import ROWS_FIRST_FEATURES, WIDE_BIAS_ROW, WIDE_TAP_ROW, emit_attention
+from conv2attn.graph.emit import WIDE_BIAS_ROW, WIDE_TAP_ROW, emit_attention
 from conv2attn.validate import session
 from tests.reference import direct_conv
 

@@ -23,6 +23,8 @@ from torch import nn
 import conv2attn
 from conv2attn.cli import main
 from conv2attn.core.geometry import (
+    GATHER_ROW_MOVES,
+    ROWS_FIRST_FEATURES,
     Attention,
     ConvSpec,
     GeometryError,
@@ -231,28 +233,50 @@ def test_patch_queries_are_never_strided_and_auto_takes_the_cheaper():
 
 
 @pytest.mark.parametrize(
-    "kernel, out_channels, strided",
-    [(3, 32, True), (7, 64, False)],  # mobilenet_v2's and efficientnet_b0's stem; resnet's
+    "kernel, out_channels",
+    [(3, 32), (7, 64)],  # mobilenet_v2's and efficientnet_b0's stem; resnet's
 )
-def test_a_three_channel_stem_takes_pixel_tokens_only_for_a_small_kernel(
-    kernel, out_channels, strided
+def test_a_three_channel_stem_takes_pixel_tokens_with_its_window_rows_gathered_first(
+    kernel, out_channels
 ):
-    # Folded (no attention product), strided queries gather one row of 3 features per tap:
-    # 9 rows per output for a 3x3 kernel, 49 for a 7x7 one, against the 1x3 patches'
-    # 4 and 8 rows of 36 features and 5x and 2x the Conv's multiply-adds. Kernel time of
-    # the stem's nodes in the whole model, 150 interleaved runs, medians: mobilenet_v2
-    # 1.42 ms on pixel tokens against 1.99 ms on 1x3 patches, efficientnet_b0 1.37 against
-    # 1.69; resnet18's 7x7 stem is the faster on 1x3 patches.
+    # Folded (no attention product), strided queries gathered pixel by pixel would copy
+    # one row of 3 features per tap: 9 rows per output for a 3x3 kernel, 49 for a 7x7 one,
+    # and resnet18's 7x7 stem was the faster on 1x3 patches (4 and 8 rows of 36 features,
+    # 5x and 2x the Conv's multiply-adds). Gathered window rows first, a window is one row
+    # of 3 x kernel features per window column, and both stems take pixel tokens, with
+    # exactly their Conv's multiply-adds. Kernel time of the stem's nodes, per-node
+    # profiles: resnet18's 2.97 ms against 3.63 on 1x3 patches; mobilenet_v2's 0.67
+    # against 0.98 ms gathered pixel by pixel.
     pad = kernel // 2
     spec = ConvSpec(3, out_channels, 1, (kernel,) * 2, (2, 2), (1, 1), (pad,) * 2, (pad,) * 2,
                     (224, 224))  # fmt: skip
     # no parameter budget: in a whole model the stem's share of it is small
     (plan,) = plan_layers([spec], ["stem"], attention="local", max_param_growth=1e9).plans
-    assert plan.strided_queries is strided
-    if strided:
-        assert plan.folds_heads and plan.projection_macs == spec.macs
-    else:
-        assert plan.in_dim >= 12
+    assert plan.strided_queries and plan.gathers_rows_first
+    assert plan.folds_heads and plan.projection_macs == spec.macs
+
+
+def test_only_narrow_two_dimensional_pixel_tokens_are_gathered_rows_first():
+    def plan(spec, **kwargs):
+        options = {"strided_queries": True, **kwargs}
+        return plan_attention(
+            spec, (1,) * spec.rank, Order.ATTEND_FIRST, LOCAL, (1,) * spec.rank, **options
+        )
+
+    stem = ConvSpec(3, 8, 1, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (16, 16))
+    assert plan(stem).gathers_rows_first
+    wider = ConvSpec(
+        ROWS_FIRST_FEATURES + 1, 8, 1, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (16, 16)
+    )
+    assert plan(wider).folds_heads and not plan(wider).gathers_rows_first
+    one_row = ConvSpec(3, 8, 1, (1, 3), (1, 2), (1, 1), (0, 1), (0, 1), (16, 16))
+    assert not plan(one_row).gathers_rows_first
+    line = ConvSpec(3, 8, 1, (3,), (2,), (1,), (1,), (1,), (16,))
+    assert plan(line).folds_heads and not plan(line).gathers_rows_first
+    # the row Gather, its Transpose and one row per window column: less than the rows
+    # of a Gather of every key on its own
+    rows_first = plan(stem)
+    assert rows_first.moved < rows_first.blocks * rows_first.keys * GATHER_ROW_MOVES
 
 
 def test_pytorch_layers_and_the_round_trip_keep_strided_queries():

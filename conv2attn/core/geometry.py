@@ -465,6 +465,15 @@ SHORT_RUN_FACTOR = 25
 # 3.5, 6.9 and 11.7 G elements/s for rows of 3, 8, 16, 32 and 64 floats): a row costs
 # at least this many elements moved.
 GATHER_ROW_MOVES = 48
+# Tokens of at most this many features are gathered window rows first where emission
+# lays rows out for the CPU (``AttentionPlan.gathers_rows_first``, design section 6). A
+# stem's keys are pixels of a few channels (12-byte runs for RGB), and gathering them
+# pixel by pixel paid per pixel: 0.53 of mobilenet_v2's 0.66 ms of stem gathering (batch
+# 1, fp32, 2 cores, per-node profile). Gathered rows first, the window Gather copies runs
+# as many times longer as the window has rows: mobilenet_v2's stem alone (Pad to its
+# Clip) took 0.47 ms against 0.80 at batch 1, 4.7 against 6.8 ms at batch 8 (best of
+# 100 runs).
+ROWS_FIRST_FEATURES = 4
 SWAP_FACTOR = 2
 DEPTHWISE_PRODUCT_MOVES = 5
 # A plan that folds its heads (``AttentionPlan.folds_heads``) multiplies the gathered
@@ -602,10 +611,13 @@ class Rearrange:
 
 
 @functools.lru_cache(maxsize=16384)
-def _layouts_moved(spec: ConvSpec, axes: tuple[AxisPlan, ...], channels_last: bool) -> float:
-    """The patchify and unpatchify steps' ``Rearrange.moved``, once for the plans that
-    share them (both orders of a patch and block)."""
-    steps = _patchify_layout(spec, axes, channels_last)
+def _layouts_moved(
+    spec: ConvSpec, axes: tuple[AxisPlan, ...], channels_last: bool, patchify: bool = True
+) -> float:
+    """The patchify (unless ``patchify`` is false) and unpatchify steps'
+    ``Rearrange.moved``, once for the plans that share them (both orders of a patch and
+    block)."""
+    steps = _patchify_layout(spec, axes, channels_last) if patchify else []
     steps += _unpatchify_layout(spec, axes, channels_last)
     return sum(step.moved() for step in steps)
 
@@ -676,6 +688,22 @@ class AttentionPlan:
             and self.channels_last
             and self.block_queries == 1
             and self.heads > 1
+        )
+
+    @cached_property
+    def gathers_rows_first(self) -> bool:
+        """A 2-D plan that folds its heads over one-pixel tokens of at most
+        ``ROWS_FIRST_FEATURES`` features, with windows of more than one row: emission for
+        the CPU gathers each block row's window rows first, whole rows at a time, then
+        each block's window columns in runs of (channel, row) features (design section
+        6, "Window rows first")."""
+        return (
+            self.folds_heads
+            and not self.depthwise
+            and self.spec.rank == 2
+            and math.prod(self.in_patch) == 1
+            and self.in_dim <= ROWS_FIRST_FEATURES
+            and self.axes[0].window > 1
         )
 
     @cached_property
@@ -984,8 +1012,18 @@ class AttentionPlan:
         moved = float(self.spec.in_channels * math.prod(a.tokens_extent for a in self.axes))
         if self.subsamples:
             moved += self.spec.in_channels * math.prod(self.spec.input_size)
-        moved += _layouts_moved(self.spec, self.axes, self.channels_last)
-        if self.attention is Attention.LOCAL and not self.single_key:
+        if self.gathers_rows_first:
+            # the window rows gathered whole (NCHW) and moved channels-last in one swap,
+            # in place of the patchify; each block's window columns are then one row each
+            rows, width = self.axes[0], self.axes[1].tokens_extent
+            gathered = self.in_dim * rows.blocks * rows.window * width
+            moved += (1 + SWAP_FACTOR) * gathered
+            moved += _layouts_moved(self.spec, self.axes, self.channels_last, patchify=False)
+            row = max(self.in_dim * rows.window, GATHER_ROW_MOVES)
+            moved += self.blocks * self.axes[1].window * row
+        else:
+            moved += _layouts_moved(self.spec, self.axes, self.channels_last)
+        if self.attention is Attention.LOCAL and not (self.single_key or self.gathers_rows_first):
             dim = self.in_dim if self.order is Order.ATTEND_FIRST else self.heads * self.out_dim
             # the Gather copies one token's features (of one group) per key, each row
             # costing at least GATHER_ROW_MOVES

@@ -62,16 +62,6 @@ WIDE_BIAS_ROW = 1024
 # and 0.7-0.9 against 1.0-1.4 ms, and the Gather, Mul and ReduceSum together 2.4 against
 # 2.9 ms and 2.5 against 3.5 ms.
 WIDE_TAP_ROW = 512
-# onnxruntime's Gather copies one contiguous run per index, and pays per run. A stem's
-# keys are pixels of a few channels (12-byte runs for RGB), so gathering its windows
-# pixel by pixel paid per pixel: 0.53 of mobilenet_v2's 0.66 ms of stem gathering
-# (batch 1, fp32, 2 cores, per-node profile). Where a folded plan's tokens are this
-# narrow, each block row's window rows are gathered first, whole padded rows at a time
-# (NCHW), and one Transpose makes each column of those rows one token of (channel, row)
-# features: the window Gather then copies runs as many times longer as the window has
-# rows. mobilenet_v2's stem alone (Pad to its Clip): 0.80 -> 0.47 ms at batch 1, 6.8 ->
-# 4.7 ms at batch 8 (best of 100 runs).
-ROWS_FIRST_FEATURES = 4
 
 
 class _Builder:
@@ -516,21 +506,11 @@ def _padded(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.
 
 
 def _gathers_rows_first(b: _Builder, plan: AttentionPlan) -> bool:
-    """Whether the plan's key windows are gathered window rows first
-    (``ROWS_FIRST_FEATURES``): a 2-D folded plan, local, channels-last, one-pixel tokens
-    of at most that many features, and windows of more than one row."""
-    return (
-        b.wide_rows
-        and plan.folds_heads
-        and plan.attention is Attention.LOCAL
-        and plan.channels_last
-        and not plan.depthwise
-        and plan.spec.rank == 2
-        and math.prod(plan.in_patch) == 1
-        and plan.block_queries == 1
-        and plan.in_dim <= ROWS_FIRST_FEATURES
-        and plan.axes[0].window > 1
-    )
+    """Whether the plan's key windows are gathered window rows first: where rows are laid
+    out for the CPU (``b.wide_rows``) and the plan asks for it
+    (``AttentionPlan.gathers_rows_first``). onnxruntime's Gather copies one contiguous
+    run per index and pays per run; a stem's 3-channel pixels are 12-byte runs."""
+    return b.wide_rows and plan.gathers_rows_first
 
 
 def _window_row_tokens(b: _Builder, x: gs.Variable, plan: AttentionPlan, batch: Dim) -> gs.Variable:
