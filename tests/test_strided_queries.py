@@ -366,3 +366,33 @@ def test_the_report_finds_each_head_around_its_strided_query():
     picture = attention_picture(model, converted, layer, feeds)
     assert picture.heads == 9 and picture.key_grid == (7, 7)  # 2 * (3 - 1) + 1 + 2
     assert sorted(picture.offsets) == [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+
+
+def test_a_seven_by_seven_stem_keeps_patches_where_emission_gathers_pixel_by_pixel():
+    """The dynamic emission and the GPU form (``--no-tiles``) gather windows pixel by
+    pixel: 49 rows of 3 floats per output for a 7x7 stem on pixel tokens, which the
+    planning prices as such and avoids."""
+    spec = ConvSpec(3, 64, 1, (7, 7), (2, 2), (1, 1), (3, 3), (3, 3), (224, 224))
+    (plan,) = plan_layers(
+        [spec], ["stem"], attention="local", max_param_growth=1e9, rows_first=[False]
+    ).plans
+    assert not plan.strided_queries and not plan.gathers_rows_first and plan.in_dim >= 12
+
+    def model():
+        return conv_model(
+            in_channels=3,
+            out_channels=8,
+            kernel=(7, 7),
+            strides=[2, 2],
+            pads=[3] * 4,
+            size=(32, 32),
+        )
+
+    for converted, report in (
+        conv2attn.convert(dynamic(model()), attention="local"),
+        conv2attn.convert(model(), attention="local", tiles=False),
+        conv2attn.convert(model(), attention="local"),
+    ):
+        rows_first = any("window_rows" in node.name for node in converted.graph.node)
+        assert report.layers[0].strided_queries == rows_first
+    assert rows_first  # the CPU emission of the static shape

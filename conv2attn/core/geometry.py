@@ -653,6 +653,9 @@ class AttentionPlan:
     # whether each head's value may hold only the key pixels its rows of W_O read, where
     # the plan allows (``narrows_values``); the standard operator's heads are all alike
     narrow_values: bool = True
+    # whether emission gathers window rows first where the plan allows
+    # (``gathers_rows_first``): the CPU emission of a static shape does
+    rows_first: bool = True
 
     @property
     def channels_last(self) -> bool:
@@ -698,7 +701,8 @@ class AttentionPlan:
         each block's window columns in runs of (channel, row) features (design section
         6, "Window rows first")."""
         return (
-            self.folds_heads
+            self.rows_first
+            and self.folds_heads
             and not self.depthwise
             and self.spec.rank == 2
             and math.prod(self.in_patch) == 1
@@ -1120,12 +1124,14 @@ def plan_attention(
     strided_queries: bool = False,
     fold_heads: bool = True,
     narrow_values: bool = True,
+    rows_first: bool = True,
 ) -> AttentionPlan:
     """The plan for one patch; local attention needs ``block`` (clamped to the grid).
     ``strided_queries``: local attention on one-pixel tokens along the strided axes (after
     any subsampling), a query every stride tokens; those axes take patch 1.
     ``fold_heads``: whether emission may fold the heads into W_O (``folds_heads``);
-    ``narrow_values``: whether heads may hold only the pixels they read (``narrows_values``)."""
+    ``narrow_values``: whether heads may hold only the pixels they read (``narrows_values``);
+    ``rows_first``: whether emission may gather window rows first (``gathers_rows_first``)."""
     validate(spec)
     source = spec
     spec, steps = subsampled(spec)
@@ -1167,6 +1173,7 @@ def plan_attention(
         strided_queries,
         fold_heads,
         narrow_values,
+        rows_first,
     )
 
 
@@ -1223,13 +1230,14 @@ def candidate_plans(
     grid: Grid = Grid.SHIFTED,
     fold_heads: bool = True,
     narrow_values: bool = True,
+    rows_first: bool = True,
 ) -> list[AttentionPlan]:
     """Plans to choose from: every patch up to ``max_patch`` per axis (never beyond the
     output) unless ``patches`` is given, both orders, and for local attention the best
     block per patch and order (up to ``MAX_AUTO_BLOCK`` per axis) unless ``block`` is;
-    ``fold_heads`` as ``plan_attention``, and for global plans its ``narrow_values``
-    (both restructure the heads, which an explicit attention keeps whole) where
-    ``narrow_values`` allows it.
+    ``fold_heads`` and ``rows_first`` as ``plan_attention``, and for global plans its
+    ``narrow_values`` (both restructure the heads, which an explicit attention keeps
+    whole) where ``narrow_values`` allows it.
 
     Plans are immutable and depend on these arguments only, so the candidates of a Conv
     that repeats another's attributes (a ResNet's identical blocks) are computed once."""
@@ -1244,6 +1252,7 @@ def candidate_plans(
             Grid(grid),
             fold_heads,
             fold_heads and narrow_values,
+            rows_first,
         )
     )
 
@@ -1258,6 +1267,7 @@ def _candidates(
     grid: Grid,
     fold_heads: bool,
     narrow_values: bool,
+    rows_first: bool,
 ) -> tuple[AttentionPlan, ...]:
     if patches is None:
         patches = auto_patches(spec, max_patch)
@@ -1267,7 +1277,7 @@ def _candidates(
     )
     global _cached_plans
     if attention is Attention.LOCAL and block is None:
-        found = _local_candidates(spec, patches, orders, grid, fold_heads)
+        found = _local_candidates(spec, patches, orders, grid, fold_heads, rows_first)
         _cached_plans += len(found)
         return found
     plans = []
@@ -1281,7 +1291,17 @@ def _candidates(
                 continue
             for strided in _query_kinds(strided_axes, patch):
                 plans.append(
-                    plan_attention(spec, patch, order, attention, block, grid, strided, fold_heads)
+                    plan_attention(
+                        spec,
+                        patch,
+                        order,
+                        attention,
+                        block,
+                        grid,
+                        strided,
+                        fold_heads,
+                        rows_first=rows_first,
+                    )
                 )
     _cached_plans += len(plans)
     return tuple(plans)
@@ -1322,6 +1342,7 @@ def _local_candidates(
     orders: list[Order],
     grid: Grid,
     fold_heads: bool,
+    rows_first: bool = True,
 ) -> tuple[AttentionPlan, ...]:
     """Local attention's best block for every patch and order, searched cheapest-first.
 
@@ -1334,7 +1355,17 @@ def _local_candidates(
     rank = spec.rank
     strided_axes = _strided_axes(spec)
     starts = [
-        plan_attention(spec, patch, order, Attention.LOCAL, (1,) * rank, grid, strided, fold_heads)
+        plan_attention(
+            spec,
+            patch,
+            order,
+            Attention.LOCAL,
+            (1,) * rank,
+            grid,
+            strided,
+            fold_heads,
+            rows_first=rows_first,
+        )
         for patch in patches
         for order in orders
         for strided in _query_kinds(strided_axes, patch)
@@ -1344,7 +1375,9 @@ def _local_candidates(
         if best is not None and start.macs > best.cost:
             plans.append(start)
             continue
-        plan = _best_block(spec, start.patch, start.order, grid, start.strided_queries, fold_heads)
+        plan = _best_block(
+            spec, start.patch, start.order, grid, start.strided_queries, fold_heads, rows_first
+        )
         plans.append(plan)
         if best is None or _rank_key(plan) < _rank_key(best):
             best = plan
@@ -1358,6 +1391,7 @@ def _best_block(
     grid: Grid = Grid.SHIFTED,
     strided: bool = False,
     fold_heads: bool = True,
+    rows_first: bool = True,
 ) -> AttentionPlan:
     """Local attention's cheapest block for one patch and order, by descent from 1 x 1.
 
@@ -1371,7 +1405,15 @@ def _best_block(
     def plan(block: tuple[int, ...]) -> AttentionPlan:  # each block once: descents revisit
         if block not in seen:
             seen[block] = plan_attention(
-                spec, patch, order, Attention.LOCAL, block, grid, strided, fold_heads
+                spec,
+                patch,
+                order,
+                Attention.LOCAL,
+                block,
+                grid,
+                strided,
+                fold_heads,
+                rows_first=rows_first,
             )
         return seen[block]
 

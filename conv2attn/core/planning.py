@@ -155,6 +155,7 @@ def plan_layers(
     explicit_attention: Sequence[bool] = (),
     stretches: Stretches | None = None,
     narrow_values: bool = True,
+    rows_first: Sequence[bool] = (),
 ) -> LayerPlans:
     """Plans for the Convs ``specs`` (named ``names``, for errors), chosen together.
     ``attend_first[i]``: layer i can only attend first (an integer Conv selects its
@@ -167,6 +168,9 @@ def plan_layers(
     form, an integer Conv), so its plans are priced without folding the heads into W_O or
     narrowing their values. ``narrow_values`` False keeps every global head whole (the
     GPU form: a GPU runs a few large products faster than one per head).
+    ``rows_first[i]``: whether layer i's emission may gather window rows first
+    (``AttentionPlan.gathers_rows_first``: the CPU emission of a static shape; all may
+    where the list is empty).
     ``stretches``: which Convs feed each other (``Stretches``); grid ``auto`` then takes
     one grid per stretch (``_plan_stretches``)."""
     modes = AttentionChoice(attention).modes()
@@ -202,6 +206,7 @@ def plan_layers(
                 grid=kind,
                 fold_heads=not (index < len(explicit_attention) and explicit_attention[index]),
                 narrow_values=narrow_values,
+                rows_first=rows_first[index] if index < len(rows_first) else True,
             )
         ]
         if len(grids) > 1:  # strided queries (one-pixel tokens) have no phase either

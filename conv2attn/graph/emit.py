@@ -18,6 +18,11 @@ are left out of the emitted shapes):
       -> projection   MatMul with W_O (one per group) + bias    [B, g, N, Dg_out]
       -> un-patchify  [B, C_out, T1*p1, T2*p2]                  (one Transpose)
       -> crop         [B, C_out, Ho, Wo] = y
+
+Where rows are laid out for the CPU, a plan of narrow pixel tokens
+(``AttentionPlan.gathers_rows_first``: a stem) gathers its blocks' window rows from the
+padded NCHW input first and moves them channels-last in one Transpose, in place of the
+patchify; its windows are then gathered column by column.
 """
 
 from __future__ import annotations

@@ -457,6 +457,10 @@ def plan(
             ],
             stretches=stretches,
             narrow_values=options.tiles,
+            # the CPU emission gathers window rows first; the dynamic one gathers pixels
+            rows_first=[
+                options.tiles and options.form == "matmul" and not c.dynamic for c in candidates
+            ],
         )
     except PlanError as error:
         raise InputError(str(error)) from None
