@@ -227,6 +227,19 @@ def test_wide_bias_rows_add_the_same_numbers_over_rows_of_several_tokens(case):
     assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
 
 
+def assert_same_sums_reordered(model, baseline, weight, bias, spec):
+    """``model`` computes what ``baseline`` does up to the order of its sums (1e-6 of the
+    largest output: float32 rounding over a few dozen terms), and the Conv (the
+    converter's parity bound)."""
+    x = np.random.default_rng(2).standard_normal((3, spec.in_channels, *spec.input_size))
+    x = x.astype(np.float32)
+    (expected,) = session(baseline).run(None, {"x": x})
+    (got,) = session(model).run(None, {"x": x})
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    reference = direct_conv(x, weight, bias, spec)
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
+
+
 SIDE_BY_SIDE = {
     # 90 one-pixel windows of 6 channels: 45 side by side, rows of 270
     "3x3": (ConvSpec(6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (9, 10)), 1),
@@ -255,14 +268,8 @@ def test_depthwise_windows_sum_their_taps_side_by_side(case):
         assert spec.in_channels < row <= WIDE_TAP_ROW and row % spec.in_channels == 0
     repeated = [n.name for n in wide.graph.node if n.op_type == "Tile" and "side_by_side" in n.name]
     assert len(repeated) == (2 if tiles == 3 else 1)  # once per width, not per tile
-    x = np.random.default_rng(2).standard_normal((3, spec.in_channels, *spec.input_size))
-    x = x.astype(np.float32)
-    (expected,) = session(per_window).run(None, {"x": x})
-    (got,) = session(wide).run(None, {"x": x})
     # each output sums the same taps' products, one rounding per add
-    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
-    reference = direct_conv(x, weight, bias, spec)
-    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
+    assert_same_sums_reordered(wide, per_window, weight, bias, spec)
 
 
 @pytest.mark.parametrize(
@@ -320,14 +327,8 @@ def test_narrow_tokens_gather_their_window_rows_first(case, tiles):
     for gather in gathers:
         run = shapes[gather.output[0]].dim[-1].dim_value
         assert run == spec.in_channels * plan.axes[0].window
-    x = np.random.default_rng(2).standard_normal((3, spec.in_channels, *spec.input_size))
-    x = x.astype(np.float32)
-    (expected,) = session(per_pixel).run(None, {"x": x})
-    (got,) = session(rows_first).run(None, {"x": x})
     # the same products, summed in another order by the MatMul
-    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
-    reference = direct_conv(x, weight, bias, spec)
-    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-6
+    assert_same_sums_reordered(rows_first, per_pixel, weight, bias, spec)
 
 
 def test_wider_tokens_gather_their_windows_pixel_by_pixel():
